@@ -1,0 +1,256 @@
+#include "core/file.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <mutex>
+#include <random>
+
+#include "core/errors.h"
+
+namespace zerockpt {
+
+const char* const kTempSuffix = ".zerockpt-tmp";
+
+namespace {
+
+// Linux transfers at most this much per read/write call.
+constexpr uint64_t kMaxIo = 1ull << 30;
+
+std::string dirname_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+std::string basename_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// Drops `n` transferred bytes from the front of `iov` starting at index `first`.
+void advance_iov(std::vector<iovec>& iov, size_t& first, uint64_t n) {
+  while (n > 0 && first < iov.size()) {
+    if (n >= iov[first].iov_len) {
+      n -= iov[first].iov_len;
+      ++first;
+    } else {
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + n;
+      iov[first].iov_len -= n;
+      n = 0;
+    }
+  }
+  while (first < iov.size() && iov[first].iov_len == 0) ++first;
+}
+
+}  // namespace
+
+FileDescriptor& FileDescriptor::operator=(FileDescriptor&& o) noexcept {
+  if (this != &o) {
+    reset();
+    fd_ = o.release();
+  }
+  return *this;
+}
+
+void FileDescriptor::reset() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+void FileDescriptor::close_checked(const std::string& path) {
+  int fd = release();
+  if (fd >= 0 && ::close(fd) != 0 && errno != EINTR) throw_errno(path, "close failed");
+}
+
+void pread_full(int fd, void* dst, uint64_t size, uint64_t offset, const std::string& path) {
+  auto* p = static_cast<uint8_t*>(dst);
+  while (size > 0) {
+    ssize_t n = ::pread(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_errno(path, "read of " + std::to_string(size) + " bytes at offset " +
+                            std::to_string(offset) + " failed");
+    }
+    if (n == 0) {
+      throw IoError(EIO, path, "unexpected end of file at offset " + std::to_string(offset) +
+                                   " (file shrank while reading?)");
+    }
+    p += n;
+    size -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+void pwrite_full(int fd, const void* src, uint64_t size, uint64_t offset,
+                 const std::string& path) {
+  const auto* p = static_cast<const uint8_t*>(src);
+  while (size > 0) {
+    ssize_t n = ::pwrite(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_errno(path, "write of " + std::to_string(size) + " bytes at offset " +
+                            std::to_string(offset) + " failed");
+    }
+    p += n;
+    size -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+void pwritev_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::string& path) {
+  size_t first = 0;
+  advance_iov(iov, first, 0);
+  while (first < iov.size()) {
+    int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_errno(path, "write at offset " + std::to_string(offset) + " failed");
+    }
+    offset += static_cast<uint64_t>(n);
+    advance_iov(iov, first, static_cast<uint64_t>(n));
+  }
+}
+
+void preadv_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::string& path) {
+  size_t first = 0;
+  advance_iov(iov, first, 0);
+  while (first < iov.size()) {
+    int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_errno(path, "read at offset " + std::to_string(offset) + " failed");
+    }
+    if (n == 0) {
+      throw IoError(EIO, path, "unexpected end of file at offset " + std::to_string(offset) +
+                                   " (file shrank while reading?)");
+    }
+    offset += static_cast<uint64_t>(n);
+    advance_iov(iov, first, static_cast<uint64_t>(n));
+  }
+}
+
+std::shared_ptr<Mapping> Mapping::map(int fd, uint64_t size, const std::string& path) {
+  // MAP_NORESERVE: copy-on-write pages are only charged if the caller writes to them.
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+  if (p == MAP_FAILED) throw_errno(path, "mmap of " + std::to_string(size) + " bytes failed");
+  return std::shared_ptr<Mapping>(new Mapping(static_cast<uint8_t*>(p), size));
+}
+
+Mapping::~Mapping() { ::munmap(data_, size_); }
+
+AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
+  struct stat st {};
+  bool exists = ::stat(path_.c_str(), &st) == 0;
+  if (exists && S_ISDIR(st.st_mode)) throw IoError(EISDIR, path_, "cannot save over a directory");
+  static std::atomic<uint64_t> counter{0};
+  std::random_device rd;
+  uint64_t token = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ counter.fetch_add(1);
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
+  tmp_path_ = dirname_of(path_) + "/." + basename_of(path_) + "." + std::to_string(::getpid()) +
+              "." + hex + kTempSuffix;
+  int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+  int fd = -1;
+  if (direct) {
+    fd = ::open(tmp_path_.c_str(), flags | O_DIRECT, 0666);
+    if (fd < 0 && errno == EINVAL) {
+      ::unlink(tmp_path_.c_str());  // the file system may have created it before refusing
+    } else {
+      direct_ = fd >= 0;
+    }
+  }
+  if (fd < 0) fd = ::open(tmp_path_.c_str(), flags, 0666);
+  if (fd < 0) throw_errno(path_, "cannot create a temporary file in " + dirname_of(path_));
+  fd_ = FileDescriptor(fd);
+  // Replacing a file keeps its permission bits, as writing into it in place would.
+  if (exists) (void)::fchmod(fd, st.st_mode & 07777);
+}
+
+AtomicFile::~AtomicFile() {
+  if (!committed_) {
+    fd_.reset();
+    ::unlink(tmp_path_.c_str());
+  }
+}
+
+void AtomicFile::truncate(uint64_t size) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) {
+    throw_errno(path_, "truncate to " + std::to_string(size) + " bytes failed");
+  }
+}
+
+void AtomicFile::commit(bool durable) {
+  if (durable && ::fsync(fd_.get()) != 0) throw_errno(path_, "fsync failed");
+  fd_.close_checked(path_);
+  if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+    throw_errno(path_, "rename of the temporary file over the destination failed");
+  }
+  committed_ = true;
+  if (durable) {
+    std::string dir = dirname_of(path_);
+    FileDescriptor dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (dfd.get() < 0) throw_errno(path_, "cannot open directory " + dir + " to fsync it");
+    if (::fsync(dfd.get()) != 0) throw_errno(path_, "fsync of directory " + dir + " failed");
+  }
+}
+
+namespace {
+
+struct StagingPool {
+  std::mutex mu;
+  std::vector<std::pair<uint8_t*, uint64_t>> idle;
+  uint64_t idle_bytes = 0;
+};
+
+StagingPool& staging_pool() {
+  static auto* pool = new StagingPool();  // leaked on purpose: usable during exit
+  return *pool;
+}
+
+}  // namespace
+
+StagingBuffer::StagingBuffer(uint64_t size) : data_(nullptr), size_(size) {
+  auto& pool = staging_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    for (size_t i = 0; i < pool.idle.size(); ++i) {
+      if (pool.idle[i].second == size) {
+        data_ = pool.idle[i].first;
+        pool.idle_bytes -= size;
+        pool.idle.erase(pool.idle.begin() + static_cast<std::ptrdiff_t>(i));
+        return;
+      }
+    }
+  }
+  void* p = nullptr;
+  if (::posix_memalign(&p, 4096, size) != 0) throw std::bad_alloc();
+  data_ = static_cast<uint8_t*>(p);
+}
+
+StagingBuffer::~StagingBuffer() {
+  auto& pool = staging_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.idle_bytes + size_ <= kMaxPooledBytes) {
+      pool.idle.emplace_back(data_, size_);
+      pool.idle_bytes += size_;
+      return;
+    }
+  }
+  std::free(data_);
+}
+
+}  // namespace zerockpt

@@ -1,0 +1,107 @@
+// POSIX file primitives with errors that name the user-visible path: full-length positional
+// and vectored reads/writes (EINTR and short transfers retried), a read-only private mapping,
+// and AtomicFile (temporary file beside the destination, renamed over it on commit).
+// Functions are thread-safe on distinct ranges of one descriptor; classes are not shared.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace zerockpt {
+
+class FileDescriptor {
+ public:
+  FileDescriptor() = default;
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(FileDescriptor&& o) noexcept : fd_(o.release()) {}
+  FileDescriptor& operator=(FileDescriptor&& o) noexcept;
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() { reset(); }
+  int get() const { return fd_; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset();
+  // close() whose error (delayed write-back failures on some file systems) is reported.
+  void close_checked(const std::string& path);
+
+ private:
+  int fd_ = -1;
+};
+
+void pread_full(int fd, void* dst, uint64_t size, uint64_t offset, const std::string& path);
+void pwrite_full(int fd, const void* src, uint64_t size, uint64_t offset, const std::string& path);
+// Writes/reads all of `iov` (which it may modify) starting at `offset`.
+void pwritev_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::string& path);
+void preadv_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::string& path);
+
+// A whole file mapped private (copy-on-write) and writable: writes to the memory never reach
+// the file, and the mapping outlives renames or unlinks of the path. Unmapped on destruction.
+class Mapping {
+ public:
+  static std::shared_ptr<Mapping> map(int fd, uint64_t size, const std::string& path);
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+
+ private:
+  Mapping(uint8_t* data, uint64_t size) : data_(data), size_(size) {}
+  uint8_t* data_;
+  uint64_t size_;
+};
+
+// Writes go to "<dir>/.<name>.<pid>.<random>.zerockpt-tmp"; commit() renames it over the
+// destination (after fsync of file and directory when durable), the destructor removes an
+// uncommitted one. The destination is never seen partially written.
+class AtomicFile {
+ public:
+  // `direct` asks for O_DIRECT; if the file system refuses it, direct() is false.
+  AtomicFile(std::string path, bool direct);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  int fd() const { return fd_.get(); }
+  bool direct() const { return direct_; }
+  const std::string& path() const { return path_; }
+  void truncate(uint64_t size);
+  void commit(bool durable);
+
+ private:
+  std::string path_;
+  std::string tmp_path_;
+  FileDescriptor fd_;
+  bool direct_ = false;
+  bool committed_ = false;
+};
+
+// The suffix that marks our temporary files.
+extern const char* const kTempSuffix;
+
+// A page-aligned buffer from a process-wide pool, returned to the pool on destruction, so
+// repeated saves reuse memory that is already faulted in. The pool keeps at most
+// kMaxPooledBytes idle. Thread-safe.
+class StagingBuffer {
+ public:
+  static constexpr uint64_t kMaxPooledBytes = 64ull << 20;
+  explicit StagingBuffer(uint64_t size);
+  ~StagingBuffer();
+  StagingBuffer(const StagingBuffer&) = delete;
+  StagingBuffer& operator=(const StagingBuffer&) = delete;
+  uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+
+ private:
+  uint8_t* data_;
+  uint64_t size_;
+};
+
+}  // namespace zerockpt

@@ -1,0 +1,88 @@
+// The safetensors header: an 8-byte little-endian length N, N bytes of JSON, then the data
+// region. parse_header() validates everything a reader relies on (types, dtypes, shapes,
+// offsets: in range, no overlap, no hole, sizes agree) before any tensor is touched.
+// Value types; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace zerockpt {
+
+// safetensors' own limit on the JSON header.
+constexpr uint64_t kMaxHeaderSize = 100'000'000;
+// Where our writer starts the data region (the header is padded with spaces up to it).
+constexpr uint64_t kDataAlignment = 4096;
+// More dimensions than any real tensor has; bounds what a hostile shape can allocate.
+constexpr size_t kMaxRank = 1024;
+
+struct TensorRecord {
+  std::string name;
+  Dtype dtype;
+  std::vector<uint64_t> shape;
+  uint64_t begin = 0;  // relative to the data region
+  uint64_t end = 0;
+  uint64_t nbytes() const { return end - begin; }
+};
+
+using Metadata = std::vector<std::pair<std::string, std::string>>;
+
+struct Header {
+  std::vector<TensorRecord> tensors;  // in header (JSON) order
+  Metadata metadata;                  // `__metadata__`, in header order
+  uint64_t data_start = 0;            // file offset of the data region: 8 + N
+  uint64_t data_size = 0;             // file_size - data_start
+};
+
+// Reads the 8-byte length prefix; throws FormatError if it cannot describe a header in a file
+// of `file_size` bytes.
+uint64_t checked_header_size(const uint8_t prefix[8], uint64_t file_size, const std::string& path);
+
+// Parses and validates the JSON of `json_size` bytes for a file of `file_size` bytes.
+Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
+                    const std::string& path);
+
+// Byte size of a tensor of `shape` and `dtype`; throws FormatError naming `name` on overflow
+// or on a sub-byte dtype whose size is not a whole number of bytes.
+uint64_t tensor_nbytes(Dtype dtype, const std::vector<uint64_t>& shape, const std::string& name,
+                       const std::string& path);
+
+// What the writer knows about a tensor before placing it.
+struct TensorSpec {
+  std::string name;
+  Dtype dtype;
+  std::vector<uint64_t> shape;
+  uint64_t nbytes = 0;
+};
+
+struct Layout {
+  std::string prefix;              // length + JSON + space padding; size % kDataAlignment == 0
+  std::vector<uint64_t> begin;     // per spec, relative to the data region
+  uint64_t data_size = 0;
+  uint64_t file_size() const { return prefix.size() + data_size; }
+};
+
+// Places tensors without holes, largest element size first (each aligned to its element size,
+// since the data region starts at a kDataAlignment boundary), keeping the given order among
+// equals; the JSON lists tensors in the given order. Throws FormatError if the header would
+// exceed kMaxHeaderSize.
+Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadata,
+                   const std::string& path);
+
+// A name saved as another stored tensor (tied weights), at `position` in the saved key order.
+struct Alias {
+  std::string name;
+  std::string target;
+  uint64_t position;
+};
+
+// The JSON kept in metadata for aliases: [["name", "target", position], ...].
+std::string encode_aliases(const std::vector<Alias>& aliases);
+// Parses encode_aliases() output; FormatError naming `path` on anything else.
+std::vector<Alias> decode_aliases(const std::string& json, const std::string& path);
+
+}  // namespace zerockpt

@@ -1,0 +1,53 @@
+// The parallel I/O engine: writes a planned safetensors file atomically from tensor memory,
+// and reads byte ranges of a file into memory. Torch-free: tensors are described by a pointer
+// to contiguous bytes or by a fill callback. Runs without the GIL; thread-safe per call.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/header.h"
+
+namespace zerockpt {
+
+// Where the bytes of one tensor come from.
+struct WriteSource {
+  // The tensor's bytes in row-major order, or null when `fill` produces them.
+  const uint8_t* data = nullptr;
+  // Copies bytes [offset, offset + size) of the row-major form into dst. Called from several
+  // threads at once for different tensors or ranges.
+  std::function<void(uint64_t offset, uint64_t size, uint8_t* dst)> fill;
+};
+
+enum class DirectIo { kAuto, kOn, kOff };
+
+struct WriteOptions {
+  // fsync the file, then its directory, before returning.
+  bool durable = true;
+  // kAuto: O_DIRECT (through reused page-aligned staging) when durable and the file is at least
+  // kDirectMinBytes; buffered pwrite straight from tensor memory otherwise.
+  DirectIo direct_io = DirectIo::kAuto;
+  unsigned threads = 0;  // 0: default_threads()
+};
+
+constexpr uint64_t kDirectMinBytes = 64ull << 20;
+// Bytes one thread stages or writes per task; bounds staging memory to threads * kChunkBytes.
+constexpr uint64_t kChunkBytes = 8ull << 20;
+
+// Writes prefix + tensor bytes to `path` through an AtomicFile. `sources[i]` matches
+// `specs[i]`, placed at `layout.begin[i]`.
+void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
+                const std::vector<WriteSource>& sources, const WriteOptions& options);
+
+struct ReadRange {
+  uint64_t file_offset;
+  uint64_t size;
+  uint8_t* dst;
+};
+
+// Fills every range from `fd` with parallel, vectored preads.
+void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads);
+
+}  // namespace zerockpt

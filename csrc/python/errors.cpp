@@ -1,0 +1,46 @@
+#include "python/errors.h"
+
+#include "core/errors.h"
+
+namespace py = pybind11;
+
+namespace zerockpt {
+namespace {
+
+PyObject* g_format_error = nullptr;
+
+void raise_os_error(const IoError& e) {
+  py::object filename = py::reinterpret_steal<py::object>(
+      PyUnicode_DecodeFSDefaultAndSize(e.path().data(), static_cast<Py_ssize_t>(e.path().size())));
+  if (!filename) throw py::error_already_set();
+  // OSError(errno, strerror, filename) picks the subclass: FileNotFoundError, IsADirectoryError...
+  py::tuple args = py::make_tuple(e.err(), e.detail(), filename);
+  PyErr_SetObject(PyExc_OSError, args.ptr());
+}
+
+}  // namespace
+
+void register_errors(py::module_& m) {
+  g_format_error = PyErr_NewExceptionWithDoc(
+      "zerockpt.FormatError",
+      "The file is not a valid safetensors checkpoint. The message names the file and the "
+      "tensor, key or offset at fault.",
+      PyExc_ValueError, nullptr);
+  if (!g_format_error) throw py::error_already_set();
+  m.add_object("FormatError", py::handle(g_format_error));
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const FormatError& e) {
+      PyErr_SetString(g_format_error, e.what());
+    } catch (const IoError& e) {
+      raise_os_error(e);
+    } catch (const DtypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const UsageError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+}
+
+}  // namespace zerockpt

@@ -1,0 +1,166 @@
+// The private extension module zerockpt._C. Converts Python arguments to C++ values with the
+// GIL held, runs the torch layer without it, and converts results back.
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+
+#include "core/dtype.h"
+#include "core/errors.h"
+#include "core/parallel.h"
+#include "python/errors.h"
+#include "torch/tensor_io.h"
+
+namespace py = pybind11;
+
+namespace zerockpt {
+namespace {
+
+std::string key_repr(PyObject* key) {
+  py::str r = py::repr(py::handle(key));
+  return std::string(r);
+}
+
+// Requires GIL.
+NamedTensors named_tensors_from_dict(py::dict tensors) {
+  NamedTensors out;
+  out.reserve(tensors.size());
+  PyObject* key;
+  PyObject* value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(tensors.ptr(), &pos, &key, &value)) {
+    if (!PyUnicode_Check(key)) {
+      throw py::type_error("tensor names must be str, got " +
+                           std::string(Py_TYPE(key)->tp_name) + " " + key_repr(key));
+    }
+    Py_ssize_t size = 0;
+    const char* utf8 = PyUnicode_AsUTF8AndSize(key, &size);
+    if (!utf8) throw py::error_already_set();
+    std::string name(utf8, static_cast<size_t>(size));
+    if (!THPVariable_Check(value)) {
+      throw py::type_error("value for " + quote(name) + " must be a torch.Tensor, got " +
+                           std::string(Py_TYPE(value)->tp_name));
+    }
+    out.emplace_back(std::move(name), THPVariable_Unpack(value));
+  }
+  return out;
+}
+
+// Requires GIL.
+Metadata metadata_from_dict(const py::object& metadata) {
+  Metadata out;
+  if (metadata.is_none()) return out;
+  for (auto item : py::reinterpret_borrow<py::dict>(metadata)) {
+    if (!PyUnicode_Check(item.first.ptr()) || !PyUnicode_Check(item.second.ptr())) {
+      throw py::type_error("metadata must map str to str, got " + key_repr(item.first.ptr()) +
+                           ": " + key_repr(item.second.ptr()));
+    }
+    out.emplace_back(item.first.cast<std::string>(), item.second.cast<std::string>());
+  }
+  return out;
+}
+
+// Requires GIL.
+py::dict tensors_to_dict(const NamedTensors& tensors) {
+  py::dict out;
+  for (const auto& [name, t] : tensors) {
+    py::object key = py::reinterpret_steal<py::object>(
+        PyUnicode_DecodeUTF8(name.data(), static_cast<Py_ssize_t>(name.size()), "strict"));
+    if (!key) throw py::error_already_set();
+    // Aliases hold the same TensorImpl, so they wrap to the same Python tensor object.
+    py::object value = py::reinterpret_steal<py::object>(THPVariable_Wrap(t));
+    if (!value) throw py::error_already_set();
+    if (PyDict_SetItem(out.ptr(), key.ptr(), value.ptr()) != 0) throw py::error_already_set();
+  }
+  return out;
+}
+
+// Requires GIL for conversion; releases GIL for the write.
+void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
+          std::optional<bool> direct_io, unsigned threads) {
+  NamedTensors entries = named_tensors_from_dict(tensors);
+  Metadata meta = metadata_from_dict(metadata);
+  WriteOptions options;
+  options.durable = durable;
+  options.direct_io = !direct_io ? DirectIo::kAuto : *direct_io ? DirectIo::kOn : DirectIo::kOff;
+  options.threads = threads;
+  // Safe without the GIL: entries hold references to the tensors, and nothing below touches
+  // Python objects.
+  py::gil_scoped_release no_gil;
+  save_tensors(entries, path, meta, options);
+}
+
+// Releases GIL for open, parse and reads; requires it to build the dict.
+py::dict load(const std::string& path, bool mmap, unsigned threads) {
+  NamedTensors loaded;
+  {
+    // Safe without the GIL: only C++ and ATen objects are created here.
+    py::gil_scoped_release no_gil;
+    CheckpointFile file(path);
+    loaded = file.load_all(mmap, threads);
+  }
+  return tensors_to_dict(loaded);
+}
+
+void bind_file(py::module_& m) {
+  py::class_<CheckpointFile, std::shared_ptr<CheckpointFile>>(m, "_File")
+      // Releases GIL: opening reads and validates the header.
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release no_gil;
+             return std::make_shared<CheckpointFile>(path);
+           }),
+           py::arg("path"))
+      .def_property_readonly("path", [](const CheckpointFile& f) { return f.file().path(); })
+      .def_property_readonly("file_size",
+                             [](const CheckpointFile& f) { return f.file().file_size(); })
+      .def_property_readonly("data_start",
+                             [](const CheckpointFile& f) { return f.file().header().data_start; })
+      // Requires GIL.
+      .def("keys", [](const CheckpointFile& f) { return f.names(); })
+      // Requires GIL.
+      .def("metadata",
+           [](const CheckpointFile& f) {
+             py::dict out;
+             for (const auto& [k, v] : f.file().header().metadata) out[py::str(k)] = py::str(v);
+             return out;
+           })
+      // Requires GIL. (dtype name, shape, begin, end, alias target or None); KeyError if absent.
+      .def("info",
+           [](const CheckpointFile& f, const std::string& name) {
+             const TensorRecord* r = f.find(name);
+             if (!r) throw py::key_error(name);
+             const std::string* target = f.alias_target(name);
+             return py::make_tuple(dtype_name(r->dtype), r->shape, r->begin, r->end,
+                                   target ? py::object(py::str(*target)) : py::object(py::none()));
+           },
+           py::arg("name"))
+      // Releases GIL while mapping or reading the tensor's bytes.
+      .def("get_tensor",
+           [](CheckpointFile& f, const std::string& name, bool mmap) {
+             const TensorRecord* r = f.find(name);
+             if (!r) throw py::key_error(name);
+             at::Tensor t;
+             {
+               py::gil_scoped_release no_gil;  // only C++/ATen work below
+               t = f.tensor(*r, mmap);
+             }
+             return t;
+           },
+           py::arg("name"), py::arg("mmap") = true);
+}
+
+}  // namespace
+}  // namespace zerockpt
+
+PYBIND11_MODULE(_C, m) {
+  using namespace zerockpt;
+  m.doc() = "zerockpt's private C++ core. Use the zerockpt package instead.";
+  register_errors(m);
+  m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"),
+        py::arg("durable"), py::arg("direct_io"), py::arg("threads"));
+  m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"));
+  m.def("default_threads", &default_threads);
+  m.attr("FORMAT_VERSION") = kFormatVersion;
+  m.attr("RESERVED_PREFIX") = kReservedPrefix;
+  bind_file(m);
+}

@@ -1,0 +1,338 @@
+#include "torch/tensor_io.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <unordered_set>
+
+#include "core/errors.h"
+#include "torch/dtypes.h"
+
+namespace zerockpt {
+
+const char* const kReservedPrefix = "zerockpt.";
+const char* const kVersionKey = "zerockpt.version";
+const char* const kAliasesKey = "zerockpt.aliases";
+
+namespace {
+
+std::string describe(const std::string& name) { return "tensor " + quote(name); }
+
+// Copies elements [e0, e1) of `t` in row-major order to `dst`, whatever its strides, conj or
+// neg bits: contiguous runs by memcpy, the rest by copy_ into a view of `dst`. Recurses into
+// rows only at the two ends of the range, so each call does O(dim) copies.
+void copy_elements(const at::Tensor& t, int64_t e0, int64_t e1, uint8_t* dst) {
+  if (e0 >= e1) return;
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  if (t.is_contiguous() && !t.is_conj() && !t.is_neg()) {
+    std::memcpy(dst, static_cast<const uint8_t*>(t.const_data_ptr()) + e0 * item,
+                static_cast<size_t>((e1 - e0) * item));
+    return;
+  }
+  auto options = at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU);
+  if (t.dim() == 0) {
+    at::from_blob(dst, {}, options).copy_(t);
+    return;
+  }
+  const int64_t row = t.numel() / t.size(0);
+  int64_t i = e0 / row;
+  if (e0 % row != 0) {
+    int64_t stop = std::min(e1 - i * row, row);
+    copy_elements(t.select(0, i), e0 - i * row, stop, dst);
+    dst += (i * row + stop - e0) * item;
+    ++i;
+  }
+  int64_t full_end = e1 / row;
+  if (i < full_end) {
+    auto sizes = t.sizes().vec();
+    sizes[0] = full_end - i;
+    at::from_blob(dst, sizes, options).copy_(t.narrow(0, i, full_end - i));
+    dst += (full_end - i) * row * item;
+    i = full_end;
+  }
+  if (e1 % row != 0 && e1 / row >= i) copy_elements(t.select(0, e1 / row), 0, e1 % row, dst);
+}
+
+// Byte extent [begin, end) of a view within its storage.
+std::pair<int64_t, int64_t> extent(const at::Tensor& t) {
+  int64_t item = static_cast<int64_t>(t.element_size());
+  int64_t begin = t.storage_offset() * item;
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + (last + 1) * item};
+}
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.storage_offset() == b.storage_offset() &&
+         a.sizes() == b.sizes() && a.strides() == b.strides() && a.is_conj() == b.is_conj() &&
+         a.is_neg() == b.is_neg();
+}
+
+void check_savable(const std::string& name, const at::Tensor& t) {
+  if (!t.defined()) throw UsageError(describe(name) + " is an undefined tensor");
+  if (t.layout() != at::kStrided) {
+    throw DtypeError(describe(name) + " has layout " + c10::str(t.layout()) +
+                     "; only strided (dense) tensors can be saved: call .to_dense() first");
+  }
+  if (!t.device().is_cpu()) {
+    throw UsageError(describe(name) + " is on " + t.device().str() +
+                     "; this version saves CPU tensors only: move it with .cpu() first");
+  }
+  if (!to_format_dtype(t.scalar_type())) {
+    throw DtypeError(describe(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
+                     ", which the safetensors format cannot store (supported: bool, uint8/16/32/64, "
+                     "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types)");
+  }
+  if (t.numel() > 0 && !t.has_storage()) {
+    throw UsageError(describe(name) + " has no storage (a meta, fake or functional tensor?)");
+  }
+}
+
+// Finds tensors that are the same view of one storage (aliases) and rejects different views
+// that overlap. Returns, per entry, the index of the entry it aliases, or -1.
+std::vector<int64_t> find_aliases(const NamedTensors& tensors) {
+  std::vector<int64_t> alias_of(tensors.size(), -1);
+  std::unordered_map<const void*, std::vector<size_t>> by_storage;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i].second;
+    if (t.numel() == 0) continue;
+    by_storage[t.storage().unsafeGetStorageImpl()].push_back(i);
+  }
+  for (auto& [storage, idx] : by_storage) {
+    if (idx.size() < 2) continue;
+    std::vector<std::pair<int64_t, int64_t>> ext(idx.size());
+    for (size_t k = 0; k < idx.size(); ++k) ext[k] = extent(tensors[idx[k]].second);
+    std::vector<size_t> order(idx.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return ext[a] != ext[b] ? ext[a] < ext[b] : idx[a] < idx[b];
+    });
+    int64_t max_end = std::numeric_limits<int64_t>::min();
+    size_t max_owner = 0;
+    for (size_t pos = 0; pos < order.size(); ++pos) {
+      size_t k = order[pos];
+      const auto& t = tensors[idx[k]].second;
+      if (ext[k].first < max_end) {
+        // Overlaps an earlier view: fine only if it is the very same view as one of them.
+        int64_t target = -1;
+        for (size_t back = pos; back-- > 0 && ext[order[back]] == ext[k];) {
+          if (same_view(tensors[idx[order[back]]].second, t)) {
+            size_t first = idx[order[back]];
+            target = alias_of[first] >= 0 ? alias_of[first] : static_cast<int64_t>(first);
+            break;
+          }
+        }
+        if (target < 0) {
+          size_t other = ext[order[pos - 1]] == ext[k] ? idx[order[pos - 1]] : idx[max_owner];
+          const auto& a = tensors[std::min(other, idx[k])].first;
+          const auto& b = tensors[std::max(other, idx[k])].first;
+          throw UsageError(
+              "tensors " + quote(a) + " and " + quote(b) +
+              " are different views whose memory overlaps in one storage; the file could not "
+              "restore that sharing. Save a .clone() of one of them (or make them the same "
+              "tensor, as tied weights are)");
+        }
+        alias_of[idx[k]] = target;
+      }
+      if (ext[k].second > max_end) {
+        max_end = ext[k].second;
+        max_owner = k;
+      }
+    }
+  }
+  return alias_of;
+}
+
+int64_t checked_dim(uint64_t d, const std::string& name, const std::string& path) {
+  if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    throw FormatError(path + ": " + describe(name) + ": dimension " + std::to_string(d) +
+                      " does not fit in int64");
+  }
+  return static_cast<int64_t>(d);
+}
+
+}  // namespace
+
+void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
+                  const WriteOptions& options) {
+  for (const auto& [name, t] : tensors) check_savable(name, t);
+  for (const auto& [key, value] : metadata) {
+    if (key.rfind(kReservedPrefix, 0) == 0) {
+      throw UsageError("metadata key " + quote(key) + " is reserved for zerockpt (prefix '" +
+                       kReservedPrefix + "')");
+    }
+  }
+  std::vector<int64_t> alias_of = find_aliases(tensors);
+
+  std::vector<TensorSpec> specs;
+  std::vector<WriteSource> sources;
+  std::vector<Alias> aliases;
+  specs.reserve(tensors.size());
+  sources.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& [name, t] = tensors[i];
+    if (alias_of[i] >= 0) {
+      aliases.push_back({name, tensors[static_cast<size_t>(alias_of[i])].first, i});
+      continue;
+    }
+    TensorSpec spec;
+    spec.name = name;
+    spec.dtype = *to_format_dtype(t.scalar_type());
+    spec.shape.assign(t.sizes().begin(), t.sizes().end());
+    spec.nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+    WriteSource source;
+    if (t.is_contiguous() && !t.is_conj() && !t.is_neg()) {
+      source.data = static_cast<const uint8_t*>(t.const_data_ptr());
+    } else {
+      // Strided, conjugate or negative views are produced piecewise into bounded staging.
+      at::Tensor view = t.detach();
+      int64_t item = static_cast<int64_t>(t.element_size());
+      source.fill = [view, item](uint64_t offset, uint64_t size, uint8_t* dst) {
+        c10::AutoGradMode no_grad(false);
+        int64_t e0 = static_cast<int64_t>(offset) / item;
+        copy_elements(view, e0, e0 + static_cast<int64_t>(size) / item, dst);
+      };
+    }
+    specs.push_back(std::move(spec));
+    sources.push_back(std::move(source));
+  }
+
+  Metadata all = metadata;
+  bool has_format = std::any_of(metadata.begin(), metadata.end(),
+                                [](const auto& kv) { return kv.first == "format"; });
+  if (!has_format) all.emplace_back("format", "pt");  // what Hugging Face loaders look for
+  all.emplace_back(kVersionKey, kFormatVersion);
+  if (!aliases.empty()) all.emplace_back(kAliasesKey, encode_aliases(aliases));
+
+  Layout layout = plan_layout(specs, all, path);
+  write_file(path, layout, specs, sources, options);
+}
+
+CheckpointFile::CheckpointFile(const std::string& path)
+    : file_(std::make_shared<SafetensorsFile>(path)) {
+  const Header& h = file_->header();
+  record_index_.reserve(h.tensors.size());
+  for (size_t i = 0; i < h.tensors.size(); ++i) record_index_.emplace(h.tensors[i].name, i);
+
+  std::vector<Alias> aliases;
+  for (const auto& [key, value] : h.metadata) {
+    if (key == kAliasesKey) aliases = decode_aliases(value, path);
+  }
+  size_t total = h.tensors.size() + aliases.size();
+  names_.reserve(total);
+  size_t next_stored = 0;
+  for (size_t a = 0; a < aliases.size(); ++a) {
+    const Alias& alias = aliases[a];
+    if (alias.position >= total || (a > 0 && alias.position <= aliases[a - 1].position)) {
+      throw FormatError(path + ": alias " + quote(alias.name) + " has an invalid position " +
+                        std::to_string(alias.position));
+    }
+    if (!record_index_.count(alias.target)) {
+      throw FormatError(path + ": alias " + quote(alias.name) + " refers to " +
+                        quote(alias.target) + ", which the file does not hold");
+    }
+    if (record_index_.count(alias.name) || !alias_to_target_.emplace(alias.name, alias.target).second) {
+      throw FormatError(path + ": alias " + quote(alias.name) + " is a duplicate name");
+    }
+    while (names_.size() < alias.position) names_.push_back(h.tensors[next_stored++].name);
+    names_.push_back(alias.name);
+  }
+  while (next_stored < h.tensors.size()) names_.push_back(h.tensors[next_stored++].name);
+}
+
+const TensorRecord* CheckpointFile::find(const std::string& name) const {
+  auto alias = alias_to_target_.find(name);
+  const std::string& stored = alias == alias_to_target_.end() ? name : alias->second;
+  auto it = record_index_.find(stored);
+  return it == record_index_.end() ? nullptr : &file_->header().tensors[it->second];
+}
+
+const std::string* CheckpointFile::alias_target(const std::string& name) const {
+  auto alias = alias_to_target_.find(name);
+  return alias == alias_to_target_.end() ? nullptr : &alias->second;
+}
+
+namespace {
+
+struct TensorShape {
+  std::vector<int64_t> sizes;
+  c10::ScalarType dtype;
+};
+
+TensorShape torch_shape(const TensorRecord& r, const std::string& path) {
+  auto scalar = to_scalar_type(r.dtype);
+  if (!scalar) {
+    throw DtypeError(path + ": " + describe(r.name) + " has dtype " + dtype_name(r.dtype) +
+                     ", which has no torch equivalent");
+  }
+  TensorShape out{{}, *scalar};
+  out.sizes.reserve(r.shape.size());
+  for (uint64_t d : r.shape) out.sizes.push_back(checked_dim(d, r.name, path));
+  return out;
+}
+
+void release_mapping(void* ctx) { delete static_cast<std::shared_ptr<Mapping>*>(ctx); }
+
+}  // namespace
+
+at::Tensor CheckpointFile::tensor(const TensorRecord& r, bool mmap) {
+  const std::string& path = file_->path();
+  TensorShape shape = torch_shape(r, path);
+  auto options = at::TensorOptions().dtype(shape.dtype).device(at::kCPU);
+  uint64_t file_offset = file_->header().data_start + r.begin;
+  size_t item = c10::elementSize(shape.dtype);
+  if (mmap) {
+    auto mapping = file_->mapping();
+    uint8_t* ptr = mapping->data() + file_offset;
+    if (reinterpret_cast<uintptr_t>(ptr) % item == 0) {
+      return at::for_blob(ptr, shape.sizes)
+          .context(new std::shared_ptr<Mapping>(std::move(mapping)), release_mapping)
+          .options(options)
+          .make_tensor();
+    }
+    // Other writers may leave a tensor misaligned for its dtype: copy that one.
+    at::Tensor t = at::empty(shape.sizes, options);
+    std::memcpy(t.mutable_data_ptr(), ptr, r.nbytes());
+    return t;
+  }
+  at::Tensor t = at::empty(shape.sizes, options);
+  if (r.nbytes() > 0) {
+    pread_full(file_->fd(), t.mutable_data_ptr(), r.nbytes(), file_offset, path);
+  }
+  return t;
+}
+
+NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads) {
+  const Header& h = file_->header();
+  std::vector<at::Tensor> stored(h.tensors.size());
+  if (mmap) {
+    for (size_t i = 0; i < h.tensors.size(); ++i) stored[i] = tensor(h.tensors[i], true);
+  } else {
+    std::vector<ReadRange> ranges;
+    ranges.reserve(h.tensors.size());
+    for (size_t i = 0; i < h.tensors.size(); ++i) {
+      const auto& r = h.tensors[i];
+      TensorShape shape = torch_shape(r, file_->path());
+      stored[i] = at::empty(shape.sizes, at::TensorOptions().dtype(shape.dtype));
+      if (r.nbytes() > 0) {
+        ranges.push_back({h.data_start + r.begin, r.nbytes(),
+                          static_cast<uint8_t*>(stored[i].mutable_data_ptr())});
+      }
+    }
+    read_ranges(file_->fd(), file_->path(), std::move(ranges), threads);
+  }
+  NamedTensors out;
+  out.reserve(names_.size());
+  for (const auto& name : names_) {
+    const TensorRecord* r = find(name);
+    out.emplace_back(name, stored[static_cast<size_t>(r - h.tensors.data())]);
+  }
+  return out;
+}
+
+}  // namespace zerockpt

@@ -1,0 +1,56 @@
+// Tensors <-> safetensors files. Knows ATen, never Python: callers convert arguments first and
+// may run these without the GIL. Loaded CPU tensors are zero-copy views of a private mapping
+// that lives as long as any of them; aliases (tied tensors) come back as the same tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "core/header.h"
+#include "core/io_engine.h"
+#include "core/reader.h"
+
+namespace zerockpt {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+// Metadata keys we own; users may not set keys with this prefix.
+extern const char* const kReservedPrefix;
+extern const char* const kVersionKey;
+extern const char* const kAliasesKey;
+constexpr const char* kFormatVersion = "1";
+
+// Saves `tensors` (CPU, strided, any layout in memory) with `metadata`. Tensors that are the
+// same view of one storage are written once (the others recorded as aliases); different
+// views whose bytes overlap are a UsageError naming both.
+void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
+                  const WriteOptions& options);
+
+// An open file with alias resolution: names in saved order, aliases included.
+class CheckpointFile {
+ public:
+  explicit CheckpointFile(const std::string& path);
+  const SafetensorsFile& file() const { return *file_; }
+  const std::vector<std::string>& names() const { return names_; }
+  // The stored record for `name` (an alias resolves to its target); nullptr if absent.
+  const TensorRecord* find(const std::string& name) const;
+  // The target of an alias, or nullptr when `name` is stored under its own name.
+  const std::string* alias_target(const std::string& name) const;
+  // A mapped (zero-copy) tensor, or a fresh copy read with pread when !mmap.
+  at::Tensor tensor(const TensorRecord& record, bool mmap);
+  // Every tensor, in saved order; aliases are the same at::Tensor as their target.
+  NamedTensors load_all(bool mmap, unsigned threads);
+
+ private:
+  std::shared_ptr<SafetensorsFile> file_;
+  std::vector<std::string> names_;
+  std::unordered_map<std::string, size_t> record_index_;  // stored name -> header index
+  std::unordered_map<std::string, std::string> alias_to_target_;
+};
+
+}  // namespace zerockpt

@@ -1,0 +1,19 @@
+"""zerockpt: fast, safe PyTorch checkpoints in the safetensors format.
+
+Files are byte-for-byte safetensors: written zero-copy from tensor memory by several threads,
+atomically (temporary file + rename) and durably (fsync), and loaded as zero-copy views of a
+private memory mapping.
+
+>>> import torch, zerockpt
+>>> zerockpt.save({"w": torch.ones(2, 3)}, "model.safetensors")
+>>> zerockpt.load("model.safetensors")["w"].shape
+torch.Size([2, 3])
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+from zerockpt._C import FormatError
+from zerockpt.serialization import TensorFile, TensorInfo, load, open, save
+
+__all__ = ["FormatError", "TensorFile", "TensorInfo", "load", "open", "save"]
+__version__ = "0.1.0"

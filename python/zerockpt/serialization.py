@@ -1,0 +1,255 @@
+"""save / load / open: dicts of tensors <-> safetensors files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import torch
+
+from zerockpt import _C
+
+PathLike = str | os.PathLike[str]
+
+# Format dtype names -> torch dtypes (the safetensors table, plus F8_E8M0).
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+
+def _fspath(path: PathLike) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return 0
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return threads
+
+
+def _check_cpu(device: str | torch.device | int) -> None:
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise ValueError(
+            f"device={str(dev)!r} is not supported yet: this version loads to the CPU only "
+            "(move tensors afterwards with .to(device))"
+        )
+
+
+def save(
+    tensors: Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = True,
+    direct_io: bool | None = None,
+    threads: int | None = None,
+) -> None:
+    """Saves a mapping of names to tensors as a safetensors file.
+
+    Bytes go straight from tensor memory to the file (no pickle, no serialised copy), written
+    by several threads at disjoint offsets. The file is written under a temporary name in the
+    same directory and renamed over ``path`` only once complete, so ``path`` never holds a
+    partial file and an existing file survives any error. Tensors that are the same view of
+    one storage (tied weights) are stored once and come back as one tensor from :func:`load`.
+
+    Args:
+        tensors: Names to CPU tensors, any dtype the safetensors format names, any strides.
+        path: Destination file. Its directory must exist.
+        metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
+            with ``zerockpt.`` are reserved.
+        durable: fsync the file and its directory before returning, so the checkpoint survives
+            a power loss once this returns.
+        direct_io: Write through O_DIRECT from reused page-aligned staging buffers, bypassing
+            the page cache. ``None`` (default) uses it for durable saves of 64 MiB or more;
+            file systems that refuse it fall back to buffered writes.
+        threads: Writer threads; default ``min(cpu_count, 8)``.
+
+    Raises:
+        TypeError: A key is not a str, a value is not a tensor, or a dtype or layout cannot be
+            stored (the message names the key).
+        ValueError: Tensors are different but overlapping views of one storage, a tensor is not
+            on the CPU, or metadata uses a reserved key.
+        OSError: The file could not be written (errno and filename set); ``path`` is untouched.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of str to torch.Tensor, got {type(tensors)}")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
+        metadata = dict(metadata)
+    _C.save(
+        tensors if type(tensors) is dict else dict(tensors),
+        _fspath(path),
+        metadata,
+        bool(durable),
+        direct_io,
+        _threads(threads),
+    )
+
+
+def load(
+    path: PathLike,
+    *,
+    device: str | torch.device | int = "cpu",
+    mmap: bool = True,
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loads every tensor of a safetensors file, in the order they were saved.
+
+    With ``mmap=True`` (default) the tensors are zero-copy views of a private (copy-on-write)
+    mapping of the file: loading costs only the header, bytes are read when first touched,
+    writing into a tensor never changes the file, and the mapping is released when the last
+    tensor from it is freed. A file later replaced by rename (as :func:`save` does) leaves
+    them unchanged; a file truncated in place by another writer may not.
+
+    Args:
+        path: A safetensors file, from zerockpt or any other writer.
+        device: Only ``"cpu"`` in this version.
+        mmap: Map the file (default) or read it eagerly into fresh memory with parallel preads.
+        threads: Reader threads for ``mmap=False``; default ``min(cpu_count, 8)``.
+
+    Returns:
+        A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
+
+    Raises:
+        FormatError: The file is not valid safetensors (the message names the key or offset).
+        OSError: The file cannot be opened or read (errno and filename set).
+        TypeError: A stored dtype has no torch equivalent.
+    """
+    _check_cpu(device)
+    return _C.load(_fspath(path), bool(mmap), _threads(threads))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor, read without touching its bytes."""
+
+    dtype: torch.dtype | None
+    """The torch dtype, or None if torch has none for ``format_dtype``."""
+    format_dtype: str
+    """The dtype as the file names it, e.g. ``"F32"``."""
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+    """Byte range in the data region, as in the header."""
+    alias_of: str | None
+    """The stored tensor this name is an alias of, if it was saved as one."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+
+class TensorFile(Mapping[str, torch.Tensor]):
+    """Lazy, read-only access to a safetensors file; see :func:`open`.
+
+    A mapping of names to tensors: each tensor is produced when asked for and its bytes are
+    not touched before that. Tensors taken from the file stay valid after :meth:`close`.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self._file: _C._File | None = _C._File(_fspath(path))
+        self._keys = self._file.keys()
+
+    @property
+    def path(self) -> str:
+        return self._handle().path
+
+    def _handle(self) -> _C._File:
+        if self._file is None:
+            raise ValueError("I/O operation on a closed zerockpt.TensorFile")
+        return self._file
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        """Tensor names in saved order, aliases included."""
+        return list(self._keys)
+
+    def metadata(self) -> dict[str, str]:
+        """The header's ``__metadata__`` (zerockpt's own ``zerockpt.*`` entries included)."""
+        return self._handle().metadata()
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and byte range of ``name``; KeyError if the file has no such tensor."""
+        fmt, shape, begin, end, alias_of = self._handle().info(name)
+        return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
+
+    def get_tensor(self, name: str, *, mmap: bool = True) -> torch.Tensor:
+        """The tensor ``name``: a zero-copy mapped view, or a fresh copy if ``mmap=False``."""
+        return self._handle().get_tensor(name, mmap)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self._handle().info(name)
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        """Releases the file; tensors already taken from it stay valid."""
+        self._file = None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._file is None else f"{len(self._keys)} tensors"
+        return f"<zerockpt.TensorFile {self._file.path if self._file else ''!r} ({state})>"
+
+
+def open(path: PathLike) -> TensorFile:  # noqa: A001  (mirrors safetensors.safe_open)
+    """Opens a safetensors file for lazy access to its keys, metadata and tensors.
+
+    Only the header is read and validated; each tensor's bytes are mapped when it is asked for.
+
+    >>> with zerockpt.open("model.safetensors") as f:
+    ...     print(f.keys(), f.info("w").shape, f.metadata())
+    ...     w = f["w"]
+
+    Raises:
+        FormatError: The header is not valid safetensors.
+        OSError: The file cannot be opened (errno and filename set).
+    """
+    return TensorFile(path)
