@@ -1,0 +1,104 @@
+"""Shared helpers: dtype tables, raw file crafting, byte-exact comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Every dtype zerockpt stores, with its safetensors name.
+DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.float8_e8m0fnu: "F8_E8M0",
+}
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random bytes reinterpreted as `dtype` (NaN payloads and all), or 0/1 for bool."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    item = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for d in shape:
+        numel *= d
+    raw = torch.randint(0, 256, (numel * item,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(shape)
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's logical bytes in row-major order (conj/neg resolved)."""
+    t = t.resolve_conj().resolve_neg().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert raw_bytes(a) == raw_bytes(b)
+
+
+def assert_dicts_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert_bitwise_equal(a[k], b[k])
+
+
+def craft(
+    path: Path,
+    header: Any,
+    data: bytes = b"",
+    *,
+    length: int | None = None,
+    raw_header: bytes | None = None,
+) -> Path:
+    """Writes a file with an arbitrary header (object -> JSON, or raw bytes) and data."""
+    body = raw_header if raw_header is not None else json.dumps(header).encode()
+    n = len(body) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + body + data)
+    return path
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any], bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return n, json.loads(raw[8 : 8 + n]), raw[8 : 8 + n]
+
+
+def temp_leftovers(directory: Path) -> list[str]:
+    return [p for p in os.listdir(directory) if p.endswith(".zerockpt-tmp")]
+
+
+@pytest.fixture
+def sample() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "embed.weight": torch.randn(50, 16, generator=g),
+        "block.0.w": torch.randn(16, 16, generator=g, dtype=torch.float64),
+        "block.0.b": torch.randn(16, generator=g).half(),
+        "steps": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.rand(4, 4, generator=g) > 0.5,
+        "empty": torch.empty(0, 3),
+    }
