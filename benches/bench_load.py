@@ -1,0 +1,152 @@
+"""Load benchmarks: zerockpt against torch.load and safetensors, all from a warm page cache.
+
+Each format's file is written once per input and read through once before any timing, so that
+every method loads from the page cache rather than the disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import zerockpt
+from models import safetensors_view, total_nbytes, unique_tensors
+from pytest_benchmark.fixture import BenchmarkFixture
+
+LoadFn = Callable[[Path], dict[str, torch.Tensor]]
+
+LOAD_ROUNDS = 5
+
+WRITERS: dict[str, Callable[[dict[str, torch.Tensor], Path], None]] = {
+    "torch": lambda sd, p: torch.save(sd, p),
+    "safetensors": lambda sd, p: safetensors.torch.save_file(safetensors_view(sd), p),
+    "zerockpt": lambda sd, p: zerockpt.save(sd, p),
+}
+
+# name -> (format of the file it reads, loader)
+LOAD_METHODS: dict[str, tuple[str, LoadFn]] = {
+    "torch.load": ("torch", lambda p: torch.load(p)),
+    "torch.load mmap=True": ("torch", lambda p: torch.load(p, mmap=True)),
+    "safetensors.load_file": ("safetensors", lambda p: safetensors.torch.load_file(p)),
+    "zerockpt.load mmap=True": ("zerockpt", lambda p: zerockpt.load(p)),
+    "zerockpt.load mmap=False": ("zerockpt", lambda p: zerockpt.load(p, mmap=False)),
+}
+
+
+def _read_through(path: Path) -> None:
+    """Reads every byte of ``path`` once, leaving it in the page cache."""
+    buf = bytearray(16 << 20)
+    with path.open("rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+@pytest.fixture(scope="module")
+def files(
+    datasets: dict[str, dict[str, torch.Tensor]], module_bench_dir: Path
+) -> dict[tuple[str, str], Path]:
+    """(input, format) -> a file written once by that format's writer, then read once."""
+    out: dict[tuple[str, str], Path] = {}
+    for dataset, sd in datasets.items():
+        for fmt, write in WRITERS.items():
+            path = module_bench_dir / f"{dataset}.{fmt}"
+            write(sd, path)
+            out[dataset, fmt] = path
+    os.sync()  # no writeback of these files during the timings
+    for path in out.values():
+        _read_through(path)
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _check_loaded(loaded: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
+    """Every name of ``loaded`` is in ``sd`` with the same bytes; only tied names may be missing."""
+    assert set(safetensors_view(sd)) <= set(loaded) <= set(sd)
+    for name, t in loaded.items():
+        assert t.dtype == sd[name].dtype and t.shape == sd[name].shape, name
+        assert torch.equal(_bits(t), _bits(sd[name])), name
+
+
+@pytest.mark.parametrize("method", list(LOAD_METHODS))
+@pytest.mark.parametrize("dataset", ["gpt2", "small"])
+def test_load(
+    benchmark: BenchmarkFixture,
+    datasets: dict[str, dict[str, torch.Tensor]],
+    files: dict[tuple[str, str], Path],
+    dataset: str,
+    method: str,
+) -> None:
+    """One loader returning the whole dict (mmap loaders return before reading the bytes)."""
+    fmt, load = LOAD_METHODS[method]
+    benchmark.group = f"load {dataset}"
+    benchmark.extra_info["bytes"] = total_nbytes(datasets[dataset])
+    loaded = benchmark.pedantic(
+        load, args=(files[dataset, fmt],), rounds=LOAD_ROUNDS, warmup_rounds=1, iterations=1
+    )
+    _check_loaded(loaded, datasets[dataset])
+
+
+# --- load + touch every byte ------------------------------------------------------------------
+
+
+def _touch(tensors: Iterable[torch.Tensor]) -> int:
+    """Reads every byte of every tensor: the largest byte value, one uint8 max per tensor.
+
+    (A uint8 ``sum`` would also read every byte, but it runs at well under 1 GB/s here and
+    would hide the cost of loading; ``max`` runs at memory speed.)
+    """
+    return max((int(t.reshape(-1).view(torch.uint8).max()) for t in tensors), default=0)
+
+
+def _touch_loaded(load: LoadFn) -> Callable[[Path], int]:
+    def run(path: Path) -> int:
+        return _touch(unique_tensors(load(path)))  # tied tensors once, for every method
+
+    return run
+
+
+def _raw_mmap_touch(path: Path) -> int:
+    """Reference: map the file privately and touch its data section as one uint8 tensor."""
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+    data = torch.frombuffer(mm, dtype=torch.uint8)[8 + header_len :]
+    return _touch([data])
+
+
+TOUCH_METHODS: dict[str, tuple[str, Callable[[Path], int]]] = {
+    "zerockpt.load mmap=True + touch": ("zerockpt", _touch_loaded(zerockpt.load)),
+    "zerockpt.load mmap=False + touch": (
+        "zerockpt",
+        _touch_loaded(lambda p: zerockpt.load(p, mmap=False)),
+    ),
+    "torch.load mmap=True + touch": ("torch", _touch_loaded(lambda p: torch.load(p, mmap=True))),
+    "safetensors.load_file + touch": ("safetensors", _touch_loaded(safetensors.torch.load_file)),
+    "raw mmap read + touch": ("zerockpt", _raw_mmap_touch),
+}
+
+
+@pytest.mark.parametrize("method", list(TOUCH_METHODS))
+def test_load_touch_gpt2(
+    benchmark: BenchmarkFixture,
+    gpt2_sd: dict[str, torch.Tensor],
+    files: dict[tuple[str, str], Path],
+    method: str,
+) -> None:
+    """Load the GPT-2 file (mapped afresh each round) and read every tensor byte."""
+    fmt, run = TOUCH_METHODS[method]
+    benchmark.group = "load+touch gpt2"
+    benchmark.extra_info["bytes"] = total_nbytes(gpt2_sd)
+    checksum = benchmark.pedantic(
+        run, args=(files["gpt2", fmt],), rounds=LOAD_ROUNDS, warmup_rounds=1, iterations=1
+    )
+    assert checksum == _touch(unique_tensors(gpt2_sd))
