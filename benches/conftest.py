@@ -29,13 +29,6 @@ ROUNDS_SMALL = 5
 _BENCH_TMP_ROOT = Path(__file__).resolve().parent.parent / "build" / "bench-tmp"
 
 
-def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Module | None:
-    """Collects ``bench_*.py`` here (the project's pytest config only collects ``test_*.py``)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
-
-
 @pytest.fixture(scope="session")
 def gpt2_sd() -> dict[str, torch.Tensor]:
     """GPT-2 small state dict (tiny in smoke mode); ``lm_head.weight`` is tied to wte."""

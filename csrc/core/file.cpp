@@ -186,6 +186,16 @@ AtomicFile::~AtomicFile() {
   }
 }
 
+void AtomicFile::preallocate(uint64_t size) {
+  if (size == 0) return;
+  // fallocate(2), not posix_fallocate(3): glibc's fallback for the latter writes zeros.
+  while (::fallocate(fd_.get(), 0, 0, static_cast<off_t>(size)) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return;
+    throw_errno(path_, "cannot reserve " + std::to_string(size) + " bytes");
+  }
+}
+
 void AtomicFile::truncate(uint64_t size) {
   if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) {
     throw_errno(path_, "truncate to " + std::to_string(size) + " bytes failed");

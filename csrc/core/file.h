@@ -72,6 +72,10 @@ class AtomicFile {
   int fd() const { return fd_.get(); }
   bool direct() const { return direct_; }
   const std::string& path() const { return path_; }
+  // Reserves `size` bytes up front (fallocate): ext4 then skips per-page delayed-allocation
+  // work in buffered writes, and a full disk fails here, before any data is written. A no-op
+  // on file systems without fallocate.
+  void preallocate(uint64_t size);
   void truncate(uint64_t size);
   void commit(bool durable);
 

@@ -124,6 +124,7 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   unsigned threads = options.threads ? options.threads : default_threads();
   size_t chunks = static_cast<size_t>((plan.file_size + kChunkBytes - 1) / kChunkBytes);
   bool direct = file.direct();
+  file.preallocate(plan.file_size);
   parallel_for(chunks, threads, [&](size_t k) {
     uint64_t start = k * kChunkBytes;
     uint64_t end = std::min(plan.file_size, start + kChunkBytes);
