@@ -47,12 +47,16 @@ test-fast: build
 bench: build
 	$(PY) -m pytest benches --benchmark-columns=min,median,max,rounds --benchmark-sort=name $(PYTEST_ARGS)
 
+CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+
 lint: $(DEPS_STAMP)
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 	$(PY) -m ruff check python tests benches
 	$(PY) -m ruff format --check python tests benches
 	$(PY) -m mypy
 
 format: $(DEPS_STAMP)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 	$(PY) -m ruff format python tests benches
 	$(PY) -m ruff check --fix python tests benches
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import temp_leftovers
-
 import zerockpt
+from conftest import temp_leftovers
 
 # Runs a save in a child whose file-size limit is 1 MiB: the kernel fails the write with EFBIG
 # part-way through, as a full disk or quota would.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import zerockpt
 
 
@@ -33,7 +33,7 @@ def longest_pause_while(work: Callable[[], None]) -> tuple[float, float]:
         ticks.append(time.perf_counter())
         time.sleep(0.0005)
     worker.join()
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
     return span[0], max(gaps, default=0.0)
 
 
@@ -42,9 +42,7 @@ def tensors() -> dict[str, torch.Tensor]:
     return {f"w{i}": torch.randn(8 << 20) for i in range(12)}  # 384 MiB
 
 
-@pytest.mark.parametrize(
-    "kind", ["save-buffered", "save-direct", "load-read"], ids=lambda k: k
-)
+@pytest.mark.parametrize("kind", ["save-buffered", "save-direct", "load-read"], ids=lambda k: k)
 def test_gil_released_during_io(tmp_path: Path, tensors: dict, kind: str) -> None:
     path = tmp_path / "g.safetensors"
     zerockpt.save(tensors, path, durable=False)

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import craft, temp_leftovers
-
 import zerockpt
+from conftest import craft, temp_leftovers
 from zerockpt import FormatError
 
 
@@ -105,7 +104,13 @@ def test_invalid_utf8(tmp_path: Path) -> None:
         (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}} x', ["unexpected data"]),
         (b'{"a":{"dtype":"F32","shape":[01],"data_offsets":[0,4]}}', ["leading zero"]),
         (b'{"a\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', ["surrogate"]),
-        (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + b"[" * 100 + b"]" * 100 + b"}}", ["nested too deeply"]),
+        (
+            b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":'
+            + b"[" * 100
+            + b"]" * 100
+            + b"}}",
+            ["nested too deeply"],
+        ),
     ],
     ids=["syntax", "unterminated", "not-object", "trailing", "leading-zero", "surrogate", "deep"],
 )
@@ -151,7 +156,9 @@ def test_wrong_types_in_tensor_entries(tmp_path: Path, entry: Any, words: list[s
     ],
 )
 def test_bad_metadata(tmp_path: Path, metadata: Any, words: list[str]) -> None:
-    path = craft(tmp_path / "m.safetensors", {"__metadata__": metadata, "a": f32([1], 0, 4)}, b"\0" * 4)
+    path = craft(
+        tmp_path / "m.safetensors", {"__metadata__": metadata, "a": f32([1], 0, 4)}, b"\0" * 4
+    )
     expect_format_error(path, *words)
 
 
@@ -188,7 +195,9 @@ def test_truncated_data(tmp_path: Path) -> None:
 
 
 def test_holes(tmp_path: Path) -> None:
-    path = craft(tmp_path / "h.safetensors", {"a": f32([1], 0, 4), "b": f32([1], 8, 12)}, b"\0" * 12)
+    path = craft(
+        tmp_path / "h.safetensors", {"a": f32([1], 0, 4), "b": f32([1], 8, 12)}, b"\0" * 12
+    )
     expect_format_error(path, "hole", "[4, 8)", "'b'")
     path = craft(tmp_path / "t.safetensors", {"a": f32([1], 0, 4)}, b"\0" * 9)
     expect_format_error(path, "hole", "[4, 9) at the end")
@@ -221,7 +230,11 @@ def test_too_many_dimensions(tmp_path: Path) -> None:
 
 
 def test_dtype_without_torch_equivalent(tmp_path: Path) -> None:
-    path = craft(tmp_path / "f4.safetensors", {"a": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0")
+    path = craft(
+        tmp_path / "f4.safetensors",
+        {"a": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}},
+        b"\0\0",
+    )
     with zerockpt.open(path) as f:  # the header is valid: it can be inspected
         assert f.info("a").format_dtype == "F4" and f.info("a").dtype is None
         with pytest.raises(TypeError, match="'a' has dtype F4"):
@@ -248,7 +261,7 @@ def test_save_argument_errors(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     with pytest.raises(TypeError, match="tensor names must be str, got int 3"):
         zerockpt.save({3: torch.ones(1)}, path)  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match="'w' must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"'w' must be a torch\.Tensor, got list"):
         zerockpt.save({"w": [1.0]}, path)  # type: ignore[dict-item]
     with pytest.raises(TypeError, match="mapping"):
         zerockpt.save([("w", torch.ones(1))], path)  # type: ignore[arg-type]

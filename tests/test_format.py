@@ -9,9 +9,8 @@ import pytest
 import safetensors
 import safetensors.torch as st
 import torch
-from conftest import DTYPES, assert_bitwise_equal, craft, random_tensor, read_header
-
 import zerockpt
+from conftest import DTYPES, assert_bitwise_equal, craft, random_tensor, read_header
 
 # Dtypes the safetensors package itself maps to torch (it has no F8_E8M0).
 ST_DTYPES = [d for d, name in DTYPES.items() if name != "F8_E8M0"]

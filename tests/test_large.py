@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
-from conftest import craft
-
 import zerockpt
+from conftest import craft
 
 GiB = 1 << 30
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 import zerockpt
 
 MiB = 1 << 20
@@ -62,7 +61,9 @@ SAVE_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("durable", "direct"), [("0", "0"), ("1", "1")], ids=["buffered", "direct"])
+@pytest.mark.parametrize(
+    ("durable", "direct"), [("0", "0"), ("1", "1")], ids=["buffered", "direct"]
+)
 def test_save_peak_extra_memory_is_bounded(tmp_path: Path, durable: str, direct: str) -> None:
     out = subprocess.run(
         [sys.executable, "-c", SAVE_CHILD, str(tmp_path / "m.safetensors"), durable, direct],

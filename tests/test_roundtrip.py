@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zerockpt
 from conftest import (
     DTYPES,
     assert_bitwise_equal,
@@ -17,8 +18,6 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import zerockpt
 
 
 @pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
@@ -276,7 +275,9 @@ def tensor_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(tensors=tensor_dicts(), durable=st.booleans(), mmap=st.booleans())
 def test_property_round_trip(tmp_path: Path, tensors: dict, durable: bool, mmap: bool) -> None:
     path = tmp_path / "h.safetensors"

@@ -8,9 +8,28 @@
 namespace zerockpt {
 
 enum class Dtype : uint8_t {
-  kBool, kU8, kI8, kF8_E5M2, kF8_E4M3, kF8_E4M3FNUZ, kF8_E5M2FNUZ, kF8_E8M0,
-  kI16, kU16, kF16, kBF16, kI32, kU32, kF32, kF64, kI64, kU64, kC64,
-  kF4, kF6_E2M3, kF6_E3M2,
+  kBool,
+  kU8,
+  kI8,
+  kF8_E5M2,
+  kF8_E4M3,
+  kF8_E4M3FNUZ,
+  kF8_E5M2FNUZ,
+  kF8_E8M0,
+  kI16,
+  kU16,
+  kF16,
+  kBF16,
+  kI32,
+  kU32,
+  kF32,
+  kF64,
+  kI64,
+  kU64,
+  kC64,
+  kF4,
+  kF6_E2M3,
+  kF6_E3M2,
 };
 
 // Format name, e.g. "F32".

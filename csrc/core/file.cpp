@@ -6,12 +6,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <mutex>
 #include <random>
 
@@ -83,8 +83,9 @@ void pread_full(int fd, void* dst, uint64_t size, uint64_t offset, const std::st
                             std::to_string(offset) + " failed");
     }
     if (n == 0) {
-      throw IoError(EIO, path, "unexpected end of file at offset " + std::to_string(offset) +
-                                   " (file shrank while reading?)");
+      throw IoError(EIO, path,
+                    "unexpected end of file at offset " + std::to_string(offset) +
+                        " (file shrank while reading?)");
     }
     p += n;
     size -= static_cast<uint64_t>(n);
@@ -92,8 +93,7 @@ void pread_full(int fd, void* dst, uint64_t size, uint64_t offset, const std::st
   }
 }
 
-void pwrite_full(int fd, const void* src, uint64_t size, uint64_t offset,
-                 const std::string& path) {
+void pwrite_full(int fd, const void* src, uint64_t size, uint64_t offset, const std::string& path) {
   const auto* p = static_cast<const uint8_t*>(src);
   while (size > 0) {
     ssize_t n = ::pwrite(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
@@ -134,8 +134,9 @@ void preadv_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::st
       throw_errno(path, "read at offset " + std::to_string(offset) + " failed");
     }
     if (n == 0) {
-      throw IoError(EIO, path, "unexpected end of file at offset " + std::to_string(offset) +
-                                   " (file shrank while reading?)");
+      throw IoError(EIO, path,
+                    "unexpected end of file at offset " + std::to_string(offset) +
+                        " (file shrank while reading?)");
     }
     offset += static_cast<uint64_t>(n);
     advance_iov(iov, first, static_cast<uint64_t>(n));
@@ -152,7 +153,7 @@ std::shared_ptr<Mapping> Mapping::map(int fd, uint64_t size, const std::string& 
 Mapping::~Mapping() { ::munmap(data_, size_); }
 
 AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
-  struct stat st {};
+  struct stat st{};
   bool exists = ::stat(path_.c_str(), &st) == 0;
   if (exists && S_ISDIR(st.st_mode)) throw IoError(EISDIR, path_, "cannot save over a directory");
   static std::atomic<uint64_t> counter{0};

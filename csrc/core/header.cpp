@@ -133,10 +133,9 @@ void validate_offsets(Header& h, const std::string& path) {
                              " belong to no tensor");
     }
     if (t.begin < cursor) {
-      format_error(path, "tensor " + quote(t.name) + " at data offset " +
-                             std::to_string(t.begin) + " overlaps tensor " +
-                             quote(previous->name) + " (ends at " + std::to_string(cursor) +
-                             ")");
+      format_error(path, "tensor " + quote(t.name) + " at data offset " + std::to_string(t.begin) +
+                             " overlaps tensor " + quote(previous->name) + " (ends at " +
+                             std::to_string(cursor) + ")");
     }
     cursor = t.end;
     previous = &t;
@@ -149,13 +148,13 @@ void validate_offsets(Header& h, const std::string& path) {
 
 }  // namespace
 
-uint64_t checked_header_size(const uint8_t prefix[8], uint64_t file_size,
-                             const std::string& path) {
+uint64_t checked_header_size(const uint8_t prefix[8], uint64_t file_size, const std::string& path) {
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | prefix[i];
   if (n > kMaxHeaderSize) {
     format_error(path, "header length " + std::to_string(n) + " exceeds the " +
-                           std::to_string(kMaxHeaderSize) + "-byte limit (not a safetensors "
+                           std::to_string(kMaxHeaderSize) +
+                           "-byte limit (not a safetensors "
                            "file, or corrupt)");
   }
   if (n < 2) format_error(path, "header length " + std::to_string(n) + " is too small");

@@ -60,8 +60,8 @@ struct TensorSpec {
 };
 
 struct Layout {
-  std::string prefix;              // length + JSON + space padding; size % kDataAlignment == 0
-  std::vector<uint64_t> begin;     // per spec, relative to the data region
+  std::string prefix;           // length + JSON + space padding; size % kDataAlignment == 0
+  std::vector<uint64_t> begin;  // per spec, relative to the data region
   uint64_t data_size = 0;
   uint64_t file_size() const { return prefix.size() + data_size; }
 };

@@ -46,9 +46,8 @@ Plan make_plan(const Layout& layout, const std::vector<TensorSpec>& specs) {
 // Calls visit(segment, lo, hi) for the part [lo, hi) of each segment inside [start, end).
 template <typename Visit>
 void for_each_overlap(const Plan& plan, uint64_t start, uint64_t end, Visit visit) {
-  auto it = std::upper_bound(
-      plan.segments.begin(), plan.segments.end(), start,
-      [](uint64_t off, const Segment& s) { return off < s.file_offset; });
+  auto it = std::upper_bound(plan.segments.begin(), plan.segments.end(), start,
+                             [](uint64_t off, const Segment& s) { return off < s.file_offset; });
   if (it != plan.segments.begin()) --it;
   for (; it != plan.segments.end() && it->file_offset < end; ++it) {
     uint64_t lo = std::max(start, it->file_offset);
@@ -117,9 +116,9 @@ void write_chunk_direct(int fd, const std::string& path, const Plan& plan, const
 void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
                 const std::vector<WriteSource>& sources, const WriteOptions& options) {
   Plan plan = make_plan(layout, specs);
-  bool want_direct = options.direct_io == DirectIo::kOn ||
-                     (options.direct_io == DirectIo::kAuto && options.durable &&
-                      plan.file_size >= kDirectMinBytes);
+  bool want_direct =
+      options.direct_io == DirectIo::kOn || (options.direct_io == DirectIo::kAuto &&
+                                             options.durable && plan.file_size >= kDirectMinBytes);
   AtomicFile file(path, want_direct);
   unsigned threads = options.threads ? options.threads : default_threads();
   size_t chunks = static_cast<size_t>((plan.file_size + kChunkBytes - 1) / kChunkBytes);
@@ -138,8 +137,7 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   file.commit(options.durable);
 }
 
-void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges,
-                 unsigned threads) {
+void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads) {
   std::sort(ranges.begin(), ranges.end(),
             [](const ReadRange& a, const ReadRange& b) { return a.file_offset < b.file_offset; });
   // Split large ranges so threads share them, then merge file-adjacent pieces into one preadv.

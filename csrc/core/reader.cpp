@@ -13,12 +13,13 @@ namespace zerockpt {
 SafetensorsFile::SafetensorsFile(std::string path) : path_(std::move(path)) {
   fd_ = FileDescriptor(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd_.get() < 0) throw_errno(path_, "cannot open");
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd_.get(), &st) != 0) throw_errno(path_, "cannot stat");
   if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, path_, "cannot load a directory");
   if (!S_ISREG(st.st_mode)) {
-    throw FormatError(path_ + ": not a regular file (safetensors files are mapped and read "
-                              "at offsets)");
+    throw FormatError(path_ +
+                      ": not a regular file (safetensors files are mapped and read "
+                      "at offsets)");
   }
   file_size_ = static_cast<uint64_t>(st.st_size);
   if (file_size_ < 8) {

@@ -30,8 +30,8 @@ NamedTensors named_tensors_from_dict(py::dict tensors) {
   Py_ssize_t pos = 0;
   while (PyDict_Next(tensors.ptr(), &pos, &key, &value)) {
     if (!PyUnicode_Check(key)) {
-      throw py::type_error("tensor names must be str, got " +
-                           std::string(Py_TYPE(key)->tp_name) + " " + key_repr(key));
+      throw py::type_error("tensor names must be str, got " + std::string(Py_TYPE(key)->tp_name) +
+                           " " + key_repr(key));
     }
     Py_ssize_t size = 0;
     const char* utf8 = PyUnicode_AsUTF8AndSize(key, &size);
@@ -125,28 +125,30 @@ void bind_file(py::module_& m) {
              return out;
            })
       // Requires GIL. (dtype name, shape, begin, end, alias target or None); KeyError if absent.
-      .def("info",
-           [](const CheckpointFile& f, const std::string& name) {
-             const TensorRecord* r = f.find(name);
-             if (!r) throw py::key_error(name);
-             const std::string* target = f.alias_target(name);
-             return py::make_tuple(dtype_name(r->dtype), r->shape, r->begin, r->end,
-                                   target ? py::object(py::str(*target)) : py::object(py::none()));
-           },
-           py::arg("name"))
+      .def(
+          "info",
+          [](const CheckpointFile& f, const std::string& name) {
+            const TensorRecord* r = f.find(name);
+            if (!r) throw py::key_error(name);
+            const std::string* target = f.alias_target(name);
+            return py::make_tuple(dtype_name(r->dtype), r->shape, r->begin, r->end,
+                                  target ? py::object(py::str(*target)) : py::object(py::none()));
+          },
+          py::arg("name"))
       // Releases GIL while mapping or reading the tensor's bytes.
-      .def("get_tensor",
-           [](CheckpointFile& f, const std::string& name, bool mmap) {
-             const TensorRecord* r = f.find(name);
-             if (!r) throw py::key_error(name);
-             at::Tensor t;
-             {
-               py::gil_scoped_release no_gil;  // only C++/ATen work below
-               t = f.tensor(*r, mmap);
-             }
-             return t;
-           },
-           py::arg("name"), py::arg("mmap") = true);
+      .def(
+          "get_tensor",
+          [](CheckpointFile& f, const std::string& name, bool mmap) {
+            const TensorRecord* r = f.find(name);
+            if (!r) throw py::key_error(name);
+            at::Tensor t;
+            {
+              py::gil_scoped_release no_gil;  // only C++/ATen work below
+              t = f.tensor(*r, mmap);
+            }
+            return t;
+          },
+          py::arg("name"), py::arg("mmap") = true);
 }
 
 }  // namespace
@@ -156,8 +158,8 @@ PYBIND11_MODULE(_C, m) {
   using namespace zerockpt;
   m.doc() = "zerockpt's private C++ core. Use the zerockpt package instead.";
   register_errors(m);
-  m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"),
-        py::arg("durable"), py::arg("direct_io"), py::arg("threads"));
+  m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
+        py::arg("direct_io"), py::arg("threads"));
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"));
   m.def("default_threads", &default_threads);
   m.attr("FORMAT_VERSION") = kFormatVersion;

@@ -84,9 +84,10 @@ void check_savable(const std::string& name, const at::Tensor& t) {
                      "; this version saves CPU tensors only: move it with .cpu() first");
   }
   if (!to_format_dtype(t.scalar_type())) {
-    throw DtypeError(describe(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
-                     ", which the safetensors format cannot store (supported: bool, uint8/16/32/64, "
-                     "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types)");
+    throw DtypeError(
+        describe(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
+        ", which the safetensors format cannot store (supported: bool, uint8/16/32/64, "
+        "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types)");
   }
   if (t.numel() > 0 && !t.has_storage()) {
     throw UsageError(describe(name) + " has no storage (a meta, fake or functional tensor?)");
@@ -236,7 +237,8 @@ CheckpointFile::CheckpointFile(const std::string& path)
       throw FormatError(path + ": alias " + quote(alias.name) + " refers to " +
                         quote(alias.target) + ", which the file does not hold");
     }
-    if (record_index_.count(alias.name) || !alias_to_target_.emplace(alias.name, alias.target).second) {
+    if (record_index_.count(alias.name) ||
+        !alias_to_target_.emplace(alias.name, alias.target).second) {
       throw FormatError(path + ": alias " + quote(alias.name) + " is a duplicate name");
     }
     while (names_.size() < alias.position) names_.push_back(h.tensors[next_stored++].name);

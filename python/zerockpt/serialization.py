@@ -239,7 +239,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
         return f"<zerockpt.TensorFile {self._file.path if self._file else ''!r} ({state})>"
 
 
-def open(path: PathLike) -> TensorFile:  # noqa: A001  (mirrors safetensors.safe_open)
+def open(path: PathLike) -> TensorFile:
     """Opens a safetensors file for lazy access to its keys, metadata and tensors.
 
     Only the header is read and validated; each tensor's bytes are mapped when it is asked for.
