@@ -50,8 +50,8 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> 
 
 def raw_bytes(t: torch.Tensor) -> bytes:
     """The tensor's logical bytes in row-major order (conj/neg resolved)."""
-    t = t.resolve_conj().resolve_neg().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    dense = torch.empty(t.shape, dtype=t.dtype).copy_(t.resolve_conj().resolve_neg())
+    return dense.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> None:
