@@ -23,7 +23,7 @@ $(PY):
 # torch first, then a constraint pinning the installed version so no later install swaps it.
 $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINT)
+	$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINT)
 	$(PIP) install -q -c $(CONSTRAINT) -r requirements-dev.txt
 	rm -f $(VENV)/.deps-* && touch $@
 

@@ -35,6 +35,7 @@ def test_every_dtype_round_trips_bitwise(tmp_path: Path, dtype: torch.dtype, mma
     assert_dicts_bitwise_equal(loaded, tensors)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns making these dtypes
 def test_unsupported_dtype_is_type_error_naming_key(tmp_path: Path) -> None:
     for dtype in (torch.complex128, torch.complex32, torch.quint8):
         t = torch.zeros(2, dtype=torch.float32)
