@@ -12,7 +12,7 @@ BUILD_STAMP := build/.installed
 SOURCES     := $(shell find csrc python cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-fast bench lint format clean distclean
+.PHONY: all build demo test test-fast cpp-test bench lint format clean distclean
 
 all: build
 
@@ -37,9 +37,16 @@ build: $(BUILD_STAMP)
 demo: build
 	$(PY) benches/demo.py
 
-test: build lint
+test: build lint cpp-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	ZEROCKPT_BENCH_SMOKE=1 $(PY) -m pytest benches -q --benchmark-disable -p no:cacheprovider
+
+# The C++ API: the example program (add_subdirectory consumer) and its ctest tests, which
+# include Python <-> C++ round trips through the installed zerockpt package.
+cpp-test: build
+	$(VENV)/bin/cmake -S examples/cpp -B build/cpp -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython_EXECUTABLE=$(abspath $(PY)) > build/cpp-configure.log || (cat build/cpp-configure.log; false)
+	$(VENV)/bin/cmake --build build/cpp
+	cd build/cpp && $(abspath $(VENV))/bin/ctest --output-on-failure
 
 test-fast: build
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
@@ -47,18 +54,18 @@ test-fast: build
 bench: build
 	$(PY) -m pytest benches --benchmark-columns=min,median,max,rounds --benchmark-sort=name $(PYTEST_ARGS)
 
-CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+CXX_SOURCES := $(shell find csrc examples -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
-	$(PY) -m ruff check python tests benches
-	$(PY) -m ruff format --check python tests benches
+	$(PY) -m ruff check python tests benches examples
+	$(PY) -m ruff format --check python tests benches examples
 	$(PY) -m mypy
 
 format: $(DEPS_STAMP)
 	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
-	$(PY) -m ruff format python tests benches
-	$(PY) -m ruff check --fix python tests benches
+	$(PY) -m ruff format python tests benches examples
+	$(PY) -m ruff check --fix python tests benches examples
 
 clean:
 	rm -rf build

@@ -1,5 +1,12 @@
-# Locates the torch that ${Python_EXECUTABLE} imports (never another one): its CMake package,
-# its ABI flags, and libtorch_python for the bindings.
+# Locates the torch that ${Python_EXECUTABLE} imports (never another one): its CMake package
+# and ABI flags. C++-only builds may pass Python_EXECUTABLE, or Torch_DIR for a plain libtorch.
+if(NOT Python_EXECUTABLE AND NOT Torch_DIR)
+  find_package(Python 3.10 COMPONENTS Interpreter)
+endif()
+if(Torch_DIR)
+  find_package(Torch CONFIG REQUIRED)
+  return()
+endif()
 execute_process(
   COMMAND "${Python_EXECUTABLE}" -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
   OUTPUT_VARIABLE ZEROCKPT_TORCH_PREFIX
@@ -13,6 +20,4 @@ endif()
 list(APPEND CMAKE_PREFIX_PATH "${ZEROCKPT_TORCH_PREFIX}")
 # torch's config looks for CUDA/cuDNN when they are present; the extension itself needs none.
 find_package(Torch CONFIG REQUIRED)
-find_library(TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib" REQUIRED
-             NO_DEFAULT_PATH)
 message(STATUS "zerockpt: torch ${Torch_VERSION} at ${TORCH_INSTALL_PREFIX}")

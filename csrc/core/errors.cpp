@@ -1,4 +1,4 @@
-#include "core/errors.h"
+#include "zerockpt/errors.h"
 
 #include <cerrno>
 #include <cstring>

@@ -15,7 +15,7 @@
 #include <mutex>
 #include <random>
 
-#include "core/errors.h"
+#include "zerockpt/errors.h"
 
 namespace zerockpt {
 

@@ -4,8 +4,8 @@
 #include <numeric>
 #include <unordered_set>
 
-#include "core/errors.h"
 #include "core/json.h"
+#include "zerockpt/errors.h"
 
 namespace zerockpt {
 namespace {

@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <cstring>
 
-#include "core/errors.h"
 #include "core/file.h"
 #include "core/parallel.h"
+#include "zerockpt/errors.h"
 
 namespace zerockpt {
 namespace {

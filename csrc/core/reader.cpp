@@ -6,7 +6,7 @@
 
 #include <cerrno>
 
-#include "core/errors.h"
+#include "zerockpt/errors.h"
 
 namespace zerockpt {
 

@@ -1,6 +1,6 @@
 #include "python/errors.h"
 
-#include "core/errors.h"
+#include "zerockpt/errors.h"
 
 namespace py = pybind11;
 

@@ -6,10 +6,10 @@
 #include <optional>
 
 #include "core/dtype.h"
-#include "core/errors.h"
 #include "core/parallel.h"
 #include "python/errors.h"
 #include "torch/tensor_io.h"
+#include "zerockpt/errors.h"
 
 namespace py = pybind11;
 

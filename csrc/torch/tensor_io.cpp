@@ -10,8 +10,8 @@
 #include <numeric>
 #include <unordered_set>
 
-#include "core/errors.h"
 #include "torch/dtypes.h"
+#include "zerockpt/errors.h"
 
 namespace zerockpt {
 

@@ -1,0 +1,64 @@
+// zerockpt's C++ API for libtorch programs: the same safetensors files the Python package
+// reads and writes, with the same key names as Python's state_dict(). No Python anywhere.
+// Functions are thread-safe for distinct files; they throw the zerockpt::Error hierarchy
+// (zerockpt/errors.h) with messages naming the file, tensor and offset.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/ordered_dict.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "zerockpt/errors.h"
+
+namespace zerockpt {
+
+using TensorDict = torch::OrderedDict<std::string, at::Tensor>;
+
+struct SaveOptions {
+  // fsync the file and its directory before returning.
+  bool durable = true;
+  // O_DIRECT through page-aligned staging; nullopt: for durable saves of 64 MiB or more.
+  std::optional<bool> direct_io;
+  // Writer threads; 0: min(hardware threads, 8).
+  unsigned threads = 0;
+  // Extra __metadata__ entries; keys starting with "zerockpt." are reserved.
+  std::vector<std::pair<std::string, std::string>> metadata;
+};
+
+struct LoadOptions {
+  // Zero-copy views of a private mapping (true), or fresh tensors read with pread.
+  bool mmap = true;
+  unsigned threads = 0;
+};
+
+// Saves CPU tensors atomically (temporary file + rename). Tensors that are the same view of
+// one storage are written once and loaded back as one tensor.
+void save(const TensorDict& tensors, const std::string& path, const SaveOptions& options = {});
+
+// Saves a module's parameters and buffers under the names Python's state_dict() uses:
+// per module, parameters then buffers, then its children depth-first ("fc1.weight", "0.bias").
+void save(const torch::nn::Module& module, const std::string& path,
+          const SaveOptions& options = {});
+
+// The tensors a module saves, in that order (tensors are shared with the module, not copied).
+TensorDict state_dict(const torch::nn::Module& module);
+
+// Loads every tensor in saved order; CPU tensors, zero-copy mapped unless options.mmap=false.
+TensorDict load(const std::string& path, const LoadOptions& options = {});
+
+struct LoadResult {
+  std::vector<std::string> missing_keys;     // in the module, not in the file
+  std::vector<std::string> unexpected_keys;  // in the file, not in the module
+};
+
+// Copies the file's tensors into the module's existing parameters and buffers (dtype converted
+// as copy_ does), like Python's load_state_dict. Throws UsageError naming every shape
+// mismatch, and with `strict` every missing and unexpected key, before changing anything.
+LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, bool strict = true);
+
+}  // namespace zerockpt
