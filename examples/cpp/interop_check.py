@@ -47,12 +47,23 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def cpp_forward_matches(
+    exe: str, work: Path, weights: str, net: PyNet, tokens: torch.Tensor
+) -> bool:
+    """Runs the C++ forward with `weights` on the saved tokens; bitwise equal to `net`'s?"""
+    out = work / f"logits_of_{weights}"
+    run(exe, "forward", str(work / weights), str(work / "tokens.safetensors"), str(out))
+    with torch.no_grad():
+        expected = net(tokens)
+    return same_bits(zerockpt.load(out)["logits"], expected)
+
+
 def main() -> int:
     exe, work = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     tokens = torch.randint(0, 100, (8, 5), generator=torch.Generator().manual_seed(3))
     zerockpt.save({"tokens": tokens}, work / "tokens.safetensors")
-    failures = 0
+    failures = []
 
     # 1. Python writes, C++ reads.
     torch.manual_seed(1)
@@ -61,46 +72,25 @@ def main() -> int:
         net.bn.running_mean.uniform_(-0.5, 0.5)
         net.bn.running_var.uniform_(0.5, 2.0)
     zerockpt.save(net.state_dict(), work / "py_weights.safetensors")
-    run(
-        exe,
-        "forward",
-        str(work / "py_weights.safetensors"),
-        str(work / "tokens.safetensors"),
-        str(work / "cpp_logits.safetensors"),
-    )
-    with torch.no_grad():
-        expected = net(tokens)
-    got = zerockpt.load(work / "cpp_logits.safetensors")["logits"]
-    if not same_bits(got, expected):
-        print("FAILED: C++ forward of Python-saved weights differs", file=sys.stderr)
-        failures += 1
+    if not cpp_forward_matches(exe, work, "py_weights.safetensors", net, tokens):
+        failures.append("C++ forward of Python-saved weights differs")
 
     # 2. C++ writes, Python reads.
     run(exe, "init", str(work / "cpp_weights.safetensors"))
     state = zerockpt.load(work / "cpp_weights.safetensors")
     fresh = PyNet().eval()
     if list(state) != list(fresh.state_dict()):
-        print(f"FAILED: key order {list(state)} != {list(fresh.state_dict())}", file=sys.stderr)
-        failures += 1
+        failures.append(f"key order {list(state)} != {list(fresh.state_dict())}")
     fresh.load_state_dict(state, strict=True)
-    run(
-        exe,
-        "forward",
-        str(work / "cpp_weights.safetensors"),
-        str(work / "tokens.safetensors"),
-        str(work / "cpp_logits2.safetensors"),
-    )
-    with torch.no_grad():
-        expected = fresh(tokens)
-    got = zerockpt.load(work / "cpp_logits2.safetensors")["logits"]
-    if not same_bits(got, expected):
-        print("FAILED: Python forward of C++-saved weights differs", file=sys.stderr)
-        failures += 1
     if int(state["bn.num_batches_tracked"]) != 7:
-        print("FAILED: C++ buffer values did not arrive", file=sys.stderr)
-        failures += 1
+        failures.append("C++ buffer values did not arrive")
+    if not cpp_forward_matches(exe, work, "cpp_weights.safetensors", fresh, tokens):
+        failures.append("Python forward of C++-saved weights differs")
+
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
     checks = 4  # two forward comparisons, key order, buffer values
-    print(f"{checks - failures} passed, {failures} failed")
+    print(f"{checks - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 
 
