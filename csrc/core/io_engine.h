@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,11 @@ struct WriteSource {
 };
 
 enum class DirectIo { kAuto, kOn, kOff };
+
+// nullopt -> kAuto, true -> kOn, false -> kOff (the public APIs' optional<bool>).
+inline DirectIo to_direct_io(std::optional<bool> direct_io) {
+  return !direct_io ? DirectIo::kAuto : *direct_io ? DirectIo::kOn : DirectIo::kOff;
+}
 
 struct WriteOptions {
   // fsync the file, then its directory, before returning.

@@ -82,7 +82,7 @@ void save(py::dict tensors, const std::string& path, py::object metadata, bool d
   Metadata meta = metadata_from_dict(metadata);
   WriteOptions options;
   options.durable = durable;
-  options.direct_io = !direct_io ? DirectIo::kAuto : *direct_io ? DirectIo::kOn : DirectIo::kOff;
+  options.direct_io = to_direct_io(direct_io);
   options.threads = threads;
   // Safe without the GIL: entries hold references to the tensors, and nothing below touches
   // Python objects.

@@ -14,9 +14,7 @@ namespace {
 WriteOptions write_options(const SaveOptions& options) {
   WriteOptions out;
   out.durable = options.durable;
-  out.direct_io = !options.direct_io   ? DirectIo::kAuto
-                  : *options.direct_io ? DirectIo::kOn
-                                       : DirectIo::kOff;
+  out.direct_io = to_direct_io(options.direct_io);
   out.threads = options.threads;
   return out;
 }
