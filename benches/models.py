@@ -148,3 +148,94 @@ def unique_tensors(sd: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 def total_nbytes(sd: dict[str, torch.Tensor]) -> int:
     """Bytes of tensor data in ``sd``, counting tied tensors once."""
     return sum(t.numel() * t.element_size() for t in unique_tensors(sd))
+
+
+# --- Traversal benchmarks: many modules, tiny tensors ----------------------------------------
+
+
+class LoraLinear(nn.Module):
+    """A linear layer with a low-rank adapter, as parameter-efficient fine-tuning builds it:
+    five modules and four tensors per projection."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base = nn.Linear(n_in, n_out)
+        self.lora_a = nn.Linear(n_in, rank, bias=False)
+        self.lora_b = nn.Linear(rank, n_out, bias=False)
+        self.dropout = nn.Dropout(0.0)
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q = LoraLinear(d, d)
+        self.k = LoraLinear(d, d)
+        self.v = LoraLinear(d, d)
+        self.o = LoraLinear(d, d)
+        self.q_norm = nn.LayerNorm(d)
+        self.k_norm = nn.LayerNorm(d)
+        self.attn_dropout = nn.Dropout(0.0)
+        self.register_buffer("rotary", torch.zeros(d), persistent=False)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gate = LoraLinear(d, 2 * d)
+        self.up = LoraLinear(d, 2 * d)
+        self.down = LoraLinear(2 * d, d)
+        self.act = nn.SiLU()
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(d)
+        self.attn = TinyAttention(d)
+        self.norm_2 = nn.LayerNorm(d)
+        self.mlp = TinyMLP(d)
+        self.dropout = nn.Dropout(0.0)
+
+
+class TinyTransformer(nn.Module):
+    """A transformer-like stack of tiny blocks: 44 modules and 39 tensors per block."""
+
+    def __init__(self, n_layer: int = 48, d: int = 8, vocab: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(TinyBlock(d) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d: int, hidden: int, n_experts: int) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(d)
+        self.attn = nn.ModuleDict({n: nn.Linear(d, d) for n in ("q", "k", "v", "o")})
+        self.norm_2 = nn.LayerNorm(d)
+        self.router = nn.Linear(d, n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(d, hidden) for _ in range(n_experts))
+
+
+class TinyMoE(nn.Module):
+    """An MoE-shaped model: ``n_layer`` layers of ``n_experts`` three-linear experts."""
+
+    def __init__(self, n_layer: int = 32, n_experts: int = 150, d: int = 4, hidden: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(32, d)
+        self.layers = nn.ModuleList(MoELayer(d, hidden, n_experts) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d)
+
+
+def count_modules_and_tensors(model: nn.Module) -> tuple[int, int]:
+    """(modules, state-dict entries) of ``model``."""
+    return sum(1 for _ in model.modules()), len(model.state_dict())

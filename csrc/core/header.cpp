@@ -43,8 +43,9 @@ void parse_metadata(JsonReader& r, Metadata& out, const std::string& path) {
 }
 
 void parse_tensor(JsonReader& r, TensorRecord& t, const std::string& path) {
-  const std::string where = "tensor " + quote(t.name);
-  if (r.peek() != '{') format_error(path, where + ": entry is not a JSON object");
+  // Built only for an error message: headers can hold tens of thousands of tensors.
+  auto where = [&t] { return "tensor " + quote(t.name); };
+  if (r.peek() != '{') format_error(path, where() + ": entry is not a JSON object");
   r.expect('{');
   bool has_dtype = false, has_shape = false, has_offsets = false;
   if (!r.consume('}')) {
@@ -52,21 +53,21 @@ void parse_tensor(JsonReader& r, TensorRecord& t, const std::string& path) {
       std::string field = r.read_string();
       r.expect(':');
       if (field == "dtype") {
-        if (has_dtype) format_error(path, where + ": duplicate field 'dtype'");
-        if (r.peek() != '"') format_error(path, where + ": dtype is not a string");
+        if (has_dtype) format_error(path, where() + ": duplicate field 'dtype'");
+        if (r.peek() != '"') format_error(path, where() + ": dtype is not a string");
         std::string name = r.read_string();
         auto dtype = parse_dtype(name);
-        if (!dtype) format_error(path, where + ": unknown dtype " + quote(name));
+        if (!dtype) format_error(path, where() + ": unknown dtype " + quote(name));
         t.dtype = *dtype;
         has_dtype = true;
       } else if (field == "shape") {
-        if (has_shape) format_error(path, where + ": duplicate field 'shape'");
-        if (r.peek() != '[') format_error(path, where + ": shape is not a list of integers");
+        if (has_shape) format_error(path, where() + ": duplicate field 'shape'");
+        if (r.peek() != '[') format_error(path, where() + ": shape is not a list of integers");
         r.expect('[');
         if (!r.consume(']')) {
           do {
             if (t.shape.size() >= kMaxRank) {
-              format_error(path, where + ": shape has more than " + std::to_string(kMaxRank) +
+              format_error(path, where() + ": shape has more than " + std::to_string(kMaxRank) +
                                      " dimensions");
             }
             t.shape.push_back(r.read_uint64());
@@ -75,14 +76,14 @@ void parse_tensor(JsonReader& r, TensorRecord& t, const std::string& path) {
         }
         has_shape = true;
       } else if (field == "data_offsets") {
-        if (has_offsets) format_error(path, where + ": duplicate field 'data_offsets'");
-        if (r.peek() != '[') format_error(path, where + ": data_offsets is not a list");
+        if (has_offsets) format_error(path, where() + ": duplicate field 'data_offsets'");
+        if (r.peek() != '[') format_error(path, where() + ": data_offsets is not a list");
         r.expect('[');
-        if (r.peek() == ']') format_error(path, where + ": data_offsets must have 2 entries");
+        if (r.peek() == ']') format_error(path, where() + ": data_offsets must have 2 entries");
         t.begin = r.read_uint64();
-        if (!r.consume(',')) format_error(path, where + ": data_offsets must have 2 entries");
+        if (!r.consume(',')) format_error(path, where() + ": data_offsets must have 2 entries");
         t.end = r.read_uint64();
-        if (r.peek() != ']') format_error(path, where + ": data_offsets must have 2 entries");
+        if (r.peek() != ']') format_error(path, where() + ": data_offsets must have 2 entries");
         r.expect(']');
         has_offsets = true;
       } else {
@@ -91,26 +92,26 @@ void parse_tensor(JsonReader& r, TensorRecord& t, const std::string& path) {
     } while (r.consume(','));
     r.expect('}');
   }
-  if (!has_dtype) format_error(path, where + ": missing 'dtype'");
-  if (!has_shape) format_error(path, where + ": missing 'shape'");
-  if (!has_offsets) format_error(path, where + ": missing 'data_offsets'");
+  if (!has_dtype) format_error(path, where() + ": missing 'dtype'");
+  if (!has_shape) format_error(path, where() + ": missing 'shape'");
+  if (!has_offsets) format_error(path, where() + ": missing 'data_offsets'");
 }
 
 void validate_offsets(Header& h, const std::string& path) {
   for (const auto& t : h.tensors) {
-    const std::string where = "tensor " + quote(t.name);
+    auto where = [&t] { return "tensor " + quote(t.name); };
     if (t.end < t.begin) {
-      format_error(path, where + ": data_offsets [" + std::to_string(t.begin) + ", " +
+      format_error(path, where() + ": data_offsets [" + std::to_string(t.begin) + ", " +
                              std::to_string(t.end) + "] end before begin");
     }
     if (t.end > h.data_size) {
-      format_error(path, where + ": data_offsets [" + std::to_string(t.begin) + ", " +
+      format_error(path, where() + ": data_offsets [" + std::to_string(t.begin) + ", " +
                              std::to_string(t.end) + "] run past the end of the data (" +
                              std::to_string(h.data_size) + " bytes; file truncated?)");
     }
     uint64_t expected = tensor_nbytes(t.dtype, t.shape, t.name, path);
     if (expected != t.nbytes()) {
-      format_error(path, where + ": dtype " + dtype_name(t.dtype) + " and shape need " +
+      format_error(path, where() + ": dtype " + dtype_name(t.dtype) + " and shape need " +
                              std::to_string(expected) + " bytes but data_offsets [" +
                              std::to_string(t.begin) + ", " + std::to_string(t.end) + "] hold " +
                              std::to_string(t.nbytes()));

@@ -8,6 +8,8 @@
 #include "core/dtype.h"
 #include "core/parallel.h"
 #include "python/errors.h"
+#include "python/load_state_dict.h"
+#include "python/state_dict.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/errors.h"
 
@@ -77,9 +79,12 @@ py::dict tensors_to_dict(const NamedTensors& tensors) {
 
 // Requires GIL for conversion; releases GIL for the write.
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
-          std::optional<bool> direct_io, unsigned threads) {
+          std::optional<bool> direct_io, unsigned threads,
+          std::optional<std::string> state_dict_metadata) {
   NamedTensors entries = named_tensors_from_dict(tensors);
   Metadata meta = metadata_from_dict(metadata);
+  Metadata own;
+  if (state_dict_metadata) own.emplace_back(kStateDictMetadataKey, *state_dict_metadata);
   WriteOptions options;
   options.durable = durable;
   options.direct_io = to_direct_io(direct_io);
@@ -87,19 +92,24 @@ void save(py::dict tensors, const std::string& path, py::object metadata, bool d
   // Safe without the GIL: entries hold references to the tensors, and nothing below touches
   // Python objects.
   py::gil_scoped_release no_gil;
-  save_tensors(entries, path, meta, options);
+  save_tensors(entries, path, meta, options, own);
 }
 
-// Releases GIL for open, parse and reads; requires it to build the dict.
-py::dict load(const std::string& path, bool mmap, unsigned threads) {
+// Releases GIL for open, parse and reads; requires it to build the dict. Returns the tensors
+// and the stored state-dict `_metadata` JSON (or None).
+py::tuple load(const std::string& path, bool mmap, unsigned threads) {
   NamedTensors loaded;
+  std::optional<std::string> state_dict_metadata;
   {
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
     CheckpointFile file(path);
     loaded = file.load_all(mmap, threads);
+    for (const auto& [key, value] : file.file().header().metadata) {
+      if (key == kStateDictMetadataKey) state_dict_metadata = value;
+    }
   }
-  return tensors_to_dict(loaded);
+  return py::make_tuple(tensors_to_dict(loaded), state_dict_metadata);
 }
 
 void bind_file(py::module_& m) {
@@ -158,11 +168,16 @@ PYBIND11_MODULE(_C, m) {
   using namespace zerockpt;
   m.doc() = "zerockpt's private C++ core. Use the zerockpt package instead.";
   register_errors(m);
+  bind_file(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
-        py::arg("direct_io"), py::arg("threads"));
+        py::arg("direct_io"), py::arg("threads"), py::arg("state_dict_metadata") = py::none());
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"));
   m.def("default_threads", &default_threads);
+  m.def("state_dict", &state_dict, py::arg("module"), py::arg("destination"), py::arg("prefix"),
+        py::arg("keep_vars"));
+  m.def("load_state_dict", &load_state_dict, py::arg("module"), py::arg("source"),
+        py::arg("metadata"), py::arg("assign"), py::arg("file"), py::arg("threads"));
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("RESERVED_PREFIX") = kReservedPrefix;
-  bind_file(m);
+  m.attr("STATE_DICT_METADATA_KEY") = kStateDictMetadataKey;
 }

@@ -16,6 +16,7 @@
 namespace zerockpt {
 
 const char* const kReservedPrefix = "zerockpt.";
+const char* const kStateDictMetadataKey = "zerockpt.state_dict_metadata";
 const char* const kVersionKey = "zerockpt.version";
 const char* const kAliasesKey = "zerockpt.aliases";
 
@@ -160,7 +161,7 @@ int64_t checked_dim(uint64_t d, const std::string& name, const std::string& path
 }  // namespace
 
 void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
-                  const WriteOptions& options) {
+                  const WriteOptions& options, const Metadata& own) {
   for (const auto& [name, t] : tensors) check_savable(name, t);
   for (const auto& [key, value] : metadata) {
     if (key.rfind(kReservedPrefix, 0) == 0) {
@@ -208,6 +209,7 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
                                 [](const auto& kv) { return kv.first == "format"; });
   if (!has_format) all.emplace_back("format", "pt");  // what Hugging Face loaders look for
   all.emplace_back(kVersionKey, kFormatVersion);
+  all.insert(all.end(), own.begin(), own.end());
   if (!aliases.empty()) all.emplace_back(kAliasesKey, encode_aliases(aliases));
 
   Layout layout = plan_layout(specs, all, path);

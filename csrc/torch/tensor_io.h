@@ -23,13 +23,16 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 extern const char* const kReservedPrefix;
 extern const char* const kVersionKey;
 extern const char* const kAliasesKey;
+// JSON object: the `_metadata` of a saved state dict (module prefix -> {"version": N, ...}).
+extern const char* const kStateDictMetadataKey;
 constexpr const char* kFormatVersion = "1";
 
 // Saves `tensors` (CPU, strided, any layout in memory) with `metadata`. Tensors that are the
 // same view of one storage are written once (the others recorded as aliases); different
-// views whose bytes overlap are a UsageError naming both.
+// views whose bytes overlap are a UsageError naming both. `metadata` may not use reserved keys;
+// `own` holds zerockpt's (reserved) keys.
 void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
-                  const WriteOptions& options);
+                  const WriteOptions& options, const Metadata& own = {});
 
 // An open file with alias resolution: names in saved order, aliases included.
 class CheckpointFile {

@@ -1,9 +1,13 @@
 """Type stubs for zerockpt's private extension module. Use the zerockpt package instead."""
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 FORMAT_VERSION: str
 RESERVED_PREFIX: str
+STATE_DICT_METADATA_KEY: str
 
 class FormatError(ValueError): ...
 
@@ -14,9 +18,23 @@ def save(
     durable: bool,
     direct_io: bool | None,
     threads: int,
+    state_dict_metadata: str | None = None,
 ) -> None: ...
-def load(path: str, mmap: bool, threads: int) -> dict[str, torch.Tensor]: ...
+def load(
+    path: str, mmap: bool, threads: int
+) -> tuple[dict[str, torch.Tensor], str | None]: ...
 def default_threads() -> int: ...
+def state_dict(
+    module: torch.nn.Module, destination: Any, prefix: str, keep_vars: bool
+) -> Any: ...
+def load_state_dict(
+    module: torch.nn.Module,
+    source: Mapping[str, Any] | None,
+    metadata: Any,
+    assign: bool,
+    file: _File | None,
+    threads: int,
+) -> tuple[list[str], list[str], list[str]] | None: ...
 
 class _File:
     def __init__(self, path: str) -> None: ...

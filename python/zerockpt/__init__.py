@@ -13,7 +13,17 @@ torch.Size([2, 3])
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from zerockpt._C import FormatError
+from zerockpt.module_state import load_state_dict, state_dict
 from zerockpt.serialization import TensorFile, TensorInfo, load, open, save
 
-__all__ = ["FormatError", "TensorFile", "TensorInfo", "load", "open", "save"]
+__all__ = [
+    "FormatError",
+    "TensorFile",
+    "TensorInfo",
+    "load",
+    "load_state_dict",
+    "open",
+    "save",
+    "state_dict",
+]
 __version__ = "0.1.0"

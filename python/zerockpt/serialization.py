@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import torch
+from torch import nn
 
 from zerockpt import _C
 
@@ -60,8 +65,45 @@ def _check_cpu(device: str | torch.device | int) -> None:
         )
 
 
+def _module_state_dict(module: nn.Module) -> OrderedDict[str, Any]:
+    """``module.state_dict()`` by the C++ walk (see :func:`zerockpt.state_dict`)."""
+    destination: OrderedDict[str, Any] = OrderedDict()
+    destination._metadata = OrderedDict()  # type: ignore[attr-defined]
+    out: OrderedDict[str, Any] = _C.state_dict(module, destination, "", False)
+    return out
+
+
+def _encode_state_dict_metadata(tensors: Mapping[str, Any]) -> str | None:
+    """The ``_metadata`` of a state dict as JSON, or None if it has none or it is not JSON."""
+    metadata = getattr(tensors, "_metadata", None)
+    if metadata is None:
+        return None
+    try:
+        return json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
+    except (TypeError, ValueError, AttributeError) as e:
+        warnings.warn(
+            f"zerockpt.save: the state dict's _metadata cannot be stored as JSON ({e}); "
+            "saving without it",
+            stacklevel=3,
+        )
+        return None
+
+
+def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[str, Any]]:
+    """The ``_metadata`` stored by :func:`save` (torch's layout: prefix -> dict)."""
+    try:
+        decoded = json.loads(text)
+        if not isinstance(decoded, dict) or not all(isinstance(v, dict) for v in decoded.values()):
+            raise ValueError("not an object of objects")
+    except ValueError as e:
+        raise _C.FormatError(
+            f"{path}: metadata {_C.STATE_DICT_METADATA_KEY!r} is not valid: {e}"
+        ) from None
+    return OrderedDict(decoded)
+
+
 def save(
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | nn.Module,
     path: PathLike,
     *,
     metadata: Mapping[str, str] | None = None,
@@ -77,8 +119,13 @@ def save(
     partial file and an existing file survives any error. Tensors that are the same view of
     one storage (tied weights) are stored once and come back as one tensor from :func:`load`.
 
+    A module is saved as its ``state_dict()`` (taken by zerockpt's C++ walk), and the state
+    dict's ``_metadata`` (module versions) is stored too, so :func:`zerockpt.load_state_dict`
+    from the file behaves as ``load_state_dict`` of the state dict itself.
+
     Args:
-        tensors: Names to CPU tensors, any dtype the safetensors format names, any strides.
+        tensors: Names to CPU tensors, any dtype the safetensors format names, any strides; or
+            an ``nn.Module``, saved as its state dict.
         path: Destination file. Its directory must exist.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
@@ -96,8 +143,12 @@ def save(
             on the CPU, or metadata uses a reserved key.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
     """
+    if isinstance(tensors, nn.Module):
+        tensors = _module_state_dict(tensors)
     if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a mapping of str to torch.Tensor, got {type(tensors)}")
+        raise TypeError(
+            f"tensors must be a mapping of str to torch.Tensor or an nn.Module, got {type(tensors)}"
+        )
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
@@ -109,6 +160,7 @@ def save(
         bool(durable),
         direct_io,
         _threads(threads),
+        _encode_state_dict_metadata(tensors),
     )
 
 
@@ -135,6 +187,8 @@ def load(
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
+        A file saved from a state dict with ``_metadata`` (e.g. ``save(model, path)``) gives an
+        ``OrderedDict`` with that ``_metadata`` attribute, as ``model.state_dict()`` has.
 
     Raises:
         FormatError: The file is not valid safetensors (the message names the key or offset).
@@ -142,7 +196,13 @@ def load(
         TypeError: A stored dtype has no torch equivalent.
     """
     _check_cpu(device)
-    return _C.load(_fspath(path), bool(mmap), _threads(threads))
+    path = _fspath(path)
+    tensors, state_dict_metadata = _C.load(path, bool(mmap), _threads(threads))
+    if state_dict_metadata is None:
+        return tensors
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
+    out._metadata = decode_state_dict_metadata(state_dict_metadata, path)  # type: ignore[attr-defined]
+    return out
 
 
 @dataclass(frozen=True)

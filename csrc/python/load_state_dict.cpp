@@ -1,0 +1,650 @@
+// zerockpt._C.load_state_dict: torch's nn.Module.load_state_dict() walk, done from C++.
+//
+// Keys are grouped by module prefix once per level (torch filters the whole remaining dict for
+// every child, which is quadratic). Each module then does what Module._load_from_state_dict
+// does, in the same order, appending to the same missing/unexpected/error lists; modules that
+// customise loading in Python (an overridden _load_from_state_dict, load pre-hooks, tensor
+// subclasses) get torch's own call with the dict torch would pass them. From a file, tensors
+// are not materialised: their bytes are queued into a LoadPlan that reads them straight into
+// the parameters, run without the GIL before any Python code could observe the parameters.
+// Requires GIL, except where it is released around LoadPlan::run and large copies.
+#include "python/load_state_dict.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstring>
+#include <deque>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "python/module_registry.h"
+#include "torch/dtypes.h"
+#include "torch/load_into.h"
+#include "torch/tensor_views.h"
+
+namespace py = pybind11;
+
+namespace zerockpt {
+namespace {
+
+constexpr uint64_t kReleaseGilBytes = 1ull << 20;
+
+py::object steal(PyObject* obj) {
+  if (!obj) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(obj);
+}
+
+py::object borrow(PyObject* obj) { return py::reinterpret_borrow<py::object>(obj); }
+
+std::string_view utf8(PyObject* str) {
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(str, &size);
+  if (!data) throw py::error_already_set();
+  return {data, static_cast<size_t>(size)};
+}
+
+py::object make_str(std::string_view s) {
+  return steal(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict"));
+}
+
+// torch.Size.__repr__.
+std::string size_repr(c10::IntArrayRef sizes) {
+  std::string out = "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "])";
+}
+
+void append(const py::list& list, const py::object& item) {
+  if (PyList_Append(list.ptr(), item.ptr()) != 0) throw py::error_already_set();
+}
+
+// One state-dict entry: a Python value, or a file tensor whose bytes have not been read.
+struct Entry {
+  py::object key;
+  std::string_view name;  // UTF-8 of key, valid while key lives
+  py::object value;       // set for dict sources and materialised file tensors
+  const TensorRecord* record = nullptr;  // file tensor still to be read (value unset)
+};
+
+using Entries = std::vector<Entry*>;
+
+// A module's entries split by what follows its prefix: a local name, or a child's name.
+struct Partition {
+  std::vector<std::pair<std::string_view, Entry*>> local;  // rest has no '.'
+  std::vector<std::pair<std::string_view, Entries>> groups;  // rest is "<child>.<...>"
+  // Entries in order with their local index (>= 0) or ~group index (< 0).
+  std::vector<std::pair<Entry*, long>> order;
+};
+
+Partition partition(const Entries& entries, std::string_view prefix) {
+  Partition p;
+  std::unordered_map<std::string_view, size_t> group_index;
+  p.order.reserve(entries.size());
+  for (Entry* e : entries) {
+    if (e->name.size() < prefix.size() || e->name.compare(0, prefix.size(), prefix) != 0) {
+      continue;
+    }
+    std::string_view rest = e->name.substr(prefix.size());
+    size_t dot = rest.find('.');
+    if (dot == std::string_view::npos) {
+      p.order.emplace_back(e, static_cast<long>(p.local.size()));
+      p.local.emplace_back(rest, e);
+      continue;
+    }
+    std::string_view child = rest.substr(0, dot);
+    auto [it, inserted] = group_index.emplace(child, p.groups.size());
+    if (inserted) p.groups.emplace_back(child, Entries{});
+    p.groups[it->second].second.push_back(e);
+    p.order.emplace_back(e, ~static_cast<long>(it->second));
+  }
+  return p;
+}
+
+// Name -> entry lookups over a partition's local entries (linear when few).
+class LocalIndex {
+ public:
+  explicit LocalIndex(const Partition& p) : local_(p.local) {
+    if (local_.size() > 16) {
+      for (const auto& [name, e] : local_) map_.emplace(name, e);  // first wins, as in a dict
+    }
+  }
+  Entry* find(std::string_view name) const {
+    if (!map_.empty()) {
+      auto it = map_.find(name);
+      return it == map_.end() ? nullptr : it->second;
+    }
+    for (const auto& [n, e] : local_) {
+      if (n == name) return e;
+    }
+    return nullptr;
+  }
+
+ private:
+  const std::vector<std::pair<std::string_view, Entry*>>& local_;
+  std::unordered_map<std::string_view, Entry*> map_;
+};
+
+struct LocalTensor {
+  PyObject* name;  // borrowed from the registry dict
+  std::string_view name_utf8;
+  PyObject* value;  // borrowed
+};
+
+class LoadWalk {
+ public:
+  LoadWalk(py::object metadata, bool assign, std::shared_ptr<CheckpointFile> file,
+           unsigned threads)
+      : metadata_(std::move(metadata)), assign_(assign), file_(std::move(file)) {
+    if (file_) plan_.emplace(*file_, threads);
+  }
+
+  Entry* new_entry() { return &arena_.emplace_back(); }
+
+  void load(PyObject* module, Entries entries, PyObject* prefix, PyObject* metadata_key,
+            bool root) {
+    const ModuleNames& n = module_names();
+    py::object hold_module = borrow(module);
+    py::object local_metadata = metadata_for(metadata_key);
+    ModuleView view;
+    if (!read_module(module, view)) {
+      throw py::type_error(std::string("zerockpt.load_state_dict: ") + Py_TYPE(module)->tp_name +
+                           " does not hold torch.nn.Module's _parameters, _buffers and _modules");
+    }
+    const ClassTraits& traits = traits_.get(Py_TYPE(module));
+    std::string_view prefix_utf8 = utf8(prefix);
+
+    bool delegate = traits.custom_load || view.instance_attr(n.load_from_state_dict) ||
+                    view.hook_count(n.load_pre_hooks) != 0;
+    std::vector<LocalTensor> local_state;
+    if (!delegate) delegate = !collect_local_state(view, local_state);
+    Partition parts;
+    if (!delegate) {
+      parts = partition(entries, prefix_utf8);
+      for (const auto& [name, e] : parts.local) {
+        if (!e->record && !is_plain_tensor(e->value.ptr())) delegate = true;
+      }
+    }
+    if (delegate) {
+      entries = call_torch_loader(module, entries, prefix, local_metadata, root);
+      parts = partition(entries, prefix_utf8);
+    } else {
+      load_local(module, view, traits, parts, local_state, prefix, local_metadata);
+    }
+
+    // Children, each with the entries under "<prefix><name>." (grouped once, above).
+    std::unordered_map<std::string_view, const Entries*> groups;
+    for (const auto& [name, es] : parts.groups) groups.emplace(name, &es);
+    PyObject* name;
+    PyObject* child;
+    Py_ssize_t pos = 0;
+    const Entries none;
+    while (PyDict_Next(view.modules, &pos, &name, &child)) {
+      if (child == Py_None) continue;
+      py::object hold_child = borrow(child);
+      py::object child_key = steal(concat(prefix, name));
+      py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
+      auto it = groups.find(utf8(name));
+      load(child, it == groups.end() ? none : *it->second, child_prefix.ptr(), child_key.ptr(),
+           false);
+    }
+
+    if (view.hook_count(n.load_post_hooks) != 0) run_post_hooks(module);
+  }
+
+  // Runs queued file reads (releases GIL).
+  void flush() {
+    if (!plan_ || plan_->empty()) return;
+    // Safe without the GIL: the plan holds C++ references to the target tensors and the file.
+    py::gil_scoped_release no_gil;
+    plan_->run();
+  }
+
+  py::list missing_keys;
+  py::list unexpected_keys;
+  py::list error_msgs;
+
+ private:
+  // metadata.get(prefix[:-1], {}), with assign_to_params_buffers set as torch sets it.
+  py::object metadata_for(PyObject* key) {
+    py::object out;
+    if (metadata_.is_none()) {
+      out = steal(PyDict_New());
+    } else if (PyDict_CheckExact(metadata_.ptr()) || PyODict_CheckExact(metadata_.ptr())) {
+      PyObject* found = PyDict_GetItemWithError(metadata_.ptr(), key);
+      if (!found && PyErr_Occurred()) throw py::error_already_set();
+      out = found ? borrow(found) : steal(PyDict_New());
+    } else {
+      py::object empty = steal(PyDict_New());
+      out = steal(PyObject_CallMethodObjArgs(metadata_.ptr(), module_names().get, key,
+                                             empty.ptr(), nullptr));
+    }
+    if (assign_ && PyObject_SetItem(out.ptr(), module_names().assign_key, Py_True) != 0) {
+      throw py::error_already_set();
+    }
+    return out;
+  }
+
+  // {k: v for k, v in chain(_parameters.items(), persistent buffers) if v is not None}; false
+  // if any of them is not a plain tensor (torch's code handles those).
+  bool collect_local_state(const ModuleView& view, std::vector<LocalTensor>& out) {
+    PyObject* name;
+    PyObject* value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(view.parameters, &pos, &name, &value)) {
+      if (value == Py_None) continue;
+      if (!is_plain_tensor(value) || !PyUnicode_Check(name)) return false;
+      out.push_back({name, utf8(name), value});
+    }
+    size_t params = out.size();
+    pos = 0;
+    while (PyDict_Next(view.buffers, &pos, &name, &value)) {
+      if (value == Py_None) continue;
+      int non_persistent = PySet_Contains(view.non_persistent, name);
+      if (non_persistent < 0) throw py::error_already_set();
+      if (non_persistent) continue;
+      if (!is_plain_tensor(value) || !PyUnicode_Check(name)) return false;
+      std::string_view n = utf8(name);
+      bool replaced = false;
+      for (size_t i = 0; i < params; ++i) {
+        if (out[i].name_utf8 == n) {  // a dict merge keeps the first position, last value
+          out[i].value = value;
+          replaced = true;
+        }
+      }
+      if (!replaced) out.push_back({name, n, value});
+    }
+    return true;
+  }
+
+  // Module._load_from_state_dict for a module without Python customisation.
+  void load_local(PyObject* module, const ModuleView& view, const ClassTraits& traits,
+                  const Partition& parts, const std::vector<LocalTensor>& local_state,
+                  PyObject* prefix, const py::object& local_metadata) {
+    const ModuleNames& n = module_names();
+    bool assign = assign_requested(local_metadata);
+    LocalIndex index(parts);
+    for (const LocalTensor& t : local_state) {
+      Entry* e = index.find(t.name_utf8);
+      if (!e) {
+        append(missing_keys, steal(concat(prefix, t.name)));
+        continue;
+      }
+      load_tensor(module, t, *e, assign);
+    }
+
+    std::string_view extra = "_extra_state";
+    Entry* extra_entry = index.find(extra);
+    if (traits.extra_state_setter) {
+      if (extra_entry) {
+        flush();
+        py::object value = materialise(*extra_entry);
+        steal(PyObject_CallMethodObjArgs(module, n.set_extra_state, value.ptr(), nullptr));
+      } else {
+        append(missing_keys, steal(concat(prefix, n.extra_state_suffix)));
+      }
+    } else if (extra_entry) {
+      append(unexpected_keys, extra_entry->key);
+    }
+
+    // Unexpected: local names that are not parameters or persistent buffers, and keys under a
+    // name that is not a child (a child registered as None counts as one).
+    std::vector<bool> group_is_child(parts.groups.size(), false);
+    for (size_t g = 0; g < parts.groups.size(); ++g) {
+      py::object child = make_str(parts.groups[g].first);
+      int has = PyDict_Contains(view.modules, child.ptr());
+      if (has < 0) throw py::error_already_set();
+      group_is_child[g] = has == 1;
+    }
+    for (const auto& [e, where] : parts.order) {
+      if (where >= 0) {
+        std::string_view name = parts.local[static_cast<size_t>(where)].first;
+        if (name == extra) continue;
+        bool known = false;
+        for (const LocalTensor& t : local_state) known = known || t.name_utf8 == name;
+        if (!known) append(unexpected_keys, e->key);
+      } else if (!group_is_child[static_cast<size_t>(~where)]) {
+        append(unexpected_keys, e->key);
+      }
+    }
+  }
+
+  bool assign_requested(const py::object& local_metadata) {
+    PyObject* flag;
+    py::object hold;
+    if (PyDict_Check(local_metadata.ptr())) {
+      flag = PyDict_GetItemWithError(local_metadata.ptr(), module_names().assign_key);
+      if (!flag && PyErr_Occurred()) throw py::error_already_set();
+    } else {
+      hold = steal(PyObject_CallMethodObjArgs(local_metadata.ptr(), module_names().get,
+                                              module_names().assign_key, Py_False, nullptr));
+      flag = hold.ptr();
+    }
+    if (!flag) return false;
+    int truth = PyObject_IsTrue(flag);
+    if (truth < 0) throw py::error_already_set();
+    return truth == 1;
+  }
+
+  // One parameter or buffer: the body of torch's loop over local_state.
+  void load_tensor(PyObject* module, const LocalTensor& t, Entry& e, bool assign) {
+    const at::Tensor& param = THPVariable_Unpack(t.value);
+    const bool from_file = e.record && !e.value;
+    std::vector<int64_t> file_shape;
+    at::Tensor input;
+    py::object input_obj;
+    if (from_file) {
+      file_shape.assign(e.record->shape.begin(), e.record->shape.end());
+      // Backward compatibility as in torch: a (1,) value loads into a 0-dim tensor.
+      if (param.dim() == 0 && file_shape.size() == 1 && file_shape[0] == 1) file_shape.clear();
+    } else {
+      input_obj = e.value;
+      input = THPVariable_Unpack(input_obj.ptr());
+      if (param.dim() == 0 && input.dim() == 1 && input.size(0) == 1) {
+        input = input.select(0, 0);  // input_param[0]
+        input_obj = steal(THPVariable_Wrap(input));
+      }
+    }
+    c10::IntArrayRef input_shape = from_file ? c10::IntArrayRef(file_shape) : input.sizes();
+    if (input_shape != param.sizes()) {
+      append(error_msgs, make_str("size mismatch for " + std::string(e.name) +
+                                  ": copying a param with shape " + size_repr(input_shape) +
+                                  " from checkpoint, the shape in current model is " +
+                                  size_repr(param.sizes()) + "."));
+      return;
+    }
+    if (param.is_meta() && (from_file || !input.is_meta()) && !assign) {
+      std::string msg = "for " + std::string(e.name) +
+                        ": copying from a non-meta parameter in the checkpoint to a meta "
+                        "parameter in the current model, which is a no-op. (Did you mean to "
+                        "pass `assign=True` to assign items in the state dictionary to their "
+                        "corresponding key in the module instead of copying them in place?)";
+      if (PyErr_WarnEx(PyExc_UserWarning, msg.c_str(), 1) != 0) throw py::error_already_set();
+    }
+    if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param)) {
+      if (plan_->conflicts(param)) flush();
+      plan_->add(param, *e.record);
+      param.unsafeGetTensorImpl()->bump_version();  // once, as copy_ does
+      return;
+    }
+    if (from_file) {
+      flush();
+      input_obj = materialise(e);
+      input = THPVariable_Unpack(input_obj.ptr());
+      if (param.dim() == 0 && input.dim() == 1) {
+        input = input.select(0, 0);
+        input_obj = steal(THPVariable_Wrap(input));
+      }
+    }
+    if (assign) {
+      assign_tensor(module, t, e, input_obj);
+    } else {
+      copy_tensor(t, e, param, input, input_obj);
+    }
+  }
+
+  // Casting complex to real warns once per process inside copy_: keep it on this thread,
+  // where the warning reaches Python.
+  static bool converts_complex(const TensorRecord& r, const at::Tensor& param) {
+    auto stored = to_scalar_type_or_undefined(r);
+    return at::isComplexType(stored) && !param.is_complex();
+  }
+
+  static c10::ScalarType to_scalar_type_or_undefined(const TensorRecord& r);
+
+  void copy_tensor(const LocalTensor& t, const Entry& e, const at::Tensor& param,
+                   const at::Tensor& input, const py::object& input_obj) {
+    if (plan_ && !plan_->empty() && plan_->conflicts(param)) flush();
+    try {
+      c10::AutoGradMode no_grad(false);
+      if (!copy_plain(param, input)) {
+        uint64_t nbytes = static_cast<uint64_t>(param.numel()) * param.element_size();
+        if (nbytes >= kReleaseGilBytes) {
+          // Safe without the GIL: both tensors are held by C++ references.
+          py::gil_scoped_release no_gil;
+          param.copy_(input);
+        } else {
+          param.copy_(input);
+        }
+      }
+    } catch (const std::exception&) {
+      // Let torch raise its own exception, so the message quotes the same ex.args.
+      c10::AutoGradMode no_grad(false);
+      py::object result = py::reinterpret_steal<py::object>(PyObject_CallMethod(
+          t.value, "copy_", "O", input_obj.ptr()));
+      if (result) return;  // cannot happen unless the C++ failure was transient
+      record_copy_error(e, THPVariable_Unpack(t.value), input);
+    }
+  }
+
+  // memcpy for same-dtype contiguous CPU tensors, which is what copy_ does for them.
+  static bool copy_plain(const at::Tensor& dst, const at::Tensor& src) {
+    if (!dst.is_cpu() || !src.is_cpu() || dst.scalar_type() != src.scalar_type() ||
+        !dst.is_contiguous() || !src.is_contiguous() || dst.is_conj() || src.is_conj() ||
+        dst.is_neg() || src.is_neg() || dst.is_inference() || !default_dispatch_state() ||
+        typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
+        typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl)) {
+      return false;
+    }
+    size_t nbytes = static_cast<size_t>(dst.numel()) * dst.element_size();
+    if (nbytes >= kReleaseGilBytes) return false;  // copy_ is multi-threaded for big tensors
+    if (nbytes) std::memmove(dst.mutable_data_ptr(), src.const_data_ptr(), nbytes);
+    dst.unsafeGetTensorImpl()->bump_version();
+    return true;
+  }
+
+  // The pending Python exception (an Exception, else re-raised) as torch reports it.
+  void record_copy_error(const Entry& e, const at::Tensor& param, const at::Tensor& input,
+                         const char* action = "copying") {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) throw py::error_already_set();
+    py::error_already_set err;
+    py::object args = err.value().attr("args");
+    std::string msg = std::string("While ") + action + " the parameter named \"" +
+                      std::string(e.name) + "\", whose dimensions in the model are " +
+                      size_repr(param.sizes()) + " and whose dimensions in the checkpoint are " +
+                      size_repr(input.sizes()) + ", an exception occurred : " +
+                      std::string(py::str(py::repr(args))) + ".";
+    append(error_msgs, make_str(msg));
+  }
+
+  // torch's assign=True branch: keep Parameter-ness and requires_grad, then setattr.
+  void assign_tensor(PyObject* module, const LocalTensor& t, const Entry& e,
+                     py::object input_obj) {
+    flush();
+    const ModuleNames& n = module_names();
+    const at::Tensor& param = THPVariable_Unpack(t.value);
+    at::Tensor input = THPVariable_Unpack(input_obj.ptr());
+    c10::AutoGradMode no_grad(false);
+    bool ok = true;
+    if (Py_TYPE(t.value) == n.parameter_type) {
+      int is_param = PyObject_IsInstance(input_obj.ptr(), n.parameter_class);
+      if (is_param < 0) throw py::error_already_set();
+      PyObject* requires_grad = param.requires_grad() ? Py_True : Py_False;
+      if (!is_param) {
+        py::dict kwargs;
+        kwargs["requires_grad"] = borrow(requires_grad);
+        py::tuple args = py::make_tuple(input_obj);
+        PyObject* wrapped = PyObject_Call(n.parameter_class, args.ptr(), kwargs.ptr());
+        if (wrapped) {
+          input_obj = steal(wrapped);
+        } else {
+          ok = false;
+        }
+      } else {
+        PyObject* r = PyObject_CallMethod(input_obj.ptr(), "requires_grad_", "O", requires_grad);
+        ok = r != nullptr;
+        Py_XDECREF(r);
+      }
+    }
+    if (ok) ok = PyObject_SetAttr(module, t.name, input_obj.ptr()) == 0;
+    if (!ok) record_copy_error(e, param, input);
+  }
+
+  // The Python tensor for an entry (file tensors: a zero-copy view of the mapping; aliases
+  // share one tensor, as zerockpt.load returns them).
+  py::object materialise(Entry& e) {
+    if (!e.value) {
+      auto it = materialised_.find(e.record);
+      if (it == materialised_.end()) {
+        at::Tensor t;
+        {
+          py::gil_scoped_release no_gil;  // maps the file; C++ only
+          t = file_->tensor(*e.record, /*mmap=*/true);
+        }
+        it = materialised_.emplace(e.record, steal(THPVariable_Wrap(t))).first;
+      }
+      e.value = it->second;
+      e.record = nullptr;  // from now on the tensor object is the source (hooks may edit it)
+    }
+    return e.value;
+  }
+
+  // Hands this module to torch's Module._load_from_state_dict (or its override) with the dict
+  // torch would pass, and returns that dict's entries afterwards (hooks may have edited it).
+  Entries call_torch_loader(PyObject* module, const Entries& entries, PyObject* prefix,
+                            const py::object& local_metadata, bool root) {
+    flush();
+    const ModuleNames& n = module_names();
+    py::object local;
+    if (root) {
+      local = steal(PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyODict_Type)));
+      if (!metadata_.is_none() &&
+          PyObject_SetAttr(local.ptr(), n.metadata, metadata_.ptr()) != 0) {
+        throw py::error_already_set();
+      }
+    } else {
+      local = steal(PyDict_New());
+    }
+    for (Entry* e : entries) {
+      if (PyObject_SetItem(local.ptr(), e->key.ptr(), materialise(*e).ptr()) != 0) {
+        throw py::error_already_set();
+      }
+    }
+    steal(PyObject_CallMethodObjArgs(module, n.load_from_state_dict, local.ptr(), prefix,
+                                     local_metadata.ptr(), Py_True, missing_keys.ptr(),
+                                     unexpected_keys.ptr(), error_msgs.ptr(), nullptr));
+    return entries_of(local, entries);
+  }
+
+  // The entries of `local` in its order; the old entries when nothing was added, removed,
+  // reordered or replaced.
+  Entries entries_of(const py::object& local, const Entries& before) {
+    Entries out;
+    py::object it = steal(PyObject_GetIter(local.ptr()));
+    bool same = true;
+    size_t i = 0;
+    while (PyObject* key_raw = PyIter_Next(it.ptr())) {
+      py::object key = steal(key_raw);
+      py::object value = steal(PyObject_GetItem(local.ptr(), key.ptr()));
+      if (i >= before.size() || before[i]->key.ptr() != key.ptr() ||
+          before[i]->value.ptr() != value.ptr()) {
+        same = false;
+      }
+      ++i;
+      if (!PyUnicode_Check(key.ptr())) {
+        PyErr_Format(PyExc_AttributeError, "'%.100s' object has no attribute 'startswith'",
+                     Py_TYPE(key.ptr())->tp_name);
+        throw py::error_already_set();
+      }
+      Entry* e = new_entry();
+      e->key = key;
+      e->name = utf8(key.ptr());
+      e->value = value;
+      out.push_back(e);
+    }
+    if (PyErr_Occurred()) throw py::error_already_set();
+    if (same && i == before.size()) return before;
+    return out;
+  }
+
+  void run_post_hooks(PyObject* module) {
+    flush();
+    const ModuleNames& n = module_names();
+    py::object incompatible = steal(PyObject_CallFunctionObjArgs(
+        n.incompatible_keys, missing_keys.ptr(), unexpected_keys.ptr(), nullptr));
+    py::object hooks = steal(PyObject_GetAttr(module, n.load_post_hooks));
+    py::object values = steal(PyObject_CallMethod(hooks.ptr(), "values", nullptr));
+    py::object it = steal(PyObject_GetIter(values.ptr()));
+    while (PyObject* hook_raw = PyIter_Next(it.ptr())) {
+      py::object hook = steal(hook_raw);
+      py::object out =
+          steal(PyObject_CallFunctionObjArgs(hook.ptr(), module, incompatible.ptr(), nullptr));
+      if (!out.is_none()) {
+        PyErr_SetString(PyExc_AssertionError,
+                        "Hooks registered with ``register_load_state_dict_post_hook`` are not "
+                        "expected to return new values, if incompatible_keys need to be "
+                        "modified, it should be done inplace.");
+        throw py::error_already_set();
+      }
+    }
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+
+  py::object metadata_;
+  bool assign_;
+  std::shared_ptr<CheckpointFile> file_;
+  std::optional<LoadPlan> plan_;
+  ClassTraitsCache traits_;
+  std::deque<Entry> arena_;
+  std::unordered_map<const TensorRecord*, py::object> materialised_;
+};
+
+c10::ScalarType LoadWalk::to_scalar_type_or_undefined(const TensorRecord& r) {
+  auto t = to_scalar_type(r.dtype);
+  return t ? *t : c10::ScalarType::Undefined;
+}
+
+}  // namespace
+
+py::object load_state_dict(py::handle module, py::object source, py::object metadata,
+                           bool assign, std::shared_ptr<CheckpointFile> file, unsigned threads) {
+  torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
+  try {
+    if (file) check_torch_dtypes(*file);
+    LoadWalk walk(std::move(metadata), assign, file, threads);
+    Entries entries;
+    if (file) {
+      for (const std::string& name : file->names()) {
+        Entry* e = walk.new_entry();
+        e->key = make_str(name);
+        e->name = utf8(e->key.ptr());
+        e->record = file->find(name);
+        entries.push_back(e);
+      }
+    } else {
+      // Exact dicts and OrderedDicts, in iteration order; anything else the caller copies into
+      // an OrderedDict first, as torch does.
+      py::object it = steal(PyObject_GetIter(source.ptr()));
+      while (PyObject* key_raw = PyIter_Next(it.ptr())) {
+        py::object key = steal(key_raw);
+        if (!PyUnicode_Check(key.ptr())) return py::none();  // torch's code handles these
+        PyObject* value = PyDict_GetItemWithError(source.ptr(), key.ptr());
+        if (!value) {
+          if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.ptr());
+          throw py::error_already_set();
+        }
+        Entry* e = walk.new_entry();
+        e->key = key;
+        e->name = utf8(key.ptr());
+        e->value = borrow(value);
+        entries.push_back(e);
+      }
+      if (PyErr_Occurred()) throw py::error_already_set();
+    }
+    walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
+              /*root=*/true);
+    walk.flush();
+    return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
+  } catch (...) {
+    warnings.set_in_exception();
+    throw;
+  }
+}
+
+}  // namespace zerockpt

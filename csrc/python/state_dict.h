@@ -1,0 +1,14 @@
+// nn.Module.state_dict() and load_state_dict() for Python modules, walked from C++.
+#pragma once
+
+#include <torch/csrc/utils/pybind.h>
+
+namespace zerockpt {
+
+// Requires GIL. What module.state_dict(destination=destination, prefix=prefix,
+// keep_vars=keep_vars) returns; `destination` must already be a mapping (the caller creates
+// torch's default OrderedDict with `_metadata`).
+pybind11::object state_dict(pybind11::handle module, pybind11::object destination,
+                            pybind11::str prefix, bool keep_vars);
+
+}  // namespace zerockpt

@@ -1,0 +1,50 @@
+// Copies stored tensors into existing tensors, as `target.copy_(stored)` would, without an
+// intermediate copy of the whole tensor: CPU targets of the stored dtype that are contiguous
+// get the bytes by parallel preads straight into their storage; others are converted chunk by
+// chunk through small staging buffers. No Python; `run` may be called without the GIL.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <vector>
+
+#include "torch/tensor_io.h"
+
+namespace zerockpt {
+
+// Throws DtypeError naming the first tensor of `file` whose dtype has no torch equivalent, so
+// that a load can fail before it changes anything.
+void check_torch_dtypes(const CheckpointFile& file);
+
+class LoadPlan {
+ public:
+  LoadPlan(CheckpointFile& file, unsigned threads) : file_(file), threads_(threads) {}
+
+  // True if `target` shares bytes with a queued target without being the very same view:
+  // run() the queue first, so that copies land in the order they were asked for.
+  bool conflicts(const at::Tensor& target) const;
+  // Queues copying `record` (same number of elements) into `target`. A queued copy into the
+  // same view is dropped, as the later copy would overwrite it. Does not bump versions.
+  void add(const at::Tensor& target, const TensorRecord& record);
+  bool empty() const { return jobs_.empty(); }
+  // Runs every queued copy; throws IoError on a failed read. Thread-compatible.
+  void run();
+
+ private:
+  struct Job {
+    at::Tensor target;
+    const TensorRecord* record;
+    bool dropped = false;
+  };
+  struct Extent {
+    uintptr_t end;
+    size_t job;
+  };
+  CheckpointFile& file_;
+  unsigned threads_;
+  std::vector<Job> jobs_;
+  std::map<uintptr_t, Extent> extents_;  // CPU target bytes [begin, end) -> job
+};
+
+}  // namespace zerockpt

@@ -1,0 +1,192 @@
+"""state_dict / load_state_dict for nn.Module trees, walked by the C++ core.
+
+Both return exactly what torch's ``nn.Module.state_dict()`` and ``load_state_dict()`` return
+(keys, order, ``_metadata``, detached values, errors, warnings), many times faster on models with
+many modules. Modules whose state-dict behaviour is customised in Python are handed to torch's
+own code at the point where torch would call it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from zerockpt import _C
+from zerockpt.serialization import (
+    PathLike,
+    _fspath,
+    _threads,
+    decode_state_dict_metadata,
+    load,
+)
+
+_STATE_DICT_POSITIONAL_WARNING = (
+    "Positional args are being deprecated, use kwargs instead. Refer to "
+    "https://pytorch.org/docs/main/generated/torch.nn.Module.html#torch.nn.Module.state_dict"
+    " for details."
+)
+
+
+def _torch_function_mode_active() -> bool:
+    return bool(torch._C._is_torch_function_mode_enabled())
+
+
+def state_dict(
+    module: nn.Module,
+    *args: Any,
+    destination: Any = None,
+    prefix: str = "",
+    keep_vars: bool = False,
+) -> Any:
+    """Returns what ``module.state_dict(...)`` returns, computed by a C++ walk of the module tree.
+
+    The same keys in the same order (per module: parameters, persistent buffers,
+    ``_extra_state``, then children depth-first), the same ``_metadata`` attribute, the same
+    detached tensors (sharing storage and version counter with the parameters) unless
+    ``keep_vars``. Hooks, overridden ``state_dict``/``_save_to_state_dict``/``get_extra_state``,
+    lazy and quantized modules run torch's own code where torch would run it.
+
+    Args:
+        module: Any ``torch.nn.Module``.
+        *args: Deprecated positional ``destination, prefix, keep_vars``, as torch accepts them
+            (with torch's FutureWarning).
+        destination: A mapping to fill and return; default a new ``OrderedDict`` with
+            ``_metadata``.
+        prefix: Prepended to every key.
+        keep_vars: Return the parameters and buffers themselves instead of detached tensors.
+
+    Returns:
+        ``destination``, or the new ``OrderedDict`` (or what a legacy private post-hook of
+        ``module`` returned, as in torch).
+    """
+    if len(args) > 0:
+        warnings.warn(_STATE_DICT_POSITIONAL_WARNING, FutureWarning, stacklevel=2)
+        if destination is None:
+            destination = args[0]
+        if len(args) > 1 and prefix == "":
+            prefix = args[1]
+        if len(args) > 2 and keep_vars is False:
+            keep_vars = args[2]
+    if (
+        not isinstance(module, nn.Module)
+        or not isinstance(prefix, str)
+        or _torch_function_mode_active()
+    ):
+        # Torch's own behaviour for unusual input (its errors included).
+        return nn.Module.state_dict(
+            module, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
+    if destination is None:
+        destination = OrderedDict()
+        destination._metadata = OrderedDict()  # type: ignore[attr-defined]
+    return _C.state_dict(module, destination, prefix, bool(keep_vars))
+
+
+def _loads_with_torch(module: nn.Module) -> bool:
+    """Whether torch's own load_state_dict must run for the whole call."""
+    return (
+        type(module).load_state_dict is not nn.Module.load_state_dict
+        or "load_state_dict" in module.__dict__
+        or torch.__future__.get_swap_module_params_on_conversion()
+        or _torch_function_mode_active()
+    )
+
+
+def load_state_dict(
+    module: nn.Module,
+    source: Mapping[str, Any] | PathLike,
+    strict: bool = True,
+    assign: bool = False,
+    *,
+    threads: int | None = None,
+) -> _IncompatibleKeys:
+    """Loads a state dict or a file into ``module``, as ``module.load_state_dict`` does.
+
+    The result, the errors (and their text), the warnings, the effect of ``_metadata`` and of
+    ``assign``, hooks and overridden ``_load_from_state_dict`` are torch's; the walk is done in
+    C++ and groups keys by module once (torch's loader filters the whole dict for every child).
+
+    From a path (a zerockpt or any safetensors file), no state dict is built: each tensor's
+    bytes are read straight into the existing parameter or buffer by parallel preads with the
+    GIL released (converted chunk by chunk when dtypes differ), so the extra memory stays a
+    few staging chunks whatever the model size. The file is opened and validated before the
+    module is touched.
+
+    Args:
+        module: The module to load into.
+        source: A mapping of names to tensors (e.g. a state dict), or the path of a file.
+        strict: Raise if keys are missing or unexpected (size mismatches always raise).
+        assign: Assign the checkpoint's tensors to the module instead of copying into the
+            existing ones (for a file: zero-copy views of its mapping), keeping each
+            Parameter's ``requires_grad``.
+        threads: Reader threads for a file; default ``min(cpu_count, 8)``.
+
+    Returns:
+        ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as torch returns.
+
+    Raises:
+        RuntimeError: Torch's "Error(s) in loading state_dict for ..." with the same text.
+        TypeError: ``source`` is neither a mapping nor a path, or a file tensor's dtype has no
+            torch equivalent.
+        FormatError: The file is not valid safetensors (nothing is loaded).
+        OSError: The file cannot be opened or read (errno and filename set).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")
+    file: _C._File | None = None
+    mapping: Mapping[str, Any] | None = None
+    if isinstance(source, str | os.PathLike):
+        file = _C._File(_fspath(source))
+        stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
+        metadata = None if stored is None else decode_state_dict_metadata(stored, file.path)
+    elif isinstance(source, Mapping):
+        mapping = source
+        metadata = getattr(source, "_metadata", None)
+    else:
+        raise TypeError(f"Expected state_dict to be dict-like, got {type(source)}.")
+
+    if _loads_with_torch(module):
+        if mapping is None:
+            assert file is not None
+            mapping = load(file.path)
+        return module.load_state_dict(mapping, strict=strict, assign=assign)
+    if mapping is not None and type(mapping) not in (dict, OrderedDict):
+        copied: OrderedDict[str, Any] = OrderedDict(mapping)
+        if metadata is not None:
+            copied._metadata = metadata  # type: ignore[attr-defined]
+        mapping = copied
+    result = _C.load_state_dict(module, mapping, metadata, bool(assign), file, _threads(threads))
+    if result is None:  # keys that are not str: torch's code reports them its own way
+        assert mapping is not None
+        return nn.Module.load_state_dict(module, mapping, strict=strict, assign=assign)
+    missing_keys, unexpected_keys, error_msgs = result
+
+    if strict:
+        if len(unexpected_keys) > 0:
+            error_msgs.insert(
+                0,
+                "Unexpected key(s) in state_dict: {}. ".format(
+                    ", ".join(f'"{k}"' for k in unexpected_keys)
+                ),
+            )
+        if len(missing_keys) > 0:
+            error_msgs.insert(
+                0,
+                "Missing key(s) in state_dict: {}. ".format(
+                    ", ".join(f'"{k}"' for k in missing_keys)
+                ),
+            )
+    if len(error_msgs) > 0:
+        raise RuntimeError(
+            "Error(s) in loading state_dict for {}:\n\t{}".format(
+                module.__class__.__name__, "\n\t".join(error_msgs)
+            )
+        )
+    return _IncompatibleKeys(missing_keys, unexpected_keys)
