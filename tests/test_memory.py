@@ -74,3 +74,60 @@ def test_save_peak_extra_memory_is_bounded(tmp_path: Path, durable: str, direct:
     )
     extra = int(out.stdout.strip())
     assert extra <= 64 * MiB, f"save used {extra / MiB:.1f} MiB beyond the tensors"
+
+
+# Peak RSS of a child loading a 256 MiB file into an existing model, vs its RSS before: bytes
+# go straight into the parameters (or through small staging chunks when converting dtypes or
+# into strided parameters), never through a full-size intermediate state dict. The child only
+# builds the target model and resets its peak RSS (VmHWM) just before the load.
+LOAD_STATE_DICT_CHILD = textwrap.dedent(
+    """
+    import sys, torch, zerockpt
+    from torch import nn
+    path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+    target = nn.Module()
+    for i in range(6):
+        target.register_parameter(f"w{i}", nn.Parameter(torch.ones(8 << 20, dtype=dtype)))
+    target.register_parameter("t", nn.Parameter(torch.ones(4096, 4096, dtype=dtype).t()))
+    target.register_buffer("small", torch.arange(1000, dtype=dtype))
+    zerockpt.load_state_dict(nn.Linear(2, 2), nn.Linear(2, 2).state_dict())  # load the code
+
+    def status(field):  # kB
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    zerockpt.load_state_dict(target, path)
+    peak = status("VmHWM")
+    assert all(bool((p == 3).all()) for p in target.parameters())
+    print((peak - before) * 1024)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256 MiB fp32 model file: six 32 MiB vectors, a 64 MiB matrix stored transposed."""
+    path = tmp_path_factory.mktemp("mem") / "model.safetensors"
+    tensors = {f"w{i}": torch.full((8 << 20,), 3.0) for i in range(6)}
+    tensors["t"] = torch.full((4096, 4096), 3.0)
+    tensors["small"] = torch.arange(1000.0)
+    zerockpt.save(tensors, path, durable=False)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"], ids=["same-dtype", "converting"])
+def test_load_state_dict_from_file_peak_extra_memory_is_bounded(
+    model_file: Path, dtype: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_STATE_DICT_CHILD, str(model_file), dtype],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    extra = int(out.stdout.strip())
+    assert extra <= 64 * MiB, f"load_state_dict used {extra / MiB:.1f} MiB beyond the model"

@@ -30,7 +30,9 @@ class StateDictWalk {
 
   // What `module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)`
   // returns, computed the way torch computes it.
-  py::object walk(PyObject* module, py::object destination, PyObject* prefix) {
+  // `metadata_key` is prefix[:-1] (passed down: a child's is its parent's prefix + name).
+  py::object walk(PyObject* module, py::object destination, PyObject* prefix,
+                  PyObject* metadata_key) {
     const ModuleNames& n = module_names();
     ModuleView view;
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
@@ -49,8 +51,7 @@ class StateDictWalk {
       throw py::error_already_set();
     }
     if (PyObject* metadata = metadata_of(destination.ptr())) {
-      py::object key = steal(metadata_key(prefix));
-      if (PyObject_SetItem(metadata, key.ptr(), local_metadata.ptr()) != 0) {
+      if (PyObject_SetItem(metadata, metadata_key, local_metadata.ptr()) != 0) {
         throw py::error_already_set();
       }
     }
@@ -73,9 +74,9 @@ class StateDictWalk {
     while (PyDict_Next(view.modules, &pos, &name, &child)) {
       if (child == Py_None) continue;
       py::object hold_child = borrow(child);
-      py::object child_prefix = steal(concat(prefix, name));
-      child_prefix = steal(concat(child_prefix.ptr(), n.dot));
-      walk(child, destination, child_prefix.ptr());
+      py::object child_key = steal(concat(prefix, name));
+      py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
+      walk(child, destination, child_prefix.ptr(), child_key.ptr());
     }
 
     if (post_hooks > 0) {
@@ -214,7 +215,8 @@ class StateDictWalk {
 py::object state_dict(py::handle module, py::object destination, py::str prefix,
                       bool keep_vars) {
   StateDictWalk walk(keep_vars);
-  return walk.walk(module.ptr(), std::move(destination), prefix.ptr());
+  py::object key = py::reinterpret_steal<py::object>(metadata_key(prefix.ptr()));
+  return walk.walk(module.ptr(), std::move(destination), prefix.ptr(), key.ptr());
 }
 
 }  // namespace zerockpt

@@ -1,0 +1,193 @@
+"""state_dict() and load_state_dict(): zerockpt's C++ walk beside torch's, and loading a file
+straight into an existing model beside torch.load / safetensors + load_state_dict.
+
+(a) a 48-block transformer-like stack of tiny modules (2,000+ modules: pure traversal),
+(b) an MoE-shaped model with about 30,000 tensors,
+(c) GPT-2 small (~500 MB) loaded from a file into an existing model, from a warm page cache and
+    from a cold one (the file's pages evicted with posix_fadvise before every round).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+import zerockpt
+from conftest import GPT2_SCALE, SMOKE
+from models import (
+    TinyMoE,
+    TinyTransformer,
+    count_modules_and_tensors,
+    gpt2_small_module,
+    safetensors_view,
+    total_nbytes,
+)
+from pytest_benchmark.fixture import BenchmarkFixture
+from torch import nn
+
+ROUNDS = 5
+FILE_ROUNDS = 5
+COLD_ROUNDS = 3
+
+
+def _traversal_models() -> dict[str, Callable[[], nn.Module]]:
+    if SMOKE:
+        return {
+            "a: 48-block stack": lambda: TinyTransformer(n_layer=2),
+            "b: MoE 30k tensors": lambda: TinyMoE(n_layer=2, n_experts=4),
+        }
+    return {"a: 48-block stack": TinyTransformer, "b: MoE 30k tensors": TinyMoE}
+
+
+MODELS = _traversal_models()
+
+
+@pytest.fixture(scope="module")
+def traversal_models() -> dict[str, nn.Module]:
+    return {name: make() for name, make in MODELS.items()}
+
+
+def _same_state_dict(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["torch", "zerockpt"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_state_dict(
+    benchmark: BenchmarkFixture, traversal_models: dict[str, nn.Module], model: str, method: str
+) -> None:
+    """``module.state_dict()`` vs ``zerockpt.state_dict(module)``."""
+    m = traversal_models[model]
+    benchmark.group = f"state_dict {model}"
+    benchmark.extra_info["modules, tensors"] = count_modules_and_tensors(m)
+    fn: Callable[[], Any] = m.state_dict if method == "torch" else lambda: zerockpt.state_dict(m)
+    out = benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    expected = m.state_dict()
+    _same_state_dict(out, expected)
+    assert out._metadata == expected._metadata
+
+
+@pytest.mark.parametrize("method", ["torch", "zerockpt"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_load_state_dict(
+    benchmark: BenchmarkFixture, traversal_models: dict[str, nn.Module], model: str, method: str
+) -> None:
+    """``module.load_state_dict(sd)`` vs ``zerockpt.load_state_dict(module, sd)`` (in memory)."""
+    source = traversal_models[model].state_dict()
+    target = MODELS[model]()
+    benchmark.group = f"load_state_dict {model}"
+    benchmark.extra_info["modules, tensors"] = count_modules_and_tensors(target)
+    if method == "torch":
+        fn: Callable[[], Any] = lambda: target.load_state_dict(source)  # noqa: E731
+    else:
+        fn = lambda: zerockpt.load_state_dict(target, source)  # noqa: E731
+    result = benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    _same_state_dict(target.state_dict(), source)
+
+
+# --- (c) a file into an existing model --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(module_bench_dir: Path) -> tuple[nn.Module, dict[str, Path]]:
+    """The source model and its file in each format (read through once: warm page cache)."""
+    model = gpt2_small_module(GPT2_SCALE)
+    sd = model.state_dict()
+    files = {
+        "zerockpt": module_bench_dir / "gpt2.zerockpt.safetensors",
+        "torch": module_bench_dir / "gpt2.pt",
+        "safetensors": module_bench_dir / "gpt2.safetensors",
+    }
+    zerockpt.save(model, files["zerockpt"], durable=False)
+    torch.save(sd, files["torch"])
+    safetensors.torch.save_file(safetensors_view(sd), files["safetensors"])
+    os.sync()
+    for path in files.values():
+        path.read_bytes()
+    return model, files
+
+
+def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    sd = safetensors.torch.load_file(path)
+    sd["lm_head.weight"] = sd["wte.weight"]  # safetensors stores the tied tensor once
+    return sd
+
+
+FILE_METHODS: dict[str, tuple[str, Callable[[nn.Module, Path], Any]]] = {
+    "zerockpt.load_state_dict(model, path)": (
+        "zerockpt",
+        lambda m, p: zerockpt.load_state_dict(m, p),
+    ),
+    "torch.load(mmap=True) + load_state_dict": (
+        "torch",
+        lambda m, p: m.load_state_dict(torch.load(p, mmap=True)),
+    ),
+    "safetensors.load_file + load_state_dict": (
+        "safetensors",
+        lambda m, p: m.load_state_dict(_safetensors_state_dict(p)),
+    ),
+}
+
+
+def _evict(path: Path) -> None:
+    """Drops the file's pages from the page cache (it is clean: written and synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _check_same(target: nn.Module, source: nn.Module) -> None:
+    _same_state_dict(target.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+@pytest.mark.parametrize("method", list(FILE_METHODS))
+def test_load_file_into_model(
+    benchmark: BenchmarkFixture,
+    gpt2_files: tuple[nn.Module, dict[str, Path]],
+    method: str,
+    cache: str,
+) -> None:
+    """GPT-2 small from a file into an existing model (parameters already allocated)."""
+    source, files = gpt2_files
+    fmt, load = FILE_METHODS[method]
+    path = files[fmt]
+    target = gpt2_small_module(GPT2_SCALE, seed=1)
+    benchmark.group = f"file -> existing model, gpt2, {cache} cache"
+    benchmark.extra_info["bytes"] = total_nbytes(source.state_dict())
+
+    def setup() -> tuple[tuple[nn.Module, Path], dict[str, Any]]:
+        if cache == "cold":
+            _evict(path)
+        else:
+            path.read_bytes() if SMOKE else None
+        return (target, path), {}
+
+    rounds = COLD_ROUNDS if cache == "cold" else FILE_ROUNDS
+    benchmark.pedantic(load, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+    _check_same(target, source)
+
+
+def test_memcpy_floor(
+    benchmark: BenchmarkFixture, gpt2_files: tuple[nn.Module, dict[str, Path]]
+) -> None:
+    """Reference: torch's load_state_dict from a state dict already in memory (one memcpy of
+    every byte into the parameters, no file at all)."""
+    source, _ = gpt2_files
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    target = gpt2_small_module(GPT2_SCALE, seed=1)
+    benchmark.group = "file -> existing model, gpt2, warm cache"
+    benchmark.extra_info["bytes"] = total_nbytes(sd)
+    benchmark.pedantic(
+        lambda: target.load_state_dict(sd), rounds=FILE_ROUNDS, warmup_rounds=1, iterations=1
+    )
+    _check_same(target, source)
