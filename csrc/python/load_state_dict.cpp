@@ -68,8 +68,8 @@ void append(const py::list& list, const py::object& item) {
 // One state-dict entry: a Python value, or a file tensor whose bytes have not been read.
 struct Entry {
   py::object key;
-  std::string_view name;  // UTF-8 of key, valid while key lives
-  py::object value;       // set for dict sources and materialised file tensors
+  std::string_view name;                 // UTF-8 of key, valid while key lives
+  py::object value;                      // set for dict sources and materialised file tensors
   const TensorRecord* record = nullptr;  // file tensor still to be read (value unset)
 };
 
@@ -77,7 +77,7 @@ using Entries = std::vector<Entry*>;
 
 // A module's entries split by what follows its prefix: a local name, or a child's name.
 struct Partition {
-  std::vector<std::pair<std::string_view, Entry*>> local;  // rest has no '.'
+  std::vector<std::pair<std::string_view, Entry*>> local;    // rest has no '.'
   std::vector<std::pair<std::string_view, Entries>> groups;  // rest is "<child>.<...>"
   // Entries in order with their local index (>= 0) or ~group index (< 0).
   std::vector<std::pair<Entry*, long>> order;
@@ -139,8 +139,7 @@ struct LocalTensor {
 
 class LoadWalk {
  public:
-  LoadWalk(py::object metadata, bool assign, std::shared_ptr<CheckpointFile> file,
-           unsigned threads)
+  LoadWalk(py::object metadata, bool assign, std::shared_ptr<CheckpointFile> file, unsigned threads)
       : metadata_(std::move(metadata)), assign_(assign), file_(std::move(file)) {
     if (file_) plan_.emplace(*file_, threads);
   }
@@ -222,8 +221,8 @@ class LoadWalk {
       out = found ? borrow(found) : steal(PyDict_New());
     } else {
       py::object empty = steal(PyDict_New());
-      out = steal(PyObject_CallMethodObjArgs(metadata_.ptr(), module_names().get, key,
-                                             empty.ptr(), nullptr));
+      out = steal(PyObject_CallMethodObjArgs(metadata_.ptr(), module_names().get, key, empty.ptr(),
+                                             nullptr));
     }
     if (assign_ && PyObject_SetItem(out.ptr(), module_names().assign_key, Py_True) != 0) {
       throw py::error_already_set();
@@ -353,10 +352,10 @@ class LoadWalk {
     }
     c10::IntArrayRef input_shape = from_file ? c10::IntArrayRef(file_shape) : input.sizes();
     if (input_shape != param.sizes()) {
-      append(error_msgs, make_str("size mismatch for " + std::string(e.name) +
-                                  ": copying a param with shape " + size_repr(input_shape) +
-                                  " from checkpoint, the shape in current model is " +
-                                  size_repr(param.sizes()) + "."));
+      append(error_msgs,
+             make_str("size mismatch for " + std::string(e.name) + ": copying a param with shape " +
+                      size_repr(input_shape) + " from checkpoint, the shape in current model is " +
+                      size_repr(param.sizes()) + "."));
       return;
     }
     if (param.is_meta() && (from_file || !input.is_meta()) && !assign) {
@@ -416,8 +415,8 @@ class LoadWalk {
     } catch (const std::exception&) {
       // Let torch raise its own exception, so the message quotes the same ex.args.
       c10::AutoGradMode no_grad(false);
-      py::object result = py::reinterpret_steal<py::object>(PyObject_CallMethod(
-          t.value, "copy_", "O", input_obj.ptr()));
+      py::object result = py::reinterpret_steal<py::object>(
+          PyObject_CallMethod(t.value, "copy_", "O", input_obj.ptr()));
       if (result) return;  // cannot happen unless the C++ failure was transient
       record_copy_error(e, THPVariable_Unpack(t.value), input);
     }
@@ -448,14 +447,13 @@ class LoadWalk {
     std::string msg = std::string("While ") + action + " the parameter named \"" +
                       std::string(e.name) + "\", whose dimensions in the model are " +
                       size_repr(param.sizes()) + " and whose dimensions in the checkpoint are " +
-                      size_repr(input.sizes()) + ", an exception occurred : " +
-                      std::string(py::str(py::repr(args))) + ".";
+                      size_repr(input.sizes()) +
+                      ", an exception occurred : " + std::string(py::str(py::repr(args))) + ".";
     append(error_msgs, make_str(msg));
   }
 
   // torch's assign=True branch: keep Parameter-ness and requires_grad, then setattr.
-  void assign_tensor(PyObject* module, const LocalTensor& t, const Entry& e,
-                     py::object input_obj) {
+  void assign_tensor(PyObject* module, const LocalTensor& t, const Entry& e, py::object input_obj) {
     flush();
     const ModuleNames& n = module_names();
     const at::Tensor& param = THPVariable_Unpack(t.value);
@@ -514,8 +512,7 @@ class LoadWalk {
     py::object local;
     if (root) {
       local = steal(PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyODict_Type)));
-      if (!metadata_.is_none() &&
-          PyObject_SetAttr(local.ptr(), n.metadata, metadata_.ptr()) != 0) {
+      if (!metadata_.is_none() && PyObject_SetAttr(local.ptr(), n.metadata, metadata_.ptr()) != 0) {
         throw py::error_already_set();
       }
     } else {
@@ -602,8 +599,8 @@ c10::ScalarType LoadWalk::to_scalar_type_or_undefined(const TensorRecord& r) {
 
 }  // namespace
 
-py::object load_state_dict(py::handle module, py::object source, py::object metadata,
-                           bool assign, std::shared_ptr<CheckpointFile> file, unsigned threads) {
+py::object load_state_dict(py::handle module, py::object source, py::object metadata, bool assign,
+                           std::shared_ptr<CheckpointFile> file, unsigned threads) {
   torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
   try {
     if (file) check_torch_dtypes(*file);

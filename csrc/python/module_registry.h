@@ -11,30 +11,30 @@ namespace zerockpt {
 
 // Interned attribute names and torch.nn.Module's own methods, fetched once.
 struct ModuleNames {
-  PyObject* parameters;             // "_parameters"
-  PyObject* buffers;                // "_buffers"
-  PyObject* modules;                // "_modules"
-  PyObject* non_persistent;         // "_non_persistent_buffers_set"
-  PyObject* state_dict_hooks;       // "_state_dict_hooks"
-  PyObject* state_dict_pre_hooks;   // "_state_dict_pre_hooks"
-  PyObject* load_pre_hooks;         // "_load_state_dict_pre_hooks"
-  PyObject* load_post_hooks;        // "_load_state_dict_post_hooks"
-  PyObject* version;                // "_version"
-  PyObject* version_key;            // "version"
-  PyObject* metadata;               // "_metadata"
-  PyObject* state_dict;             // "state_dict"
-  PyObject* save_to_state_dict;     // "_save_to_state_dict"
-  PyObject* load_from_state_dict;   // "_load_from_state_dict"
-  PyObject* load_state_dict;        // "load_state_dict"
-  PyObject* get_extra_state;        // "get_extra_state"
-  PyObject* set_extra_state;        // "set_extra_state"
-  PyObject* extra_state_suffix;     // "_extra_state"
-  PyObject* from_public_api;        // "_from_public_api"
-  PyObject* assign_key;             // "assign_to_params_buffers"
-  PyObject* detach;                 // "detach"
-  PyObject* get;                    // "get"
-  PyObject* dot;                    // "."
-  PyObject* empty;                  // ""
+  PyObject* parameters;            // "_parameters"
+  PyObject* buffers;               // "_buffers"
+  PyObject* modules;               // "_modules"
+  PyObject* non_persistent;        // "_non_persistent_buffers_set"
+  PyObject* state_dict_hooks;      // "_state_dict_hooks"
+  PyObject* state_dict_pre_hooks;  // "_state_dict_pre_hooks"
+  PyObject* load_pre_hooks;        // "_load_state_dict_pre_hooks"
+  PyObject* load_post_hooks;       // "_load_state_dict_post_hooks"
+  PyObject* version;               // "_version"
+  PyObject* version_key;           // "version"
+  PyObject* metadata;              // "_metadata"
+  PyObject* state_dict;            // "state_dict"
+  PyObject* save_to_state_dict;    // "_save_to_state_dict"
+  PyObject* load_from_state_dict;  // "_load_from_state_dict"
+  PyObject* load_state_dict;       // "load_state_dict"
+  PyObject* get_extra_state;       // "get_extra_state"
+  PyObject* set_extra_state;       // "set_extra_state"
+  PyObject* extra_state_suffix;    // "_extra_state"
+  PyObject* from_public_api;       // "_from_public_api"
+  PyObject* assign_key;            // "assign_to_params_buffers"
+  PyObject* detach;                // "detach"
+  PyObject* get;                   // "get"
+  PyObject* dot;                   // "."
+  PyObject* empty;                 // ""
   // torch.nn.Module's implementations, to tell overrides apart.
   PyObject* module_class;
   PyObject* base_state_dict;
@@ -47,7 +47,7 @@ struct ModuleNames {
   PyTypeObject* tensor_type;
   PyTypeObject* parameter_type;
   PyObject* parameter_class;
-  PyObject* incompatible_keys;      // torch.nn.modules.module._IncompatibleKeys
+  PyObject* incompatible_keys;  // torch.nn.modules.module._IncompatibleKeys
 };
 
 // Requires GIL. Initialised on first use; the objects are kept for the process's lifetime.
@@ -55,12 +55,12 @@ const ModuleNames& module_names();
 
 // What a module's class overrides of torch.nn.Module's state-dict machinery.
 struct ClassTraits {
-  bool custom_state_dict = false;        // state_dict overridden: hand the subtree to torch
-  bool custom_save = false;              // _save_to_state_dict overridden: call it
-  bool extra_state_getter = false;       // get_extra_state overridden: store _extra_state
-  bool custom_load = false;              // _load_from_state_dict overridden: call it
-  bool custom_load_state_dict = false;   // load_state_dict overridden (matters at the root)
-  bool extra_state_setter = false;       // set_extra_state overridden
+  bool custom_state_dict = false;       // state_dict overridden: hand the subtree to torch
+  bool custom_save = false;             // _save_to_state_dict overridden: call it
+  bool extra_state_getter = false;      // get_extra_state overridden: store _extra_state
+  bool custom_load = false;             // _load_from_state_dict overridden: call it
+  bool custom_load_state_dict = false;  // load_state_dict overridden (matters at the root)
+  bool extra_state_setter = false;      // set_extra_state overridden
 };
 
 // Per-call cache of ClassTraits by exact type (classes may be patched between calls).

@@ -156,8 +156,8 @@ class StateDictWalk {
   }
 
   // Module._save_to_state_dict.
-  void save_local(PyObject* module, const ModuleView& view, PyObject* destination,
-                  PyObject* prefix, bool extra_state) {
+  void save_local(PyObject* module, const ModuleView& view, PyObject* destination, PyObject* prefix,
+                  bool extra_state) {
     PyObject* name;
     PyObject* value;
     Py_ssize_t pos = 0;
@@ -212,8 +212,7 @@ class StateDictWalk {
 
 }  // namespace
 
-py::object state_dict(py::handle module, py::object destination, py::str prefix,
-                      bool keep_vars) {
+py::object state_dict(py::handle module, py::object destination, py::str prefix, bool keep_vars) {
   StateDictWalk walk(keep_vars);
   py::object key = py::reinterpret_steal<py::object>(metadata_key(prefix.ptr()));
   return walk.walk(module.ptr(), std::move(destination), prefix.ptr(), key.ptr());

@@ -1,10 +1,10 @@
 // The public C++ API (zerockpt/zerockpt.h) over the torch layer.
 #include <ATen/ATen.h>
-#include <c10/core/GradMode.h>
 
 #include <sstream>
 #include <unordered_set>
 
+#include "torch/load_into.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/zerockpt.h"
 
@@ -113,8 +113,16 @@ LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, b
     for (size_t i = 0; i < errors.size(); ++i) message += (i ? "\n\t" : "") + errors[i];
     throw UsageError(message);
   }
-  c10::AutoGradMode no_grad(false);
-  for (auto& [target, record] : copies) target.copy_(file.tensor(*record, /*mmap=*/true));
+  // Straight into the existing storage (parallel preads, or chunked conversion), as copy_
+  // would, then one version bump per tensor, as copy_ does.
+  check_torch_dtypes(file);
+  LoadPlan plan(file, 0);
+  for (auto& [target, record] : copies) {
+    if (plan.conflicts(target)) plan.run();
+    plan.add(target, *record);
+    target.unsafeGetTensorImpl()->bump_version();
+  }
+  plan.run();
   return result;
 }
 

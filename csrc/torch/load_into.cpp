@@ -57,8 +57,7 @@ void cut_slabs(const at::Tensor& target, uint64_t file_offset, c10::ScalarType s
     return;
   }
   for (int64_t i = 0; i < rows; ++i) {
-    cut_slabs(target.select(0, i), file_offset + static_cast<uint64_t>(i) * row_bytes, stored,
-              out);
+    cut_slabs(target.select(0, i), file_offset + static_cast<uint64_t>(i) * row_bytes, stored, out);
   }
 }
 

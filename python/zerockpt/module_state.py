@@ -12,7 +12,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def state_dict(
         )
     if destination is None:
         destination = OrderedDict()
-        destination._metadata = OrderedDict()  # type: ignore[attr-defined]
+        destination._metadata = OrderedDict()
     return _C.state_dict(module, destination, prefix, bool(keep_vars))
 
 
@@ -156,7 +156,9 @@ def load_state_dict(
         if mapping is None:
             assert file is not None
             mapping = load(file.path)
-        return module.load_state_dict(mapping, strict=strict, assign=assign)
+        return cast(
+            _IncompatibleKeys, module.load_state_dict(mapping, strict=strict, assign=assign)
+        )
     if mapping is not None and type(mapping) not in (dict, OrderedDict):
         copied: OrderedDict[str, Any] = OrderedDict(mapping)
         if metadata is not None:
@@ -165,7 +167,10 @@ def load_state_dict(
     result = _C.load_state_dict(module, mapping, metadata, bool(assign), file, _threads(threads))
     if result is None:  # keys that are not str: torch's code reports them its own way
         assert mapping is not None
-        return nn.Module.load_state_dict(module, mapping, strict=strict, assign=assign)
+        return cast(
+            _IncompatibleKeys,
+            nn.Module.load_state_dict(module, mapping, strict=strict, assign=assign),
+        )
     missing_keys, unexpected_keys, error_msgs = result
 
     if strict:
