@@ -11,6 +11,7 @@
 #include "python/load_state_dict.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -366,7 +367,8 @@ class LoadWalk {
                         "corresponding key in the module instead of copying them in place?)";
       if (PyErr_WarnEx(PyExc_UserWarning, msg.c_str(), 1) != 0) throw py::error_already_set();
     }
-    if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param)) {
+    if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param) &&
+        at::has_internal_overlap(param) != at::MemOverlap::Yes) {
       if (plan_->conflicts(param)) flush();
       plan_->add(param, *e.record);
       param.unsafeGetTensorImpl()->bump_version();  // once, as copy_ does
