@@ -12,14 +12,18 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def test_quickstart_runs(tmp_path: Path) -> None:
     text = README.read_text()
-    match = re.search(r"## Quickstart\n\n```python\n(.*?)```", text, re.S)
-    assert match, "README has no quickstart block"
+    section = re.search(r"## Quickstart\n(.*?)\n## ", text, re.S)
+    assert section, "README has no quickstart section"
+    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
+    assert len(blocks) >= 2, "README's quickstart has fewer code blocks than expected"
     cwd = os.getcwd()
     os.chdir(tmp_path)
+    namespace: dict[str, object] = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            exec(compile(match.group(1), str(README), "exec"), {})
+            for block in blocks:  # one session: later blocks use earlier names
+                exec(compile(block, str(README), "exec"), namespace)
     finally:
         os.chdir(cwd)
     assert (tmp_path / "model.safetensors").exists()
