@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 import zerockpt
-from conftest import craft, random_tensor, raw_bytes
+from conftest import DTYPES, craft, random_tensor, raw_bytes
 from torch import nn
 
 
@@ -115,25 +115,7 @@ def test_channels_last_and_transposed_parameters(tmp_path: Path) -> None:
 
 
 def test_every_dtype_bitwise(tmp_path: Path) -> None:
-    dtypes = [
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.complex64,
-        torch.int8,
-        torch.uint8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.bool,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-        torch.uint16,
-        torch.uint32,
-        torch.uint64,
-    ]
-    source = {f"t{i}": random_tensor((7, 3), dt, seed=i) for i, dt in enumerate(dtypes)}
+    source = {f"t{i}": random_tensor((7, 3), dt, seed=i) for i, dt in enumerate(DTYPES)}
     source["scalar"] = torch.tensor(2.5)
     source["empty"] = torch.empty(0, 4)
     path = tmp_path / "m.safetensors"
