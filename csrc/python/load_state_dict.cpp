@@ -18,6 +18,7 @@
 
 #include <cstring>
 #include <deque>
+#include <optional>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
@@ -41,15 +42,20 @@ py::object steal(PyObject* obj) {
 
 py::object borrow(PyObject* obj) { return py::reinterpret_borrow<py::object>(obj); }
 
-std::string_view utf8(PyObject* str) {
+// UTF-8 text of a str, kept alive by the str itself; nullopt for strs holding lone surrogates
+// (valid Python, not valid UTF-8), which callers encode with surrogatepass instead.
+std::optional<std::string_view> utf8_if_valid(PyObject* str) {
   Py_ssize_t size = 0;
   const char* data = PyUnicode_AsUTF8AndSize(str, &size);
-  if (!data) throw py::error_already_set();
-  return {data, static_cast<size_t>(size)};
+  if (data) return std::string_view(data, static_cast<size_t>(size));
+  if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) throw py::error_already_set();
+  PyErr_Clear();
+  return std::nullopt;
 }
 
+// Inverse of the surrogatepass encoding used for keys.
 py::object make_str(std::string_view s) {
-  return steal(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict"));
+  return steal(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogatepass"));
 }
 
 // torch.Size.__repr__.
@@ -140,12 +146,26 @@ struct LocalTensor {
 
 class LoadWalk {
  public:
-  LoadWalk(py::object metadata, bool assign, std::shared_ptr<CheckpointFile> file, unsigned threads)
-      : metadata_(std::move(metadata)), assign_(assign), file_(std::move(file)) {
+  // `assign` is stored into each module's local metadata as given, as torch does.
+  LoadWalk(py::object metadata, py::object assign, std::shared_ptr<CheckpointFile> file,
+           unsigned threads)
+      : metadata_(std::move(metadata)), assign_(std::move(assign)), file_(std::move(file)) {
+    int truth = PyObject_IsTrue(assign_.ptr());
+    if (truth < 0) throw py::error_already_set();
+    assign_set_ = truth == 1;
     if (file_) plan_.emplace(*file_, threads);
   }
 
   Entry* new_entry() { return &arena_.emplace_back(); }
+
+  // Bytes to group and match names by: UTF-8, or for strs with lone surrogates their
+  // surrogatepass encoding (still prefix-free by code point), kept here.
+  std::string_view key_text(PyObject* str) {
+    if (auto text = utf8_if_valid(str)) return *text;
+    py::object bytes = steal(PyUnicode_AsEncodedString(str, "utf-8", "surrogatepass"));
+    return texts_.emplace_back(PyBytes_AS_STRING(bytes.ptr()),
+                               static_cast<size_t>(PyBytes_GET_SIZE(bytes.ptr())));
+  }
 
   void load(PyObject* module, Entries entries, PyObject* prefix, PyObject* metadata_key,
             bool root) {
@@ -153,14 +173,13 @@ class LoadWalk {
     py::object hold_module = borrow(module);
     py::object local_metadata = metadata_for(metadata_key);
     ModuleView view;
-    if (!read_module(module, view)) {
-      throw py::type_error(std::string("zerockpt.load_state_dict: ") + Py_TYPE(module)->tp_name +
-                           " does not hold torch.nn.Module's _parameters, _buffers and _modules");
-    }
+    // Modules without torch's registries in their instance dict (TorchScript modules keep
+    // wrappers there) go through torch's code and generic attribute access throughout.
+    const bool readable = read_module(module, view);
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
-    std::string_view prefix_utf8 = utf8(prefix);
+    std::string_view prefix_utf8 = key_text(prefix);
 
-    bool delegate = traits.custom_load || view.instance_attr(n.load_from_state_dict) ||
+    bool delegate = !readable || traits.custom_load || view.instance_attr(n.load_from_state_dict) ||
                     view.hook_count(n.load_pre_hooks) != 0;
     std::vector<LocalTensor> local_state;
     if (!delegate) delegate = !collect_local_state(view, local_state);
@@ -181,21 +200,46 @@ class LoadWalk {
     // Children, each with the entries under "<prefix><name>." (grouped once, above).
     std::unordered_map<std::string_view, const Entries*> groups;
     for (const auto& [name, es] : parts.groups) groups.emplace(name, &es);
-    PyObject* name;
-    PyObject* child;
-    Py_ssize_t pos = 0;
     const Entries none;
-    while (PyDict_Next(view.modules, &pos, &name, &child)) {
-      if (child == Py_None) continue;
-      py::object hold_child = borrow(child);
+    for_each_child(module, readable ? view.modules : nullptr, [&](PyObject* name, PyObject* child) {
       py::object child_key = steal(concat(prefix, name));
       py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
-      auto it = groups.find(utf8(name));
+      auto it = groups.find(key_text(name));
       load(child, it == groups.end() ? none : *it->second, child_prefix.ptr(), child_key.ptr(),
            false);
-    }
+    });
 
-    if (view.hook_count(n.load_post_hooks) != 0) run_post_hooks(module);
+    if (!readable || view.hook_count(n.load_post_hooks) != 0) run_post_hooks(module);
+  }
+
+  // fn(name, child) for each child that is not None, in registration order: from the
+  // registry dict when given, else from `module._modules.items()`.
+  template <typename Fn>
+  void for_each_child(PyObject* module, PyObject* modules, Fn&& fn) {
+    if (modules) {
+      PyObject* name;
+      PyObject* child;
+      Py_ssize_t pos = 0;
+      while (PyDict_Next(modules, &pos, &name, &child)) {
+        if (child == Py_None) continue;
+        py::object hold_name = borrow(name);
+        py::object hold_child = borrow(child);
+        fn(name, child);
+      }
+      return;
+    }
+    py::object registry = steal(PyObject_GetAttr(module, module_names().modules));
+    py::object items = steal(PyObject_CallMethod(registry.ptr(), "items", nullptr));
+    py::object it = steal(PyObject_GetIter(items.ptr()));
+    while (PyObject* item_raw = PyIter_Next(it.ptr())) {
+      py::object item = steal(item_raw);
+      if (!PyTuple_Check(item.ptr()) || PyTuple_GET_SIZE(item.ptr()) != 2) {
+        throw py::type_error("_modules.items() must yield (name, module) pairs");
+      }
+      PyObject* child = PyTuple_GET_ITEM(item.ptr(), 1);
+      if (child != Py_None) fn(PyTuple_GET_ITEM(item.ptr(), 0), child);
+    }
+    if (PyErr_Occurred()) throw py::error_already_set();
   }
 
   // Runs queued file reads (releases GIL).
@@ -225,7 +269,7 @@ class LoadWalk {
       out = steal(PyObject_CallMethodObjArgs(metadata_.ptr(), module_names().get, key, empty.ptr(),
                                              nullptr));
     }
-    if (assign_ && PyObject_SetItem(out.ptr(), module_names().assign_key, Py_True) != 0) {
+    if (assign_set_ && PyObject_SetItem(out.ptr(), module_names().assign_key, assign_.ptr()) != 0) {
       throw py::error_already_set();
     }
     return out;
@@ -240,7 +284,7 @@ class LoadWalk {
     while (PyDict_Next(view.parameters, &pos, &name, &value)) {
       if (value == Py_None) continue;
       if (!is_plain_tensor(value) || !PyUnicode_Check(name)) return false;
-      out.push_back({name, utf8(name), value});
+      out.push_back({name, key_text(name), value});
     }
     size_t params = out.size();
     pos = 0;
@@ -250,7 +294,7 @@ class LoadWalk {
       if (non_persistent < 0) throw py::error_already_set();
       if (non_persistent) continue;
       if (!is_plain_tensor(value) || !PyUnicode_Check(name)) return false;
-      std::string_view n = utf8(name);
+      std::string_view n = key_text(name);
       bool replaced = false;
       for (size_t i = 0; i < params; ++i) {
         if (out[i].name_utf8 == n) {  // a dict merge keeps the first position, last value
@@ -435,7 +479,10 @@ class LoadWalk {
     }
     size_t nbytes = static_cast<size_t>(dst.numel()) * dst.element_size();
     if (nbytes >= kReleaseGilBytes) return false;  // copy_ is multi-threaded for big tensors
-    if (nbytes) std::memmove(dst.mutable_data_ptr(), src.const_data_ptr(), nbytes);
+    auto d = reinterpret_cast<uintptr_t>(dst.const_data_ptr());
+    auto s = reinterpret_cast<uintptr_t>(src.const_data_ptr());
+    if (nbytes && d < s + nbytes && s < d + nbytes) return false;  // copy_ checks overlaps
+    if (nbytes) std::memcpy(dst.mutable_data_ptr(), src.const_data_ptr(), nbytes);
     dst.unsafeGetTensorImpl()->bump_version();
     return true;
   }
@@ -553,7 +600,7 @@ class LoadWalk {
       }
       Entry* e = new_entry();
       e->key = key;
-      e->name = utf8(key.ptr());
+      e->name = key_text(key.ptr());
       e->value = value;
       out.push_back(e);
     }
@@ -586,11 +633,13 @@ class LoadWalk {
   }
 
   py::object metadata_;
-  bool assign_;
+  py::object assign_;
+  bool assign_set_ = false;
   std::shared_ptr<CheckpointFile> file_;
   std::optional<LoadPlan> plan_;
   ClassTraitsCache traits_;
   std::deque<Entry> arena_;
+  std::deque<std::string> texts_;
   std::unordered_map<const TensorRecord*, py::object> materialised_;
 };
 
@@ -601,8 +650,9 @@ c10::ScalarType LoadWalk::to_scalar_type_or_undefined(const TensorRecord& r) {
 
 }  // namespace
 
-py::object load_state_dict(py::handle module, py::object source, py::object metadata, bool assign,
-                           std::shared_ptr<CheckpointFile> file, unsigned threads) {
+py::object load_state_dict(py::handle module, py::object source, py::object metadata,
+                           py::object assign, std::shared_ptr<CheckpointFile> file,
+                           unsigned threads) {
   torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
   try {
     if (file) check_torch_dtypes(*file);
@@ -612,7 +662,7 @@ py::object load_state_dict(py::handle module, py::object source, py::object meta
       for (const std::string& name : file->names()) {
         Entry* e = walk.new_entry();
         e->key = make_str(name);
-        e->name = utf8(e->key.ptr());
+        e->name = walk.key_text(e->key.ptr());
         e->record = file->find(name);
         entries.push_back(e);
       }
@@ -630,7 +680,7 @@ py::object load_state_dict(py::handle module, py::object source, py::object meta
         }
         Entry* e = walk.new_entry();
         e->key = key;
-        e->name = utf8(key.ptr());
+        e->name = walk.key_text(key.ptr());
         e->value = borrow(value);
         entries.push_back(e);
       }

@@ -15,7 +15,7 @@ namespace zerockpt {
 // (missing_keys, unexpected_keys, error_msgs), or None if a key is not a str (the caller then
 // uses torch's own code).
 pybind11::object load_state_dict(pybind11::handle module, pybind11::object source,
-                                 pybind11::object metadata, bool assign,
+                                 pybind11::object metadata, pybind11::object assign,
                                  std::shared_ptr<CheckpointFile> file, unsigned threads);
 
 }  // namespace zerockpt

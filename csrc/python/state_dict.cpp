@@ -26,7 +26,13 @@ py::object borrow(PyObject* obj) { return py::reinterpret_borrow<py::object>(obj
 
 class StateDictWalk {
  public:
-  explicit StateDictWalk(bool keep_vars) : keep_vars_(keep_vars ? Py_True : Py_False) {}
+  // `keep_vars` is passed to hooks and overrides as given (torch does not convert it to bool).
+  explicit StateDictWalk(py::object keep_vars)
+      : keep_vars_(keep_vars.ptr()), keep_vars_obj_(std::move(keep_vars)) {
+    int truth = PyObject_IsTrue(keep_vars_);
+    if (truth < 0) throw py::error_already_set();
+    keep_ = truth == 1;
+  }
 
   // What `module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)`
   // returns, computed the way torch computes it.
@@ -37,7 +43,7 @@ class StateDictWalk {
     ModuleView view;
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
     Py_ssize_t pre_hooks = -1;
-    Py_ssize_t post_hooks = -1;
+    Py_ssize_t post_hooks = -1;  // only to check the registry; hooks may add post-hooks
     if (!traits.custom_state_dict && read_module(module, view) &&
         !view.instance_attr(n.state_dict)) {
       pre_hooks = view.hook_count(n.state_dict_pre_hooks);
@@ -56,7 +62,7 @@ class StateDictWalk {
       }
     }
     if (pre_hooks > 0) {
-      for_each_hook(view, n.state_dict_pre_hooks, [&](PyObject* hook) {
+      for_each_hook(module, n.state_dict_pre_hooks, [&](PyObject* hook) {
         steal(PyObject_CallFunctionObjArgs(hook, module, prefix, keep_vars_, nullptr));
       });
     }
@@ -79,8 +85,8 @@ class StateDictWalk {
       walk(child, destination, child_prefix.ptr(), child_key.ptr());
     }
 
-    if (post_hooks > 0) {
-      for_each_hook(view, n.state_dict_hooks, [&](PyObject* hook) {
+    if (view.hook_count(n.state_dict_hooks) != 0) {  // read now: pre-hooks may have added some
+      for_each_hook(module, n.state_dict_hooks, [&](PyObject* hook) {
         py::object result = steal(PyObject_CallFunctionObjArgs(
             hook, module, destination.ptr(), prefix, local_metadata.ptr(), nullptr));
         if (!from_public_api(hook)) {
@@ -128,11 +134,11 @@ class StateDictWalk {
   void python_called() { metadata_valid_ = false; }
 
   template <typename Fn>
-  void for_each_hook(const ModuleView& view, PyObject* hooks_name, Fn&& fn) {
+  void for_each_hook(PyObject* module, PyObject* hooks_name, Fn&& fn) {
     python_called();
-    // Iterate as torch does (`for hook in hooks.values()`), so a hook that changes the dict
-    // gets the same error.
-    py::object hooks = borrow(view.instance_attr(hooks_name));
+    // Iterate as torch does (`for hook in self.<hooks>.values()`), so a hook that changes the
+    // dict, or a module that lost it, gets the same error.
+    py::object hooks = steal(PyObject_GetAttr(module, hooks_name));
     py::object values = steal(PyObject_CallMethod(hooks.ptr(), "values", nullptr));
     py::object it = steal(PyObject_GetIter(values.ptr()));
     while (PyObject* hook = PyIter_Next(it.ptr())) {
@@ -183,7 +189,7 @@ class StateDictWalk {
   void put(PyObject* destination, PyObject* prefix, PyObject* name, PyObject* tensor) {
     py::object hold = borrow(tensor);
     py::object key = steal(concat(prefix, name));
-    if (keep_vars_ == Py_True) {
+    if (keep_) {
       set_item(destination, key.ptr(), tensor);
       return;
     }
@@ -205,6 +211,8 @@ class StateDictWalk {
 
   ClassTraitsCache traits_;
   PyObject* keep_vars_;
+  py::object keep_vars_obj_;
+  bool keep_ = false;
   py::object metadata_;
   PyObject* metadata_owner_ = nullptr;
   bool metadata_valid_ = false;
@@ -212,7 +220,8 @@ class StateDictWalk {
 
 }  // namespace
 
-py::object state_dict(py::handle module, py::object destination, py::str prefix, bool keep_vars) {
+py::object state_dict(py::handle module, py::object destination, py::str prefix,
+                      py::object keep_vars) {
   StateDictWalk walk(keep_vars);
   py::object key = py::reinterpret_steal<py::object>(metadata_key(prefix.ptr()));
   return walk.walk(module.ptr(), std::move(destination), prefix.ptr(), key.ptr());

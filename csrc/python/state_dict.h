@@ -9,6 +9,6 @@ namespace zerockpt {
 // keep_vars=keep_vars) returns; `destination` must already be a mapping (the caller creates
 // torch's default OrderedDict with `_metadata`).
 pybind11::object state_dict(pybind11::handle module, pybind11::object destination,
-                            pybind11::str prefix, bool keep_vars);
+                            pybind11::str prefix, pybind11::object keep_vars);
 
 }  // namespace zerockpt

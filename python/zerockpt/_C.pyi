@@ -27,7 +27,7 @@ def load_state_dict(
     module: torch.nn.Module,
     source: Mapping[str, Any] | None,
     metadata: Any,
-    assign: bool,
+    assign: Any,
     file: _File | None,
     threads: int,
 ) -> tuple[list[str], list[str], list[str]] | None: ...

@@ -86,7 +86,7 @@ def state_dict(
     if destination is None:
         destination = OrderedDict()
         destination._metadata = OrderedDict()
-    return _C.state_dict(module, destination, prefix, bool(keep_vars))
+    return _C.state_dict(module, destination, prefix, keep_vars)
 
 
 def _loads_with_torch(module: nn.Module) -> bool:
@@ -96,6 +96,8 @@ def _loads_with_torch(module: nn.Module) -> bool:
         or "load_state_dict" in module.__dict__
         or torch.__future__.get_swap_module_params_on_conversion()
         or _torch_function_mode_active()
+        # Files are read into parameters without copy_: let a dispatch mode see torch's ops.
+        or torch.utils._python_dispatch._get_current_dispatch_mode() is not None
     )
 
 
@@ -164,7 +166,7 @@ def load_state_dict(
         if metadata is not None:
             copied._metadata = metadata  # type: ignore[attr-defined]
         mapping = copied
-    result = _C.load_state_dict(module, mapping, metadata, bool(assign), file, _threads(threads))
+    result = _C.load_state_dict(module, mapping, metadata, assign, file, _threads(threads))
     if result is None:  # keys that are not str: torch's code reports them its own way
         assert mapping is not None
         return cast(
