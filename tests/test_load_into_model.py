@@ -48,6 +48,18 @@ def _compare_with_torch(
     return got
 
 
+def _raises_like_torch(
+    expected: nn.Module, got: nn.Module, source: dict[str, torch.Tensor], path: Path
+) -> str:
+    """torch's load of ``source`` and zerockpt's load of ``path`` raise the same error."""
+    with pytest.raises(RuntimeError) as torch_error:
+        expected.load_state_dict(source)
+    with pytest.raises(RuntimeError) as our_error:
+        zerockpt.load_state_dict(got, path)
+    assert str(our_error.value) == str(torch_error.value)
+    return str(our_error.value)
+
+
 CONVERSIONS = [
     (torch.float32, torch.bfloat16),
     (torch.float64, torch.float32),
@@ -160,12 +172,7 @@ def test_internally_overlapping_parameter_reports_like_torch(tmp_path: Path) -> 
     def make() -> nn.Module:
         return _module(w=torch.zeros(3).expand(2, 3))
 
-    expected, got = make(), make()
-    with pytest.raises(RuntimeError) as torch_error:
-        expected.load_state_dict(source)
-    with pytest.raises(RuntimeError) as our_error:
-        zerockpt.load_state_dict(got, path)
-    assert str(our_error.value) == str(torch_error.value)
+    _raises_like_torch(make(), make(), source, path)
 
 
 def test_non_strict_reports_like_torch(tmp_path: Path) -> None:
@@ -183,11 +190,7 @@ def test_non_strict_reports_like_torch(tmp_path: Path) -> None:
         return nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
 
     _compare_with_torch(make, sd, path, strict=False)
-    with pytest.raises(RuntimeError) as torch_error:
-        make().load_state_dict(sd)
-    with pytest.raises(RuntimeError) as our_error:
-        zerockpt.load_state_dict(make(), path)
-    assert str(our_error.value) == str(torch_error.value)
+    _raises_like_torch(make(), make(), sd, path)
 
 
 def test_size_mismatch_still_loads_the_rest_like_torch(tmp_path: Path) -> None:
@@ -200,12 +203,7 @@ def test_size_mismatch_still_loads_the_rest_like_torch(tmp_path: Path) -> None:
         return nn.Sequential(nn.Linear(3, 3))
 
     expected, got = make(), make()
-    with pytest.raises(RuntimeError) as torch_error:
-        expected.load_state_dict(sd)
-    with pytest.raises(RuntimeError) as our_error:
-        zerockpt.load_state_dict(got, path)
-    assert str(our_error.value) == str(torch_error.value)
-    assert "size mismatch for 0.weight" in str(our_error.value)
+    assert "size mismatch for 0.weight" in _raises_like_torch(expected, got, sd, path)
     assert _snapshot(got) == _snapshot(expected)
 
 
