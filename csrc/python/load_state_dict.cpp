@@ -437,11 +437,9 @@ class LoadWalk {
   // Casting complex to real warns once per process inside copy_: keep it on this thread,
   // where the warning reaches Python.
   static bool converts_complex(const TensorRecord& r, const at::Tensor& param) {
-    auto stored = to_scalar_type_or_undefined(r);
-    return at::isComplexType(stored) && !param.is_complex();
+    auto stored = to_scalar_type(r.dtype);
+    return stored && at::isComplexType(*stored) && !param.is_complex();
   }
-
-  static c10::ScalarType to_scalar_type_or_undefined(const TensorRecord& r);
 
   void copy_tensor(const LocalTensor& t, const Entry& e, const at::Tensor& param,
                    const at::Tensor& input, const py::object& input_obj) {
@@ -642,11 +640,6 @@ class LoadWalk {
   std::deque<std::string> texts_;
   std::unordered_map<const TensorRecord*, py::object> materialised_;
 };
-
-c10::ScalarType LoadWalk::to_scalar_type_or_undefined(const TensorRecord& r) {
-  auto t = to_scalar_type(r.dtype);
-  return t ? *t : c10::ScalarType::Undefined;
-}
 
 }  // namespace
 

@@ -51,7 +51,6 @@ ModuleNames* make_names() {
   n->state_dict = intern("state_dict");
   n->save_to_state_dict = intern("_save_to_state_dict");
   n->load_from_state_dict = intern("_load_from_state_dict");
-  n->load_state_dict = intern("load_state_dict");
   n->get_extra_state = intern("get_extra_state");
   n->set_extra_state = intern("set_extra_state");
   n->extra_state_suffix = intern("_extra_state");
@@ -68,11 +67,10 @@ ModuleNames* make_names() {
   n->base_state_dict = PyObject_GetAttr(n->module_class, n->state_dict);
   n->base_save_to_state_dict = PyObject_GetAttr(n->module_class, n->save_to_state_dict);
   n->base_load_from_state_dict = PyObject_GetAttr(n->module_class, n->load_from_state_dict);
-  n->base_load_state_dict = PyObject_GetAttr(n->module_class, n->load_state_dict);
   n->base_get_extra_state = PyObject_GetAttr(n->module_class, n->get_extra_state);
   n->base_set_extra_state = PyObject_GetAttr(n->module_class, n->set_extra_state);
   if (!n->base_state_dict || !n->base_save_to_state_dict || !n->base_load_from_state_dict ||
-      !n->base_load_state_dict || !n->base_get_extra_state || !n->base_set_extra_state) {
+      !n->base_get_extra_state || !n->base_set_extra_state) {
     throw py::error_already_set();
   }
   n->tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
@@ -97,7 +95,6 @@ const ClassTraits& ClassTraitsCache::get(PyTypeObject* type) {
   t.custom_save = overrides(type, n.save_to_state_dict, n.base_save_to_state_dict);
   t.extra_state_getter = overrides(type, n.get_extra_state, n.base_get_extra_state);
   t.custom_load = overrides(type, n.load_from_state_dict, n.base_load_from_state_dict);
-  t.custom_load_state_dict = overrides(type, n.load_state_dict, n.base_load_state_dict);
   t.extra_state_setter = overrides(type, n.set_extra_state, n.base_set_extra_state);
   return cache_.emplace(type, t).first->second;
 }

@@ -25,7 +25,6 @@ struct ModuleNames {
   PyObject* state_dict;            // "state_dict"
   PyObject* save_to_state_dict;    // "_save_to_state_dict"
   PyObject* load_from_state_dict;  // "_load_from_state_dict"
-  PyObject* load_state_dict;       // "load_state_dict"
   PyObject* get_extra_state;       // "get_extra_state"
   PyObject* set_extra_state;       // "set_extra_state"
   PyObject* extra_state_suffix;    // "_extra_state"
@@ -40,7 +39,6 @@ struct ModuleNames {
   PyObject* base_state_dict;
   PyObject* base_save_to_state_dict;
   PyObject* base_load_from_state_dict;
-  PyObject* base_load_state_dict;
   PyObject* base_get_extra_state;
   PyObject* base_set_extra_state;
   // Exact Python types of plain tensors (torch.Tensor, nn.Parameter).
@@ -55,12 +53,11 @@ const ModuleNames& module_names();
 
 // What a module's class overrides of torch.nn.Module's state-dict machinery.
 struct ClassTraits {
-  bool custom_state_dict = false;       // state_dict overridden: hand the subtree to torch
-  bool custom_save = false;             // _save_to_state_dict overridden: call it
-  bool extra_state_getter = false;      // get_extra_state overridden: store _extra_state
-  bool custom_load = false;             // _load_from_state_dict overridden: call it
-  bool custom_load_state_dict = false;  // load_state_dict overridden (matters at the root)
-  bool extra_state_setter = false;      // set_extra_state overridden
+  bool custom_state_dict = false;   // state_dict overridden: hand the subtree to torch
+  bool custom_save = false;         // _save_to_state_dict overridden: call it
+  bool extra_state_getter = false;  // get_extra_state overridden: store _extra_state
+  bool custom_load = false;         // _load_from_state_dict overridden: call it
+  bool extra_state_setter = false;  // set_extra_state overridden
 };
 
 // Per-call cache of ClassTraits by exact type (classes may be patched between calls).
