@@ -1,7 +1,9 @@
 #include "core/file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <random>
 
@@ -53,7 +56,44 @@ void advance_iov(std::vector<iovec>& iov, size_t& first, uint64_t n) {
   while (first < iov.size() && iov[first].iov_len == 0) ++first;
 }
 
+struct FaultState {
+  std::atomic<bool> armed{false};
+  std::mutex mu;
+  FaultOp op = FaultOp::kWrite;
+  int err = 0;
+  uint64_t skip = 0;
+};
+
+FaultState& fault_state() {
+  static auto* state = new FaultState();  // leaked on purpose: usable during exit
+  return *state;
+}
+
 }  // namespace
+
+void inject_fault(FaultOp op, int err, uint64_t after) {
+  auto& f = fault_state();
+  std::lock_guard<std::mutex> lock(f.mu);
+  f.op = op;
+  f.err = err;
+  f.skip = after;
+  f.armed.store(true);
+}
+
+void clear_faults() { fault_state().armed.store(false); }
+
+bool fault(FaultOp op) {
+  auto& f = fault_state();
+  if (!f.armed.load(std::memory_order_relaxed)) return false;
+  std::lock_guard<std::mutex> lock(f.mu);
+  if (!f.armed.load() || f.op != op) return false;
+  if (f.skip > 0) {
+    --f.skip;
+    return false;
+  }
+  errno = f.err;
+  return true;
+}
 
 FileDescriptor& FileDescriptor::operator=(FileDescriptor&& o) noexcept {
   if (this != &o) {
@@ -76,7 +116,9 @@ void FileDescriptor::close_checked(const std::string& path) {
 void pread_full(int fd, void* dst, uint64_t size, uint64_t offset, const std::string& path) {
   auto* p = static_cast<uint8_t*>(dst);
   while (size > 0) {
-    ssize_t n = ::pread(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
+    ssize_t n = fault(FaultOp::kRead)
+                    ? -1
+                    : ::pread(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_errno(path, "read of " + std::to_string(size) + " bytes at offset " +
@@ -96,7 +138,9 @@ void pread_full(int fd, void* dst, uint64_t size, uint64_t offset, const std::st
 void pwrite_full(int fd, const void* src, uint64_t size, uint64_t offset, const std::string& path) {
   const auto* p = static_cast<const uint8_t*>(src);
   while (size > 0) {
-    ssize_t n = ::pwrite(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
+    ssize_t n = fault(FaultOp::kWrite)
+                    ? -1
+                    : ::pwrite(fd, p, size < kMaxIo ? size : kMaxIo, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_errno(path, "write of " + std::to_string(size) + " bytes at offset " +
@@ -113,7 +157,9 @@ void pwritev_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::s
   advance_iov(iov, first, 0);
   while (first < iov.size()) {
     int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
-    ssize_t n = ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    ssize_t n = fault(FaultOp::kWrite)
+                    ? -1
+                    : ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_errno(path, "write at offset " + std::to_string(offset) + " failed");
@@ -128,7 +174,9 @@ void preadv_full(int fd, std::vector<iovec>& iov, uint64_t offset, const std::st
   advance_iov(iov, first, 0);
   while (first < iov.size()) {
     int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
-    ssize_t n = ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    ssize_t n = fault(FaultOp::kRead)
+                    ? -1
+                    : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_errno(path, "read at offset " + std::to_string(offset) + " failed");
@@ -152,45 +200,92 @@ std::shared_ptr<Mapping> Mapping::map(int fd, uint64_t size, const std::string& 
 
 Mapping::~Mapping() { ::munmap(data_, size_); }
 
+namespace {
+
+// A zerockpt temporary file: ".<name>.<pid>.<16 hex digits>.zerockpt-tmp".
+bool is_temp_name(const char* name) {
+  size_t n = std::strlen(name);
+  size_t suffix = std::strlen(kTempSuffix);
+  return name[0] == '.' && n > suffix + 1 && std::strcmp(name + n - suffix, kTempSuffix) == 0;
+}
+
+}  // namespace
+
+// A writer holds an exclusive flock on its temporary file from before the file can be seen
+// complete until after it is renamed; the kernel drops the lock when the writer dies, however
+// it dies. So a temporary file that can be locked belongs to nobody: a crashed or killed save.
+size_t remove_stale_temp_files(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return 0;  // the save itself reports an unusable directory
+  size_t removed = 0;
+  while (dirent* e = ::readdir(d)) {
+    if (!is_temp_name(e->d_name)) continue;
+    std::string path = dir + "/" + e->d_name;
+    FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+    if (fd.get() < 0) continue;
+    struct stat st{};
+    if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;  // its writer is alive
+    // Locked: unlinked by its writer, or by another cleaner, since we listed it?
+    if (::fstat(fd.get(), &st) != 0 || st.st_nlink == 0) continue;
+    if (::unlink(path.c_str()) == 0) ++removed;
+  }
+  ::closedir(d);
+  return removed;
+}
+
 AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
   struct stat st{};
   bool exists = ::stat(path_.c_str(), &st) == 0;
   if (exists && S_ISDIR(st.st_mode)) throw IoError(EISDIR, path_, "cannot save over a directory");
+  std::string dir = dirname_of(path_);
+  remove_stale_temp_files(dir);
   static std::atomic<uint64_t> counter{0};
   std::random_device rd;
-  uint64_t token = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ counter.fetch_add(1);
-  char hex[17];
-  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
-  tmp_path_ = dirname_of(path_) + "/." + basename_of(path_) + "." + std::to_string(::getpid()) +
-              "." + hex + kTempSuffix;
-  int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
-  int fd = -1;
-  if (direct) {
-    fd = ::open(tmp_path_.c_str(), flags | O_DIRECT, 0666);
-    if (fd < 0 && errno == EINVAL) {
-      ::unlink(tmp_path_.c_str());  // the file system may have created it before refusing
-    } else {
-      direct_ = fd >= 0;
+  for (int attempt = 0;; ++attempt) {
+    uint64_t token = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ counter.fetch_add(1);
+    char hex[17];
+    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
+    tmp_path_ = dir + "/." + basename_of(path_) + "." + std::to_string(::getpid()) + "." + hex +
+                kTempSuffix;
+    int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+    int fd = -1;
+    direct_ = false;
+    if (direct) {
+      fd = ::open(tmp_path_.c_str(), flags | O_DIRECT, 0666);
+      if (fd < 0 && errno == EINVAL) {
+        ::unlink(tmp_path_.c_str());  // the file system may have created it before refusing
+      } else {
+        direct_ = fd >= 0;
+      }
     }
+    if (fd < 0) fd = ::open(tmp_path_.c_str(), flags, 0666);
+    if (fd < 0) throw_errno(path_, "cannot create a temporary file in " + dir);
+    fd_ = FileDescriptor(fd);
+    // Blocks only while a cleaner that found the new file holds it; if that cleaner removed
+    // it, start over under a new name. File systems without flock go on unlocked.
+    while (::flock(fd, LOCK_EX) != 0 && errno == EINTR) {
+    }
+    struct stat own{};
+    if (::fstat(fd, &own) == 0 && own.st_nlink == 0 && attempt < 100) continue;
+    break;
   }
-  if (fd < 0) fd = ::open(tmp_path_.c_str(), flags, 0666);
-  if (fd < 0) throw_errno(path_, "cannot create a temporary file in " + dirname_of(path_));
-  fd_ = FileDescriptor(fd);
   // Replacing a file keeps its permission bits, as writing into it in place would.
-  if (exists) (void)::fchmod(fd, st.st_mode & 07777);
+  if (exists) (void)::fchmod(fd_.get(), st.st_mode & 07777);
 }
 
 AtomicFile::~AtomicFile() {
   if (!committed_) {
+    ::unlink(tmp_path_.c_str());  // while still locked, so no cleaner races the unlink
     fd_.reset();
-    ::unlink(tmp_path_.c_str());
   }
 }
 
 void AtomicFile::preallocate(uint64_t size) {
   if (size == 0) return;
   // fallocate(2), not posix_fallocate(3): glibc's fallback for the latter writes zeros.
-  while (::fallocate(fd_.get(), 0, 0, static_cast<off_t>(size)) != 0) {
+  while (fault(FaultOp::kFallocate) ||
+         ::fallocate(fd_.get(), 0, 0, static_cast<off_t>(size)) != 0) {
     if (errno == EINTR) continue;
     if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return;
     throw_errno(path_, "cannot reserve " + std::to_string(size) + " bytes");
@@ -204,17 +299,23 @@ void AtomicFile::truncate(uint64_t size) {
 }
 
 void AtomicFile::commit(bool durable) {
-  if (durable && ::fsync(fd_.get()) != 0) throw_errno(path_, "fsync failed");
-  fd_.close_checked(path_);
-  if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+  if (durable && (fault(FaultOp::kFsync) || ::fsync(fd_.get()) != 0)) {
+    throw_errno(path_, "fsync failed");
+  }
+  // Renamed while still open and locked: a cleaner must never take the complete file for a
+  // dead writer's leftover between the close and the rename.
+  if ((fault(FaultOp::kRename) || ::rename(tmp_path_.c_str(), path_.c_str()) != 0)) {
     throw_errno(path_, "rename of the temporary file over the destination failed");
   }
   committed_ = true;
+  fd_.close_checked(path_);
   if (durable) {
     std::string dir = dirname_of(path_);
     FileDescriptor dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     if (dfd.get() < 0) throw_errno(path_, "cannot open directory " + dir + " to fsync it");
-    if (::fsync(dfd.get()) != 0) throw_errno(path_, "fsync of directory " + dir + " failed");
+    if ((fault(FaultOp::kFsync) || ::fsync(dfd.get()) != 0)) {
+      throw_errno(path_, "fsync of directory " + dir + " failed");
+    }
   }
 }
 
@@ -224,6 +325,8 @@ struct StagingPool {
   std::mutex mu;
   std::vector<std::pair<uint8_t*, uint64_t>> idle;
   uint64_t idle_bytes = 0;
+  uint64_t live_buffers = 0;
+  uint64_t live_bytes = 0;
 };
 
 StagingPool& staging_pool() {
@@ -237,6 +340,8 @@ StagingBuffer::StagingBuffer(uint64_t size) : data_(nullptr), size_(size) {
   auto& pool = staging_pool();
   {
     std::lock_guard<std::mutex> lock(pool.mu);
+    pool.live_buffers += 1;
+    pool.live_bytes += size;
     for (size_t i = 0; i < pool.idle.size(); ++i) {
       if (pool.idle[i].second == size) {
         data_ = pool.idle[i].first;
@@ -247,7 +352,12 @@ StagingBuffer::StagingBuffer(uint64_t size) : data_(nullptr), size_(size) {
     }
   }
   void* p = nullptr;
-  if (::posix_memalign(&p, 4096, size) != 0) throw std::bad_alloc();
+  if (::posix_memalign(&p, 4096, size) != 0) {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    pool.live_buffers -= 1;
+    pool.live_bytes -= size;
+    throw std::bad_alloc();
+  }
   data_ = static_cast<uint8_t*>(p);
 }
 
@@ -255,6 +365,8 @@ StagingBuffer::~StagingBuffer() {
   auto& pool = staging_pool();
   {
     std::lock_guard<std::mutex> lock(pool.mu);
+    pool.live_buffers -= 1;
+    pool.live_bytes -= size_;
     if (pool.idle_bytes + size_ <= kMaxPooledBytes) {
       pool.idle.emplace_back(data_, size_);
       pool.idle_bytes += size_;
@@ -262,6 +374,12 @@ StagingBuffer::~StagingBuffer() {
     }
   }
   std::free(data_);
+}
+
+StagingBuffer::Stats StagingBuffer::stats() {
+  auto& pool = staging_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  return {pool.live_buffers, pool.live_bytes, pool.idle_bytes};
 }
 
 }  // namespace zerockpt

@@ -59,9 +59,10 @@ class Mapping {
   uint64_t size_;
 };
 
-// Writes go to "<dir>/.<name>.<pid>.<random>.zerockpt-tmp"; commit() renames it over the
-// destination (after fsync of file and directory when durable), the destructor removes an
-// uncommitted one. The destination is never seen partially written.
+// Writes go to "<dir>/.<name>.<pid>.<random>.zerockpt-tmp", held under an exclusive flock;
+// commit() renames it over the destination (after fsync of the file, and then the directory,
+// when durable), the destructor removes an uncommitted one. The destination is never seen
+// partially written. Creating one first removes stale temporary files in the directory.
 class AtomicFile {
  public:
   // `direct` asks for O_DIRECT; if the file system refuses it, direct() is false.
@@ -90,6 +91,18 @@ class AtomicFile {
 // The suffix that marks our temporary files.
 extern const char* const kTempSuffix;
 
+// Removes the temporary files in `dir` left by saves that died (crashed or killed): those whose
+// writer no longer holds their lock. Returns how many it removed. AtomicFile calls it.
+size_t remove_stale_temp_files(const std::string& dir);
+
+// Fault injection, for tests of the error paths: once armed, the system calls of kind `op`
+// after the first `after` ones fail with `err` until clear_faults(). Process-wide.
+enum class FaultOp { kWrite, kRead, kFsync, kRename, kFallocate };
+void inject_fault(FaultOp op, int err, uint64_t after);
+void clear_faults();
+// True, with errno set, if this call of kind `op` is to fail.
+bool fault(FaultOp op);
+
 // A page-aligned buffer from a process-wide pool, returned to the pool on destruction, so
 // repeated saves reuse memory that is already faulted in. The pool keeps at most
 // kMaxPooledBytes idle. Thread-safe.
@@ -102,6 +115,12 @@ class StagingBuffer {
   StagingBuffer& operator=(const StagingBuffer&) = delete;
   uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
+
+  struct Stats {
+    uint64_t live_buffers, live_bytes, idle_bytes;
+  };
+  // Buffers in use and memory kept idle, for leak tests.
+  static Stats stats();
 
  private:
   uint8_t* data_;

@@ -222,8 +222,10 @@ Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
   return h;
 }
 
+const char* const kChecksumKey = "zerockpt.crc32c";
+
 Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadata,
-                   const std::string& path) {
+                   const std::string& path, bool checksums) {
   Layout layout;
   std::vector<size_t> order(specs.size());
   std::iota(order.begin(), order.end(), 0);
@@ -239,13 +241,22 @@ Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadat
   layout.data_size = cursor;
 
   std::string json = "{";
-  if (!metadata.empty()) {
+  uint64_t checksum_offset = Layout::kNoChecksums;
+  if (!metadata.empty() || checksums) {
     json += "\"__metadata__\":{";
     for (size_t i = 0; i < metadata.size(); ++i) {
       if (i) json += ',';
       append_json_string(json, metadata[i].first);
       json += ':';
       append_json_string(json, metadata[i].second);
+    }
+    if (checksums) {
+      if (!metadata.empty()) json += ',';
+      append_json_string(json, kChecksumKey);
+      json += ":\"";
+      checksum_offset = 8 + json.size();
+      json.append(8 * specs.size(), '0');
+      json += '"';
     }
     json += '}';
   }
@@ -278,7 +289,59 @@ Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadat
   for (int i = 0; i < 8; ++i) layout.prefix += static_cast<char>((n >> (8 * i)) & 0xFF);
   layout.prefix += json;
   layout.prefix.append(padded - layout.prefix.size(), ' ');
+  layout.checksum_offset = checksum_offset;
   return layout;
+}
+
+std::vector<size_t> checksum_order(const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+  std::vector<size_t> order(ranges.size());
+  std::iota(order.begin(), order.end(), 0);
+  // Ranges do not overlap, so only empty tensors can tie, and their checksums are all equal.
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return ranges[a] < ranges[b]; });
+  return order;
+}
+
+void encode_checksums(const std::vector<uint32_t>& crcs, char* dst) {
+  static const char kHex[] = "0123456789abcdef";
+  for (uint32_t crc : crcs) {
+    for (int shift = 28; shift >= 0; shift -= 4) *dst++ = kHex[(crc >> shift) & 0xF];
+  }
+}
+
+StoredChecksums decode_checksums(const Header& header, const std::string& path) {
+  StoredChecksums out;
+  const std::string* value = nullptr;
+  for (const auto& [key, v] : header.metadata) {
+    if (key == kChecksumKey) value = &v;
+  }
+  if (!value) return out;
+  size_t n = header.tensors.size();
+  if (value->size() != 8 * n) {
+    format_error(path, std::string("metadata ") + quote(kChecksumKey) + " has " +
+                           std::to_string(value->size()) + " characters; " + std::to_string(n) +
+                           " tensors need " + std::to_string(8 * n));
+  }
+  std::vector<std::pair<uint64_t, uint64_t>> ranges(n);
+  for (size_t i = 0; i < n; ++i) ranges[i] = {header.tensors[i].begin, header.tensors[i].end};
+  std::vector<size_t> order = checksum_order(ranges);
+  out.present = true;
+  out.crcs.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    uint32_t crc = 0;
+    for (size_t d = 0; d < 8; ++d) {
+      char c = (*value)[8 * k + d];
+      int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+      if (digit < 0) {
+        format_error(path, std::string("metadata ") + quote(kChecksumKey) +
+                               " is not lowercase hex digits (at character " +
+                               std::to_string(8 * k + d) + ")");
+      }
+      crc = crc << 4 | static_cast<uint32_t>(digit);
+    }
+    out.crcs[order[k]] = crc;
+  }
+  return out;
 }
 
 std::string encode_aliases(const std::vector<Alias>& aliases) {

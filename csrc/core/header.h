@@ -60,18 +60,37 @@ struct TensorSpec {
 };
 
 struct Layout {
+  static constexpr uint64_t kNoChecksums = UINT64_MAX;
   std::string prefix;           // length + JSON + space padding; size % kDataAlignment == 0
   std::vector<uint64_t> begin;  // per spec, relative to the data region
   uint64_t data_size = 0;
+  // Where in `prefix` the kChecksumKey value (placeholder digits) starts, or kNoChecksums.
+  uint64_t checksum_offset = kNoChecksums;
   uint64_t file_size() const { return prefix.size() + data_size; }
 };
 
 // Places tensors without holes, largest element size first (each aligned to its element size,
 // since the data region starts at a kDataAlignment boundary), keeping the given order among
-// equals; the JSON lists tensors in the given order. Throws FormatError if the header would
-// exceed kMaxHeaderSize.
+// equals; the JSON lists tensors in the given order. With `checksums`, the metadata ends with
+// kChecksumKey holding placeholder digits for the writer to fill in. Throws FormatError if the
+// header would exceed kMaxHeaderSize.
 Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadata,
-                   const std::string& path);
+                   const std::string& path, bool checksums = false);
+
+// Per-tensor CRC-32C values (docs/format.md): 8 lowercase hex digits per tensor entry of the
+// header, concatenated in the order of the entries' data_offsets (begin, then end).
+extern const char* const kChecksumKey;
+// Indices of `ranges` ([begin, end) per tensor) in checksum order.
+std::vector<size_t> checksum_order(const std::vector<std::pair<uint64_t, uint64_t>>& ranges);
+// Writes the digits for `crcs` (in checksum order) into dst[0, 8 * crcs.size()).
+void encode_checksums(const std::vector<uint32_t>& crcs, char* dst);
+// The stored CRC-32C of each header tensor (indexed like header.tensors); empty with
+// `present` false if the file has none. FormatError naming `path` if the value is malformed.
+struct StoredChecksums {
+  bool present = false;
+  std::vector<uint32_t> crcs;
+};
+StoredChecksums decode_checksums(const Header& header, const std::string& path);
 
 // A name saved as another stored tensor (tied weights), at `position` in the saved key order.
 struct Alias {

@@ -32,6 +32,8 @@ inline DirectIo to_direct_io(std::optional<bool> direct_io) {
 struct WriteOptions {
   // fsync the file, then its directory, before returning.
   bool durable = true;
+  // Store the CRC-32C of every tensor, computed from the bytes as they are written.
+  bool checksums = true;
   // kAuto: O_DIRECT (through reused page-aligned staging) when durable and the file is at least
   // kDirectMinBytes; buffered pwrite straight from tensor memory otherwise.
   DirectIo direct_io = DirectIo::kAuto;
@@ -43,9 +45,20 @@ constexpr uint64_t kDirectMinBytes = 64ull << 20;
 constexpr uint64_t kChunkBytes = 8ull << 20;
 
 // Writes prefix + tensor bytes to `path` through an AtomicFile. `sources[i]` matches
-// `specs[i]`, placed at `layout.begin[i]`.
+// `specs[i]`, placed at `layout.begin[i]`. If the layout has a checksum placeholder, the
+// checksums of the bytes written are filled in (options.checksums is for plan_layout's caller).
 void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
                 const std::vector<WriteSource>& sources, const WriteOptions& options);
+
+struct ByteRange {
+  const uint8_t* data;
+  uint64_t size;
+};
+
+// The CRC-32C of each range, computed by up to `threads` threads (0: default) in kChunkBytes
+// pieces. `mapped`: the ranges are in a file mapping, whose pages are mapped in bulk first.
+std::vector<uint32_t> checksum_ranges(const std::vector<ByteRange>& ranges, bool mapped,
+                                      unsigned threads);
 
 struct ReadRange {
   uint64_t file_offset;

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 
 #include "zerockpt/errors.h"
 
@@ -38,6 +39,57 @@ std::shared_ptr<Mapping> SafetensorsFile::mapping() {
   std::lock_guard<std::mutex> lock(map_mu_);
   if (!mapping_) mapping_ = Mapping::map(fd_.get(), file_size_, path_);
   return mapping_;
+}
+
+VerifyResult SafetensorsFile::verify(unsigned threads) {
+  const auto& tensors = header_.tensors;
+  // Checked before the mapping is made or a byte is read.
+  if (!decode_checksums(header_, path_).present) return {};
+  uint8_t* base = tensors.empty() ? nullptr : mapping()->data() + header_.data_start;
+  std::vector<ByteRange> bytes(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i)
+    bytes[i] = {base + tensors[i].begin, tensors[i].nbytes()};
+  return verify(bytes, true, threads);
+}
+
+VerifyResult SafetensorsFile::verify(const std::vector<ByteRange>& bytes, bool mapped,
+                                     unsigned threads) const {
+  VerifyResult result;
+  StoredChecksums stored = decode_checksums(header_, path_);
+  if (!stored.present) return result;
+  result.has_checksums = true;
+  result.stored = std::move(stored.crcs);
+  result.computed = checksum_ranges(bytes, mapped, threads);
+  for (size_t i = 0; i < result.stored.size(); ++i) {
+    if (result.stored[i] != result.computed[i]) result.failed.push_back(i);
+  }
+  return result;
+}
+
+void SafetensorsFile::raise_on_failure(const VerifyResult& result) const {
+  if (result.failed.empty()) return;
+  constexpr size_t kListed = 20;
+  auto hex = [](uint32_t v) {
+    char buf[9];
+    std::snprintf(buf, sizeof(buf), "%08x", v);
+    return std::string(buf);
+  };
+  std::string what = path_ + ": " + std::to_string(result.failed.size()) + " of " +
+                     std::to_string(header_.tensors.size()) +
+                     " tensors do not match their stored CRC-32C (the file was corrupted after "
+                     "it was written): ";
+  for (size_t k = 0; k < result.failed.size() && k < kListed; ++k) {
+    size_t i = result.failed[k];
+    const TensorRecord& t = header_.tensors[i];
+    if (k) what += ", ";
+    what += quote(t.name) + " (bytes " + std::to_string(header_.data_start + t.begin) + "-" +
+            std::to_string(header_.data_start + t.end) + " of the file: stored " +
+            hex(result.stored[i]) + ", computed " + hex(result.computed[i]) + ")";
+  }
+  if (result.failed.size() > kListed) {
+    what += " and " + std::to_string(result.failed.size() - kListed) + " more";
+  }
+  throw ChecksumError(what);
 }
 
 }  // namespace zerockpt

@@ -8,8 +8,16 @@
 
 #include "core/file.h"
 #include "core/header.h"
+#include "core/io_engine.h"
 
 namespace zerockpt {
+
+// The outcome of checking tensor bytes against the checksums stored in a file.
+struct VerifyResult {
+  bool has_checksums = false;  // false: the file stores none (another writer), nothing checked
+  std::vector<size_t> failed;  // header indices of the tensors whose bytes differ
+  std::vector<uint32_t> stored, computed;  // per header tensor, when has_checksums
+};
 
 class SafetensorsFile {
  public:
@@ -21,6 +29,13 @@ class SafetensorsFile {
   int fd() const { return fd_.get(); }
   // The whole file, mapped private on first use.
   std::shared_ptr<Mapping> mapping();
+  // Checks every tensor's bytes (read through the mapping) against the stored checksums.
+  // FormatError if the stored checksums are malformed.
+  VerifyResult verify(unsigned threads);
+  // The same for bytes already read: bytes[i] holds header tensor i (unused if size 0).
+  VerifyResult verify(const std::vector<ByteRange>& bytes, bool mapped, unsigned threads) const;
+  // Throws ChecksumError naming every failed tensor (and this file) if `result` has failures.
+  void raise_on_failure(const VerifyResult& result) const;
 
  private:
   std::string path_;

@@ -8,6 +8,7 @@ namespace zerockpt {
 namespace {
 
 PyObject* g_format_error = nullptr;
+PyObject* g_checksum_error = nullptr;
 
 void raise_os_error(const IoError& e) {
   py::object filename = py::reinterpret_steal<py::object>(
@@ -28,9 +29,18 @@ void register_errors(py::module_& m) {
       PyExc_ValueError, nullptr);
   if (!g_format_error) throw py::error_already_set();
   m.add_object("FormatError", py::handle(g_format_error));
+  g_checksum_error = PyErr_NewExceptionWithDoc(
+      "zerockpt.ChecksumError",
+      "Tensor bytes in the file do not match their stored CRC-32C: the file was corrupted after "
+      "it was written. The message names the file and every tensor that fails.",
+      g_format_error, nullptr);
+  if (!g_checksum_error) throw py::error_already_set();
+  m.add_object("ChecksumError", py::handle(g_checksum_error));
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const ChecksumError& e) {
+      PyErr_SetString(g_checksum_error, e.what());
     } catch (const FormatError& e) {
       PyErr_SetString(g_format_error, e.what());
     } catch (const IoError& e) {

@@ -5,7 +5,9 @@
 
 #include <optional>
 
+#include "core/crc32c.h"
 #include "core/dtype.h"
+#include "core/file.h"
 #include "core/parallel.h"
 #include "python/errors.h"
 #include "python/load_state_dict.h"
@@ -80,7 +82,7 @@ py::dict tensors_to_dict(const NamedTensors& tensors) {
 // Requires GIL for conversion; releases GIL for the write.
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
           std::optional<bool> direct_io, unsigned threads,
-          std::optional<std::string> state_dict_metadata) {
+          std::optional<std::string> state_dict_metadata, bool checksums) {
   NamedTensors entries = named_tensors_from_dict(tensors);
   Metadata meta = metadata_from_dict(metadata);
   Metadata own;
@@ -89,27 +91,30 @@ void save(py::dict tensors, const std::string& path, py::object metadata, bool d
   options.durable = durable;
   options.direct_io = to_direct_io(direct_io);
   options.threads = threads;
+  options.checksums = checksums;
   // Safe without the GIL: entries hold references to the tensors, and nothing below touches
   // Python objects.
   py::gil_scoped_release no_gil;
   save_tensors(entries, path, meta, options, own);
 }
 
-// Releases GIL for open, parse and reads; requires it to build the dict. Returns the tensors
-// and the stored state-dict `_metadata` JSON (or None).
-py::tuple load(const std::string& path, bool mmap, unsigned threads) {
+// Releases GIL for open, parse and reads; requires it to build the dict. Returns the tensors,
+// the stored state-dict `_metadata` JSON (or None) and whether the file stores checksums.
+py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify) {
   NamedTensors loaded;
   std::optional<std::string> state_dict_metadata;
+  bool has_checksums = false;
   {
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
     CheckpointFile file(path);
-    loaded = file.load_all(mmap, threads);
+    loaded = file.load_all(mmap, threads, verify);
     for (const auto& [key, value] : file.file().header().metadata) {
       if (key == kStateDictMetadataKey) state_dict_metadata = value;
+      if (key == kChecksumKey) has_checksums = true;
     }
   }
-  return py::make_tuple(tensors_to_dict(loaded), state_dict_metadata);
+  return py::make_tuple(tensors_to_dict(loaded), state_dict_metadata, has_checksums);
 }
 
 void bind_file(py::module_& m) {
@@ -145,6 +150,22 @@ void bind_file(py::module_& m) {
                                   target ? py::object(py::str(*target)) : py::object(py::none()));
           },
           py::arg("name"))
+      // Releases GIL while checking. (has checksums, names of stored tensors that fail);
+      // with `raise_on_failure` a failure is a ChecksumError naming them instead.
+      .def(
+          "verify",
+          [](CheckpointFile& f, unsigned threads, bool raise_on_failure) {
+            VerifyResult result;
+            {
+              py::gil_scoped_release no_gil;  // only C++ work below
+              result = f.file().verify(threads);
+              if (raise_on_failure) f.file().raise_on_failure(result);
+            }
+            std::vector<std::string> failed;
+            for (size_t i : result.failed) failed.push_back(f.file().header().tensors[i].name);
+            return py::make_tuple(result.has_checksums, failed);
+          },
+          py::arg("threads"), py::arg("raise_on_failure"))
       // Releases GIL while mapping or reading the tensor's bytes.
       .def(
           "get_tensor",
@@ -161,6 +182,35 @@ void bind_file(py::module_& m) {
           py::arg("name"), py::arg("mmap") = true);
 }
 
+// Private hooks for the tests of error paths and resource accounting.
+void bind_testing_aids(py::module_& m) {
+  static const std::pair<const char*, FaultOp> kOps[] = {{"write", FaultOp::kWrite},
+                                                         {"read", FaultOp::kRead},
+                                                         {"fsync", FaultOp::kFsync},
+                                                         {"rename", FaultOp::kRename},
+                                                         {"fallocate", FaultOp::kFallocate}};
+  m.def(
+      "_inject_fault",
+      [](const std::string& op, int err, uint64_t after) {
+        for (const auto& [name, value] : kOps) {
+          if (op == name) return inject_fault(value, err, after);
+        }
+        throw py::value_error("unknown fault operation " + quote(op));
+      },
+      py::arg("op"), py::arg("errno"), py::arg("after") = 0,
+      "Makes system calls of kind `op` (write, read, fsync, rename, fallocate) fail with `errno` "
+      "after the first `after` of them, until _clear_faults(). Testing aid.");
+  m.def("_clear_faults", &clear_faults);
+  m.def(
+      "_staging_stats",
+      [] {
+        auto s = StagingBuffer::stats();
+        return py::make_tuple(s.live_buffers, s.live_bytes, s.idle_bytes);
+      },
+      "(buffers in use, their bytes, idle pooled bytes) of the staging pool. Testing aid.");
+  m.def("_remove_stale_temp_files", &remove_stale_temp_files, py::arg("directory"));
+}
+
 }  // namespace
 }  // namespace zerockpt
 
@@ -170,8 +220,25 @@ PYBIND11_MODULE(_C, m) {
   register_errors(m);
   bind_file(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
-        py::arg("direct_io"), py::arg("threads"), py::arg("state_dict_metadata") = py::none());
-  m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"));
+        py::arg("direct_io"), py::arg("threads"), py::arg("state_dict_metadata") = py::none(),
+        py::arg("checksums") = true);
+  m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
+        py::arg("verify") = false);
+  m.def(
+      "_crc32c",
+      [](const py::bytes& data, uint32_t crc, bool portable) {
+        char* ptr = nullptr;
+        Py_ssize_t size = 0;
+        if (PyBytes_AsStringAndSize(data.ptr(), &ptr, &size) != 0) throw py::error_already_set();
+        auto n = static_cast<size_t>(size);
+        return portable ? crc32c_portable(ptr, n, crc) : crc32c(ptr, n, crc);
+      },
+      py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false,
+      "CRC-32C of a buffer (testing aid; `portable` forces the table-driven implementation).");
+  m.def("_crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
+  m.attr("CRC32C_BACKEND") = crc32c_backend();
+  bind_testing_aids(m);
+  m.attr("CHECKSUM_KEY") = kChecksumKey;
   m.def("default_threads", &default_threads);
   m.def("state_dict", &state_dict, py::arg("module"), py::arg("destination"), py::arg("prefix"),
         py::arg("keep_vars"));

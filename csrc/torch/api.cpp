@@ -16,6 +16,7 @@ WriteOptions write_options(const SaveOptions& options) {
   out.durable = options.durable;
   out.direct_io = to_direct_io(options.direct_io);
   out.threads = options.threads;
+  out.checksums = options.checksums;
   return out;
 }
 
@@ -67,14 +68,16 @@ TensorDict load(const std::string& path, const LoadOptions& options) {
   CheckpointFile file(path);
   TensorDict out;
   out.reserve(file.names().size());
-  for (auto& [name, tensor] : file.load_all(options.mmap, options.threads)) {
+  for (auto& [name, tensor] : file.load_all(options.mmap, options.threads, options.verify)) {
     out.insert(std::move(name), std::move(tensor));
   }
   return out;
 }
 
-LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, bool strict) {
+LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, bool strict,
+                           bool verify) {
   CheckpointFile file(path);
+  if (verify) file.file().raise_on_failure(file.file().verify(0));
   TensorDict targets = state_dict(module);
   LoadResult result;
   std::vector<std::string> errors;

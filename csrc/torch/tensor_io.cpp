@@ -212,7 +212,7 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
   all.insert(all.end(), own.begin(), own.end());
   if (!aliases.empty()) all.emplace_back(kAliasesKey, encode_aliases(aliases));
 
-  Layout layout = plan_layout(specs, all, path);
+  Layout layout = plan_layout(specs, all, path, options.checksums);
   write_file(path, layout, specs, sources, options);
 }
 
@@ -311,10 +311,12 @@ at::Tensor CheckpointFile::tensor(const TensorRecord& r, bool mmap) {
   return t;
 }
 
-NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads) {
+NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads, bool verify) {
   const Header& h = file_->header();
   std::vector<at::Tensor> stored(h.tensors.size());
   if (mmap) {
+    // Verified through the mapping first: the pages are those the tensors will view.
+    if (verify) file_->raise_on_failure(file_->verify(threads));
     for (size_t i = 0; i < h.tensors.size(); ++i) stored[i] = tensor(h.tensors[i], true);
   } else {
     std::vector<ReadRange> ranges;
@@ -329,6 +331,13 @@ NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads) {
       }
     }
     read_ranges(file_->fd(), file_->path(), std::move(ranges), threads);
+    if (verify) {
+      std::vector<ByteRange> bytes(h.tensors.size());
+      for (size_t i = 0; i < h.tensors.size(); ++i) {
+        bytes[i] = {static_cast<const uint8_t*>(stored[i].const_data_ptr()), h.tensors[i].nbytes()};
+      }
+      file_->raise_on_failure(file_->verify(bytes, false, threads));
+    }
   }
   NamedTensors out;
   out.reserve(names_.size());

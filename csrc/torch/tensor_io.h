@@ -39,6 +39,7 @@ class CheckpointFile {
  public:
   explicit CheckpointFile(const std::string& path);
   const SafetensorsFile& file() const { return *file_; }
+  SafetensorsFile& file() { return *file_; }
   const std::vector<std::string>& names() const { return names_; }
   // The stored record for `name` (an alias resolves to its target); nullptr if absent.
   const TensorRecord* find(const std::string& name) const;
@@ -46,8 +47,10 @@ class CheckpointFile {
   const std::string* alias_target(const std::string& name) const;
   // A mapped (zero-copy) tensor, or a fresh copy read with pread when !mmap.
   at::Tensor tensor(const TensorRecord& record, bool mmap);
-  // Every tensor, in saved order; aliases are the same at::Tensor as their target.
-  NamedTensors load_all(bool mmap, unsigned threads);
+  // Every tensor, in saved order; aliases are the same at::Tensor as their target. With
+  // `verify`, the bytes are checked against the stored checksums (ChecksumError naming the
+  // tensors that fail); a file without checksums loads unchecked.
+  NamedTensors load_all(bool mmap, unsigned threads, bool verify = false);
 
  private:
   std::shared_ptr<SafetensorsFile> file_;

@@ -12,18 +12,29 @@ torch.Size([2, 3])
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
-from zerockpt._C import FormatError
+from zerockpt._C import ChecksumError, FormatError
 from zerockpt.module_state import load_state_dict, state_dict
-from zerockpt.serialization import TensorFile, TensorInfo, load, open, save
+from zerockpt.serialization import (
+    TensorFile,
+    TensorInfo,
+    VerifyResult,
+    load,
+    open,
+    save,
+    verify,
+)
 
 __all__ = [
+    "ChecksumError",
     "FormatError",
     "TensorFile",
     "TensorInfo",
+    "VerifyResult",
     "load",
     "load_state_dict",
     "open",
     "save",
     "state_dict",
+    "verify",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from zerockpt.serialization import (
     PathLike,
     _fspath,
     _threads,
+    _warn_unverified,
     decode_state_dict_metadata,
     load,
 )
@@ -108,6 +109,7 @@ def load_state_dict(
     assign: bool = False,
     *,
     threads: int | None = None,
+    verify: bool = False,
 ) -> _IncompatibleKeys:
     """Loads a state dict or a file into ``module``, as ``module.load_state_dict`` does.
 
@@ -129,6 +131,9 @@ def load_state_dict(
             existing ones (for a file: zero-copy views of its mapping), keeping each
             Parameter's ``requires_grad``.
         threads: Reader threads for a file; default ``min(cpu_count, 8)``.
+        verify: For a file, check every tensor's bytes against the CRC-32C stored when it was
+            saved before the module is touched (a file without checksums loads unchecked, with
+            a warning).
 
     Returns:
         ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as torch returns.
@@ -138,6 +143,7 @@ def load_state_dict(
         TypeError: ``source`` is neither a mapping nor a path, or a file tensor's dtype has no
             torch equivalent.
         FormatError: The file is not valid safetensors (nothing is loaded).
+        ChecksumError: With ``verify``, tensors fail their checksum (nothing is loaded).
         OSError: The file cannot be opened or read (errno and filename set).
     """
     if not isinstance(module, nn.Module):
@@ -146,9 +152,15 @@ def load_state_dict(
     mapping: Mapping[str, Any] | None = None
     if isinstance(source, str | os.PathLike):
         file = _C._File(_fspath(source))
+        if verify:
+            has_checksums, _ = file.verify(_threads(threads), True)
+            if not has_checksums:
+                _warn_unverified(file.path)
         stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
         metadata = None if stored is None else decode_state_dict_metadata(stored, file.path)
     elif isinstance(source, Mapping):
+        if verify:
+            raise ValueError("verify=True needs a file to check: source is a mapping of tensors")
         mapping = source
         metadata = getattr(source, "_metadata", None)
     else:

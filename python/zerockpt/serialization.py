@@ -110,6 +110,7 @@ def save(
     durable: bool = True,
     direct_io: bool | None = None,
     threads: int | None = None,
+    checksums: bool = True,
 ) -> None:
     """Saves a mapping of names to tensors as a safetensors file.
 
@@ -135,6 +136,8 @@ def save(
             the page cache. ``None`` (default) uses it for durable saves of 64 MiB or more;
             file systems that refuse it fall back to buffered writes.
         threads: Writer threads; default ``min(cpu_count, 8)``.
+        checksums: Store each tensor's CRC-32C (metadata ``zerockpt.crc32c``), computed from the
+            bytes as they are written, for ``load(..., verify=True)`` and :func:`verify`.
 
     Raises:
         TypeError: A key is not a str, a value is not a tensor, or a dtype or layout cannot be
@@ -161,6 +164,7 @@ def save(
         direct_io,
         _threads(threads),
         _encode_state_dict_metadata(tensors),
+        bool(checksums),
     )
 
 
@@ -170,6 +174,7 @@ def load(
     device: str | torch.device | int = "cpu",
     mmap: bool = True,
     threads: int | None = None,
+    verify: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Loads every tensor of a safetensors file, in the order they were saved.
 
@@ -183,7 +188,10 @@ def load(
         path: A safetensors file, from zerockpt or any other writer.
         device: Only ``"cpu"`` in this version.
         mmap: Map the file (default) or read it eagerly into fresh memory with parallel preads.
-        threads: Reader threads for ``mmap=False``; default ``min(cpu_count, 8)``.
+        threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
+        verify: Check every tensor's bytes against the CRC-32C stored when it was saved before
+            returning. A file without checksums (from another writer) loads unchecked, with a
+            warning.
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
@@ -191,18 +199,50 @@ def load(
         ``OrderedDict`` with that ``_metadata`` attribute, as ``model.state_dict()`` has.
 
     Raises:
+        ChecksumError: With ``verify``, tensors whose bytes do not match their checksum (the
+            message names each one).
         FormatError: The file is not valid safetensors (the message names the key or offset).
         OSError: The file cannot be opened or read (errno and filename set).
         TypeError: A stored dtype has no torch equivalent.
     """
     _check_cpu(device)
     path = _fspath(path)
-    tensors, state_dict_metadata = _C.load(path, bool(mmap), _threads(threads))
+    tensors, state_dict_metadata, has_checksums = _C.load(
+        path, bool(mmap), _threads(threads), bool(verify)
+    )
+    if verify and not has_checksums:
+        _warn_unverified(path)
     if state_dict_metadata is None:
         return tensors
     out: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
     out._metadata = decode_state_dict_metadata(state_dict_metadata, path)  # type: ignore[attr-defined]
     return out
+
+
+def _warn_unverified(path: str) -> None:
+    warnings.warn(
+        f"{path}: the file stores no checksums (not written by zerockpt, or with "
+        "checksums=False); nothing was verified",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found. ``ok`` is true when no tensor failed its checksum."""
+
+    path: str
+    has_checksums: bool
+    """False for files that store no checksums: then nothing was checked."""
+    tensors: int
+    """Stored tensors in the file (the number checked, when it has checksums)."""
+    failed: tuple[str, ...]
+    """Names of the stored tensors whose bytes do not match their checksum."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
 
 
 @dataclass(frozen=True)
@@ -256,6 +296,13 @@ class TensorFile(Mapping[str, torch.Tensor]):
         """Dtype, shape and byte range of ``name``; KeyError if the file has no such tensor."""
         fmt, shape, begin, end, alias_of = self._handle().info(name)
         return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
+
+    def verify(self, *, threads: int | None = None) -> VerifyResult:
+        """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`."""
+        handle = self._handle()
+        has_checksums, failed = handle.verify(_threads(threads), False)
+        stored = sum(1 for name in self._keys if handle.info(name)[4] is None)
+        return VerifyResult(handle.path, has_checksums, stored, tuple(failed))
 
     def get_tensor(self, name: str, *, mmap: bool = True) -> torch.Tensor:
         """The tensor ``name``: a zero-copy mapped view, or a fresh copy if ``mmap=False``."""
@@ -313,3 +360,26 @@ def open(path: PathLike) -> TensorFile:
         OSError: The file cannot be opened (errno and filename set).
     """
     return TensorFile(path)
+
+
+def verify(path: PathLike, *, threads: int | None = None) -> VerifyResult:
+    """Checks a file's structure and every tensor's bytes against the CRC-32C stored for it.
+
+    The header is validated as :func:`open` does; then all tensor bytes are read (through the
+    page cache, by ``threads`` threads) and checksummed. A file that stores no checksums
+    (written by another tool, or with ``checksums=False``) has nothing to check:
+    ``has_checksums`` is False and ``ok`` is True.
+
+    >>> result = zerockpt.verify("model.safetensors")
+    >>> result.ok, result.failed
+    (True, ())
+
+    Returns:
+        A :class:`VerifyResult` naming the tensors that fail, if any.
+
+    Raises:
+        FormatError: The file is not valid safetensors, or its checksum metadata is malformed.
+        OSError: The file cannot be opened or read (errno and filename set).
+    """
+    with TensorFile(path) as f:
+        return f.verify(threads=threads)

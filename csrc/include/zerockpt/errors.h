@@ -1,5 +1,6 @@
 // Error hierarchy of the core. Messages name the file, tensor and offset at fault; the Python
-// binding maps FormatError -> zerockpt.FormatError (ValueError), IoError -> OSError(errno,
+// binding maps FormatError -> zerockpt.FormatError (ValueError), ChecksumError ->
+// zerockpt.ChecksumError (a FormatError), IoError -> OSError(errno,
 // filename), UsageError -> ValueError and DtypeError -> TypeError. Thread-safe value types.
 #pragma once
 
@@ -17,6 +18,12 @@ class Error : public std::runtime_error {
 class FormatError : public Error {
  public:
   using Error::Error;
+};
+
+// Tensor bytes do not match the checksum stored for them (corruption on disk or in transit).
+class ChecksumError : public FormatError {
+ public:
+  using FormatError::FormatError;
 };
 
 // A system call failed. `path` is the user-visible path (never a temporary name alone).

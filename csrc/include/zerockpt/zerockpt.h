@@ -26,6 +26,8 @@ struct SaveOptions {
   std::optional<bool> direct_io;
   // Writer threads; 0: min(hardware threads, 8).
   unsigned threads = 0;
+  // Store each tensor's CRC-32C (computed while writing) for load's `verify`.
+  bool checksums = true;
   // Extra __metadata__ entries; keys starting with "zerockpt." are reserved.
   std::vector<std::pair<std::string, std::string>> metadata;
 };
@@ -34,6 +36,9 @@ struct LoadOptions {
   // Zero-copy views of a private mapping (true), or fresh tensors read with pread.
   bool mmap = true;
   unsigned threads = 0;
+  // Check every tensor against its stored CRC-32C; ChecksumError names those that fail. Files
+  // without checksums (other writers) load unchecked.
+  bool verify = false;
 };
 
 // Saves CPU tensors atomically (temporary file + rename). Tensors that are the same view of
@@ -59,6 +64,8 @@ struct LoadResult {
 // Copies the file's tensors into the module's existing parameters and buffers (dtype converted
 // as copy_ does), like Python's load_state_dict. Throws UsageError naming every shape
 // mismatch, and with `strict` every missing and unexpected key, before changing anything.
-LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, bool strict = true);
+// `verify` checks the file's checksums first (ChecksumError, module untouched).
+LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, bool strict = true,
+                           bool verify = false);
 
 }  // namespace zerockpt
