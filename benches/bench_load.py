@@ -129,6 +129,15 @@ TOUCH_METHODS: dict[str, tuple[str, Callable[[Path], int]]] = {
         "zerockpt",
         _touch_loaded(lambda p: zerockpt.load(p, mmap=False)),
     ),
+    # verify=True reads and checksums every byte before returning, then the touch reads them.
+    "zerockpt.load verify=True + touch": (
+        "zerockpt",
+        _touch_loaded(lambda p: zerockpt.load(p, verify=True)),
+    ),
+    "zerockpt.load mmap=False verify=True + touch": (
+        "zerockpt",
+        _touch_loaded(lambda p: zerockpt.load(p, mmap=False, verify=True)),
+    ),
     "torch.load mmap=True + touch": ("torch", _touch_loaded(lambda p: torch.load(p, mmap=True))),
     "safetensors.load_file + touch": ("safetensors", _touch_loaded(safetensors.torch.load_file)),
     "raw mmap read + touch": ("zerockpt", _raw_mmap_touch),

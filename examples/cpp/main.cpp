@@ -128,6 +128,29 @@ int selftest(const std::string& dir) {
     check(e.err() == ENOENT, "ENOENT");
   }
 
+  // Checksums: a flipped byte is named by verify, and ignored without it.
+  {
+    std::fstream f(weights, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(0, std::ios::end);
+    auto last = static_cast<std::streamoff>(f.tellg()) - 1;
+    f.seekg(last);
+    char c = 0;
+    f.get(c);
+    f.seekp(last);
+    f.put(static_cast<char>(c ^ 1));
+  }
+  zerockpt::LoadOptions verify;
+  verify.verify = true;
+  try {
+    zerockpt::load(weights, verify);
+    check(false, "a corrupted file verifies");
+  } catch (const zerockpt::ChecksumError& e) {
+    check(std::string(e.what()).find("net.safetensors") != std::string::npos, "names the file");
+  }
+  message = error_of([&] { zerockpt::load_state_dict(*b, weights, true, /*verify=*/true); });
+  check(message.find("CRC-32C") != std::string::npos, "load_state_dict verifies: " + message);
+  check(zerockpt::load(weights).size() == zerockpt::state_dict(*a).size(), "unverified loads");
+
   std::cout << (checks - failures) << " passed, " << failures << " failed\n";
   return failures == 0 ? 0 : 1;
 }

@@ -95,7 +95,7 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
         decoded = json.loads(text)
         if not isinstance(decoded, dict) or not all(isinstance(v, dict) for v in decoded.values()):
             raise ValueError("not an object of objects")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: hostile nesting depth
         raise _C.FormatError(
             f"{path}: metadata {_C.STATE_DICT_METADATA_KEY!r} is not valid: {e}"
         ) from None
