@@ -30,15 +30,16 @@ uint32_t multmodp(uint32_t a, uint32_t b) {
 
 // x^(8 * n) mod P: multiplying a CRC register by it runs the register over n zero bytes.
 uint32_t x8nmodp(uint64_t n) {
-  static const std::array<uint32_t, 64> x2k = [] {  // x^(2^k) mod P
-    std::array<uint32_t, 64> t{};
+  // x^(2^k) mod P for every k a 64-bit byte count needs: bit b of n stands for x^(2^(b+3)).
+  static const std::array<uint32_t, 67> x2k = [] {
+    std::array<uint32_t, 67> t{};
     t[0] = 1u << 30;  // x^1
     for (size_t k = 1; k < t.size(); ++k) t[k] = multmodp(t[k - 1], t[k - 1]);
     return t;
   }();
   uint32_t result = 1u << 31;  // x^0
   for (size_t k = 3; n != 0; n >>= 1, ++k) {
-    if (n & 1) result = multmodp(x2k[k % 64], result);
+    if (n & 1) result = multmodp(x2k[k], result);
   }
   return result;
 }

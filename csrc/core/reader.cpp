@@ -77,7 +77,7 @@ void SafetensorsFile::raise_on_failure(const VerifyResult& result) const {
   std::string what = path_ + ": " + std::to_string(result.failed.size()) + " of " +
                      std::to_string(header_.tensors.size()) +
                      " tensors do not match their stored CRC-32C (the file was corrupted after "
-                     "it was written): ";
+                     "it was written, or rewritten by a tool that copied zerockpt's metadata): ";
   for (size_t k = 0; k < result.failed.size() && k < kListed; ++k) {
     size_t i = result.failed[k];
     const TensorRecord& t = header_.tensors[i];
