@@ -384,7 +384,7 @@ class LoadWalk {
     at::Tensor input;
     py::object input_obj;
     if (from_file) {
-      file_shape.assign(e.record->shape.begin(), e.record->shape.end());
+      file_shape = torch_sizes(*e.record, file_->file().path());
       // Backward compatibility as in torch: a (1,) value loads into a 0-dim tensor.
       if (param.dim() == 0 && file_shape.size() == 1 && file_shape[0] == 1) file_shape.clear();
     } else {

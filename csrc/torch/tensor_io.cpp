@@ -150,14 +150,6 @@ std::vector<int64_t> find_aliases(const NamedTensors& tensors) {
   return alias_of;
 }
 
-int64_t checked_dim(uint64_t d, const std::string& name, const std::string& path) {
-  if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-    throw FormatError(path + ": " + describe(name) + ": dimension " + std::to_string(d) +
-                      " does not fit in int64");
-  }
-  return static_cast<int64_t>(d);
-}
-
 }  // namespace
 
 void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
@@ -216,6 +208,24 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
   write_file(path, layout, specs, sources, options);
 }
 
+std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path) {
+  // torch computes contiguous strides as products of max(size, 1), even for empty tensors.
+  constexpr auto kMax = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  std::vector<int64_t> sizes;
+  sizes.reserve(r.shape.size());
+  uint64_t product = 1;
+  for (uint64_t d : r.shape) {
+    uint64_t factor = std::max<uint64_t>(d, 1);
+    if (d > kMax || product > kMax / factor) {
+      throw FormatError(path + ": " + describe(r.name) + ": shape [" + c10::Join(", ", r.shape) +
+                        "] does not fit torch's int64 sizes and strides");
+    }
+    product *= factor;
+    sizes.push_back(static_cast<int64_t>(d));
+  }
+  return sizes;
+}
+
 CheckpointFile::CheckpointFile(const std::string& path)
     : file_(std::make_shared<SafetensorsFile>(path)) {
   const Header& h = file_->header();
@@ -231,7 +241,9 @@ CheckpointFile::CheckpointFile(const std::string& path)
   size_t next_stored = 0;
   for (size_t a = 0; a < aliases.size(); ++a) {
     const Alias& alias = aliases[a];
-    if (alias.position >= total || (a > 0 && alias.position <= aliases[a - 1].position)) {
+    // Positions increase, and the stored names before each alias must exist.
+    if (alias.position >= total || (a > 0 && alias.position <= aliases[a - 1].position) ||
+        alias.position - names_.size() > h.tensors.size() - next_stored) {
       throw FormatError(path + ": alias " + quote(alias.name) + " has an invalid position " +
                         std::to_string(alias.position));
     }
@@ -274,10 +286,7 @@ TensorShape torch_shape(const TensorRecord& r, const std::string& path) {
     throw DtypeError(path + ": " + describe(r.name) + " has dtype " + dtype_name(r.dtype) +
                      ", which has no torch equivalent");
   }
-  TensorShape out{{}, *scalar};
-  out.sizes.reserve(r.shape.size());
-  for (uint64_t d : r.shape) out.sizes.push_back(checked_dim(d, r.name, path));
-  return out;
+  return {torch_sizes(r, path), *scalar};
 }
 
 void release_mapping(void* ctx) { delete static_cast<std::shared_ptr<Mapping>*>(ctx); }

@@ -34,6 +34,10 @@ constexpr const char* kFormatVersion = "1";
 void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
                   const WriteOptions& options, const Metadata& own = {});
 
+// The torch sizes of a stored tensor; FormatError naming it if they (or the contiguous strides
+// torch would compute) do not fit int64.
+std::vector<int64_t> torch_sizes(const TensorRecord& record, const std::string& path);
+
 // An open file with alias resolution: names in saved order, aliases included.
 class CheckpointFile {
  public:

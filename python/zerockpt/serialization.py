@@ -91,8 +91,12 @@ def _encode_state_dict_metadata(tensors: Mapping[str, Any]) -> str | None:
 
 def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[str, Any]]:
     """The ``_metadata`` stored by :func:`save` (torch's layout: prefix -> dict)."""
+
+    def reject(token: str) -> Any:
+        raise ValueError(f"{token} is not JSON")
+
     try:
-        decoded = json.loads(text)
+        decoded = json.loads(text, parse_constant=reject)
         if not isinstance(decoded, dict) or not all(isinstance(v, dict) for v in decoded.values()):
             raise ValueError("not an object of objects")
     except (ValueError, RecursionError) as e:  # RecursionError: hostile nesting depth
