@@ -12,7 +12,7 @@ BUILD_STAMP := build/.installed
 SOURCES     := $(shell find csrc python cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-fast cpp-test bench lint format clean distclean
+.PHONY: all build demo test test-fast cpp-test fuzz bench lint format clean distclean
 
 all: build
 
@@ -37,7 +37,7 @@ build: $(BUILD_STAMP)
 demo: build
 	$(PY) benches/demo.py
 
-test: build lint cpp-test
+test: build lint cpp-test fuzz
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	ZEROCKPT_BENCH_SMOKE=1 $(PY) -m pytest benches -q --benchmark-disable -p no:cacheprovider
 
@@ -48,24 +48,75 @@ cpp-test: build
 	$(VENV)/bin/cmake --build build/cpp
 	cd build/cpp && $(abspath $(VENV))/bin/ctest --output-on-failure
 
+# Coverage-guided fuzzing of the torch-free core (fuzz/README.md): libFuzzer with ASan and UBSan
+# over every csrc/core source, FUZZ_SECONDS per run. Needs clang with libFuzzer; the stamp
+# step installs Debian's clang once if root and apt-get allow. A finding fails the target and
+# leaves the input in build/fuzz/. FUZZ_ARGS passes more libFuzzer flags (-fork=N, -runs=N...).
+FUZZ_CXX     ?= clang++
+FUZZ_SECONDS ?= 60
+FUZZ_ARGS    ?=
+FUZZ_DIR     := build/fuzz
+FUZZ_BIN     := $(FUZZ_DIR)/fuzz_reader
+FUZZ_CXXFLAGS := -std=c++17 -O1 -g -fno-omit-frame-pointer -pthread \
+                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+                 -Wall -Wextra -Wno-unused-parameter -Icsrc/include -Icsrc
+FUZZ_OBJS    := $(patsubst csrc/core/%.cpp,$(FUZZ_DIR)/obj/%.o,$(wildcard csrc/core/*.cpp)) \
+                $(FUZZ_DIR)/obj/fuzz_reader.o
+FUZZ_CXX_OK  := $(FUZZ_DIR)/.cxx-ok-$(subst /,_,$(FUZZ_CXX))
+FUZZ_CORPORA := $(FUZZ_DIR)/corpus fuzz/seeds $(wildcard tests/corpus)
+FUZZ_FLAGS   := -dict=fuzz/safetensors.dict -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+                -malloc_limit_mb=16 -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/
+
+$(FUZZ_CXX_OK): fuzz/ensure_clang.sh
+	@sh fuzz/ensure_clang.sh $(FUZZ_CXX)
+	@mkdir -p $(@D) && touch $@
+
+$(FUZZ_DIR)/obj/%.o: csrc/core/%.cpp | $(FUZZ_CXX_OK)
+	@mkdir -p $(@D)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -MMD -MP -c $< -o $@
+
+$(FUZZ_DIR)/obj/%.o: fuzz/%.cpp | $(FUZZ_CXX_OK)
+	@mkdir -p $(@D)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -MMD -MP -c $< -o $@
+
+$(FUZZ_BIN): $(FUZZ_OBJS)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) $^ -o $@
+
+-include $(FUZZ_OBJS:.o=.d)
+
+fuzz: $(FUZZ_BIN)
+	@mkdir -p $(FUZZ_DIR)/corpus
+	@echo "fuzz: $(FUZZ_SECONDS) s over $(FUZZ_CORPORA) (log: $(FUZZ_DIR)/fuzz.log)"
+	@if $(FUZZ_BIN) $(FUZZ_CORPORA) $(FUZZ_FLAGS) -max_total_time=$(FUZZ_SECONDS) $(FUZZ_ARGS) \
+	    > $(FUZZ_DIR)/fuzz.log 2>&1; then \
+	  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::|Done )' $(FUZZ_DIR)/fuzz.log || true; \
+	else \
+	  tail -n 60 $(FUZZ_DIR)/fuzz.log; \
+	  input=$$(ls -t $(FUZZ_DIR)/crash-* $(FUZZ_DIR)/leak-* $(FUZZ_DIR)/timeout-* \
+	           $(FUZZ_DIR)/oom-* 2>/dev/null | head -n 1); \
+	  echo "fuzz: FAILED; the input is saved as $${input:-(none written; see $(FUZZ_DIR)/fuzz.log)}"; \
+	  echo "fuzz: reproduce with: $(FUZZ_BIN) $${input:-<file>}"; \
+	  exit 1; \
+	fi
+
 test-fast: build
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m pytest benches --benchmark-columns=min,median,max,rounds --benchmark-sort=name $(PYTEST_ARGS)
 
-CXX_SOURCES := $(shell find csrc examples -name '*.cpp' -o -name '*.h' 2>/dev/null)
+CXX_SOURCES := $(shell find csrc examples fuzz -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
-	$(PY) -m ruff check python tests benches examples
-	$(PY) -m ruff format --check python tests benches examples
+	$(PY) -m ruff check python tests benches examples fuzz
+	$(PY) -m ruff format --check python tests benches examples fuzz
 	$(PY) -m mypy
 
 format: $(DEPS_STAMP)
 	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
-	$(PY) -m ruff format python tests benches examples
-	$(PY) -m ruff check --fix python tests benches examples
+	$(PY) -m ruff format python tests benches examples fuzz
+	$(PY) -m ruff check --fix python tests benches examples fuzz
 
 clean:
 	rm -rf build
