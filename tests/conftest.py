@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,9 @@ def sample() -> dict[str, torch.Tensor]:
         "mask": torch.rand(4, 4, generator=g) > 0.5,
         "empty": torch.empty(0, 3),
     }
+
+
+# The name of a save's temporary file: ".<destination name>.<pid>.<16 hex digits>.zerockpt-tmp".
+TEMP_NAME_RE = re.compile(
+    r"^\.(?P<dest>.+)\.(?P<pid>[0-9]+)\.(?P<token>[0-9a-f]{16})\.zerockpt-tmp$"
+)

@@ -218,9 +218,11 @@ def test_huge_dimension_with_zero_elements(tmp_path: Path) -> None:
     # Valid safetensors (zero bytes), but torch sizes are int64: refused when made a tensor.
     path = craft(tmp_path / "z.safetensors", {"a": f32([0, 2**63], 0, 0)})
     for mmap in (True, False):
-        with pytest.raises(FormatError, match="'a': dimension 9223372036854775808 does not fit"):
+        with pytest.raises(
+            FormatError, match=r"'a': shape \[0, 9223372036854775808\] does not fit torch's int64"
+        ):
             zerockpt.load(path, mmap=mmap)
-    with zerockpt.open(path) as f, pytest.raises(FormatError, match="does not fit in int64"):
+    with zerockpt.open(path) as f, pytest.raises(FormatError, match="does not fit torch's int64"):
         f["a"]
 
 

@@ -209,6 +209,16 @@ bool is_temp_name(const char* name) {
   return name[0] == '.' && n > suffix + 1 && std::strcmp(name + n - suffix, kTempSuffix) == 0;
 }
 
+// The destination's name, cut (at a UTF-8 character boundary) so that the temporary name,
+// "." + stem + tail, fits NAME_MAX.
+std::string temp_stem(const std::string& name, size_t tail) {
+  size_t room = NAME_MAX > tail + 1 ? NAME_MAX - tail - 1 : 0;
+  if (name.size() <= room) return name;
+  size_t cut = room;
+  while (cut > 0 && (static_cast<unsigned char>(name[cut]) & 0xC0) == 0x80) --cut;
+  return name.substr(0, cut);
+}
+
 }  // namespace
 
 // A writer holds an exclusive flock on its temporary file from before the file can be seen
@@ -246,20 +256,23 @@ AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
     uint64_t token = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ counter.fetch_add(1);
     char hex[17];
     std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
-    tmp_path_ = dir + "/." + basename_of(path_) + "." + std::to_string(::getpid()) + "." + hex +
-                kTempSuffix;
+    std::string tail = "." + std::to_string(::getpid()) + "." + hex + kTempSuffix;
+    tmp_path_ = dir + "/." + temp_stem(basename_of(path_), tail.size()) + tail;
     int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
     int fd = -1;
     direct_ = false;
     if (direct) {
-      fd = ::open(tmp_path_.c_str(), flags | O_DIRECT, 0666);
+      fd = ::open(tmp_path_.c_str(), flags | O_DIRECT, exists ? 0600 : 0666);
       if (fd < 0 && errno == EINVAL) {
         ::unlink(tmp_path_.c_str());  // the file system may have created it before refusing
       } else {
         direct_ = fd >= 0;
       }
     }
-    if (fd < 0) fd = ::open(tmp_path_.c_str(), flags, 0666);
+    // Private while written when replacing a file (its mode is applied at commit), so the
+    // owner can always open it to check its lock, whatever mode the destination has.
+    mode_t mode = exists ? 0600 : 0666;
+    if (fd < 0) fd = ::open(tmp_path_.c_str(), flags, mode);
     if (fd < 0) throw_errno(path_, "cannot create a temporary file in " + dir);
     fd_ = FileDescriptor(fd);
     // Blocks only while a cleaner that found the new file holds it; if that cleaner removed
@@ -270,8 +283,7 @@ AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
     if (::fstat(fd, &own) == 0 && own.st_nlink == 0 && attempt < 100) continue;
     break;
   }
-  // Replacing a file keeps its permission bits, as writing into it in place would.
-  if (exists) (void)::fchmod(fd_.get(), st.st_mode & 07777);
+  if (exists) mode_ = st.st_mode & 07777;
 }
 
 AtomicFile::~AtomicFile() {
@@ -302,6 +314,8 @@ void AtomicFile::commit(bool durable) {
   if (durable && (fault(FaultOp::kFsync) || ::fsync(fd_.get()) != 0)) {
     throw_errno(path_, "fsync failed");
   }
+  // Replacing a file keeps its permission bits, as writing into it in place would.
+  if (mode_ >= 0) (void)::fchmod(fd_.get(), static_cast<mode_t>(mode_));
   // Renamed while still open and locked: a cleaner must never take the complete file for a
   // dead writer's leftover between the close and the rename.
   if ((fault(FaultOp::kRename) || ::rename(tmp_path_.c_str(), path_.c_str()) != 0)) {

@@ -84,6 +84,7 @@ class AtomicFile {
   std::string path_;
   std::string tmp_path_;
   FileDescriptor fd_;
+  int mode_ = -1;  // the replaced file's permission bits, applied at commit
   bool direct_ = false;
   bool committed_ = false;
 };

@@ -149,6 +149,9 @@ def save(
         ValueError: Tensors are different but overlapping views of one storage, a tensor is not
             on the CPU, or metadata uses a reserved key.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
+            One exception: with ``durable=True``, if only the final fsync of the directory
+            fails, the new file is already in place (renamed) but its rename may not survive a
+            power loss.
     """
     if isinstance(tensors, nn.Module):
         tensors = _module_state_dict(tensors)
