@@ -19,23 +19,27 @@ void raise_os_error(const IoError& e) {
   PyErr_SetObject(PyExc_OSError, args.ptr());
 }
 
+// Creates zerockpt.<name> deriving from `base` and adds it to `m`. Requires GIL.
+PyObject* add_exception(py::module_& m, const char* name, const char* doc, PyObject* base) {
+  std::string qualified = std::string("zerockpt.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, base, nullptr);
+  if (!type) throw py::error_already_set();
+  m.add_object(name, py::handle(type));
+  return type;
+}
+
 }  // namespace
 
 void register_errors(py::module_& m) {
-  g_format_error = PyErr_NewExceptionWithDoc(
-      "zerockpt.FormatError",
-      "The file is not a valid safetensors checkpoint. The message names the file and the "
-      "tensor, key or offset at fault.",
-      PyExc_ValueError, nullptr);
-  if (!g_format_error) throw py::error_already_set();
-  m.add_object("FormatError", py::handle(g_format_error));
-  g_checksum_error = PyErr_NewExceptionWithDoc(
-      "zerockpt.ChecksumError",
+  g_format_error = add_exception(m, "FormatError",
+                                 "The file is not a valid safetensors checkpoint. The message "
+                                 "names the file and the tensor, key or offset at fault.",
+                                 PyExc_ValueError);
+  g_checksum_error = add_exception(
+      m, "ChecksumError",
       "Tensor bytes in the file do not match their stored CRC-32C: the file was corrupted after "
       "it was written. The message names the file and every tensor that fails.",
-      g_format_error, nullptr);
-  if (!g_checksum_error) throw py::error_already_set();
-  m.add_object("ChecksumError", py::handle(g_checksum_error));
+      g_format_error);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
