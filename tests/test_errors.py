@@ -261,12 +261,12 @@ def test_crafted_alias_table(tmp_path: Path) -> None:
 
 def test_save_argument_errors(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
-    with pytest.raises(TypeError, match="tensor names must be str, got int 3"):
-        zerockpt.save({3: torch.ones(1)}, path)  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match=r"'w' must be a torch\.Tensor, got list"):
-        zerockpt.save({"w": [1.0]}, path)  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match="mapping"):
-        zerockpt.save([("w", torch.ones(1))], path)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"obj\['w'\]\[1\] is a builtins.object"):
+        zerockpt.save({"w": [1.0, object()]}, path)
+    with pytest.raises(TypeError, match=r"obj has a key \(1, 2\) of type tuple"):
+        zerockpt.save({(1, 2): torch.ones(1)}, path)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="got set"):
+        zerockpt.save({torch.ones(1)}, path)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="'s' has layout Sparse"):
         zerockpt.save({"s": torch.eye(3).to_sparse()}, path)
     with pytest.raises(ValueError, match="'m' is on meta"):

@@ -79,14 +79,17 @@ py::dict tensors_to_dict(const NamedTensors& tensors) {
   return out;
 }
 
-// Requires GIL for conversion; releases GIL for the write.
+// Requires GIL for conversion; releases GIL for the write. `own` holds zerockpt's reserved
+// metadata entries (each key must start with kReservedPrefix).
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
-          std::optional<bool> direct_io, unsigned threads,
-          std::optional<std::string> state_dict_metadata, bool checksums) {
+          std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
+          bool checksums) {
   NamedTensors entries = named_tensors_from_dict(tensors);
   Metadata meta = metadata_from_dict(metadata);
-  Metadata own;
-  if (state_dict_metadata) own.emplace_back(kStateDictMetadataKey, *state_dict_metadata);
+  Metadata own = metadata_from_dict(own_metadata);
+  for (const auto& [key, value] : own) {
+    if (key.rfind(kReservedPrefix, 0) != 0) throw py::value_error("not a reserved key: " + key);
+  }
   WriteOptions options;
   options.durable = durable;
   options.direct_io = to_direct_io(direct_io);
@@ -98,11 +101,12 @@ void save(py::dict tensors, const std::string& path, py::object metadata, bool d
   save_tensors(entries, path, meta, options, own);
 }
 
-// Releases GIL for open, parse and reads; requires it to build the dict. Returns the tensors,
-// the stored state-dict `_metadata` JSON (or None) and whether the file stores checksums.
+// Releases GIL for open, parse and reads; requires it to build the dicts. Returns the tensors,
+// the metadata entries zerockpt reserves (kReservedPrefix keys) and whether the file stores
+// checksums.
 py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify) {
   NamedTensors loaded;
-  std::optional<std::string> state_dict_metadata;
+  Metadata own;
   bool has_checksums = false;
   {
     // Safe without the GIL: only C++ and ATen objects are created here.
@@ -110,11 +114,13 @@ py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify
     CheckpointFile file(path);
     loaded = file.load_all(mmap, threads, verify);
     for (const auto& [key, value] : file.file().header().metadata) {
-      if (key == kStateDictMetadataKey) state_dict_metadata = value;
+      if (key.rfind(kReservedPrefix, 0) == 0) own.emplace_back(key, value);
       if (key == kChecksumKey) has_checksums = true;
     }
   }
-  return py::make_tuple(tensors_to_dict(loaded), state_dict_metadata, has_checksums);
+  py::dict own_dict;
+  for (const auto& [key, value] : own) own_dict[py::str(key)] = py::str(value);
+  return py::make_tuple(tensors_to_dict(loaded), own_dict, has_checksums);
 }
 
 void bind_file(py::module_& m) {
@@ -220,7 +226,7 @@ PYBIND11_MODULE(_C, m) {
   register_errors(m);
   bind_file(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
-        py::arg("direct_io"), py::arg("threads"), py::arg("state_dict_metadata") = py::none(),
+        py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),
         py::arg("checksums") = true);
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
         py::arg("verify") = false);

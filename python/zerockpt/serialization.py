@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from zerockpt import _C
+from zerockpt.structure import STRUCTURE_KEY, flatten, is_flat_state_dict, unflatten
 
 PathLike = str | os.PathLike[str]
 
@@ -107,7 +108,7 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
 
 
 def save(
-    tensors: Mapping[str, torch.Tensor] | nn.Module,
+    tensors: Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...],
     path: PathLike,
     *,
     metadata: Mapping[str, str] | None = None,
@@ -116,7 +117,7 @@ def save(
     threads: int | None = None,
     checksums: bool = True,
 ) -> None:
-    """Saves a mapping of names to tensors as a safetensors file.
+    """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
 
     Bytes go straight from tensor memory to the file (no pickle, no serialised copy), written
     by several threads at disjoint offsets. The file is written under a temporary name in the
@@ -128,9 +129,16 @@ def save(
     dict's ``_metadata`` (module versions) is stored too, so :func:`zerockpt.load_state_dict`
     from the file behaves as ``load_state_dict`` of the state dict itself.
 
+    Anything else is saved as nested training state, e.g. ``{"model": model.state_dict(),
+    "optim": optimizer.state_dict(), "step": 1000, "rng": torch.get_rng_state()}``: dicts and
+    OrderedDicts (str or int keys), lists and tuples, with tensor leaves (stored as tensors
+    named by their path, e.g. ``optim/state/0/exp_avg``) and None, bool, int, float and str
+    leaves (kept in the metadata). :func:`load` rebuilds the same structure. Nothing is
+    pickled: any other object is a TypeError naming its path.
+
     Args:
-        tensors: Names to CPU tensors, any dtype the safetensors format names, any strides; or
-            an ``nn.Module``, saved as its state dict.
+        tensors: Names to CPU tensors, any dtype the safetensors format names, any strides; an
+            ``nn.Module``, saved as its state dict; or nested training state as above.
         path: Destination file. Its directory must exist.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
@@ -144,8 +152,8 @@ def save(
             bytes as they are written, for ``load(..., verify=True)`` and :func:`verify`.
 
     Raises:
-        TypeError: A key is not a str, a value is not a tensor, or a dtype or layout cannot be
-            stored (the message names the key).
+        TypeError: An object, key or dtype or layout cannot be stored (the message names its
+            path or key).
         ValueError: Tensors are different but overlapping views of one storage, a tensor is not
             on the CPU, or metadata uses a reserved key.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
@@ -155,22 +163,26 @@ def save(
     """
     if isinstance(tensors, nn.Module):
         tensors = _module_state_dict(tensors)
-    if not isinstance(tensors, Mapping):
-        raise TypeError(
-            f"tensors must be a mapping of str to torch.Tensor or an nn.Module, got {type(tensors)}"
-        )
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
         metadata = dict(metadata)
+    own: dict[str, str] = {}
+    if is_flat_state_dict(tensors):
+        flat = tensors if type(tensors) is dict else dict(tensors)
+        state_dict_metadata = _encode_state_dict_metadata(tensors)  # type: ignore[arg-type]
+        if state_dict_metadata is not None:
+            own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
+    else:
+        flat, own[STRUCTURE_KEY] = flatten(tensors)
     _C.save(
-        tensors if type(tensors) is dict else dict(tensors),
+        flat,
         _fspath(path),
         metadata,
         bool(durable),
         direct_io,
         _threads(threads),
-        _encode_state_dict_metadata(tensors),
+        own,
         bool(checksums),
     )
 
@@ -202,6 +214,8 @@ def load(
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
+        A file saved from nested training state gives that structure back (same containers,
+        key types and leaves).
         A file saved from a state dict with ``_metadata`` (e.g. ``save(model, path)``) gives an
         ``OrderedDict`` with that ``_metadata`` attribute, as ``model.state_dict()`` has.
 
@@ -214,11 +228,12 @@ def load(
     """
     _check_cpu(device)
     path = _fspath(path)
-    tensors, state_dict_metadata, has_checksums = _C.load(
-        path, bool(mmap), _threads(threads), bool(verify)
-    )
+    tensors, own, has_checksums = _C.load(path, bool(mmap), _threads(threads), bool(verify))
     if verify and not has_checksums:
         _warn_unverified(path)
+    if STRUCTURE_KEY in own:
+        return unflatten(tensors, own[STRUCTURE_KEY], path)  # type: ignore[no-any-return]
+    state_dict_metadata = own.get(_C.STATE_DICT_METADATA_KEY)
     if state_dict_metadata is None:
         return tensors
     out: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)

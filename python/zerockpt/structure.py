@@ -1,0 +1,190 @@
+"""Nested training state <-> flat tensors plus a JSON description of the structure.
+
+A checkpoint such as ``{"model": model.state_dict(), "optim": opt.state_dict(), "step": 7}`` is
+stored as a safetensors file whose tensors are named by their path in the structure, and whose
+metadata key ``zerockpt.structure`` holds everything else: containers, key types and non-tensor
+leaves (docs/format.md, "Nested state"). Nothing is pickled.
+
+Names: path segments joined by ``/``; in a str key ``~`` is written ``~0`` and ``/`` ``~1``, and
+a str key that reads as an int is prefixed by ``~2``, so names are unambiguous; int keys and
+list indices are written in decimal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from zerockpt import _C
+
+STRUCTURE_KEY = "zerockpt.structure"
+STRUCTURE_VERSION = 1
+# Deeper containers than any training state has; bounds recursion on save and load.
+MAX_DEPTH = 256
+
+_INT_LIKE = re.compile(r"-?[0-9]+")
+_INT64 = range(-(2**63), 2**63)
+
+
+def is_flat_state_dict(obj: object) -> bool:
+    """A mapping of str to tensors: saved under its own keys, without a structure."""
+    return isinstance(obj, Mapping) and all(
+        type(k) is str and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _segment(key: str | int) -> str:
+    if isinstance(key, int):
+        return str(key)
+    escaped = key.replace("~", "~0").replace("/", "~1")
+    return "~2" + escaped if _INT_LIKE.fullmatch(escaped) else escaped
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    return "obj" + "".join(f"[{k!r}]" for k in path)
+
+
+def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensor leaves by name, and the JSON structure; TypeError naming any unsupported leaf."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: object, path: tuple[str | int, ...]) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = "/".join(_segment(k) for k in path)
+            tensors[name] = value
+            return {"tensor": name}
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int):
+            value = int(value)  # IntEnum and friends: their value
+            return value if value in _INT64 else {"int": hex(value)}
+        if isinstance(value, float):
+            return float(value) if math.isfinite(value) else {"float": repr(float(value))}
+        if len(path) >= MAX_DEPTH:
+            raise ValueError(f"{_where(path)}: containers nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, Mapping):
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"{_where(path)} is a {type(value).__name__}; only dict and OrderedDict "
+                    "mappings can be saved"
+                )
+            items = []
+            for k, v in value.items():
+                if type(k) is not str and (type(k) is not int):
+                    raise TypeError(
+                        f"{_where(path)} has a key {k!r} of type {type(k).__name__}; "
+                        "only str and int keys can be saved"
+                    )
+                items.append([k, walk(v, (*path, k))])
+            node: dict[str, Any] = {"dict": items}
+            if isinstance(value, OrderedDict):
+                node["ordered"] = True
+            metadata = getattr(value, "_metadata", None)
+            if metadata is not None:
+                try:
+                    node["metadata"] = json.loads(
+                        json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
+                    )
+                except (TypeError, ValueError, AttributeError) as e:
+                    raise TypeError(
+                        f"{_where(path)}._metadata cannot be stored as JSON ({e})"
+                    ) from None
+            return node
+        if type(value) in (list, tuple):
+            kind = "list" if type(value) is list else "tuple"
+            sequence: list[Any] | tuple[Any, ...] = value  # type: ignore[assignment]
+            return {kind: [walk(v, (*path, i)) for i, v in enumerate(sequence)]}
+        raise TypeError(
+            f"{_where(path)} is a {type(value).__module__}.{type(value).__qualname__}, which "
+            "zerockpt cannot save (supported: tensors, dict, OrderedDict, list, tuple, None, "
+            "bool, int, float, str); nothing is pickled"
+        )
+
+    if not isinstance(obj, dict | list | tuple):
+        raise TypeError(
+            f"can only save a mapping of tensors, a module, or a dict, list or tuple of "
+            f"training state, got {type(obj).__name__}"
+        )
+    root = walk(obj, ())
+    text = json.dumps({"version": STRUCTURE_VERSION, "root": root}, allow_nan=False)
+    return tensors, text
+
+
+def unflatten(tensors: Mapping[str, torch.Tensor], text: str, path: str) -> Any:
+    """Rebuilds what :func:`flatten` described; FormatError naming ``path`` if it is invalid."""
+
+    def fail(why: str) -> Exception:
+        return _C.FormatError(f"{path}: metadata {STRUCTURE_KEY!r} is not valid: {why}")
+
+    def build(node: Any, depth: int) -> Any:
+        if node is None or isinstance(node, bool | str | float):
+            return node
+        if isinstance(node, int):
+            return node
+        if isinstance(node, list):
+            raise fail("a bare JSON list is not a node")
+        if depth >= MAX_DEPTH:
+            raise fail(f"nested deeper than {MAX_DEPTH} levels")
+        if not isinstance(node, dict) or not node:
+            raise fail(f"unexpected node {node!r:.60}")
+        kind = next(iter(node))
+        body = node[kind]
+        if kind == "tensor" and isinstance(body, str) and len(node) == 1:
+            if body not in tensors:
+                raise fail(f"tensor {body!r} is not in the file")
+            return tensors[body]
+        if kind == "int" and isinstance(body, str) and len(node) == 1:
+            try:
+                return int(body, 16)
+            except ValueError:
+                raise fail(f"bad int {body!r:.60}") from None
+        if kind == "float" and body in ("nan", "inf", "-inf") and len(node) == 1:
+            return float(body)
+        if kind in ("list", "tuple") and isinstance(body, list) and len(node) == 1:
+            items = [build(v, depth + 1) for v in body]
+            return items if kind == "list" else tuple(items)
+        if (
+            kind == "dict"
+            and isinstance(body, list)
+            and set(node)
+            <= {
+                "dict",
+                "ordered",
+                "metadata",
+            }
+        ):
+            out: dict[Any, Any] = OrderedDict() if node.get("ordered") is True else {}
+            for item in body:
+                if not isinstance(item, list) or len(item) != 2 or type(item[0]) not in (str, int):
+                    raise fail(f"bad dict item {item!r:.60}")
+                out[item[0]] = build(item[1], depth + 1)
+            if "metadata" in node:
+                meta = node["metadata"]
+                if not isinstance(meta, dict) or not all(
+                    isinstance(v, dict) for v in meta.values()
+                ):
+                    raise fail("a _metadata that is not an object of objects")
+                out._metadata = OrderedDict(meta)  # type: ignore[attr-defined]
+            return out
+        raise fail(f"unexpected node {node!r:.60}")
+
+    def reject(token: str) -> Any:
+        raise ValueError(f"{token} is not JSON")
+
+    try:
+        decoded = json.loads(text, parse_constant=reject)
+    except (ValueError, RecursionError) as e:
+        raise fail(str(e)) from None
+    if (
+        not isinstance(decoded, dict)
+        or decoded.get("version") != STRUCTURE_VERSION
+        or "root" not in decoded
+    ):
+        raise fail(f"expected {{'version': {STRUCTURE_VERSION}, 'root': ...}}")
+    return build(decoded["root"], 0)

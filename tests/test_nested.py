@@ -1,0 +1,235 @@
+"""Nested training state: save/load of dicts, lists and tuples with tensor and JSON leaves."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+import zerockpt
+from torch import nn
+from zerockpt import FormatError
+
+
+def same(a: Any, b: Any) -> None:
+    """Equal structure, container types, key types, leaf types and values (tensors bitwise)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    elif isinstance(a, dict):
+        assert [(type(k), k) for k in a] == [(type(k), k) for k in b]
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None)
+        for k in a:
+            same(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+        if isinstance(a, float):
+            assert math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_training_state_round_trip(tmp_path: Path) -> None:
+    m = model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    m(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    state = {
+        "model": m.state_dict(),
+        "optim": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "step": 1000,
+        "rng": torch.get_rng_state(),
+    }
+    path = tmp_path / "ckpt.safetensors"
+    zerockpt.save(state, path)
+    loaded = zerockpt.load(path)
+    same(state, loaded)
+    for mmap in (True, False):
+        same(state, zerockpt.load(path, mmap=mmap, verify=True))
+    # Tensors are stored under their path; the model keeps its own key inside it.
+    keys = zerockpt.open(path).keys()
+    assert "model/0.weight" in keys and "optim/state/0/exp_avg" in keys and "rng" in keys
+    # Other readers see an ordinary safetensors file.
+    assert set(safetensors.torch.load_file(path)) == set(keys)
+
+
+def test_leaves_keys_and_containers(tmp_path: Path) -> None:
+    t = torch.arange(6.0).view(2, 3)
+    state: Any = OrderedDict(
+        [
+            ("none", None),
+            ("bools", [True, False]),
+            ("ints", (0, -1, 2**63 - 1, -(2**63), 2**63, -(2**200), 10**400)),
+            ("floats", [0.5, -0.0, math.inf, -math.inf, math.nan, 1e308, 5e-324]),
+            ("text", "héllo/~.\u2603\0"),
+            ("empty", [{}, [], (), OrderedDict()]),
+            (0, "int key"),
+            ("0", "str key that reads as int"),
+            ("a.b/c~d", {"x.y": t, "": torch.randn(3, 2).t()}),
+            ("~2", torch.tensor(7, dtype=torch.int16)),
+            ("nested", [[[[{"deep": (t,)}]]]]),
+        ]
+    )
+    path = tmp_path / "x.safetensors"
+    zerockpt.save(state, path)
+    loaded = zerockpt.load(path)
+    same(state, loaded)
+    # Names are unambiguous and escaped: '/' joins, '~0' is '~', '~1' is '/', '~2' marks ints.
+    assert set(zerockpt.open(path).keys()) == {
+        "a.b~1c~0d/x.y",
+        "a.b~1c~0d/",
+        "~02",
+        "nested/0/0/0/0/deep/0",
+    }
+    # The same tensor object twice is stored once and comes back as one tensor.
+    assert loaded["nested"][0][0][0][0]["deep"][0] is loaded["a.b/c~d"]["x.y"]
+
+
+def test_root_list_and_tuple(tmp_path: Path) -> None:
+    for obj in ([torch.ones(2), 3], (torch.zeros(1), {"k": None})):
+        path = tmp_path / "r.safetensors"
+        zerockpt.save(obj, path)
+        same(obj, zerockpt.load(path))
+
+
+def test_plain_state_dicts_keep_their_keys(tmp_path: Path) -> None:
+    sd = model().state_dict()
+    path = tmp_path / "m.safetensors"
+    zerockpt.save(sd, path)
+    with zerockpt.open(path) as f:
+        assert f.keys() == list(sd)
+        assert "zerockpt.structure" not in f.metadata()
+    same(sd, zerockpt.load(path))
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("obj", "words"),
+    [
+        ({"a": Opaque()}, r"obj\['a'\] is a test_nested.Opaque"),
+        ({"a": [1, {2}]}, r"obj\['a'\]\[1\] is a builtins.set"),
+        ({"opt": {"betas": torch.Size([1])}}, r"obj\['opt'\]\['betas'\] is a torch.Size"),
+        ({1.5: torch.ones(1)}, "key 1.5 of type float"),
+        ({True: 1}, "key True of type bool"),
+        ({"n": __import__("numpy").zeros(2)}, r"obj\['n'\] is a numpy.ndarray"),
+        (torch.ones(1), "got Tensor"),
+    ],
+)
+def test_unsupported_objects_name_their_path(tmp_path: Path, obj: Any, words: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    with pytest.raises(TypeError, match=words):
+        zerockpt.save(obj, path)
+    assert not path.exists()
+
+
+def test_too_deep(tmp_path: Path) -> None:
+    obj: Any = torch.ones(1)
+    for _ in range(300):
+        obj = [obj]
+    with pytest.raises(ValueError, match="deeper than 256"):
+        zerockpt.save(obj, tmp_path / "deep.safetensors")
+
+
+def rewrite_structure(path: Path, structure: str) -> None:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"]["zerockpt.structure"] = structure
+    header["__metadata__"].pop("zerockpt.crc32c")
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + n :])
+
+
+@pytest.mark.parametrize(
+    ("structure", "words"),
+    [
+        ("not json", "Expecting value"),
+        ('{"version": 2, "root": null}', "expected {'version': 1"),
+        ('{"version": 1, "root": {"tensor": "missing"}}', "tensor 'missing' is not in the file"),
+        ('{"version": 1, "root": {"dict": [[1.5, 2]]}}', "bad dict item"),
+        ('{"version": 1, "root": {"dict": [], "x": 1}}', "unexpected node"),
+        ('{"version": 1, "root": {"int": "zz"}}', "bad int"),
+        ('{"version": 1, "root": {"float": "NaN"}}', "unexpected node"),
+        ('{"version": 1, "root": [1]}', "bare JSON list"),
+        ('{"version": 1, "root": NaN}', "NaN is not JSON"),
+        ('{"version": 1, "root": ' + '{"list": [' * 300 + "]}" * 300 + "}", "deeper than 256"),
+        ("[" * 100000, "recursion"),
+    ],
+)
+def test_crafted_structure_is_a_format_error(tmp_path: Path, structure: str, words: str) -> None:
+    path = tmp_path / "s.safetensors"
+    zerockpt.save({"a": [torch.ones(2)]}, path)
+    rewrite_structure(path, structure)
+    with pytest.raises(FormatError, match=words) as info:
+        zerockpt.load(path)
+    assert str(path) in str(info.value)
+
+
+def train(
+    make_opt: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    steps: int,
+    resume_at: int | None,
+    path: Path,
+) -> list[torch.Tensor]:
+    """Trains `steps` steps; with resume_at, checkpoints there and continues from the file in a
+    fresh model and optimizer. Returns the final parameters."""
+    m = model()
+    opt = make_opt(list(m.parameters()))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+    data = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if step == resume_at:
+            zerockpt.save(
+                {"model": m.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()},
+                path,
+            )
+            state = zerockpt.load(path)
+            m = model()
+            opt = make_opt(list(m.parameters()))
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+            m.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
+            sched.load_state_dict(state["sched"])
+        x = torch.randn(8, 6, generator=data)
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+        sched.step()
+    return [p.detach().clone() for p in m.parameters()]
+
+
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
+    straight = train(OPTIMIZERS[name], 8, None, tmp_path / "unused")
+    resumed = train(OPTIMIZERS[name], 8, 5, tmp_path / "ckpt.safetensors")
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b)
