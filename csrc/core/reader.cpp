@@ -41,21 +41,11 @@ std::shared_ptr<Mapping> SafetensorsFile::mapping() {
   return mapping_;
 }
 
-VerifyResult SafetensorsFile::verify(unsigned threads) {
-  const auto& tensors = header_.tensors;
-  // Checked before the mapping is made or a byte is read.
-  if (!decode_checksums(header_, path_).present) return {};
-  uint8_t* base = tensors.empty() ? nullptr : mapping()->data() + header_.data_start;
-  std::vector<ByteRange> bytes(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i)
-    bytes[i] = {base + tensors[i].begin, tensors[i].nbytes()};
-  return verify(bytes, true, threads);
-}
+namespace {
 
-VerifyResult SafetensorsFile::verify(const std::vector<ByteRange>& bytes, bool mapped,
-                                     unsigned threads) const {
+VerifyResult compare(StoredChecksums stored, const std::vector<ByteRange>& bytes, bool mapped,
+                     unsigned threads) {
   VerifyResult result;
-  StoredChecksums stored = decode_checksums(header_, path_);
   if (!stored.present) return result;
   result.has_checksums = true;
   result.stored = std::move(stored.crcs);
@@ -64,6 +54,26 @@ VerifyResult SafetensorsFile::verify(const std::vector<ByteRange>& bytes, bool m
     if (result.stored[i] != result.computed[i]) result.failed.push_back(i);
   }
   return result;
+}
+
+}  // namespace
+
+VerifyResult SafetensorsFile::verify(unsigned threads) {
+  const auto& tensors = header_.tensors;
+  // Decoded before the mapping is made or a byte is read.
+  StoredChecksums stored = decode_checksums(header_, path_);
+  if (!stored.present) return {};
+  uint8_t* base = tensors.empty() ? nullptr : mapping()->data() + header_.data_start;
+  std::vector<ByteRange> bytes(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    bytes[i] = {base + tensors[i].begin, tensors[i].nbytes()};
+  }
+  return compare(std::move(stored), bytes, true, threads);
+}
+
+VerifyResult SafetensorsFile::verify(const std::vector<ByteRange>& bytes, bool mapped,
+                                     unsigned threads) const {
+  return compare(decode_checksums(header_, path_), bytes, mapped, threads);
 }
 
 void SafetensorsFile::raise_on_failure(const VerifyResult& result) const {
