@@ -333,6 +333,14 @@ void AtomicFile::commit(bool durable) {
   }
 }
 
+std::shared_ptr<uint8_t> allocate_pages(uint64_t size) {
+  uint64_t len = std::max<uint64_t>((size + 4095) / 4096 * 4096, 4096);
+  void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p),
+                                  [len](uint8_t* q) { ::munmap(q, len); });
+}
+
 namespace {
 
 struct StagingPool {

@@ -104,6 +104,10 @@ void clear_faults();
 // True, with errno set, if this call of kind `op` is to fail.
 bool fault(FaultOp op);
 
+// Page-aligned anonymous memory of `size` bytes (rounded up to a page, zero-filled), released
+// with munmap when the last reference goes. std::bad_alloc if the system refuses it.
+std::shared_ptr<uint8_t> allocate_pages(uint64_t size);
+
 // A page-aligned buffer from a process-wide pool, returned to the pool on destruction, so
 // repeated saves reuse memory that is already faulted in. The pool keeps at most
 // kMaxPooledBytes idle. Thread-safe.

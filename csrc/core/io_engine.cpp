@@ -202,6 +202,32 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   file.commit(options.durable);
 }
 
+void write_image(const std::string& path, const uint8_t* image, uint64_t size,
+                 const WriteOptions& options) {
+  bool want_direct = options.direct_io == DirectIo::kOn ||
+                     (options.direct_io == DirectIo::kAuto && size >= kDirectMinBytes);
+  AtomicFile file(path, want_direct);
+  unsigned threads = options.threads ? options.threads : default_threads();
+  size_t chunks = static_cast<size_t>((size + kChunkBytes - 1) / kChunkBytes);
+  bool direct = file.direct();
+  file.preallocate(size);
+  parallel_for(chunks, threads, [&](size_t k) {
+    uint64_t start = k * kChunkBytes;
+    uint64_t len = std::min(size - start, kChunkBytes);
+    // O_DIRECT needs whole pages: the image holds zeros up to the next page boundary.
+    if (direct) len = (len + kPage - 1) / kPage * kPage;
+    pwrite_full(file.fd(), image + start, len, start, path);
+  });
+  if (direct && size % kPage != 0) file.truncate(size);
+  file.commit(options.durable);
+}
+
+void write_small_file(const std::string& path, const std::string& content, bool durable) {
+  AtomicFile file(path, /*direct=*/false);
+  pwrite_full(file.fd(), content.data(), content.size(), 0, path);
+  file.commit(durable);
+}
+
 std::vector<uint32_t> checksum_ranges(const std::vector<ByteRange>& ranges, bool mapped,
                                       unsigned threads) {
   struct Task {

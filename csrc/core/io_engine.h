@@ -50,6 +50,16 @@ constexpr uint64_t kChunkBytes = 8ull << 20;
 void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
                 const std::vector<WriteSource>& sources, const WriteOptions& options);
 
+// Writes the whole file `image[0, size)` (prefix and data, as they are to be on disk) to `path`
+// through an AtomicFile, straight from that memory: no staging copy. With O_DIRECT (kOn, or
+// kAuto for files of at least kDirectMinBytes, durable or not), `image` must be page-aligned
+// and readable up to `size` rounded up to a page, with zeros past `size`.
+void write_image(const std::string& path, const uint8_t* image, uint64_t size,
+                 const WriteOptions& options);
+
+// Replaces `path` with `content` atomically (AtomicFile); for small files such as pointers.
+void write_small_file(const std::string& path, const std::string& content, bool durable);
+
 struct ByteRange {
   const uint8_t* data;
   uint64_t size;

@@ -12,6 +12,7 @@
 #include "python/errors.h"
 #include "python/load_state_dict.h"
 #include "python/state_dict.h"
+#include "torch/async_save.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/errors.h"
 
@@ -79,26 +80,117 @@ py::dict tensors_to_dict(const NamedTensors& tensors) {
   return out;
 }
 
+// The arguments of save and save_async as C++ values. Requires GIL.
+struct SaveArgs {
+  NamedTensors entries;
+  Metadata metadata;
+  Metadata own;
+  WriteOptions options;
+};
+
+SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
+                   std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
+                   bool checksums) {
+  SaveArgs args;
+  args.entries = named_tensors_from_dict(tensors);
+  args.metadata = metadata_from_dict(metadata);
+  args.own = metadata_from_dict(own_metadata);
+  for (const auto& [key, value] : args.own) {
+    if (key.rfind(kReservedPrefix, 0) != 0) throw py::value_error("not a reserved key: " + key);
+  }
+  args.options.durable = durable;
+  args.options.direct_io = to_direct_io(direct_io);
+  args.options.threads = threads;
+  args.options.checksums = checksums;
+  return args;
+}
+
 // Requires GIL for conversion; releases GIL for the write. `own` holds zerockpt's reserved
 // metadata entries (each key must start with kReservedPrefix).
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
           std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
           bool checksums) {
-  NamedTensors entries = named_tensors_from_dict(tensors);
-  Metadata meta = metadata_from_dict(metadata);
-  Metadata own = metadata_from_dict(own_metadata);
-  for (const auto& [key, value] : own) {
-    if (key.rfind(kReservedPrefix, 0) != 0) throw py::value_error("not a reserved key: " + key);
-  }
-  WriteOptions options;
-  options.durable = durable;
-  options.direct_io = to_direct_io(direct_io);
-  options.threads = threads;
-  options.checksums = checksums;
+  SaveArgs args =
+      save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums);
   // Safe without the GIL: entries hold references to the tensors, and nothing below touches
   // Python objects.
   py::gil_scoped_release no_gil;
-  save_tensors(entries, path, meta, options, own);
+  save_tensors(args.entries, path, args.metadata, args.options, args.own);
+}
+
+// Requires GIL for conversion; releases GIL while waiting for the save in flight and copying.
+std::shared_ptr<PendingSave> save_async(py::dict tensors, const std::string& path,
+                                        py::object metadata, bool durable,
+                                        std::optional<bool> direct_io, unsigned threads,
+                                        py::object own_metadata, bool checksums,
+                                        std::vector<std::pair<std::string, std::string>> write_files,
+                                        std::vector<std::string> remove_files) {
+  SaveArgs args =
+      save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums);
+  AfterCommit after{std::move(write_files), std::move(remove_files)};
+  // Safe without the GIL: as in save(); the background thread only reads the snapshot.
+  py::gil_scoped_release no_gil;
+  return save_tensors_async(args.entries, path, args.metadata, args.options, args.own,
+                            std::move(after));
+}
+
+void bind_async(py::module_& m) {
+  py::class_<PendingSave, std::shared_ptr<PendingSave>>(m, "_PendingSave")
+      .def_property_readonly("path", &PendingSave::path)
+      .def("done", &PendingSave::done)
+      // Releases GIL while waiting. None: no limit. True when done.
+      .def(
+          "wait",
+          [](const PendingSave& p, std::optional<double> timeout) {
+            py::gil_scoped_release no_gil;  // only a condition variable wait
+            return p.wait(timeout ? std::max(0.0, *timeout) : -1.0);
+          },
+          py::arg("timeout"))
+      // Releases GIL while waiting; raises the save's error (translated like save's).
+      .def("result", [](const PendingSave& p) {
+        std::exception_ptr error;
+        {
+          py::gil_scoped_release no_gil;
+          error = p.error();
+        }
+        if (error) std::rethrow_exception(error);
+      });
+  m.def("save_async", &save_async, py::arg("tensors"), py::arg("path"), py::arg("metadata"),
+        py::arg("durable"), py::arg("direct_io"), py::arg("threads"),
+        py::arg("own_metadata") = py::none(), py::arg("checksums") = true,
+        py::arg("write_files") = std::vector<std::pair<std::string, std::string>>(),
+        py::arg("remove_files") = std::vector<std::string>());
+  // Releases GIL.
+  m.def(
+      "after_commit",
+      [](std::vector<std::pair<std::string, std::string>> write_files,
+         std::vector<std::string> remove_files, bool durable) {
+        AfterCommit after{std::move(write_files), std::move(remove_files)};
+        py::gil_scoped_release no_gil;
+        run_after_commit(after, durable);
+      },
+      py::arg("write_files"), py::arg("remove_files"), py::arg("durable"));
+  m.def(
+      "wait_async_saves",
+      [] {
+        py::gil_scoped_release no_gil;
+        wait_for_async_saves();
+      },
+      "Blocks (GIL released) until no save_async is in flight.");
+  m.def(
+      "snapshot_stats",
+      [] {
+        SnapshotStats s = snapshot_stats();
+        return py::make_tuple(s.capacity, s.allocations, s.pinned, s.in_flight);
+      },
+      "(capacity, allocations, pinned, in_flight) of save_async's snapshot buffer.");
+  m.def(
+      "release_snapshot_buffer",
+      [] {
+        py::gil_scoped_release no_gil;
+        release_snapshot_buffer();
+      },
+      "Waits for the save in flight, then frees save_async's snapshot buffer.");
 }
 
 // Releases GIL for open, parse and reads; requires it to build the dicts. Returns the tensors,
@@ -225,6 +317,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "zerockpt's private C++ core. Use the zerockpt package instead.";
   register_errors(m);
   bind_file(m);
+  bind_async(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
         py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),
         py::arg("checksums") = true);

@@ -74,15 +74,17 @@ bool same_view(const at::Tensor& a, const at::Tensor& b) {
          a.is_neg() == b.is_neg();
 }
 
-void check_savable(const std::string& name, const at::Tensor& t) {
+void check_savable(const std::string& name, const at::Tensor& t, bool allow_devices) {
   if (!t.defined()) throw UsageError(describe(name) + " is an undefined tensor");
   if (t.layout() != at::kStrided) {
     throw DtypeError(describe(name) + " has layout " + c10::str(t.layout()) +
                      "; only strided (dense) tensors can be saved: call .to_dense() first");
   }
-  if (!t.device().is_cpu()) {
+  if (t.device().is_meta() || (!allow_devices && !t.device().is_cpu())) {
     throw UsageError(describe(name) + " is on " + t.device().str() +
-                     "; this version saves CPU tensors only: move it with .cpu() first");
+                     (t.device().is_meta() ? ", which holds no data"
+                                           : "; this version saves CPU tensors only (save_async "
+                                             "takes other devices): move it with .cpu() first"));
   }
   if (!to_format_dtype(t.scalar_type())) {
     throw DtypeError(
@@ -152,9 +154,9 @@ std::vector<int64_t> find_aliases(const NamedTensors& tensors) {
 
 }  // namespace
 
-void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
-                  const WriteOptions& options, const Metadata& own) {
-  for (const auto& [name, t] : tensors) check_savable(name, t);
+SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
+                   const WriteOptions& options, const Metadata& own, bool allow_devices) {
+  for (const auto& [name, t] : tensors) check_savable(name, t, allow_devices);
   for (const auto& [key, value] : metadata) {
     if (key.rfind(kReservedPrefix, 0) == 0) {
       throw UsageError("metadata key " + quote(key) + " is reserved for zerockpt (prefix '" +
@@ -163,11 +165,13 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
   }
   std::vector<int64_t> alias_of = find_aliases(tensors);
 
-  std::vector<TensorSpec> specs;
-  std::vector<WriteSource> sources;
+  SavePlan plan;
+  auto& specs = plan.specs;
+  auto& sources = plan.sources;
   std::vector<Alias> aliases;
   specs.reserve(tensors.size());
   sources.reserve(tensors.size());
+  plan.tensors.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& [name, t] = tensors[i];
     if (alias_of[i] >= 0) {
@@ -180,7 +184,9 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
     spec.shape.assign(t.sizes().begin(), t.sizes().end());
     spec.nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
     WriteSource source;
-    if (t.is_contiguous() && !t.is_conj() && !t.is_neg()) {
+    if (!t.device().is_cpu()) {
+      // Copied by the caller (allow_devices).
+    } else if (t.is_contiguous() && !t.is_conj() && !t.is_neg()) {
       source.data = static_cast<const uint8_t*>(t.const_data_ptr());
     } else {
       // Strided, conjugate or negative views are produced piecewise into bounded staging.
@@ -194,6 +200,7 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
     }
     specs.push_back(std::move(spec));
     sources.push_back(std::move(source));
+    plan.tensors.push_back(t.detach());
   }
 
   Metadata all = metadata;
@@ -204,8 +211,14 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
   all.insert(all.end(), own.begin(), own.end());
   if (!aliases.empty()) all.emplace_back(kAliasesKey, encode_aliases(aliases));
 
-  Layout layout = plan_layout(specs, all, path, options.checksums);
-  write_file(path, layout, specs, sources, options);
+  plan.layout = plan_layout(specs, all, path, options.checksums);
+  return plan;
+}
+
+void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
+                  const WriteOptions& options, const Metadata& own) {
+  SavePlan plan = plan_save(tensors, path, metadata, options, own, /*allow_devices=*/false);
+  write_file(path, plan.layout, plan.specs, plan.sources, options);
 }
 
 std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path) {

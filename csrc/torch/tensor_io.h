@@ -27,6 +27,19 @@ extern const char* const kAliasesKey;
 extern const char* const kStateDictMetadataKey;
 constexpr const char* kFormatVersion = "1";
 
+// A planned save: the header, where each stored tensor goes, and where its bytes come from.
+struct SavePlan {
+  Layout layout;
+  std::vector<TensorSpec> specs;
+  std::vector<WriteSource> sources;  // per spec; for CPU tensors only
+  std::vector<at::Tensor> tensors;   // per spec: the (detached) tensor stored
+};
+
+// Checks `tensors` and plans their file (see save_tensors). `allow_devices`: tensors may be on
+// any device with memory (their sources are then left empty, for the caller to copy).
+SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
+                   const WriteOptions& options, const Metadata& own, bool allow_devices);
+
 // Saves `tensors` (CPU, strided, any layout in memory) with `metadata`. Tensors that are the
 // same view of one storage are written once (the others recorded as aliases); different
 // views whose bytes overlap are a UsageError naming both. `metadata` may not use reserved keys;

@@ -13,6 +13,7 @@ torch.Size([2, 3])
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from zerockpt._C import ChecksumError, FormatError
+from zerockpt.checkpoint import Checkpointer, PendingSave, release_snapshot_buffer, save_async
 from zerockpt.module_state import load_state_dict, state_dict
 from zerockpt.serialization import (
     TensorFile,
@@ -25,15 +26,19 @@ from zerockpt.serialization import (
 )
 
 __all__ = [
+    "Checkpointer",
     "ChecksumError",
     "FormatError",
+    "PendingSave",
     "TensorFile",
     "TensorInfo",
     "VerifyResult",
     "load",
     "load_state_dict",
     "open",
+    "release_snapshot_buffer",
     "save",
+    "save_async",
     "state_dict",
     "verify",
 ]

@@ -18,6 +18,8 @@ from zerockpt import _C
 from zerockpt.structure import STRUCTURE_KEY, flatten, is_flat_state_dict, unflatten
 
 PathLike = str | os.PathLike[str]
+# What save() and save_async() take.
+SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
 
 # Format dtype names -> torch dtypes (the safetensors table, plus F8_E8M0).
 _DTYPES: dict[str, torch.dtype] = {
@@ -85,7 +87,7 @@ def _encode_state_dict_metadata(tensors: Mapping[str, Any]) -> str | None:
         warnings.warn(
             f"zerockpt.save: the state dict's _metadata cannot be stored as JSON ({e}); "
             "saving without it",
-            stacklevel=3,
+            stacklevel=4,  # the caller of save() or save_async()
         )
         return None
 
@@ -108,7 +110,7 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
 
 
 def save(
-    tensors: Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...],
+    tensors: SaveInput,
     path: PathLike,
     *,
     metadata: Mapping[str, str] | None = None,
@@ -161,20 +163,7 @@ def save(
             fails, the new file is already in place (renamed) but its rename may not survive a
             power loss.
     """
-    if isinstance(tensors, nn.Module):
-        tensors = _module_state_dict(tensors)
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
-        metadata = dict(metadata)
-    own: dict[str, str] = {}
-    if is_flat_state_dict(tensors):
-        flat = tensors if type(tensors) is dict else dict(tensors)
-        state_dict_metadata = _encode_state_dict_metadata(tensors)  # type: ignore[arg-type]
-        if state_dict_metadata is not None:
-            own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
-    else:
-        flat, own[STRUCTURE_KEY] = flatten(tensors)
+    flat, metadata, own = _prepare_save(tensors, metadata)
     _C.save(
         flat,
         _fspath(path),
@@ -185,6 +174,27 @@ def save(
         own,
         bool(checksums),
     )
+
+
+def _prepare_save(
+    obj: SaveInput, metadata: Mapping[str, str] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, dict[str, str]]:
+    """What to store for ``obj``: the flat tensors, the user's metadata, zerockpt's own."""
+    if isinstance(obj, nn.Module):
+        obj = _module_state_dict(obj)
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
+        metadata = dict(metadata)
+    own: dict[str, str] = {}
+    if is_flat_state_dict(obj):
+        flat = obj if type(obj) is dict else dict(obj)  # type: ignore[arg-type]
+        state_dict_metadata = _encode_state_dict_metadata(obj)  # type: ignore[arg-type]
+        if state_dict_metadata is not None:
+            own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
+    else:
+        flat, own[STRUCTURE_KEY] = flatten(obj)
+    return flat, metadata, own
 
 
 def load(

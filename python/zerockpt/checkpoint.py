@@ -1,0 +1,459 @@
+"""Training checkpoints: save_async (snapshot now, write in the background) and Checkpointer."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from zerockpt import _C
+from zerockpt.serialization import PathLike, SaveInput, _fspath, _prepare_save, _threads, load
+
+# How long one wait on the C++ side may block before Python gets a chance to handle signals
+# (KeyboardInterrupt) and check the timeout.
+_WAIT_SLICE = 0.1
+
+
+class PendingSave:
+    """A save running in the background, returned by :func:`save_async`.
+
+    Like :class:`concurrent.futures.Future`: :meth:`done` polls, :meth:`result` waits and
+    raises the save's error, :meth:`exception` waits and returns it. A save whose error nobody
+    asked for is reported on stderr when the interpreter exits.
+    """
+
+    def __init__(self, handle: _C._PendingSave | None, path: str) -> None:
+        self._handle = handle  # None: a save that completed before this was created
+        self._path = path
+        self._settled = handle is None
+        self._error: BaseException | None = None
+
+    @property
+    def path(self) -> str:
+        """The destination file."""
+        return self._path
+
+    def done(self) -> bool:
+        """True once the file is written (or the save failed); never blocks."""
+        return self._handle is None or self._handle.done()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Waits until the file is written and durable (if asked for).
+
+        Args:
+            timeout: Seconds to wait at most; None waits as long as it takes.
+
+        Raises:
+            TimeoutError: The save is still running after ``timeout`` seconds.
+            OSError: The file could not be written (errno and filename set); nothing was left at
+                the destination, and a file already there is unchanged.
+        """
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Waits like :meth:`result` and returns the save's error, or None if it succeeded."""
+        self._wait(timeout)
+        self._settle()
+        _forget(self)
+        return self._error
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._handle is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            remaining = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            if self._handle.wait(max(0.0, min(_WAIT_SLICE, remaining))):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"zerockpt: the save to {self._path} is still running")
+
+    def _settle(self) -> None:
+        """Records the finished save's error (the handle raises it, translated to Python)."""
+        if self._settled or self._handle is None:
+            return
+        try:
+            self._handle.result()
+        except Exception as e:  # noqa: BLE001 (kept, to be raised by result())
+            self._error = e
+        self._settled = True
+
+    def __repr__(self) -> str:
+        if not self.done():
+            state = "running"
+        else:
+            self._settle()
+            state = "done" if self._error is None else f"failed: {self._error!r}"
+        return f"<zerockpt.PendingSave {self._path!r} ({state})>"
+
+
+# Saves whose outcome nobody has asked for yet; failures among them are reported at exit.
+_unobserved: set[PendingSave] = set()
+_unobserved_lock = threading.Lock()
+# The last save started: the next one waits for it in Python, so Ctrl-C can interrupt.
+_last: PendingSave | None = None
+
+
+def _forget(pending: PendingSave) -> None:
+    with _unobserved_lock:
+        _unobserved.discard(pending)
+
+
+def _track(pending: PendingSave) -> PendingSave:
+    global _last
+    with _unobserved_lock:
+        for old in [p for p in _unobserved if p.done()]:
+            old._settle()
+            if old._error is None:
+                _unobserved.discard(old)
+        _unobserved.add(pending)
+        _last = pending
+    return pending
+
+
+def _start(
+    flat: dict[str, Any],
+    path: str,
+    metadata: dict[str, str] | None,
+    own: dict[str, str],
+    durable: bool,
+    direct_io: bool | None,
+    threads: int,
+    checksums: bool,
+    write_files: list[tuple[str, str]],
+    remove_files: list[str],
+) -> PendingSave:
+    previous = _last
+    if previous is not None:
+        previous._wait(None)  # the C++ side would wait too, but without seeing Ctrl-C
+    handle = _C.save_async(
+        flat,
+        path,
+        metadata,
+        durable,
+        direct_io,
+        threads,
+        own,
+        checksums,
+        write_files,
+        remove_files,
+    )
+    return _track(PendingSave(handle, path))
+
+
+def save_async(
+    obj: SaveInput,
+    path: PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = True,
+    direct_io: bool | None = None,
+    threads: int | None = None,
+    checksums: bool = True,
+) -> PendingSave:
+    """Saves like :func:`save`, blocking only while the tensors are copied.
+
+    The tensors are copied into a snapshot buffer (pinned host memory when some live on a GPU,
+    copied on each device's current stream), then a background C++ thread checksums the
+    snapshot and writes the file, without the GIL. So the caller may change the tensors (take
+    the next optimizer step) as soon as this returns: the file holds their values at the time
+    of the call. The file appears atomically at ``path`` once complete, as with :func:`save`.
+
+    One save runs at a time per process: a second ``save_async`` first waits for the one in
+    flight to be written. The snapshot buffer is kept and reused by later saves (it grows to
+    the largest state saved; :func:`release_snapshot_buffer` frees it), so memory stays
+    bounded by one copy of the state and steady-state copies do not pay for fresh pages.
+    Files of 64 MiB or more are written with O_DIRECT straight from the snapshot, which keeps
+    the page cache (and the kernel time it costs) out of the training process's way.
+
+    When the interpreter exits, it waits for the save in flight to finish; a failure that was
+    never asked for is printed on stderr then.
+
+    >>> pending = zerockpt.save_async({"model": model.state_dict(), "step": step}, "ckpt.safetensors")
+    >>> optimizer.step()  # safe: the snapshot is already taken
+    >>> pending.result()  # raises if the write failed
+
+    Args:
+        obj: What :func:`save` takes: a mapping of names to tensors, a module, or nested
+            training state. Tensors may also be on CUDA (or another accelerator).
+        path: Destination file. Its directory must exist.
+        metadata: Extra ``str -> str`` header entries, as for :func:`save`.
+        durable: fsync the file and its directory before the save counts as done.
+        direct_io: True or False forces O_DIRECT on or off; None chooses by size as above.
+        threads: Threads that copy, checksum and write; default ``min(cpu_count, 8)``.
+        checksums: Store each tensor's CRC-32C, as for :func:`save`.
+
+    Returns:
+        A :class:`PendingSave`; its ``result()`` raises the error of a failed write.
+
+    Raises:
+        TypeError, ValueError: As :func:`save`, for input that cannot be stored; raised here,
+            before anything is copied.
+    """
+    flat, metadata, own = _prepare_save(obj, metadata)
+    return _start(
+        flat,
+        _fspath(path),
+        metadata,
+        own,
+        bool(durable),
+        direct_io,
+        _threads(threads),
+        bool(checksums),
+        [],
+        [],
+    )
+
+
+def release_snapshot_buffer() -> None:
+    """Waits for the save in flight, then frees the buffer :func:`save_async` keeps for reuse.
+
+    The next ``save_async`` allocates a new one (and pays for its fresh pages).
+    """
+    _C.release_snapshot_buffer()
+
+
+def _finish_pending_saves() -> None:
+    """At interpreter exit: lets the save in flight finish; reports failures never asked for."""
+    _C.wait_async_saves()
+    with _unobserved_lock:
+        pending = list(_unobserved)
+        _unobserved.clear()
+    for p in pending:
+        p._wait(None)
+        p._settle()
+        if p._error is not None:
+            print(
+                f"zerockpt: the background save to {p.path} failed, and its result was never "
+                f"asked for: {p._error!r}",
+                file=sys.stderr,
+            )
+
+
+atexit.register(_finish_pending_saves)
+
+
+_STEP_FILE = re.compile(r"step_(\d+)\.safetensors")
+
+
+def _check_step(step: int) -> int:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+class Checkpointer:
+    """Step-numbered checkpoints in one directory, for training loops.
+
+    Each :meth:`save` writes ``step_<step>.safetensors`` (atomically, as :func:`save` does),
+    then updates the text file ``latest`` (atomically too) to name it, then removes older
+    checkpoints beyond ``keep_last``. With ``async_save=True`` all of that happens in the
+    background after the state is snapshotted (see :func:`save_async`). :meth:`load_latest`
+    resumes from the newest checkpoint that loads and verifies, skipping (with a warning) any
+    that are damaged.
+
+    >>> ckpt = zerockpt.Checkpointer("checkpoints", keep_last=3)
+    >>> found = ckpt.load_latest()
+    >>> if found is not None:
+    ...     step, state = found
+    ...     model.load_state_dict(state["model"])
+    ...     optimizer.load_state_dict(state["optim"])
+    >>> ckpt.save(step, {"model": model.state_dict(), "optim": optimizer.state_dict()},
+    ...           async_save=True)
+
+    One process should own a directory (in data-parallel training, rank 0). The error of a
+    failed background save is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`.
+
+    Args:
+        directory: Where the checkpoints go; created if missing.
+        keep_last: How many checkpoints to keep (the one just saved and the highest-numbered
+            others); None keeps all.
+        durable: fsync each checkpoint (and ``latest``) before it counts as saved.
+        checksums: Store CRC-32C checksums, which :meth:`load_latest` verifies.
+        threads: Threads for copying, checksumming and writing; default ``min(cpu_count, 8)``.
+    """
+
+    POINTER = "latest"
+
+    def __init__(
+        self,
+        directory: PathLike,
+        *,
+        keep_last: int | None = None,
+        durable: bool = True,
+        checksums: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        if keep_last is not None and (
+            not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
+        ):
+            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        self._directory = Path(_fspath(directory))
+        self._directory.mkdir(parents=True, exist_ok=True)
+        self._keep_last = keep_last
+        self._durable = bool(durable)
+        self._checksums = bool(checksums)
+        self._threads = _threads(threads)
+        self._pending: PendingSave | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    def path(self, step: int) -> Path:
+        """The file of the checkpoint for ``step``."""
+        return self._directory / f"step_{_check_step(step):08d}.safetensors"
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint files in the directory, ascending."""
+        found = []
+        for entry in os.scandir(self._directory):
+            match = _STEP_FILE.fullmatch(entry.name)
+            if match and entry.is_file():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def latest_step(self) -> int | None:
+        """The step ``latest`` names, if that checkpoint's file exists."""
+        step = self._pointer_step()
+        return step if step is not None and self.path(step).is_file() else None
+
+    def save(
+        self,
+        step: int,
+        state: SaveInput,
+        *,
+        async_save: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> PendingSave:
+        """Saves ``state`` as the checkpoint for ``step``, then points ``latest`` at it.
+
+        Args:
+            step: A non-negative int; saving a step again replaces its checkpoint.
+            state: What :func:`save` takes, e.g. ``{"model": ..., "optim": ..., "step": ...}``.
+            async_save: Return once the state is snapshotted (see :func:`save_async`);
+                ``latest`` and retention are then updated in the background, after the
+                checkpoint is complete.
+            metadata: Extra ``str -> str`` header entries.
+
+        Returns:
+            A :class:`PendingSave`, already done unless ``async_save``.
+
+        Raises:
+            OSError: This save failed, or the previous background save did (then this one was
+                not started).
+            TypeError, ValueError: ``state`` cannot be stored.
+        """
+        path = self.path(step)
+        self.wait()
+        flat, meta, own = _prepare_save(state, metadata)
+        write_files = [(str(self._directory / self.POINTER), path.name + "\n")]
+        remove_files = [str(self.path(s)) for s in self._to_remove(step)]
+        if async_save:
+            self._pending = _start(
+                flat,
+                str(path),
+                meta,
+                own,
+                self._durable,
+                None,
+                self._threads,
+                self._checksums,
+                write_files,
+                remove_files,
+            )
+            return self._pending
+        _C.save(flat, str(path), meta, self._durable, None, self._threads, own, self._checksums)
+        _C.after_commit(write_files, remove_files, self._durable)
+        return PendingSave(None, str(path))
+
+    def wait(self) -> None:
+        """Waits for the background save, if any; raises its error (once)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def load(self, step: int, *, verify: bool = True, mmap: bool = True) -> Any:
+        """Loads the checkpoint of ``step`` (see :func:`load`), checking its checksums."""
+        return load(self.path(step), verify=verify, mmap=mmap)
+
+    def load_latest(self, *, verify: bool = True, mmap: bool = True) -> tuple[int, Any] | None:
+        """The newest checkpoint that loads, as ``(step, state)``; None if there is none.
+
+        The one ``latest`` names is tried first, then the others from the highest step down.
+        One that cannot be opened, is truncated or malformed, or (with ``verify``) fails its
+        checksums is skipped with a warning naming it and why.
+        """
+        pending = self._pending
+        if pending is not None:
+            pending._wait(None)  # its error stays for the next save() or wait()
+        steps = self.steps()
+        pointed = self._pointer_step()
+        order = sorted(steps, reverse=True)
+        if pointed is not None:
+            if pointed in steps:
+                order.remove(pointed)
+                order.insert(0, pointed)
+            else:
+                warnings.warn(
+                    f"zerockpt.Checkpointer: {self._directory / self.POINTER} names step "
+                    f"{pointed}, whose checkpoint {self.path(pointed)} does not exist",
+                    stacklevel=2,
+                )
+        for step in order:
+            path = self.path(step)
+            try:
+                return step, load(path, verify=verify, mmap=mmap)
+            except (_C.FormatError, OSError) as e:
+                warnings.warn(
+                    f"zerockpt.Checkpointer: skipping checkpoint {path}: {e}", stacklevel=2
+                )
+        return None
+
+    def close(self) -> None:
+        """Waits for the background save, if any (raising its error)."""
+        self.wait()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not mask the exception in flight; still let the save finish
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending._wait(None)
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({str(self._directory)!r}, keep_last={self._keep_last})"
+
+    def _pointer_step(self) -> int | None:
+        try:
+            text = (self._directory / self.POINTER).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        match = _STEP_FILE.fullmatch(text)
+        return int(match.group(1)) if match else None
+
+    def _to_remove(self, step: int) -> list[int]:
+        """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
+        if self._keep_last is None:
+            return []
+        others = sorted((s for s in self.steps() if s != step), reverse=True)
+        return others[self._keep_last - 1 :]
