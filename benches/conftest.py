@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -80,3 +81,19 @@ def module_bench_dir() -> Iterator[Path]:
     path = _make_dir()
     yield path
     _remove_dir(path)
+
+
+# Same-run ratios that benchmarks report; printed after pytest-benchmark's tables.
+_RATIOS: list[str] = []
+
+
+def report_ratio(what: str, ratio: float, target: str = "") -> None:
+    """Records ``what = ratio`` (with its target, if any) for the end-of-session summary."""
+    _RATIOS.append(f"{what}: {ratio:.2f}x" + (f"  ({target})" if target else ""))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _RATIOS:
+        terminalreporter.section("same-run ratios")
+        for line in _RATIOS:
+            terminalreporter.write_line(line)

@@ -4,6 +4,7 @@
 #include <sstream>
 #include <unordered_set>
 
+#include "torch/async_save.h"
 #include "torch/load_into.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/zerockpt.h"
@@ -53,11 +54,37 @@ TensorDict state_dict(const torch::nn::Module& module) {
   return out;
 }
 
-void save(const TensorDict& tensors, const std::string& path, const SaveOptions& options) {
+namespace {
+
+NamedTensors named_tensors(const TensorDict& tensors) {
   NamedTensors entries;
   entries.reserve(tensors.size());
   for (const auto& item : tensors) entries.emplace_back(item.key(), item.value());
-  save_tensors(entries, path, options.metadata, write_options(options));
+  return entries;
+}
+
+}  // namespace
+
+const std::string& SaveFuture::path() const { return pending_->path(); }
+bool SaveFuture::done() const { return pending_->done(); }
+bool SaveFuture::wait(double seconds) const { return pending_->wait(seconds); }
+void SaveFuture::get() const {
+  if (std::exception_ptr error = pending_->error()) std::rethrow_exception(error);
+}
+
+SaveFuture save_async(const TensorDict& tensors, const std::string& path,
+                      const SaveOptions& options) {
+  return SaveFuture(save_tensors_async(named_tensors(tensors), path, options.metadata,
+                                       write_options(options)));
+}
+
+SaveFuture save_async(const torch::nn::Module& module, const std::string& path,
+                      const SaveOptions& options) {
+  return save_async(state_dict(module), path, options);
+}
+
+void save(const TensorDict& tensors, const std::string& path, const SaveOptions& options) {
+  save_tensors(named_tensors(tensors), path, options.metadata, write_options(options));
 }
 
 void save(const torch::nn::Module& module, const std::string& path, const SaveOptions& options) {

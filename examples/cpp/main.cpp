@@ -151,6 +151,31 @@ int selftest(const std::string& dir) {
   check(message.find("CRC-32C") != std::string::npos, "load_state_dict verifies: " + message);
   check(zerockpt::load(weights).size() == zerockpt::state_dict(*a).size(), "unverified loads");
 
+  // save_async: the file holds the values at the time of the call; errors come from get().
+  {
+    auto state = torch::randn({256, 256});
+    auto before = state.clone();
+    zerockpt::TensorDict snapshot;
+    snapshot.insert("state", state);
+    const std::string async_file = dir + "/async.safetensors";
+    zerockpt::SaveFuture pending = zerockpt::save_async(snapshot, async_file);
+    state.add_(1);
+    pending.get();
+    check(pending.done() && pending.path() == async_file, "save_async done");
+    check(torch::equal(zerockpt::load(async_file)["state"], before), "save_async snapshot");
+    auto failed = zerockpt::save_async(snapshot, dir + "/no-such-dir/async.safetensors");
+    check(failed.wait(), "a failed save_async finishes");
+    try {
+      failed.get();
+      check(false, "a save_async into a missing directory succeeds");
+    } catch (const zerockpt::IoError& e) {
+      check(e.err() == ENOENT, "save_async error is ENOENT");
+    }
+    zerockpt::save_async(*a, dir + "/net_async.safetensors").get();
+    auto from_async = zerockpt::load(dir + "/net_async.safetensors");
+    check(torch::equal(from_async["fc2.weight"], a->fc2->weight), "save_async of a module");
+  }
+
   std::cout << (checks - failures) << " passed, " << failures << " failed\n";
   return failures == 0 ? 0 : 1;
 }

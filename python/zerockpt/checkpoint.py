@@ -240,10 +240,32 @@ def _finish_pending_saves() -> None:
             )
 
 
+def _forget_parent_saves() -> None:
+    """In a forked child: the parent's saves are the parent's (their writer is not here)."""
+    global _last, _unobserved_lock
+    _last = None
+    _unobserved.clear()
+    _unobserved_lock = threading.Lock()  # in case the fork caught another thread holding it
+
+
 atexit.register(_finish_pending_saves)
+os.register_at_fork(after_in_child=_forget_parent_saves)
 
 
-_STEP_FILE = re.compile(r"step_(\d+)\.safetensors")
+_STEP_FILE = re.compile(r"step_([0-9]+)\.safetensors")
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a checkpoint file name, exactly as :meth:`Checkpointer.path` spells it."""
+    match = _STEP_FILE.fullmatch(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if name == _file_name(step) else None
+
+
+def _file_name(step: int) -> str:
+    return f"step_{step:08d}.safetensors"
 
 
 def _check_step(step: int) -> int:
@@ -312,15 +334,15 @@ class Checkpointer:
 
     def path(self, step: int) -> Path:
         """The file of the checkpoint for ``step``."""
-        return self._directory / f"step_{_check_step(step):08d}.safetensors"
+        return self._directory / _file_name(_check_step(step))
 
     def steps(self) -> list[int]:
         """Steps of the checkpoint files in the directory, ascending."""
         found = []
         for entry in os.scandir(self._directory):
-            match = _STEP_FILE.fullmatch(entry.name)
-            if match and entry.is_file():
-                found.append(int(match.group(1)))
+            step = _step_of(entry.name)
+            if step is not None and entry.is_file():
+                found.append(step)
         return sorted(found)
 
     def latest_step(self) -> int | None:
@@ -391,8 +413,9 @@ class Checkpointer:
         """The newest checkpoint that loads, as ``(step, state)``; None if there is none.
 
         The one ``latest`` names is tried first, then the others from the highest step down.
-        One that cannot be opened, is truncated or malformed, or (with ``verify``) fails its
-        checksums is skipped with a warning naming it and why.
+        One that cannot be opened, is truncated or malformed, holds a dtype torch cannot
+        represent, or (with ``verify``) fails its checksums is skipped with a warning naming it
+        and why.
         """
         pending = self._pending
         if pending is not None:
@@ -414,7 +437,7 @@ class Checkpointer:
             path = self.path(step)
             try:
                 return step, load(path, verify=verify, mmap=mmap)
-            except (_C.FormatError, OSError) as e:
+            except (_C.FormatError, OSError, TypeError) as e:  # TypeError: a dtype torch lacks
                 warnings.warn(
                     f"zerockpt.Checkpointer: skipping checkpoint {path}: {e}", stacklevel=2
                 )
@@ -448,8 +471,7 @@ class Checkpointer:
             text = (self._directory / self.POINTER).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             return None
-        match = _STEP_FILE.fullmatch(text)
-        return int(match.group(1)) if match else None
+        return _step_of(text)
 
     def _to_remove(self, step: int) -> list[int]:
         """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""

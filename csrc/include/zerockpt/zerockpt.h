@@ -8,6 +8,7 @@
 #include <torch/nn/module.h>
 #include <torch/ordered_dict.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -49,6 +50,33 @@ void save(const TensorDict& tensors, const std::string& path, const SaveOptions&
 // per module, parameters then buffers, then its children depth-first ("fc1.weight", "0.bias").
 void save(const torch::nn::Module& module, const std::string& path,
           const SaveOptions& options = {});
+
+class PendingSave;
+
+// A save_async in progress. A copyable handle; thread-safe.
+class SaveFuture {
+ public:
+  const std::string& path() const;
+  bool done() const;
+  // Waits until the save is done or `seconds` pass (no limit if negative); true when done.
+  bool wait(double seconds = -1) const;
+  // Waits, then rethrows the save's error (IoError...) if it failed.
+  void get() const;
+
+ private:
+  friend SaveFuture save_async(const TensorDict&, const std::string&, const SaveOptions&);
+  explicit SaveFuture(std::shared_ptr<PendingSave> pending) : pending_(std::move(pending)) {}
+  std::shared_ptr<PendingSave> pending_;
+};
+
+// Saves like save(), returning once the tensors are copied into a snapshot buffer that is kept
+// and reused (pinned if some are on a GPU); a background thread writes the file. The tensors
+// may change as soon as this returns. One save is in flight per process: this first waits for
+// the previous one. Bad input throws here; write errors come from get().
+SaveFuture save_async(const TensorDict& tensors, const std::string& path,
+                      const SaveOptions& options = {});
+SaveFuture save_async(const torch::nn::Module& module, const std::string& path,
+                      const SaveOptions& options = {});
 
 // The tensors a module saves, in that order (tensors are shared with the module, not copied).
 TensorDict state_dict(const torch::nn::Module& module);

@@ -1,0 +1,538 @@
+"""torch.distributed.checkpoint storage on zerockpt: safetensors files, JSON metadata.
+
+:class:`Writer` and :class:`Reader` are DCP ``StorageWriter`` / ``StorageReader``
+implementations, for ``dcp.save``, ``dcp.async_save`` and ``dcp.load`` with DCP's planners
+(resharding included)::
+
+    import torch.distributed.checkpoint as dcp
+    import zerockpt.dcp
+
+    dcp.save(state_dict, storage_writer=zerockpt.dcp.Writer("ckpt"))
+    dcp.load(state_dict, storage_reader=zerockpt.dcp.Reader("ckpt"))
+
+A checkpoint is a directory: one safetensors file per rank, ``__<rank>_0.safetensors``, written
+by the zerockpt engine (parallel, straight from tensor memory, atomic, durable, checksummed),
+and ``.metadata.json``, DCP's global metadata as JSON (never pickled), committed last and
+atomically by the coordinator. The coordinator removes an existing ``.metadata.json`` before
+any rank writes, so a directory holds a complete checkpoint exactly when it has that file.
+
+Values DCP itself serializes (non-tensor leaves: its planners ``torch.save`` them into bytes)
+are stored as uint8 tensors and handed back to the planner as bytes, as DCP's own storage does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+
+from zerockpt import _C
+from zerockpt.serialization import PathLike, _fspath, _threads
+from zerockpt.structure import flatten, unflatten
+
+METADATA_FILE = ".metadata.json"
+# The DCP metadata version this writes (that of torch's FileSystemWriter in torch 2.13).
+DCP_VERSION = "1.0.0"
+FORMAT = "zerockpt.dcp"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Location:
+    """Where one write item is stored: a file of the checkpoint and a tensor name in it."""
+
+    file: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankFiles:
+    """storage_data of a rank's SavePlan: the prefix of its files."""
+
+    prefix: str
+
+
+def _item_name(index: MetadataIndex) -> str:
+    """The tensor name of an item in its rank's file: the FQN, plus the chunk offset if any."""
+    if index.offset is None or not any(index.offset):
+        return index.fqn
+    return f"{index.fqn}@{','.join(str(o) for o in index.offset)}"
+
+
+def _as_bytes_tensor(data: io.BytesIO) -> torch.Tensor:
+    raw = bytearray(data.getbuffer())
+    if not raw:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(raw, dtype=torch.uint8)
+
+
+def _separate_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clones tensors that share a storage with another item but are not the same view.
+
+    zerockpt stores identical views once and refuses overlapping different views; DCP items
+    may be different views of one storage (a tensor and a slice of it), which it stores apart.
+    """
+    by_storage: dict[int, list[str]] = defaultdict(list)
+    for name, t in tensors.items():
+        if t.device.type != "meta" and t.numel():
+            by_storage[t.untyped_storage().data_ptr()].append(name)
+    out = dict(tensors)
+    for names in by_storage.values():
+        first = tensors[names[0]]
+        for name in names[1:]:
+            t = tensors[name]
+            same = (
+                t.dtype == first.dtype
+                and t.storage_offset() == first.storage_offset()
+                and t.shape == first.shape
+                and t.stride() == first.stride()
+            )
+            if not same:
+                out[name] = t.clone()
+    return out
+
+
+class Writer(StorageWriter):
+    """Writes DCP checkpoints as safetensors files with the zerockpt engine.
+
+    Args:
+        path: The checkpoint directory (created if missing); ``checkpoint_id`` given to
+            ``dcp.save`` replaces it.
+        durable: fsync every file and the directory before the metadata is committed, and the
+            metadata after.
+        checksums: Store each tensor's CRC-32C (``Reader(verify=True)`` checks them).
+        threads: Writer threads per rank; default ``min(cpu_count, 8)``.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        durable: bool = True,
+        checksums: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = Path(_fspath(path))
+        self.durable = bool(durable)
+        self.checksums = bool(checksums)
+        self.threads = _threads(threads)
+        self.save_id = uuid.uuid4().hex
+        self.is_coordinator = False
+        self.rank: int | None = None
+        self.use_collectives = True
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.path = Path(_fspath(checkpoint_id))
+        self.save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def _metadata_path(self) -> Path:
+        if not self.use_collectives and self.rank is not None:
+            return self.path / f"__{self.rank}{METADATA_FILE}"
+        return self.path / METADATA_FILE
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.use_collectives and self.rank is not None:
+            # No global plan step: this rank names its own files and drops its old metadata.
+            self._metadata_path().unlink(missing_ok=True)
+            return dataclasses.replace(plan, storage_data=_RankFiles(f"__{self.rank}_"))
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Runs on the coordinator before any rank writes: from here until finish() commits the
+        # new metadata, the directory is not a complete checkpoint.
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._metadata_path().unlink(missing_ok=True)
+        return [
+            plan if plan.storage_data is not None else dataclasses.replace(
+                plan, storage_data=_RankFiles(f"__{i}_")
+            )
+            for i, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix = plan.storage_data.prefix if plan.storage_data is not None else "__0_"
+        file_name = f"{prefix}0.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        results: list[WriteResult] = []
+        for item in plan.items:
+            name = _item_name(item.index)
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                tensor = _as_bytes_tensor(data)
+            else:
+                tensor = data.detach()
+            tensors[name] = tensor
+            results.append(
+                WriteResult(
+                    index=item.index,
+                    size_in_bytes=tensor.numel() * tensor.element_size(),
+                    storage_data=_Location(file_name, name),
+                )
+            )
+        tensors = _separate_shared(tensors)
+        path = str(self.path / file_name)
+        own = {}  # marks the file as a DCP rank file for tools
+        own["zerockpt.dcp"] = json.dumps({"save_id": self.save_id})
+        if all(t.device.type == "cpu" for t in tensors.values()):
+            _C.save(tensors, path, None, self.durable, None, self.threads, own, self.checksums)
+        else:  # through pinned host memory: the snapshot path of save_async
+            _C.save_async(
+                tensors, path, None, self.durable, None, self.threads, own, self.checksums
+            ).result()
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        storage: dict[MetadataIndex, _Location] = {}
+        for rank_results in results:
+            for r in rank_results:
+                storage[r.index] = r.storage_data
+        metadata.storage_data = storage
+        metadata.storage_meta = self.storage_meta()
+        metadata.version = DCP_VERSION
+        text = encode_metadata(metadata)
+        # Atomic (temporary file + rename) and, when durable, fsynced with its directory.
+        _C.after_commit([(str(self._metadata_path()), text)], [], self.durable)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
+
+
+class Reader(StorageReader):
+    """Reads DCP checkpoints written by :class:`Writer`, straight into the target tensors.
+
+    Each rank opens only the files that hold its items and copies each item from a zero-copy
+    mapping of its file into the tensor the planner gives (narrowed to the requested chunk),
+    so only the bytes it needs are read.
+
+    Args:
+        path: The checkpoint directory; ``checkpoint_id`` given to ``dcp.load`` replaces it.
+        verify: Check the CRC-32C of every file this rank reads from before copying from it.
+        threads: Copy threads per rank; default ``min(cpu_count, 8)``.
+    """
+
+    def __init__(
+        self, path: PathLike, *, verify: bool = False, threads: int | None = None
+    ) -> None:
+        super().__init__()
+        self.path = Path(_fspath(path))
+        self.verify = bool(verify)
+        self.threads = _threads(threads) or _C.default_threads()
+        self.storage_data: dict[MetadataIndex, _Location] = {}
+        self.rank: int | None = None
+        self.use_collectives = True
+        self.load_id = uuid.uuid4().hex
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.storage_data = {}
+        if checkpoint_id:
+            self.path = Path(_fspath(checkpoint_id))
+        self.load_id = uuid.uuid4().hex
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
+        path = self.path / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise _C.FormatError(
+                f"{self.path}: no {name}: not a complete zerockpt.dcp checkpoint (the save did "
+                "not finish, or another writer made it)"
+            ) from None
+        except UnicodeDecodeError as e:
+            raise _C.FormatError(f"{path}: not UTF-8 JSON: {e}") from None
+        metadata = decode_metadata(text, str(path))
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.storage_data = metadata.storage_data
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_file: dict[str, list[Any]] = defaultdict(list)
+        for item in plan.items:
+            location = self.storage_data.get(item.storage_index)
+            if location is None:
+                raise _C.FormatError(
+                    f"{self.path}: the metadata has no storage entry for {item.storage_index}"
+                )
+            by_file[location.file].append(item)
+        files = {name: self._open(name) for name in by_file}
+
+        def fetch(item: Any) -> torch.Tensor:
+            location = self.storage_data[item.storage_index]
+            stored = files[location.file].get_tensor(location.name)
+            if item.type == LoadItemType.BYTE_IO:
+                return stored
+            for dim, (offset, length) in enumerate(
+                zip(item.storage_offsets, item.lengths, strict=True)
+            ):
+                stored = stored.narrow(dim, offset, length)
+            return stored
+
+        items = [item for file_items in by_file.values() for item in file_items]
+        tensors = [item for item in items if item.type != LoadItemType.BYTE_IO]
+        # The planner's callbacks stay on this thread; the copies (GIL released) run on several.
+        targets = [planner.resolve_tensor(item).detach() for item in tensors]
+        for item, target in zip(tensors, targets, strict=True):
+            source_shape = tuple(item.lengths)
+            if tuple(target.shape) != source_shape:
+                raise _C.FormatError(
+                    f"{self.path}: {item.storage_index.fqn}: stored chunk has shape "
+                    f"{list(source_shape)}, the target {list(target.shape)}"
+                )
+
+        def copy(pair: tuple[Any, torch.Tensor]) -> None:
+            pair[1].copy_(fetch(pair[0]))
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            list(pool.map(copy, zip(tensors, targets, strict=True)))
+        for item, target in zip(tensors, targets, strict=True):
+            planner.commit_tensor(item, target)
+        for item in items:
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(fetch(item).numpy().tobytes()))
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _open(self, name: str) -> Any:
+        if "/" in name or name in ("", ".", ".."):
+            raise _C.FormatError(f"{self.path}: invalid file name {name!r} in the metadata")
+        path = self.path / name
+        f = _C._File(str(path))
+        if self.verify:
+            f.verify(0, True)
+        return f
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
+
+
+# --- metadata as JSON ------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_attr(name: object, kind: type, what: str, path: str) -> Any:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, kind):
+        raise _C.FormatError(f"{path}: {what} {name!r} is not a torch {kind.__name__}")
+    return value
+
+
+def encode_metadata(metadata: Metadata) -> str:
+    """DCP's Metadata as JSON (see docs/format.md); planner data must be plain containers."""
+    entries: dict[str, Any] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            entries[fqn] = {"bytes": True}
+            continue
+        p = md.properties
+        entries[fqn] = {
+            "dtype": _dtype_name(p.dtype),
+            "layout": str(p.layout).removeprefix("torch."),
+            "requires_grad": bool(p.requires_grad),
+            "memory_format": str(p.memory_format).removeprefix("torch."),
+            "pin_memory": bool(p.pin_memory),
+            "size": list(md.size),
+            "chunks": [[list(c.offsets), list(c.sizes)] for c in md.chunks],
+        }
+    storage = [
+        [
+            index.fqn,
+            None if index.offset is None else list(index.offset),
+            index.index,
+            location.file,
+            location.name,
+        ]
+        for index, location in (metadata.storage_data or {}).items()
+    ]
+    tensors, planner_data = flatten(metadata.planner_data)
+    if tensors:
+        raise ValueError("zerockpt.dcp: the planner data holds tensors, which it cannot store")
+    meta = metadata.storage_meta
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": metadata.version,
+            "state_dict_metadata": entries,
+            "storage_data": storage,
+            "planner_data": json.loads(planner_data),
+            "storage_meta": None
+            if meta is None
+            else {
+                "checkpoint_id": None if meta.checkpoint_id is None else str(meta.checkpoint_id),
+                "save_id": meta.save_id,
+                "modules": list(meta.modules),
+            },
+        },
+        allow_nan=False,
+    )
+
+
+def _ints(value: object, what: str, path: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise _C.FormatError(f"{path}: {what} must be a list of non-negative ints")
+    return value
+
+
+def _str(value: object, what: str, path: str) -> str:
+    if not isinstance(value, str):
+        raise _C.FormatError(f"{path}: {what} must be a string")
+    return value
+
+
+def decode_metadata(text: str, path: str) -> Metadata:
+    """Parses :func:`encode_metadata` output; FormatError naming ``path`` and the field."""
+
+    def reject(token: str) -> Any:
+        raise ValueError(f"{token} is not JSON")
+
+    try:
+        doc = json.loads(text, parse_constant=reject)
+    except (ValueError, RecursionError) as e:
+        raise _C.FormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise _C.FormatError(f"{path}: not zerockpt.dcp metadata (no \"format\": \"{FORMAT}\")")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise _C.FormatError(
+            f"{path}: metadata format_version {doc.get('format_version')!r} is not supported "
+            f"(this zerockpt reads {FORMAT_VERSION})"
+        )
+    entries = doc.get("state_dict_metadata")
+    if not isinstance(entries, dict):
+        raise _C.FormatError(f"{path}: state_dict_metadata must be an object")
+    sdm: dict[str, Any] = {}
+    for fqn, e in entries.items():
+        where = f"state_dict_metadata[{fqn!r}]"
+        if not isinstance(e, dict):
+            raise _C.FormatError(f"{path}: {where} must be an object")
+        if e.get("bytes") is True:
+            sdm[fqn] = BytesStorageMetadata()
+            continue
+        chunks = e.get("chunks")
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, list) and len(c) == 2 for c in chunks
+        ):
+            raise _C.FormatError(f"{path}: {where}.chunks must be a list of [offsets, sizes]")
+        props = TensorProperties(
+            dtype=_torch_attr(e.get("dtype"), torch.dtype, f"{where}.dtype", path),
+            layout=_torch_attr(e.get("layout"), torch.layout, f"{where}.layout", path),
+            requires_grad=bool(e.get("requires_grad", False)),
+            memory_format=_torch_attr(
+                e.get("memory_format"), torch.memory_format, f"{where}.memory_format", path
+            ),
+            pin_memory=bool(e.get("pin_memory", False)),
+        )
+        sdm[fqn] = TensorStorageMetadata(
+            properties=props,
+            size=torch.Size(_ints(e.get("size"), f"{where}.size", path)),
+            chunks=[
+                ChunkStorageMetadata(
+                    offsets=torch.Size(_ints(o, f"{where}.chunks offsets", path)),
+                    sizes=torch.Size(_ints(s, f"{where}.chunks sizes", path)),
+                )
+                for o, s in chunks
+            ],
+        )
+    storage_list = doc.get("storage_data")
+    if not isinstance(storage_list, list):
+        raise _C.FormatError(f"{path}: storage_data must be a list")
+    storage: dict[MetadataIndex, _Location] = {}
+    for k, entry in enumerate(storage_list):
+        where = f"storage_data[{k}]"
+        if not isinstance(entry, list) or len(entry) != 5:
+            raise _C.FormatError(f"{path}: {where} must be [fqn, offset, index, file, name]")
+        fqn, offset, index, file, name = entry
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+            raise _C.FormatError(f"{path}: {where} index must be an int or null")
+        storage[
+            MetadataIndex(
+                fqn=_str(fqn, f"{where} fqn", path),
+                offset=None if offset is None else torch.Size(_ints(offset, where, path)),
+                index=index,
+            )
+        ] = _Location(_str(file, f"{where} file", path), _str(name, f"{where} name", path))
+    try:
+        planner_data = unflatten({}, json.dumps(doc.get("planner_data")), path)
+    except _C.FormatError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise _C.FormatError(f"{path}: planner_data is not valid: {e}") from None
+    meta = doc.get("storage_meta")
+    storage_meta = None
+    if isinstance(meta, dict):
+        storage_meta = StorageMeta(
+            checkpoint_id=meta.get("checkpoint_id"),
+            save_id=meta.get("save_id"),
+            modules=list(meta.get("modules") or []),
+        )
+    version = doc.get("version")
+    return Metadata(
+        state_dict_metadata=sdm,
+        planner_data=planner_data,
+        storage_data=storage,
+        storage_meta=storage_meta,
+        version=version if isinstance(version, str) else None,
+    )
+
