@@ -84,7 +84,7 @@ class PendingSave:
             return
         try:
             self._handle.result()
-        except Exception as e:  # noqa: BLE001 (kept, to be raised by result())
+        except Exception as e:  # kept, to be raised by result()
             self._error = e
         self._settled = True
 
@@ -179,7 +179,7 @@ def save_async(
     When the interpreter exits, it waits for the save in flight to finish; a failure that was
     never asked for is printed on stderr then.
 
-    >>> pending = zerockpt.save_async({"model": model.state_dict(), "step": step}, "ckpt.safetensors")
+    >>> pending = zerockpt.save_async({"model": model.state_dict(), "step": 7}, "ckpt.safetensors")
     >>> optimizer.step()  # safe: the snapshot is already taken
     >>> pending.result()  # raises if the write failed
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.futures import Future
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -49,9 +48,9 @@ from torch.distributed.checkpoint.planner import (
     LoadPlanner,
     SavePlan,
     SavePlanner,
-    WriteItemType,
 )
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
 
 from zerockpt import _C
 from zerockpt.serialization import PathLike, _fspath, _threads
@@ -178,9 +177,9 @@ class Writer(StorageWriter):
         self.path.mkdir(parents=True, exist_ok=True)
         self._metadata_path().unlink(missing_ok=True)
         return [
-            plan if plan.storage_data is not None else dataclasses.replace(
-                plan, storage_data=_RankFiles(f"__{i}_")
-            )
+            plan
+            if plan.storage_data is not None
+            else dataclasses.replace(plan, storage_data=_RankFiles(f"__{i}_"))
             for i, plan in enumerate(plans)
         ]
 
@@ -192,10 +191,12 @@ class Writer(StorageWriter):
         for item in plan.items:
             name = _item_name(item.index)
             data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
+            if isinstance(data, torch.Tensor):
+                tensor = data.detach()
+            elif isinstance(data, io.BytesIO):
                 tensor = _as_bytes_tensor(data)
             else:
-                tensor = data.detach()
+                raise TypeError(f"zerockpt.dcp: item {item.index.fqn!r} resolved to {type(data)}")
             tensors[name] = tensor
             results.append(
                 WriteResult(
@@ -251,9 +252,7 @@ class Reader(StorageReader):
         threads: Copy threads per rank; default ``min(cpu_count, 8)``.
     """
 
-    def __init__(
-        self, path: PathLike, *, verify: bool = False, threads: int | None = None
-    ) -> None:
+    def __init__(self, path: PathLike, *, verify: bool = False, threads: int | None = None) -> None:
         super().__init__()
         self.path = Path(_fspath(path))
         self.verify = bool(verify)
@@ -314,7 +313,7 @@ class Reader(StorageReader):
 
         def fetch(item: Any) -> torch.Tensor:
             location = self.storage_data[item.storage_index]
-            stored = files[location.file].get_tensor(location.name)
+            stored: torch.Tensor = files[location.file].get_tensor(location.name)
             if item.type == LoadItemType.BYTE_IO:
                 return stored
             for dim, (offset, length) in enumerate(
@@ -450,10 +449,10 @@ def decode_metadata(text: str, path: str) -> Metadata:
 
     try:
         doc = json.loads(text, parse_constant=reject)
-    except (ValueError, RecursionError) as e:
-        raise _C.FormatError(f"{path}: not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as error:
+        raise _C.FormatError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise _C.FormatError(f"{path}: not zerockpt.dcp metadata (no \"format\": \"{FORMAT}\")")
+        raise _C.FormatError(f'{path}: not zerockpt.dcp metadata (no "format": "{FORMAT}")')
     if doc.get("format_version") != FORMAT_VERSION:
         raise _C.FormatError(
             f"{path}: metadata format_version {doc.get('format_version')!r} is not supported "
@@ -535,4 +534,3 @@ def decode_metadata(text: str, path: str) -> Metadata:
         storage_meta=storage_meta,
         version=version if isinstance(version, str) else None,
     )
-

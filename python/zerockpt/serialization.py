@@ -188,7 +188,7 @@ def _prepare_save(
         metadata = dict(metadata)
     own: dict[str, str] = {}
     if is_flat_state_dict(obj):
-        flat = obj if type(obj) is dict else dict(obj)  # type: ignore[arg-type]
+        flat = obj if type(obj) is dict else dict(obj)
         state_dict_metadata = _encode_state_dict_metadata(obj)  # type: ignore[arg-type]
         if state_dict_metadata is not None:
             own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
