@@ -3,15 +3,14 @@
 An MLP (4 x 2048 x 2048 linear layers) trains with Adam on a fixed batch; its full training
 state (model, optimizer moments, step: ~200 MB) is checkpointed every K steps, K chosen from a
 calibration run so that checkpoints come about every CHECKPOINT_INTERVAL_S seconds of
-training. Each method runs the same number of steps (about 3.5 intervals, so three
-checkpoints); the reported figure is steps per second over the whole run, waits for the last
-background write included. The ratios to the run without checkpoints are printed at the end.
+training. The methods take turns (see
+test_training_loop); the ratios of their steps per second to the run without checkpoints are
+printed at the end.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -148,54 +147,56 @@ METHODS: dict[str, Method] = {
     "dcp.async_save no_dist": _dcp_async_save,
 }
 
-_STEPS_PER_S: dict[str, float] = {}
+ROUNDS = 1 if SMOKE else 3
 
 
-@pytest.mark.parametrize("method", list(METHODS))
 def test_training_loop(
     benchmark: BenchmarkFixture,
     trainer: Trainer,
     steps_per_checkpoint: int,
     bench_dir: Path,
-    method: str,
 ) -> None:
+    """Every method in turn, ROUNDS times (order rotated each round), one interval each.
+
+    A segment is one checkpoint followed by K training steps, then waiting for that
+    checkpoint's background write if it is still running. The machine's speed drifts by tens
+    of percent over minutes (other tenants), so the methods are interleaved rather than run one
+    after another, and each method's best segment is compared.
+    """
     k = steps_per_checkpoint
-    total_steps = 3 * k + k // 2
-    checkpoint, finish = METHODS[method](trainer, bench_dir)
+    names = list(METHODS)
+    segments: dict[str, list[float]] = {name: [] for name in names}
+    methods = {}
+    for name in names:
+        directory = bench_dir / name.replace(" ", "_")
+        directory.mkdir()
+        methods[name] = METHODS[name](trainer, directory)
 
     def run() -> None:
-        for i in range(1, total_steps + 1):
-            trainer.step()
-            if i % k == 0:
+        for r in range(ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                checkpoint, finish = methods[name]
+                os.sync()
+                start = time.perf_counter()
                 checkpoint(trainer.step_count)
-        finish()
+                for _ in range(k):
+                    trainer.step()
+                finish()
+                segments[name].append(time.perf_counter() - start)
 
-    def setup() -> None:
-        shutil.rmtree(bench_dir, ignore_errors=True)
-        bench_dir.mkdir()
-        os.sync()
-
-    benchmark.group = f"training loop, {total_steps} steps, a checkpoint every {k}"
-    benchmark.extra_info["steps"] = total_steps
-    benchmark.extra_info["steps per checkpoint"] = k
-    benchmark.pedantic(run, setup=setup, rounds=1, iterations=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.min > 0:
-        _STEPS_PER_S[method] = total_steps / stats.stats.min
-        benchmark.extra_info["steps/s"] = round(_STEPS_PER_S[method], 3)
-    if method != "no checkpoints":
-        assert any(bench_dir.iterdir())
-
-
-def test_report_training_ratios() -> None:
-    """Prints the same-run ratios (not a timing)."""
-    base = _STEPS_PER_S.get("no checkpoints")
-    if base is None or len(_STEPS_PER_S) < 2:
-        pytest.skip("timings disabled (--benchmark-disable) or not run")
-    for method, rate in _STEPS_PER_S.items():
-        if method != "no checkpoints":
+    benchmark.group = f"training loop: {ROUNDS} x (1 checkpoint + {k} steps) per method"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    base = min(segments["no checkpoints"])
+    for name, times in segments.items():
+        benchmark.extra_info[f"{name}: steps/s (best segment)"] = round(k / min(times), 3)
+        benchmark.extra_info[f"{name}: steps/s (median segment)"] = round(
+            k / sorted(times)[len(times) // 2], 3
+        )
+        if name != "no checkpoints" and benchmark.enabled:
             report_ratio(
-                f"training steps/s with {method} / without checkpoints",
-                rate / base,
-                "target >= 0.95" if method == "zerockpt.save_async" else "",
+                f"training steps/s with {name} / without checkpoints (best of {ROUNDS})",
+                base / min(times),
+                "target >= 0.95" if name == "zerockpt.save_async" else "",
             )
+    assert all(len(times) == ROUNDS for times in segments.values())
+    assert any((bench_dir / "zerockpt.save_async").iterdir())
