@@ -534,3 +534,111 @@ def decode_metadata(text: str, path: str) -> Metadata:
         storage_meta=storage_meta,
         version=version if isinstance(version, str) else None,
     )
+
+
+# --- conversion to ordinary files ------------------------------------------------------------
+
+
+def to_file(
+    checkpoint: PathLike,
+    destination: PathLike,
+    *,
+    max_shard_size: int | str | None = None,
+    durable: bool = True,
+) -> None:
+    """Converts a checkpoint written by :class:`Writer` into one zerockpt file (or HF shards).
+
+    The result is what :func:`zerockpt.load` returns for the full, unsharded state: the nested
+    structure DCP flattened is rebuilt from its planner data, DTensor and sharded tensors are
+    assembled from their chunks, and non-tensor values (which DCP stores with ``torch.save``)
+    are read with ``torch.load(weights_only=True)``. Memory stays small: tensors stored whole
+    are written straight from a mapping of the rank files, and sharded ones are assembled in a
+    mapping of a temporary file beside ``destination`` (removed at once: only the page cache
+    holds them), never in the process's own memory all at once.
+
+    Args:
+        checkpoint: The checkpoint directory.
+        destination: The file to write (or a directory, with ``max_shard_size``).
+        max_shard_size: Write Hugging Face-style shards of at most this size (see
+            :func:`zerockpt.save`) instead of one file.
+        durable: fsync what is written.
+
+    Raises:
+        FormatError: The checkpoint is incomplete or malformed.
+        OSError: A file cannot be read or written.
+    """
+    from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
+
+    from zerockpt.serialization import save
+
+    reader = Reader(checkpoint)
+    metadata = reader.read_metadata()
+    storage: dict[MetadataIndex, _Location] = metadata.storage_data
+    by_fqn: dict[str, list[tuple[MetadataIndex, _Location]]] = defaultdict(list)
+    for index, location in storage.items():
+        by_fqn[index.fqn].append((index, location))
+    files: dict[str, Any] = {}
+
+    def stored(location: _Location) -> torch.Tensor:
+        if location.file not in files:
+            files[location.file] = reader._open(location.file)
+        tensor: torch.Tensor = files[location.file].get_tensor(location.name)
+        return tensor
+
+    dest = Path(_fspath(destination))
+    scratch_dir = dest if max_shard_size is not None else dest.parent
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    flat: dict[str, Any] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        pieces = by_fqn.get(fqn)
+        if not pieces:
+            raise _C.FormatError(f"{reader.path}: no stored data for {fqn!r}")
+        if isinstance(md, BytesStorageMetadata):
+            raw = stored(pieces[0][1]).numpy().tobytes()
+            flat[fqn] = torch.load(io.BytesIO(raw), weights_only=True)
+            continue
+        if len(pieces) == 1 and tuple(stored(pieces[0][1]).shape) == tuple(md.size):
+            flat[fqn] = stored(pieces[0][1])  # a zero-copy view of the rank file
+            continue
+        flat[fqn] = _assemble(fqn, md, pieces, stored, scratch_dir)
+    mappings = metadata.planner_data
+    state = unflatten_state_dict(flat, mappings) if mappings else flat
+    if max_shard_size is None:
+        save(state, dest, durable=durable)
+    else:
+        save(state, dest, durable=durable, max_shard_size=max_shard_size)  # type: ignore[call-arg]
+
+
+def _assemble(
+    fqn: str,
+    md: TensorStorageMetadata,
+    pieces: list[tuple[MetadataIndex, _Location]],
+    stored: Any,
+    scratch_dir: Path,
+) -> torch.Tensor:
+    """The full tensor ``fqn`` from its chunks, in a mapping of an unlinked temporary file."""
+    import tempfile
+
+    dtype = md.properties.dtype
+    numel = 1
+    for d in md.size:
+        numel *= d
+    fd, name = tempfile.mkstemp(prefix=".assemble.", suffix=".zerockpt-tmp", dir=scratch_dir)
+    try:
+        os.ftruncate(fd, max(1, numel) * torch.empty((), dtype=dtype).element_size())
+        full = torch.from_file(name, shared=True, size=numel, dtype=dtype).view(md.size)
+    finally:
+        os.close(fd)
+        os.unlink(name)  # the mapping stays valid; nothing is left behind
+    covered = 0
+    for index, location in pieces:
+        chunk = stored(location)
+        offsets = index.offset or torch.Size([0] * len(md.size))
+        target = full
+        for dim, (offset, length) in enumerate(zip(offsets, chunk.shape, strict=True)):
+            target = target.narrow(dim, offset, length)
+        target.copy_(chunk)
+        covered += chunk.numel()
+    if covered < numel:
+        raise _C.FormatError(f"{fqn!r}: the stored chunks cover {covered} of {numel} elements")
+    return full
