@@ -190,6 +190,11 @@ class Writer(StorageWriter):
         results: list[WriteResult] = []
         for item in plan.items:
             name = _item_name(item.index)
+            # A key may itself look like "fqn@offsets": keep every name in the file unique.
+            base, k = name, 0
+            while name in tensors:
+                k += 1
+                name = f"{base}#{k}"
             data = planner.resolve_data(item)
             if isinstance(data, torch.Tensor):
                 tensor = data.detach()
@@ -258,6 +263,7 @@ class Reader(StorageReader):
         self.verify = bool(verify)
         self.threads = _threads(threads) or _C.default_threads()
         self.storage_data: dict[MetadataIndex, _Location] = {}
+        self.metadata: Metadata | None = None
         self.rank: int | None = None
         self.use_collectives = True
         self.load_id = uuid.uuid4().hex
@@ -291,6 +297,7 @@ class Reader(StorageReader):
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
         self.storage_data = metadata.storage_data
+        self.metadata = metadata
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
 
@@ -312,33 +319,52 @@ class Reader(StorageReader):
         files = {name: self._open(name) for name in by_file}
 
         def fetch(item: Any) -> torch.Tensor:
+            """The stored bytes of one read item, checked against the metadata."""
             location = self.storage_data[item.storage_index]
-            stored: torch.Tensor = files[location.file].get_tensor(location.name)
+            fqn = item.storage_index.fqn
+            where = f"{self.path / location.file}: tensor {location.name!r} (for {fqn!r})"
+            try:
+                stored: torch.Tensor = files[location.file].get_tensor(location.name)
+            except KeyError:
+                raise _C.FormatError(f"{where} is not in the file") from None
             if item.type == LoadItemType.BYTE_IO:
+                if stored.dtype != torch.uint8 or stored.dim() != 1:
+                    raise _C.FormatError(f"{where}: bytes must be stored as a 1-D uint8 tensor")
                 return stored
-            for dim, (offset, length) in enumerate(
-                zip(item.storage_offsets, item.lengths, strict=True)
+            md = self.metadata.state_dict_metadata.get(fqn) if self.metadata else None
+            if not isinstance(md, TensorStorageMetadata) or stored.dtype != md.properties.dtype:
+                expected = md.properties.dtype if isinstance(md, TensorStorageMetadata) else None
+                raise _C.FormatError(f"{where}: stored as {stored.dtype}, expected {expected}")
+            offsets, lengths = list(item.storage_offsets), list(item.lengths)
+            if stored.dim() != len(lengths) or any(
+                o + n > size for o, n, size in zip(offsets, lengths, stored.shape, strict=True)
             ):
+                raise _C.FormatError(
+                    f"{where}: stored shape {list(stored.shape)} does not hold the chunk at "
+                    f"{offsets} of size {lengths}"
+                )
+            for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
                 stored = stored.narrow(dim, offset, length)
             return stored
 
         items = [item for file_items in by_file.values() for item in file_items]
         tensors = [item for item in items if item.type != LoadItemType.BYTE_IO]
-        # The planner's callbacks stay on this thread; the copies (GIL released) run on several.
+        # Everything is checked before any target changes; the planner's callbacks stay on this
+        # thread, the copies (GIL released) run on several.
+        sources = [fetch(item) for item in tensors]
         targets = [planner.resolve_tensor(item).detach() for item in tensors]
         for item, target in zip(tensors, targets, strict=True):
-            source_shape = tuple(item.lengths)
-            if tuple(target.shape) != source_shape:
+            if tuple(target.shape) != tuple(item.lengths):
                 raise _C.FormatError(
                     f"{self.path}: {item.storage_index.fqn}: stored chunk has shape "
-                    f"{list(source_shape)}, the target {list(target.shape)}"
+                    f"{list(item.lengths)}, the target {list(target.shape)}"
                 )
 
-        def copy(pair: tuple[Any, torch.Tensor]) -> None:
-            pair[1].copy_(fetch(pair[0]))
+        def copy(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+            pair[1].copy_(pair[0])
 
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            list(pool.map(copy, zip(tensors, targets, strict=True)))
+            list(pool.map(copy, zip(sources, targets, strict=True)))
         for item, target in zip(tensors, targets, strict=True):
             planner.commit_tensor(item, target)
         for item in items:
@@ -429,9 +455,9 @@ def encode_metadata(metadata: Metadata) -> str:
 
 def _ints(value: object, what: str, path: str) -> list[int]:
     if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value
     ):
-        raise _C.FormatError(f"{path}: {what} must be a list of non-negative ints")
+        raise _C.FormatError(f"{path}: {what} must be a list of non-negative int64 values")
     return value
 
 
@@ -520,11 +546,17 @@ def decode_metadata(text: str, path: str) -> Metadata:
         raise _C.FormatError(f"{path}: planner_data is not valid: {e}") from None
     meta = doc.get("storage_meta")
     storage_meta = None
-    if isinstance(meta, dict):
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise _C.FormatError(f"{path}: storage_meta must be an object or null")
+        for key in ("checkpoint_id", "save_id"):
+            if not isinstance(meta.get(key), str | None):
+                raise _C.FormatError(f"{path}: storage_meta.{key} must be a string or null")
+        modules = meta.get("modules", [])
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise _C.FormatError(f"{path}: storage_meta.modules must be a list of strings")
         storage_meta = StorageMeta(
-            checkpoint_id=meta.get("checkpoint_id"),
-            save_id=meta.get("save_id"),
-            modules=list(meta.get("modules") or []),
+            checkpoint_id=meta.get("checkpoint_id"), save_id=meta.get("save_id"), modules=modules
         )
     version = doc.get("version")
     return Metadata(
@@ -606,7 +638,7 @@ def to_file(
     if max_shard_size is None:
         save(state, dest, durable=durable)
     else:
-        save(state, dest, durable=durable, max_shard_size=max_shard_size)  # type: ignore[call-arg]
+        save(state, dest, durable=durable, max_shard_size=max_shard_size)
 
 
 def _assemble(
