@@ -119,12 +119,11 @@ void save(py::dict tensors, const std::string& path, py::object metadata, bool d
 }
 
 // Requires GIL for conversion; releases GIL while waiting for the save in flight and copying.
-std::shared_ptr<PendingSave> save_async(py::dict tensors, const std::string& path,
-                                        py::object metadata, bool durable,
-                                        std::optional<bool> direct_io, unsigned threads,
-                                        py::object own_metadata, bool checksums,
-                                        std::vector<std::pair<std::string, std::string>> write_files,
-                                        std::vector<std::string> remove_files) {
+std::shared_ptr<PendingSave> save_async(
+    py::dict tensors, const std::string& path, py::object metadata, bool durable,
+    std::optional<bool> direct_io, unsigned threads, py::object own_metadata, bool checksums,
+    std::vector<std::pair<std::string, std::string>> write_files,
+    std::vector<std::string> remove_files) {
   SaveArgs args =
       save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums);
   AfterCommit after{std::move(write_files), std::move(remove_files)};

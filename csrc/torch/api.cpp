@@ -74,8 +74,8 @@ void SaveFuture::get() const {
 
 SaveFuture save_async(const TensorDict& tensors, const std::string& path,
                       const SaveOptions& options) {
-  return SaveFuture(save_tensors_async(named_tensors(tensors), path, options.metadata,
-                                       write_options(options)));
+  return SaveFuture(
+      save_tensors_async(named_tensors(tensors), path, options.metadata, write_options(options)));
 }
 
 SaveFuture save_async(const torch::nn::Module& module, const std::string& path,

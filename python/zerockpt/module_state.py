@@ -18,15 +18,17 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zerockpt import _C
+from zerockpt import _C, sharded
 from zerockpt.serialization import (
     PathLike,
     _fspath,
+    _rebuild,
     _threads,
     _warn_unverified,
     decode_state_dict_metadata,
     load,
 )
+from zerockpt.structure import STRUCTURE_KEY
 
 _STATE_DICT_POSITIONAL_WARNING = (
     "Positional args are being deprecated, use kwargs instead. Refer to "
@@ -102,6 +104,22 @@ def _loads_with_torch(module: nn.Module) -> bool:
     )
 
 
+def _load_sharded(
+    index: sharded.ShardIndex, threads: int | None, verify: bool
+) -> Mapping[str, Any]:
+    """The state dict a sharded checkpoint describes (views of the shards' mappings)."""
+    tensors, unchecked = sharded.load_shards(
+        index, mmap=True, threads=_threads(threads), verify=bool(verify)
+    )
+    if verify and unchecked:
+        sharded.warn_unverified(index, unchecked, stacklevel=3)  # the caller of load_state_dict
+    own = index.own_metadata()
+    if STRUCTURE_KEY in own:  # nested training state: its flat names, as from a single file
+        return tensors
+    out: Mapping[str, Any] = _rebuild(tensors, own, index.path)
+    return out
+
+
 def load_state_dict(
     module: nn.Module,
     source: Mapping[str, Any] | PathLike,
@@ -123,9 +141,18 @@ def load_state_dict(
     few staging chunks whatever the model size. The file is opened and validated before the
     module is touched.
 
+    From a sharded checkpoint (a directory holding ``model.safetensors.index.json``, or the
+    index file; see :func:`zerockpt.load`), the index is validated and every shard is opened
+    (and, with ``verify``, checked) in parallel before the module is touched; the tensors are
+    then loaded as from the state dict the index describes (zero-copy views of the shards'
+    mappings, in the index's order, with the ``_metadata`` that ``save`` stored in the index),
+    so missing and unexpected keys, errors and hooks are exactly torch's for the whole
+    checkpoint.
+
     Args:
         module: The module to load into.
-        source: A mapping of names to tensors (e.g. a state dict), or the path of a file.
+        source: A mapping of names to tensors (e.g. a state dict); the path of a file; or a
+            sharded checkpoint's directory or index file.
         strict: Raise if keys are missing or unexpected (size mismatches always raise).
         assign: Assign the checkpoint's tensors to the module instead of copying into the
             existing ones (for a file: zero-copy views of its mapping), keeping each
@@ -142,22 +169,28 @@ def load_state_dict(
         RuntimeError: Torch's "Error(s) in loading state_dict for ..." with the same text.
         TypeError: ``source`` is neither a mapping nor a path, or a file tensor's dtype has no
             torch equivalent.
-        FormatError: The file is not valid safetensors (nothing is loaded).
+        FormatError: The file is not valid safetensors, or an index is malformed or does not
+            match its shards (nothing is loaded).
         ChecksumError: With ``verify``, tensors fail their checksum (nothing is loaded).
-        OSError: The file cannot be opened or read (errno and filename set).
+        OSError: The file or a shard cannot be opened or read (errno and filename set).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")
     file: _C._File | None = None
     mapping: Mapping[str, Any] | None = None
     if isinstance(source, str | os.PathLike):
-        file = _C._File(_fspath(source))
-        if verify:
-            has_checksums, _ = file.verify(_threads(threads), True)
-            if not has_checksums:
-                _warn_unverified(file.path)
-        stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
-        metadata = None if stored is None else decode_state_dict_metadata(stored, file.path)
+        target = sharded.resolve(_fspath(source))
+        if isinstance(target, sharded.ShardIndex):
+            mapping = _load_sharded(target, threads, verify)
+            metadata = getattr(mapping, "_metadata", None)
+        else:
+            file = _C._File(target)
+            if verify:
+                has_checksums, _ = file.verify(_threads(threads), True)
+                if not has_checksums:
+                    _warn_unverified(file.path)
+            stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
+            metadata = None if stored is None else decode_state_dict_metadata(stored, file.path)
     elif isinstance(source, Mapping):
         if verify:
             raise ValueError("verify=True needs a file to check: source is a mapping of tensors")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerockpt import _C
+from zerockpt import _C, sharded
 from zerockpt.structure import STRUCTURE_KEY, flatten, is_flat_state_dict, unflatten
 
 PathLike = str | os.PathLike[str]
@@ -118,6 +118,7 @@ def save(
     direct_io: bool | None = None,
     threads: int | None = None,
     checksums: bool = True,
+    max_shard_size: int | str | None = None,
 ) -> None:
     """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
 
@@ -138,6 +139,24 @@ def save(
     leaves (kept in the metadata). :func:`load` rebuilds the same structure. Nothing is
     pickled: any other object is a TypeError naming its path.
 
+    With ``max_shard_size``, ``path`` is a directory (created if missing) that receives a
+    sharded checkpoint in the Hugging Face layout, as transformers' ``save_pretrained`` writes
+    it: ``model-00001-of-00003.safetensors`` ... and ``model.safetensors.index.json``
+    (``{"metadata": {"total_size": ...}, "weight_map": {name: shard file}}``), always, even for
+    one shard. Tensors fill shards greedily in the saved order; a tensor larger than the limit
+    gets a shard of its own, and tensors sharing memory (tied weights) share a shard, so they
+    stay tied. Each shard holds ``metadata``; a module's ``_metadata`` or the structure of
+    nested training state goes in the index's ``metadata`` (``zerockpt.*`` entries), so both
+    kinds can be sharded. All files are first written into a private staging directory inside
+    ``path`` (an error there leaves ``path`` as it was), then the shards are renamed into place
+    and the index last, which commits the checkpoint; then shard files of earlier saves
+    (``model-*-of-*.safetensors``) that the new index does not list are removed. A crash in the
+    short window between the first shard rename and the index rename leaves shards that the
+    old index does not match: loading then raises ``FormatError`` rather than mixing two
+    checkpoints. One sharded save at a time per directory: concurrent ones may leave an index
+    whose shards were overwritten (detected on load, as above). :func:`load`, :func:`open` and
+    :func:`zerockpt.load_state_dict` read the directory (or the index file).
+
     Args:
         tensors: Names to CPU tensors, any dtype the safetensors format names, any strides; an
             ``nn.Module``, saved as its state dict; or nested training state as above.
@@ -152,18 +171,36 @@ def save(
         threads: Writer threads; default ``min(cpu_count, 8)``.
         checksums: Store each tensor's CRC-32C (metadata ``zerockpt.crc32c``), computed from the
             bytes as they are written, for ``load(..., verify=True)`` and :func:`verify`.
+        max_shard_size: Write a sharded checkpoint directory (see above) whose shards hold at
+            most this many tensor bytes each: an int, or a str as transformers takes it,
+            ``"5GB"``, ``"500MB"`` (powers of 1000), ``"10GiB"`` (powers of 1024). ``None``
+            (default) writes the single file ``path``.
 
     Raises:
         TypeError: An object, key or dtype or layout cannot be stored (the message names its
             path or key).
         ValueError: Tensors are different but overlapping views of one storage, a tensor is not
-            on the CPU, or metadata uses a reserved key.
+            on the CPU, metadata uses a reserved key, ``max_shard_size`` is not a size, or
+            ``path`` is an existing file while ``max_shard_size`` is given.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
             power loss.
     """
     flat, metadata, own = _prepare_save(tensors, metadata)
+    if max_shard_size is not None:
+        sharded.save_sharded(
+            flat,
+            _fspath(path),
+            max_shard_size,
+            metadata,
+            own,
+            durable=bool(durable),
+            direct_io=direct_io,
+            threads=_threads(threads),
+            checksums=bool(checksums),
+        )
+        return
     _C.save(
         flat,
         _fspath(path),
@@ -205,7 +242,7 @@ def load(
     threads: int | None = None,
     verify: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Loads every tensor of a safetensors file, in the order they were saved.
+    """Loads every tensor of a safetensors file or sharded checkpoint, in the order they were saved.
 
     With ``mmap=True`` (default) the tensors are zero-copy views of a private (copy-on-write)
     mapping of the file: loading costs only the header, bytes are read when first touched,
@@ -213,8 +250,16 @@ def load(
     tensor from it is freed. A file later replaced by rename (as :func:`save` does) leaves
     them unchanged; a file truncated in place by another writer may not.
 
+    A sharded checkpoint (Hugging Face layout, from ``save(..., max_shard_size=...)``,
+    transformers' ``save_pretrained`` or any writer) is read through its index: the index is
+    validated, the shards are loaded in parallel (the ``threads`` are shared among them), each
+    must hold exactly the tensors the index assigns to it, and the tensors come back in the
+    index's order (zerockpt writes it in the saved order; transformers sorts it).
+
     Args:
-        path: A safetensors file, from zerockpt or any other writer.
+        path: A safetensors file, from zerockpt or any other writer; an index file (a name
+            ending in ``.json``, e.g. ``model.safetensors.index.json``); or a directory holding
+            ``model.safetensors.index.json`` (preferred) or ``model.safetensors``.
         device: Only ``"cpu"`` in this version.
         mmap: Map the file (default) or read it eagerly into fresh memory with parallel preads.
         threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
@@ -232,22 +277,40 @@ def load(
     Raises:
         ChecksumError: With ``verify``, tensors whose bytes do not match their checksum (the
             message names each one).
-        FormatError: The file is not valid safetensors (the message names the key or offset).
-        OSError: The file cannot be opened or read (errno and filename set).
+        FormatError: The file is not valid safetensors (the message names the key or offset),
+            or an index is malformed or does not match its shards (the message names it).
+        OSError: The file, or a shard an index lists, cannot be opened or read (errno and
+            filename set); a directory holds neither an index nor ``model.safetensors``.
         TypeError: A stored dtype has no torch equivalent.
     """
     _check_cpu(device)
-    path = _fspath(path)
-    tensors, own, has_checksums = _C.load(path, bool(mmap), _threads(threads), bool(verify))
-    if verify and not has_checksums:
-        _warn_unverified(path)
+    target = sharded.resolve(_fspath(path))
+    where: str
+    if isinstance(target, sharded.ShardIndex):
+        where = target.path
+        tensors, unchecked = sharded.load_shards(
+            target, mmap=bool(mmap), threads=_threads(threads), verify=bool(verify)
+        )
+        own = target.own_metadata()
+        if verify and unchecked:
+            sharded.warn_unverified(target, unchecked, stacklevel=2)
+    else:
+        where = target
+        tensors, own, has_checksums = _C.load(where, bool(mmap), _threads(threads), bool(verify))
+        if verify and not has_checksums:
+            _warn_unverified(where)
+    return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
+
+
+def _rebuild(tensors: dict[str, torch.Tensor], own: Mapping[str, str], where: str) -> Any:
+    """What :func:`load` returns for the tensors and zerockpt's own metadata of ``where``."""
     if STRUCTURE_KEY in own:
-        return unflatten(tensors, own[STRUCTURE_KEY], path)  # type: ignore[no-any-return]
+        return unflatten(tensors, own[STRUCTURE_KEY], where)
     state_dict_metadata = own.get(_C.STATE_DICT_METADATA_KEY)
     if state_dict_metadata is None:
         return tensors
     out: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
-    out._metadata = decode_state_dict_metadata(state_dict_metadata, path)  # type: ignore[attr-defined]
+    out._metadata = decode_state_dict_metadata(state_dict_metadata, where)  # type: ignore[attr-defined]
     return out
 
 
@@ -297,48 +360,118 @@ class TensorInfo:
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
-    """Lazy, read-only access to a safetensors file; see :func:`open`.
+    """Lazy, read-only access to a safetensors file or sharded checkpoint; see :func:`open`.
 
     A mapping of names to tensors: each tensor is produced when asked for and its bytes are
     not touched before that. Tensors taken from the file stay valid after :meth:`close`.
     """
 
     def __init__(self, path: PathLike) -> None:
-        self._file: _C._File | None = _C._File(_fspath(path))
-        self._keys = self._file.keys()
+        target = sharded.resolve(_fspath(path))
+        self._index: sharded.ShardIndex | None = None
+        self._shard_of: dict[str, int] = {}
+        if isinstance(target, sharded.ShardIndex):
+            self._index = target
+            self._files: list[_C._File] | None = sharded.open_shards(target)
+            self._path = target.path
+            self._keys = list(target.weight_map)
+            position = {shard: i for i, shard in enumerate(target.shards)}
+            self._shard_of = {name: position[s] for name, s in target.weight_map.items()}
+        else:
+            file = _C._File(target)
+            self._files = [file]
+            self._path = file.path
+            self._keys = file.keys()
 
     @property
     def path(self) -> str:
-        return self._handle().path
+        """The file, or the index file of a sharded checkpoint."""
+        self._handles()
+        return self._path
 
-    def _handle(self) -> _C._File:
-        if self._file is None:
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The safetensors files read: the file itself, or every shard (sorted by name)."""
+        return tuple(f.path for f in self._handles())
+
+    @property
+    def index(self) -> dict[str, Any] | None:
+        """A sharded checkpoint's index (``{"metadata": ..., "weight_map": ...}``), else None."""
+        self._handles()
+        if self._index is None:
+            return None
+        return {"metadata": dict(self._index.metadata), "weight_map": dict(self._index.weight_map)}
+
+    def _handles(self) -> list[_C._File]:
+        if self._files is None:
             raise ValueError("I/O operation on a closed zerockpt.TensorFile")
-        return self._file
+        return self._files
+
+    def _handle(self, name: str | None = None) -> _C._File:
+        """The file holding ``name`` (KeyError if no shard does); no name: the (first) file."""
+        files = self._handles()
+        if self._index is None or name is None:
+            return files[0]
+        position = self._shard_of.get(name)
+        if position is None:
+            raise KeyError(name)
+        return files[position]
 
     def keys(self) -> list[str]:  # type: ignore[override]
-        """Tensor names in saved order, aliases included."""
+        """Tensor names in saved order (sharded: the index's order), aliases included."""
         return list(self._keys)
 
+    def file_of(self, name: str) -> str:
+        """The path of the file (shard) holding ``name``; KeyError if there is no such tensor."""
+        handle = self._handle(name)
+        handle.info(name)  # KeyError for a name a single file does not hold
+        return handle.path
+
     def metadata(self) -> dict[str, str]:
-        """The header's ``__metadata__`` (zerockpt's own ``zerockpt.*`` entries included)."""
-        return self._handle().metadata()
+        """The header's ``__metadata__`` (zerockpt's own ``zerockpt.*`` entries included).
+
+        For a sharded checkpoint: that of its first shard (by name), which holds the metadata
+        given to ``save`` as every shard does; ``{}`` if the index lists no shard. The index's
+        own metadata is in :attr:`index`.
+        """
+        files = self._handles()
+        return files[0].metadata() if files else {}
 
     def info(self, name: str) -> TensorInfo:
-        """Dtype, shape and byte range of ``name``; KeyError if the file has no such tensor."""
-        fmt, shape, begin, end, alias_of = self._handle().info(name)
+        """Dtype, shape and byte range of ``name``; KeyError if the file has no such tensor.
+
+        For a sharded checkpoint the byte range is within the shard's data region (see
+        :meth:`file_of`).
+        """
+        fmt, shape, begin, end, alias_of = self._handle(name).info(name)
         return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
 
     def verify(self, *, threads: int | None = None) -> VerifyResult:
-        """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`."""
-        handle = self._handle()
-        has_checksums, failed = handle.verify(_threads(threads), False)
-        stored = sum(1 for name in self._keys if handle.info(name)[4] is None)
-        return VerifyResult(handle.path, has_checksums, stored, tuple(failed))
+        """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`.
+
+        For a sharded checkpoint the shards are checked in parallel; ``has_checksums`` is true
+        only if every shard stores checksums.
+        """
+        files = self._handles()
+        workers, per_file = sharded.thread_budget(_threads(threads), len(files))
+
+        def check(handle: _C._File) -> tuple[bool, list[str], int]:
+            has_checksums, failed = handle.verify(per_file, False)
+            names = handle.keys()
+            stored = sum(1 for name in names if handle.info(name)[4] is None)
+            return has_checksums, failed, stored
+
+        results = sharded.run_parallel(check, files, workers)
+        return VerifyResult(
+            self._path,
+            all(r[0] for r in results),
+            sum(r[2] for r in results),
+            tuple(name for r in results for name in r[1]),
+        )
 
     def get_tensor(self, name: str, *, mmap: bool = True) -> torch.Tensor:
         """The tensor ``name``: a zero-copy mapped view, or a fresh copy if ``mmap=False``."""
-        return self._handle().get_tensor(name, mmap)
+        return self._handle(name).get_tensor(name, mmap)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get_tensor(name)
@@ -347,7 +480,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
         if not isinstance(name, str):
             return False
         try:
-            self._handle().info(name)
+            self._handle(name).info(name)
         except KeyError:
             return False
         return True
@@ -359,8 +492,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def close(self) -> None:
-        """Releases the file; tensors already taken from it stay valid."""
-        self._file = None
+        """Releases the file(s); tensors already taken from them stay valid."""
+        self._files = None
 
     def __enter__(self) -> TensorFile:
         return self
@@ -374,22 +507,28 @@ class TensorFile(Mapping[str, torch.Tensor]):
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._file is None else f"{len(self._keys)} tensors"
-        return f"<zerockpt.TensorFile {self._file.path if self._file else ''!r} ({state})>"
+        if self._files is None:
+            return f"<zerockpt.TensorFile {self._path!r} (closed)>"
+        shards = "" if self._index is None else f", {len(self._files)} shards"
+        return f"<zerockpt.TensorFile {self._path!r} ({len(self._keys)} tensors{shards})>"
 
 
 def open(path: PathLike) -> TensorFile:
-    """Opens a safetensors file for lazy access to its keys, metadata and tensors.
+    """Opens a safetensors file or sharded checkpoint for lazy access to its tensors.
 
     Only the header is read and validated; each tensor's bytes are mapped when it is asked for.
+    A sharded checkpoint (a directory holding ``model.safetensors.index.json``, or the index
+    file; see :func:`load`) is opened as one mapping over all its shards: the index is
+    validated and every shard's header is read and checked against it, in parallel.
 
     >>> with zerockpt.open("model.safetensors") as f:
     ...     print(f.keys(), f.info("w").shape, f.metadata())
     ...     w = f["w"]
 
     Raises:
-        FormatError: The header is not valid safetensors.
-        OSError: The file cannot be opened (errno and filename set).
+        FormatError: The header is not valid safetensors, or an index is malformed or does not
+            match its shards.
+        OSError: The file or a shard cannot be opened (errno and filename set).
     """
     return TensorFile(path)
 
@@ -400,7 +539,8 @@ def verify(path: PathLike, *, threads: int | None = None) -> VerifyResult:
     The header is validated as :func:`open` does; then all tensor bytes are read (through the
     page cache, by ``threads`` threads) and checksummed. A file that stores no checksums
     (written by another tool, or with ``checksums=False``) has nothing to check:
-    ``has_checksums`` is False and ``ok`` is True.
+    ``has_checksums`` is False and ``ok`` is True. A sharded checkpoint (a directory or index
+    file, see :func:`load`) is checked shard by shard, in parallel.
 
     >>> result = zerockpt.verify("model.safetensors")
     >>> result.ok, result.failed
