@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import struct
@@ -109,3 +111,25 @@ def sample() -> dict[str, torch.Tensor]:
 TEMP_NAME_RE = re.compile(
     r"^\.(?P<dest>.+)\.(?P<pid>[0-9]+)\.(?P<token>[0-9a-f]{16})\.zerockpt-tmp$"
 )
+
+
+def forkserver_context(preload_module: str) -> multiprocessing.context.ForkServerContext:
+    """A forkserver context whose children start with torch, zerockpt and ``preload_module``
+    imported (a crash test then spends its time saving, not importing). Skips the test where
+    there is no forkserver. The server imports them at start-up from its own sys.path (Python
+    3.11 ignores the parent's), hence PYTHONPATH while it starts."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("multiprocessing has no forkserver start method here")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "zerockpt", preload_module])
+    here = str(Path(__file__).parent)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = here if saved is None else f"{here}{os.pathsep}{saved}"
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return ctx

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import math
 import multiprocessing
-import multiprocessing.forkserver
 import multiprocessing.sharedctypes
 import os
 import random
@@ -35,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zerockpt
-from conftest import TEMP_NAME_RE, temp_leftovers
+from conftest import TEMP_NAME_RE, forkserver_context, temp_leftovers
 from torch import nn
 from zerockpt import Checkpointer, PendingSave
 
@@ -964,23 +963,7 @@ def crash_child(directory: str, start: int, durable: bool, shared: Any) -> None:
 
 @pytest.fixture(scope="module")
 def ctx() -> multiprocessing.context.ForkServerContext:
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("multiprocessing has no forkserver start method here")
-    ctx = multiprocessing.get_context("forkserver")
-    # As in test_crash.py: children start with torch, zerockpt and this module imported; the
-    # server imports them from its own sys.path, hence PYTHONPATH.
-    ctx.set_forkserver_preload(["torch", "zerockpt", __name__])
-    here = str(Path(__file__).parent)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = here if saved is None else f"{here}{os.pathsep}{saved}"
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
-    return ctx
+    return forkserver_context(__name__)
 
 
 @contextlib.contextmanager

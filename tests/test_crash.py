@@ -18,7 +18,6 @@ import collections
 import contextlib
 import fcntl
 import multiprocessing
-import multiprocessing.forkserver
 import multiprocessing.sharedctypes
 import os
 import random
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
-from conftest import TEMP_NAME_RE, temp_leftovers
+from conftest import TEMP_NAME_RE, forkserver_context, temp_leftovers
 
 TRIALS = int(os.environ.get("ZEROCKPT_CRASH_TRIALS", "200"))
 SEED = int(os.environ.get("ZEROCKPT_CRASH_SEED", "0"))
@@ -104,23 +103,7 @@ def classify_leftover(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def ctx() -> multiprocessing.context.ForkServerContext:
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("multiprocessing has no forkserver start method here")
-    ctx = multiprocessing.get_context("forkserver")
-    # This module too, so that a child starts with everything imported. The server imports
-    # them at start-up, from its own sys.path (Python 3.11 ignores the parent's): PYTHONPATH.
-    ctx.set_forkserver_preload(["torch", "zerockpt", __name__])
-    here = str(Path(__file__).parent)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = here if saved is None else f"{here}{os.pathsep}{saved}"
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
-    return ctx
+    return forkserver_context(__name__)
 
 
 @contextlib.contextmanager
