@@ -367,6 +367,23 @@ def test_fqn_with_at_sign_does_not_collide_with_a_chunk(distributed: dict[str, A
     assert_bitwise_equal(collide["y@2"], torch.tensor([100.0, 200.0]))
 
 
+@pytest.mark.parametrize("max_shard_size", [None, "200B"])
+def test_to_file_assembles_the_two_rank_checkpoint(
+    distributed: dict[str, Any], tmp_path: Path, max_shard_size: str | None
+) -> None:
+    """The DTensor chunks both ranks wrote become full tensors, bitwise the source."""
+    dest = tmp_path / ("shards" if max_shard_size else "full.safetensors")
+    zerockpt.dcp.to_file(distributed["root"] / "main", dest, max_shard_size=max_shard_size)
+    if max_shard_size:
+        assert len(list(dest.glob("model-*-of-*.safetensors"))) > 1
+    out = zerockpt.load(dest, verify=True)
+    full = source_tensors()
+    for fqn in SPECS:
+        assert_bitwise_equal(_get(out, fqn), full[fqn])
+    assert state_values(out) == VALUES
+    assert not [p for p in tmp_path.rglob("*") if "zerockpt-tmp" in p.name]
+
+
 # --- single process (no_dist) ----------------------------------------------------------------
 
 
