@@ -181,16 +181,31 @@ def test_index_is_what_transformers_reads(tmp_path: Path) -> None:
     _assert_same({n: seen[n] for n in state}, state)
 
 
-def test_transformers_load_sharded_checkpoint(tmp_path: Path) -> None:
-    modeling_utils = pytest.importorskip("transformers.modeling_utils")
+def test_transformers_from_pretrained_reads_our_shards(tmp_path: Path) -> None:
+    """A tiny GPT-2 (tied embeddings) saved by zerockpt in shards loads with from_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=500,
+        n_positions=32,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16))
-    zerockpt.save(model, tmp_path, max_shard_size=3000)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    config.save_pretrained(tmp_path)
+    zerockpt.save(model, tmp_path, max_shard_size="60KB")
     assert len(_shards(tmp_path)) > 1
-    fresh = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16))
-    modeling_utils.load_sharded_checkpoint(fresh, str(tmp_path))
-    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert_bitwise_equal(b, a), name
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 def test_tied_tensors_share_a_shard_and_stay_tied(tmp_path: Path) -> None:
