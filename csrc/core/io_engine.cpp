@@ -163,6 +163,16 @@ std::string checksummed_prefix(const Layout& layout, const std::vector<TensorSpe
 
 }  // namespace
 
+void Progress::check(const std::string& what) const {
+  if (cancelled()) throw Cancelled("cancelled while " + what);
+}
+
+void expect_progress(Progress* progress, uint64_t bytes, const std::string& what) {
+  if (!progress) return;
+  progress->check(what);
+  progress->expect(bytes);
+}
+
 void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
                 const std::vector<WriteSource>& sources, const WriteOptions& options) {
   Plan plan = make_plan(layout, specs);
@@ -175,16 +185,23 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   bool direct = file.direct();
   bool checksums = layout.checksum_offset != Layout::kNoChecksums;
   std::vector<std::vector<Piece>> pieces(checksums ? chunks : 0);
+  const uint64_t prefix_size = layout.prefix.size();
+  Progress* progress = options.progress;
+  const std::string what = "writing " + path;
+  expect_progress(progress, plan.file_size - prefix_size, what);
   file.preallocate(plan.file_size);
   parallel_for(chunks, threads, [&](size_t k) {
     uint64_t start = k * kChunkBytes;
     uint64_t end = std::min(plan.file_size, start + kChunkBytes);
+    if (progress) progress->check(what);
     std::vector<Piece>* chunk_pieces = checksums ? &pieces[k] : nullptr;
     if (direct) {
       write_chunk_direct(file.fd(), path, plan, layout, sources, start, end, chunk_pieces);
     } else {
       write_chunk_buffered(file.fd(), path, plan, layout, sources, start, end, chunk_pieces);
     }
+    // Tensor bytes only: the header is not the user's data.
+    if (progress && end > prefix_size) progress->add(end - std::max(start, prefix_size));
   });
   if (checksums) {
     // The header went out with placeholder digits; now that every byte is checksummed, the
@@ -229,7 +246,7 @@ void write_small_file(const std::string& path, const std::string& content, bool 
 }
 
 std::vector<uint32_t> checksum_ranges(const std::vector<ByteRange>& ranges, bool mapped,
-                                      unsigned threads) {
+                                      unsigned threads, Progress* progress) {
   struct Task {
     size_t range;
     uint64_t offset, size;
@@ -241,10 +258,18 @@ std::vector<uint32_t> checksum_ranges(const std::vector<ByteRange>& ranges, bool
     }
   }
   std::vector<uint32_t> piece_crc(tasks.size());
+  const std::string what = "checking checksums";
+  if (progress) {
+    uint64_t total = 0;
+    for (const auto& r : ranges) total += r.size;
+    expect_progress(progress, total, what);
+  }
   parallel_for(tasks.size(), threads ? threads : default_threads(), [&](size_t t) {
+    if (progress) progress->check(what);
     const uint8_t* p = ranges[tasks[t].range].data + tasks[t].offset;
     if (mapped) populate(p, tasks[t].size);
     piece_crc[t] = crc32c(p, tasks[t].size);
+    if (progress) progress->add(tasks[t].size);
   });
   std::vector<uint32_t> out(ranges.size(), 0);
   for (size_t t = 0; t < tasks.size(); ++t) {
@@ -254,7 +279,8 @@ std::vector<uint32_t> checksum_ranges(const std::vector<ByteRange>& ranges, bool
   return out;
 }
 
-void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads) {
+void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads,
+                 Progress* progress) {
   std::sort(ranges.begin(), ranges.end(),
             [](const ReadRange& a, const ReadRange& b) { return a.file_offset < b.file_offset; });
   // Split large ranges so threads share them, then merge file-adjacent pieces into one preadv.
@@ -281,12 +307,22 @@ void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges,
       task_bytes = pieces[i].size;
     }
   }
+  const std::string what = "reading " + path;
+  if (progress) {
+    uint64_t total = 0;
+    for (const auto& p : pieces) total += p.size;
+    expect_progress(progress, total, what);
+  }
   parallel_for(tasks.size(), threads ? threads : default_threads(), [&](size_t t) {
+    if (progress) progress->check(what);
     std::vector<iovec> iov;
+    uint64_t bytes = 0;
     for (size_t i = tasks[t].first; i < tasks[t].last; ++i) {
       iov.push_back({pieces[i].dst, pieces[i].size});
+      bytes += pieces[i].size;
     }
     preadv_full(fd, iov, pieces[tasks[t].first].file_offset, path);
+    if (progress) progress->add(bytes);
   });
 }
 

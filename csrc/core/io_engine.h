@@ -3,6 +3,7 @@
 // to contiguous bytes or by a fill callback. Runs without the GIL; thread-safe per call.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -22,6 +23,35 @@ struct WriteSource {
   std::function<void(uint64_t offset, uint64_t size, uint8_t* dst)> fill;
 };
 
+// The bytes a running call has written, read or checked, for a progress bar that another thread
+// polls, and a request to stop. A call adds what it is about to do to total() with expect()
+// (unless the total was fixed at construction, for work spread over several calls), then
+// done() grows to it in chunk-sized steps. Thread-safe.
+class Progress {
+ public:
+  explicit Progress(uint64_t total = 0) : fixed_total_(total > 0), total_(total) {}
+  void expect(uint64_t bytes) noexcept {
+    if (!fixed_total_) total_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  void add(uint64_t bytes) noexcept { done_.fetch_add(bytes, std::memory_order_relaxed); }
+  uint64_t total() const noexcept { return total_.load(std::memory_order_relaxed); }
+  uint64_t done() const noexcept { return done_.load(std::memory_order_relaxed); }
+  // Asks every call using this Progress to stop at its next chunk with Cancelled.
+  void cancel() noexcept { cancelled_.store(true, std::memory_order_relaxed); }
+  bool cancelled() const noexcept { return cancelled_.load(std::memory_order_relaxed); }
+  // Throws Cancelled if cancel() was called; `what` names the call ("writing <path>").
+  void check(const std::string& what) const;
+
+ private:
+  const bool fixed_total_;
+  std::atomic<uint64_t> total_;
+  std::atomic<uint64_t> done_{0};
+  std::atomic<bool> cancelled_{false};
+};
+
+// progress->expect(bytes) and progress->check(what) where `progress` may be null.
+void expect_progress(Progress* progress, uint64_t bytes, const std::string& what);
+
 enum class DirectIo { kAuto, kOn, kOff };
 
 // nullopt -> kAuto, true -> kOn, false -> kOff (the public APIs' optional<bool>).
@@ -38,6 +68,9 @@ struct WriteOptions {
   // kDirectMinBytes; buffered pwrite straight from tensor memory otherwise.
   DirectIo direct_io = DirectIo::kAuto;
   unsigned threads = 0;  // 0: default_threads()
+  // Counts tensor bytes as they are written and stops the write (Cancelled, nothing committed)
+  // when cancelled. Not owned; null: none.
+  Progress* progress = nullptr;
 };
 
 constexpr uint64_t kDirectMinBytes = 64ull << 20;
@@ -67,8 +100,9 @@ struct ByteRange {
 
 // The CRC-32C of each range, computed by up to `threads` threads (0: default) in kChunkBytes
 // pieces. `mapped`: the ranges are in a file mapping, whose pages are mapped in bulk first.
+// `progress` (may be null) counts the bytes checked and can stop the pass.
 std::vector<uint32_t> checksum_ranges(const std::vector<ByteRange>& ranges, bool mapped,
-                                      unsigned threads);
+                                      unsigned threads, Progress* progress = nullptr);
 
 struct ReadRange {
   uint64_t file_offset;
@@ -76,7 +110,9 @@ struct ReadRange {
   uint8_t* dst;
 };
 
-// Fills every range from `fd` with parallel, vectored preads.
-void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads);
+// Fills every range from `fd` with parallel, vectored preads. `progress` (may be null) counts
+// the bytes read and can stop the reads (Cancelled; the ranges are then partly filled).
+void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads,
+                 Progress* progress = nullptr);
 
 }  // namespace zerockpt

@@ -44,12 +44,12 @@ std::shared_ptr<Mapping> SafetensorsFile::mapping() {
 namespace {
 
 VerifyResult compare(StoredChecksums stored, const std::vector<ByteRange>& bytes, bool mapped,
-                     unsigned threads) {
+                     unsigned threads, Progress* progress) {
   VerifyResult result;
   if (!stored.present) return result;
   result.has_checksums = true;
   result.stored = std::move(stored.crcs);
-  result.computed = checksum_ranges(bytes, mapped, threads);
+  result.computed = checksum_ranges(bytes, mapped, threads, progress);
   for (size_t i = 0; i < result.stored.size(); ++i) {
     if (result.stored[i] != result.computed[i]) result.failed.push_back(i);
   }
@@ -58,7 +58,7 @@ VerifyResult compare(StoredChecksums stored, const std::vector<ByteRange>& bytes
 
 }  // namespace
 
-VerifyResult SafetensorsFile::verify(unsigned threads) {
+VerifyResult SafetensorsFile::verify(unsigned threads, Progress* progress) {
   const auto& tensors = header_.tensors;
   // Decoded before the mapping is made or a byte is read.
   StoredChecksums stored = decode_checksums(header_, path_);
@@ -68,12 +68,12 @@ VerifyResult SafetensorsFile::verify(unsigned threads) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     bytes[i] = {base + tensors[i].begin, tensors[i].nbytes()};
   }
-  return compare(std::move(stored), bytes, true, threads);
+  return compare(std::move(stored), bytes, true, threads, progress);
 }
 
 VerifyResult SafetensorsFile::verify(const std::vector<ByteRange>& bytes, bool mapped,
-                                     unsigned threads) const {
-  return compare(decode_checksums(header_, path_), bytes, mapped, threads);
+                                     unsigned threads, Progress* progress) const {
+  return compare(decode_checksums(header_, path_), bytes, mapped, threads, progress);
 }
 
 void SafetensorsFile::raise_on_failure(const VerifyResult& result) const {

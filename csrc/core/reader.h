@@ -30,10 +30,12 @@ class SafetensorsFile {
   // The whole file, mapped private on first use.
   std::shared_ptr<Mapping> mapping();
   // Checks every tensor's bytes (read through the mapping) against the stored checksums.
-  // FormatError if the stored checksums are malformed.
-  VerifyResult verify(unsigned threads);
+  // FormatError if the stored checksums are malformed. `progress` (may be null) counts the
+  // bytes checked (nothing for a file without checksums) and can stop the pass.
+  VerifyResult verify(unsigned threads, Progress* progress = nullptr);
   // The same for bytes already read: bytes[i] holds header tensor i (unused if size 0).
-  VerifyResult verify(const std::vector<ByteRange>& bytes, bool mapped, unsigned threads) const;
+  VerifyResult verify(const std::vector<ByteRange>& bytes, bool mapped, unsigned threads,
+                      Progress* progress = nullptr) const;
   // Throws ChecksumError naming every failed tensor (and this file) if `result` has failures.
   void raise_on_failure(const VerifyResult& result) const;
 

@@ -53,6 +53,8 @@ void register_errors(py::module_& m) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const UsageError& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const Cancelled& e) {
+      PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
     }
   });
 }

@@ -148,12 +148,15 @@ class LoadWalk {
  public:
   // `assign` is stored into each module's local metadata as given, as torch does.
   LoadWalk(py::object metadata, py::object assign, std::shared_ptr<CheckpointFile> file,
-           unsigned threads)
-      : metadata_(std::move(metadata)), assign_(std::move(assign)), file_(std::move(file)) {
+           unsigned threads, Progress* progress)
+      : metadata_(std::move(metadata)),
+        assign_(std::move(assign)),
+        file_(std::move(file)),
+        progress_(progress) {
     int truth = PyObject_IsTrue(assign_.ptr());
     if (truth < 0) throw py::error_already_set();
     assign_set_ = truth == 1;
-    if (file_) plan_.emplace(*file_, threads);
+    if (file_) plan_.emplace(*file_, threads, progress);
   }
 
   Entry* new_entry() { return &arena_.emplace_back(); }
@@ -444,8 +447,10 @@ class LoadWalk {
   void copy_tensor(const LocalTensor& t, const Entry& e, const at::Tensor& param,
                    const at::Tensor& input, const py::object& input_obj) {
     if (plan_ && !plan_->empty() && plan_->conflicts(param)) flush();
+    if (progress_) progress_->check("loading a state dict");
     try {
       c10::AutoGradMode no_grad(false);
+      if (progress_) progress_->add(static_cast<uint64_t>(input.numel()) * input.element_size());
       if (!copy_plain(param, input)) {
         uint64_t nbytes = static_cast<uint64_t>(param.numel()) * param.element_size();
         if (nbytes >= kReleaseGilBytes) {
@@ -634,6 +639,7 @@ class LoadWalk {
   py::object assign_;
   bool assign_set_ = false;
   std::shared_ptr<CheckpointFile> file_;
+  Progress* progress_;  // may be null
   std::optional<LoadPlan> plan_;
   ClassTraitsCache traits_;
   std::deque<Entry> arena_;
@@ -645,11 +651,11 @@ class LoadWalk {
 
 py::object load_state_dict(py::handle module, py::object source, py::object metadata,
                            py::object assign, std::shared_ptr<CheckpointFile> file,
-                           unsigned threads) {
+                           unsigned threads, std::shared_ptr<Progress> progress) {
   torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
   try {
     if (file) check_torch_dtypes(*file);
-    LoadWalk walk(std::move(metadata), assign, file, threads);
+    LoadWalk walk(std::move(metadata), assign, file, threads, progress.get());
     Entries entries;
     if (file) {
       for (const std::string& name : file->names()) {

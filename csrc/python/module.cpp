@@ -90,7 +90,7 @@ struct SaveArgs {
 
 SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
                    std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
-                   bool checksums) {
+                   bool checksums, Progress* progress = nullptr) {
   SaveArgs args;
   args.entries = named_tensors_from_dict(tensors);
   args.metadata = metadata_from_dict(metadata);
@@ -102,16 +102,17 @@ SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
   args.options.direct_io = to_direct_io(direct_io);
   args.options.threads = threads;
   args.options.checksums = checksums;
+  args.options.progress = progress;
   return args;
 }
 
 // Requires GIL for conversion; releases GIL for the write. `own` holds zerockpt's reserved
 // metadata entries (each key must start with kReservedPrefix).
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
-          std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
-          bool checksums) {
-  SaveArgs args =
-      save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums);
+          std::optional<bool> direct_io, unsigned threads, py::object own_metadata, bool checksums,
+          std::shared_ptr<Progress> progress) {
+  SaveArgs args = save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums,
+                            progress.get());
   // Safe without the GIL: entries hold references to the tensors, and nothing below touches
   // Python objects.
   py::gil_scoped_release no_gil;
@@ -195,7 +196,8 @@ void bind_async(py::module_& m) {
 // Releases GIL for open, parse and reads; requires it to build the dicts. Returns the tensors,
 // the metadata entries zerockpt reserves (kReservedPrefix keys) and whether the file stores
 // checksums.
-py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify) {
+py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
+               std::shared_ptr<Progress> progress) {
   NamedTensors loaded;
   Metadata own;
   bool has_checksums = false;
@@ -203,7 +205,7 @@ py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
     CheckpointFile file(path);
-    loaded = file.load_all(mmap, threads, verify);
+    loaded = file.load_all(mmap, threads, verify, progress.get());
     for (const auto& [key, value] : file.file().header().metadata) {
       if (key.rfind(kReservedPrefix, 0) == 0) own.emplace_back(key, value);
       if (key == kChecksumKey) has_checksums = true;
@@ -212,6 +214,18 @@ py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify
   py::dict own_dict;
   for (const auto& [key, value] : own) own_dict[py::str(key)] = py::str(value);
   return py::make_tuple(tensors_to_dict(loaded), own_dict, has_checksums);
+}
+
+void bind_progress(py::module_& m) {
+  py::class_<Progress, std::shared_ptr<Progress>>(
+      m, "Progress",
+      "Bytes written, read or checked by the calls it is passed to, polled from another "
+      "thread for a progress bar; cancel() stops them at their next chunk (KeyboardInterrupt).")
+      .def(py::init<uint64_t>(), py::arg("total") = 0)
+      .def_property_readonly("total", &Progress::total)
+      .def_property_readonly("done", &Progress::done)
+      .def_property_readonly("cancelled", &Progress::cancelled)
+      .def("cancel", &Progress::cancel);
 }
 
 void bind_file(py::module_& m) {
@@ -251,18 +265,19 @@ void bind_file(py::module_& m) {
       // with `raise_on_failure` a failure is a ChecksumError naming them instead.
       .def(
           "verify",
-          [](CheckpointFile& f, unsigned threads, bool raise_on_failure) {
+          [](CheckpointFile& f, unsigned threads, bool raise_on_failure,
+             std::shared_ptr<Progress> progress) {
             VerifyResult result;
             {
               py::gil_scoped_release no_gil;  // only C++ work below
-              result = f.file().verify(threads);
+              result = f.file().verify(threads, progress.get());
               if (raise_on_failure) f.file().raise_on_failure(result);
             }
             std::vector<std::string> failed;
             for (size_t i : result.failed) failed.push_back(f.file().header().tensors[i].name);
             return py::make_tuple(result.has_checksums, failed);
           },
-          py::arg("threads"), py::arg("raise_on_failure"))
+          py::arg("threads"), py::arg("raise_on_failure"), py::arg("progress") = nullptr)
       // Releases GIL while mapping or reading the tensor's bytes.
       .def(
           "get_tensor",
@@ -315,13 +330,14 @@ PYBIND11_MODULE(_C, m) {
   using namespace zerockpt;
   m.doc() = "zerockpt's private C++ core. Use the zerockpt package instead.";
   register_errors(m);
+  bind_progress(m);
   bind_file(m);
   bind_async(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
         py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),
-        py::arg("checksums") = true);
+        py::arg("checksums") = true, py::arg("progress") = nullptr);
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
-        py::arg("verify") = false);
+        py::arg("verify") = false, py::arg("progress") = nullptr);
   m.def(
       "_crc32c",
       [](const py::bytes& data, uint32_t crc, bool portable) {
@@ -341,7 +357,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("state_dict", &state_dict, py::arg("module"), py::arg("destination"), py::arg("prefix"),
         py::arg("keep_vars"));
   m.def("load_state_dict", &load_state_dict, py::arg("module"), py::arg("source"),
-        py::arg("metadata"), py::arg("assign"), py::arg("file"), py::arg("threads"));
+        py::arg("metadata"), py::arg("assign"), py::arg("file"), py::arg("threads"),
+        py::arg("progress") = nullptr);
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("RESERVED_PREFIX") = kReservedPrefix;
   m.attr("STATE_DICT_METADATA_KEY") = kStateDictMetadataKey;

@@ -138,10 +138,18 @@ void LoadPlan::run() {
       }
     }
   }
-  read_ranges(file.fd(), file.path(), std::move(direct), threads_);
+  const std::string what = "loading from " + file.path();
+  if (progress_) {
+    uint64_t converted = 0;
+    for (const Slab& slab : slabs) converted += slab.nbytes;
+    for (size_t i : other_device) converted += jobs_[i].record->nbytes();
+    expect_progress(progress_, converted, what);
+  }
+  read_ranges(file.fd(), file.path(), std::move(direct), threads_, progress_);
   if (!slabs.empty()) {
     unsigned threads = threads_ ? threads_ : default_threads();
     parallel_for(slabs.size(), threads, [&](size_t i) {
+      if (progress_) progress_->check(what);
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Slab& slab = slabs[i];
       // Every slab fits one pooled chunk-sized buffer (a lone element is smaller still).
@@ -150,11 +158,14 @@ void LoadPlan::run() {
       at::Tensor stored = at::from_blob(staging.data(), slab.target.sizes(),
                                         at::TensorOptions().dtype(slab.stored));
       slab.target.copy_(stored);
+      if (progress_) progress_->add(slab.nbytes);
     });
   }
   for (size_t i : other_device) {
+    if (progress_) progress_->check(what);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     jobs_[i].target.copy_(file_.tensor(*jobs_[i].record, /*mmap=*/true));
+    if (progress_) progress_->add(jobs_[i].record->nbytes());
   }
   jobs_.clear();
   extents_.clear();

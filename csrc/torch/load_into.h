@@ -19,7 +19,9 @@ void check_torch_dtypes(const CheckpointFile& file);
 
 class LoadPlan {
  public:
-  LoadPlan(CheckpointFile& file, unsigned threads) : file_(file), threads_(threads) {}
+  // `progress` (may be null, not owned) counts the bytes copied by run() and can stop it.
+  LoadPlan(CheckpointFile& file, unsigned threads, Progress* progress = nullptr)
+      : file_(file), threads_(threads), progress_(progress) {}
 
   // True if `target` shares bytes with a queued target without being the very same view:
   // run() the queue first, so that copies land in the order they were asked for.
@@ -43,6 +45,7 @@ class LoadPlan {
   };
   CheckpointFile& file_;
   unsigned threads_;
+  Progress* progress_;
   std::vector<Job> jobs_;
   std::map<uintptr_t, Extent> extents_;  // CPU target bytes [begin, end) -> job
 };

@@ -333,12 +333,24 @@ at::Tensor CheckpointFile::tensor(const TensorRecord& r, bool mmap) {
   return t;
 }
 
-NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads, bool verify) {
+NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads, bool verify,
+                                      Progress* progress) {
   const Header& h = file_->header();
   std::vector<at::Tensor> stored(h.tensors.size());
   if (mmap) {
     // Verified through the mapping first: the pages are those the tensors will view.
-    if (verify) file_->raise_on_failure(file_->verify(threads));
+    bool checked = false;
+    if (verify) {
+      VerifyResult result = file_->verify(threads, progress);
+      file_->raise_on_failure(result);
+      checked = result.has_checksums;
+    }
+    if (progress && !checked) {
+      uint64_t total = 0;
+      for (const auto& r : h.tensors) total += r.nbytes();
+      expect_progress(progress, total, "mapping " + file_->path());
+      progress->add(total);  // nothing to read now: the mapping is the result
+    }
     for (size_t i = 0; i < h.tensors.size(); ++i) stored[i] = tensor(h.tensors[i], true);
   } else {
     std::vector<ReadRange> ranges;
@@ -352,7 +364,7 @@ NamedTensors CheckpointFile::load_all(bool mmap, unsigned threads, bool verify) 
                           static_cast<uint8_t*>(stored[i].mutable_data_ptr())});
       }
     }
-    read_ranges(file_->fd(), file_->path(), std::move(ranges), threads);
+    read_ranges(file_->fd(), file_->path(), std::move(ranges), threads, progress);
     if (verify) {
       std::vector<ByteRange> bytes(h.tensors.size());
       for (size_t i = 0; i < h.tensors.size(); ++i) {

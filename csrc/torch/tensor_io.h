@@ -66,8 +66,10 @@ class CheckpointFile {
   at::Tensor tensor(const TensorRecord& record, bool mmap);
   // Every tensor, in saved order; aliases are the same at::Tensor as their target. With
   // `verify`, the bytes are checked against the stored checksums (ChecksumError naming the
-  // tensors that fail); a file without checksums loads unchecked.
-  NamedTensors load_all(bool mmap, unsigned threads, bool verify = false);
+  // tensors that fail); a file without checksums loads unchecked. `progress` (may be null)
+  // counts the bytes read or checked; a mapping without verify counts as done at once.
+  NamedTensors load_all(bool mmap, unsigned threads, bool verify = false,
+                        Progress* progress = nullptr);
 
  private:
   std::shared_ptr<SafetensorsFile> file_;

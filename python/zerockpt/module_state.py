@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zerockpt import _C, sharded
+from zerockpt import _C, _progress, sharded
 from zerockpt.serialization import (
     PathLike,
     _fspath,
@@ -128,6 +128,7 @@ def load_state_dict(
     *,
     threads: int | None = None,
     verify: bool = False,
+    progress: bool = False,
 ) -> _IncompatibleKeys:
     """Loads a state dict or a file into ``module``, as ``module.load_state_dict`` does.
 
@@ -161,6 +162,11 @@ def load_state_dict(
         verify: For a file, check every tensor's bytes against the CRC-32C stored when it was
             saved before the module is touched (a file without checksums loads unchecked, with
             a warning).
+        progress: Show a progress bar of the bytes loaded into the module (needs tqdm:
+            ``zerockpt[progress]``). Ctrl-C stops the load between chunks, leaving the module
+            partly loaded, as an interrupted ``module.load_state_dict`` does. No bar is drawn
+            where torch's own loader must run (an overridden ``load_state_dict``, active
+            function or dispatch modes).
 
     Returns:
         ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as torch returns.
@@ -173,6 +179,7 @@ def load_state_dict(
             match its shards (nothing is loaded).
         ChecksumError: With ``verify``, tensors fail their checksum (nothing is loaded).
         OSError: The file or a shard cannot be opened or read (errno and filename set).
+        ImportError: ``progress=True`` and tqdm is not installed.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")
@@ -211,7 +218,29 @@ def load_state_dict(
         if metadata is not None:
             copied._metadata = metadata  # type: ignore[attr-defined]
         mapping = copied
-    result = _C.load_state_dict(module, mapping, metadata, assign, file, _threads(threads))
+    if progress:
+        if file is not None:
+            total = sharded.stored_bytes(file)
+            description = _progress.label("Loading", file.path)
+        else:
+            assert mapping is not None
+            total = _progress.unique_nbytes(
+                v for v in mapping.values() if isinstance(v, torch.Tensor)
+            )
+            description = "Loading state dict"
+            if isinstance(source, str | os.PathLike):
+                description = _progress.label("Loading", source)
+    else:
+        total, description = 0, ""
+    source_mapping = mapping
+    result = _progress.run(
+        progress,
+        description,
+        lambda counter: _C.load_state_dict(
+            module, source_mapping, metadata, assign, file, _threads(threads), counter
+        ),
+        total=total,
+    )
     if result is None:  # keys that are not str: torch's code reports them its own way
         assert mapping is not None
         return cast(

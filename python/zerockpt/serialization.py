@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerockpt import _C, sharded
+from zerockpt import _C, _progress, sharded
 from zerockpt.structure import STRUCTURE_KEY, flatten, is_flat_state_dict, unflatten
 
 PathLike = str | os.PathLike[str]
@@ -119,6 +119,7 @@ def save(
     threads: int | None = None,
     checksums: bool = True,
     max_shard_size: int | str | None = None,
+    progress: bool = False,
 ) -> None:
     """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
 
@@ -175,8 +176,11 @@ def save(
             most this many tensor bytes each: an int, or a str as transformers takes it,
             ``"5GB"``, ``"500MB"`` (powers of 1000), ``"10GiB"`` (powers of 1024). ``None``
             (default) writes the single file ``path``.
+        progress: Show a progress bar of the bytes written (needs tqdm:
+            ``zerockpt[progress]``). Ctrl-C stops the save: nothing is committed.
 
     Raises:
+        ImportError: ``progress=True`` and tqdm is not installed.
         TypeError: An object, key or dtype or layout cannot be stored (the message names its
             path or key).
         ValueError: Tensors are different but overlapping views of one storage, a tensor is not
@@ -188,28 +192,42 @@ def save(
             power loss.
     """
     flat, metadata, own = _prepare_save(tensors, metadata)
+    where = _fspath(path)
+    description = _progress.label("Saving", where)
     if max_shard_size is not None:
-        sharded.save_sharded(
-            flat,
-            _fspath(path),
-            max_shard_size,
-            metadata,
-            own,
-            durable=bool(durable),
-            direct_io=direct_io,
-            threads=_threads(threads),
-            checksums=bool(checksums),
+        limit = sharded.parse_size(max_shard_size)  # a bad size raises before any bar is drawn
+        _progress.run(
+            progress,
+            description,
+            lambda counter: sharded.save_sharded(
+                flat,
+                where,
+                limit,
+                metadata,
+                own,
+                durable=bool(durable),
+                direct_io=direct_io,
+                threads=_threads(threads),
+                checksums=bool(checksums),
+                progress=counter,
+            ),
+            total=_progress.unique_nbytes(flat.values()),
         )
         return
-    _C.save(
-        flat,
-        _fspath(path),
-        metadata,
-        bool(durable),
-        direct_io,
-        _threads(threads),
-        own,
-        bool(checksums),
+    _progress.run(
+        progress,
+        description,
+        lambda counter: _C.save(
+            flat,
+            where,
+            metadata,
+            bool(durable),
+            direct_io,
+            _threads(threads),
+            own,
+            bool(checksums),
+            counter,
+        ),
     )
 
 
@@ -241,6 +259,7 @@ def load(
     mmap: bool = True,
     threads: int | None = None,
     verify: bool = False,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Loads every tensor of a safetensors file or sharded checkpoint, in the order they were saved.
 
@@ -266,6 +285,9 @@ def load(
         verify: Check every tensor's bytes against the CRC-32C stored when it was saved before
             returning. A file without checksums (from another writer) loads unchecked, with a
             warning.
+        progress: Show a progress bar of the bytes read or checked (needs tqdm:
+            ``zerockpt[progress]``); a mapped load without ``verify`` reads nothing up front,
+            so its bar is full at once.
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
@@ -282,21 +304,36 @@ def load(
         OSError: The file, or a shard an index lists, cannot be opened or read (errno and
             filename set); a directory holds neither an index nor ``model.safetensors``.
         TypeError: A stored dtype has no torch equivalent.
+        ImportError: ``progress=True`` and tqdm is not installed.
     """
     _check_cpu(device)
     target = sharded.resolve(_fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
-        where = target.path
-        tensors, unchecked = sharded.load_shards(
-            target, mmap=bool(mmap), threads=_threads(threads), verify=bool(verify)
+        index = target
+        where = index.path
+        tensors, unchecked = _progress.run(
+            progress,
+            _progress.label("Loading", path),
+            lambda counter: sharded.load_shards(
+                index,
+                mmap=bool(mmap),
+                threads=_threads(threads),
+                verify=bool(verify),
+                progress=counter,
+            ),
+            total=index.total_size(),
         )
-        own = target.own_metadata()
+        own = index.own_metadata()
         if verify and unchecked:
-            sharded.warn_unverified(target, unchecked, stacklevel=2)
+            sharded.warn_unverified(index, unchecked, stacklevel=2)
     else:
         where = target
-        tensors, own, has_checksums = _C.load(where, bool(mmap), _threads(threads), bool(verify))
+        tensors, own, has_checksums = _progress.run(
+            progress,
+            _progress.label("Loading", where),
+            lambda counter: _C.load(where, bool(mmap), _threads(threads), bool(verify), counter),
+        )
         if verify and not has_checksums:
             _warn_unverified(where)
     return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
@@ -446,7 +483,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
         fmt, shape, begin, end, alias_of = self._handle(name).info(name)
         return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
 
-    def verify(self, *, threads: int | None = None) -> VerifyResult:
+    def verify(self, *, threads: int | None = None, progress: bool = False) -> VerifyResult:
         """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`.
 
         For a sharded checkpoint the shards are checked in parallel; ``has_checksums`` is true
@@ -455,13 +492,20 @@ class TensorFile(Mapping[str, torch.Tensor]):
         files = self._handles()
         workers, per_file = sharded.thread_budget(_threads(threads), len(files))
 
-        def check(handle: _C._File) -> tuple[bool, list[str], int]:
-            has_checksums, failed = handle.verify(per_file, False)
+        def check(handle: _C._File, counter: _C.Progress | None) -> tuple[bool, list[str], int]:
+            has_checksums, failed = handle.verify(per_file, False, counter)
             names = handle.keys()
             stored = sum(1 for name in names if handle.info(name)[4] is None)
             return has_checksums, failed, stored
 
-        results = sharded.run_parallel(check, files, workers)
+        results = _progress.run(
+            progress,
+            _progress.label("Verifying", self._path),
+            lambda counter: sharded.run_parallel(
+                lambda handle: check(handle, counter), files, workers
+            ),
+            total=sum(sharded.stored_bytes(handle) for handle in files),
+        )
         return VerifyResult(
             self._path,
             all(r[0] for r in results),
@@ -533,7 +577,7 @@ def open(path: PathLike) -> TensorFile:
     return TensorFile(path)
 
 
-def verify(path: PathLike, *, threads: int | None = None) -> VerifyResult:
+def verify(path: PathLike, *, threads: int | None = None, progress: bool = False) -> VerifyResult:
     """Checks a file's structure and every tensor's bytes against the CRC-32C stored for it.
 
     The header is validated as :func:`open` does; then all tensor bytes are read (through the
@@ -546,12 +590,19 @@ def verify(path: PathLike, *, threads: int | None = None) -> VerifyResult:
     >>> result.ok, result.failed
     (True, ())
 
+    Args:
+        path: A file, or a sharded checkpoint's directory or index file.
+        threads: Checksum threads; default ``min(cpu_count, 8)``.
+        progress: Show a progress bar of the bytes checked (needs tqdm:
+            ``zerockpt[progress]``).
+
     Returns:
         A :class:`VerifyResult` naming the tensors that fail, if any.
 
     Raises:
         FormatError: The file is not valid safetensors, or its checksum metadata is malformed.
         OSError: The file cannot be opened or read (errno and filename set).
+        ImportError: ``progress=True`` and tqdm is not installed.
     """
     with TensorFile(path) as f:
-        return f.verify(threads=threads)
+        return f.verify(threads=threads, progress=progress)

@@ -154,6 +154,12 @@ class ShardIndex:
         """zerockpt's ``zerockpt.*`` entries of the index metadata (all validated as str)."""
         return {k: v for k, v in self.metadata.items() if k.startswith(_C.RESERVED_PREFIX)}
 
+    def total_size(self) -> int:
+        """``metadata.total_size`` when it is a non-negative int, else 0 (unknown): an estimate
+        for progress bars, as other writers' indexes are not checked against it."""
+        size = self.metadata.get("total_size")
+        return size if type(size) is int and size >= 0 else 0
+
 
 def _format_error(path: str, why: str) -> _C.FormatError:
     return _C.FormatError(f"{path}: not a valid safetensors index: {why}")
@@ -325,7 +331,12 @@ def run_parallel(func: Callable[[_T], _R], items: Sequence[_T], workers: int) ->
 
 
 def load_shards(
-    index: ShardIndex, *, mmap: bool, threads: int, verify: bool
+    index: ShardIndex,
+    *,
+    mmap: bool,
+    threads: int,
+    verify: bool,
+    progress: _C.Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Loads every shard in parallel and merges their tensors in the index's order.
 
@@ -334,6 +345,7 @@ def load_shards(
         mmap: As ``zerockpt.load``'s ``mmap``.
         threads: Total reader threads (0: the default), shared among the shards.
         verify: Check every shard's checksums.
+        progress: Counts the bytes read or checked, for a progress bar.
 
     Returns:
         The tensors by name (tied names of one shard map to one tensor), and the paths of the
@@ -347,7 +359,9 @@ def load_shards(
     workers, per_shard = thread_budget(threads, len(index.shards))
 
     def load_one(shard: str) -> tuple[dict[str, torch.Tensor], bool]:
-        tensors, own, has_checksums = _C.load(index.shard_path(shard), mmap, per_shard, verify)
+        tensors, own, has_checksums = _C.load(
+            index.shard_path(shard), mmap, per_shard, verify, progress
+        )
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
 
@@ -591,11 +605,10 @@ class _Staging:
             self._fd = None
 
 
-def _stored_bytes(path: str) -> int:
-    """Bytes of a file's stored tensors (aliases counted once), from its header."""
-    f = _C._File(path)
-    names = f.keys()
+def stored_bytes(f: _C._File) -> int:
+    """Bytes of an open file's stored tensors (aliases counted once), from its header."""
     total = 0
+    names = f.keys()  # a _File is not iterable
     for name in names:
         _, _, begin, end, alias_of = f.info(name)
         if alias_of is None:
@@ -614,6 +627,7 @@ def save_sharded(
     direct_io: bool | None,
     threads: int,
     checksums: bool,
+    progress: _C.Progress | None = None,
 ) -> None:
     """Writes ``tensors`` as a sharded checkpoint in ``directory``; see ``zerockpt.save``.
 
@@ -633,6 +647,7 @@ def save_sharded(
         direct_io: As ``zerockpt.save``.
         threads: Writer threads per shard (0: the default).
         checksums: Store CRC-32C checksums in each shard.
+        progress: Counts the bytes written, for a progress bar, and can stop the save.
 
     Raises:
         ValueError: ``directory`` is an existing file, or the save refuses a tensor or key.
@@ -660,13 +675,23 @@ def save_sharded(
             part = {name: tensors[name] for name in names}
             staged = staging.file(file)
             try:
-                _C.save(part, staged, metadata, durable, direct_io, threads, shard_own, checksums)
+                _C.save(
+                    part,
+                    staged,
+                    metadata,
+                    durable,
+                    direct_io,
+                    threads,
+                    shard_own,
+                    checksums,
+                    progress,
+                )
             except OSError as e:
                 if e.filename != staged:
                     raise
                 # Name the shard's destination, as a single file's save names its path.
                 raise type(e)(e.errno, e.strerror, os.path.join(directory, file)) from None
-            total += _stored_bytes(staged)
+            total += stored_bytes(_C._File(staged))
         index_metadata: dict[str, Any] = {
             "total_size": total,
             INDEX_VERSION_KEY: _C.FORMAT_VERSION,

@@ -1,7 +1,8 @@
 // Error hierarchy of the core. Messages name the file, tensor and offset at fault; the Python
 // binding maps FormatError -> zerockpt.FormatError (ValueError), ChecksumError ->
 // zerockpt.ChecksumError (a FormatError), IoError -> OSError(errno,
-// filename), UsageError -> ValueError and DtypeError -> TypeError. Thread-safe value types.
+// filename), UsageError -> ValueError, DtypeError -> TypeError and Cancelled ->
+// KeyboardInterrupt. Thread-safe value types.
 #pragma once
 
 #include <stdexcept>
@@ -49,6 +50,12 @@ class UsageError : public Error {
 
 // A dtype that the file format cannot represent, or that has no in-memory equivalent.
 class DtypeError : public Error {
+ public:
+  using Error::Error;
+};
+
+// The caller asked a running call to stop (Progress::cancel); nothing was committed.
+class Cancelled : public Error {
  public:
   using Error::Error;
 };
