@@ -577,6 +577,7 @@ def to_file(
     *,
     max_shard_size: int | str | None = None,
     durable: bool = True,
+    progress: bool = False,
 ) -> None:
     """Converts a checkpoint written by :class:`Writer` into one zerockpt file (or HF shards).
 
@@ -594,6 +595,7 @@ def to_file(
         max_shard_size: Write Hugging Face-style shards of at most this size (see
             :func:`zerockpt.save`) instead of one file.
         durable: fsync what is written.
+        progress: Show a progress bar of the bytes written (needs tqdm).
 
     Raises:
         FormatError: The checkpoint is incomplete or malformed.
@@ -636,9 +638,9 @@ def to_file(
     mappings = metadata.planner_data
     state = unflatten_state_dict(flat, mappings) if mappings else flat
     if max_shard_size is None:
-        save(state, dest, durable=durable)
+        save(state, dest, durable=durable, progress=progress)
     else:
-        save(state, dest, durable=durable, max_shard_size=max_shard_size)
+        save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
 
 
 def _assemble(
