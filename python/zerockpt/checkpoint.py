@@ -28,6 +28,13 @@ class PendingSave:
     Like :class:`concurrent.futures.Future`: :meth:`done` polls, :meth:`result` waits and
     raises the save's error, :meth:`exception` waits and returns it. A save whose error nobody
     asked for is reported on stderr when the interpreter exits.
+
+    Made by :func:`save_async` and :meth:`Checkpointer.save`, not by users.
+
+    Args:
+        handle: The C++ save in flight, or None for a save that completed before this was
+            created.
+        path: The destination file.
     """
 
     def __init__(self, handle: _C._PendingSave | None, path: str) -> None:
@@ -42,7 +49,11 @@ class PendingSave:
         return self._path
 
     def done(self) -> bool:
-        """True once the file is written (or the save failed); never blocks."""
+        """Tells whether the save has finished, without blocking.
+
+        Returns:
+            True once the file is written (or the save failed).
+        """
         return self._handle is None or self._handle.done()
 
     def result(self, timeout: float | None = None) -> None:
@@ -61,7 +72,18 @@ class PendingSave:
             raise error
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """Waits like :meth:`result` and returns the save's error, or None if it succeeded."""
+        """Waits like :meth:`result`, and returns the save's error instead of raising it.
+
+        Args:
+            timeout: Seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            The error that failed the save (e.g. an ``OSError`` with errno and filename set), or
+            None if it succeeded.
+
+        Raises:
+            TimeoutError: The save is still running after ``timeout`` seconds.
+        """
         self._wait(timeout)
         self._settle()
         _forget(self)
@@ -199,6 +221,7 @@ def save_async(
     Raises:
         TypeError, ValueError: As :func:`save`, for input that cannot be stored; raised here,
             before anything is copied.
+        MemoryError: The snapshot buffer cannot be allocated.
     """
     flat, metadata, own = _prepare_save(obj, metadata)
     return _start(
@@ -218,7 +241,8 @@ def save_async(
 def release_snapshot_buffer() -> None:
     """Waits for the save in flight, then frees the buffer :func:`save_async` keeps for reuse.
 
-    The next ``save_async`` allocates a new one (and pays for its fresh pages).
+    The next ``save_async`` allocates a new one (and pays for its fresh pages). This raises
+    nothing: the error of a failed save stays with its :class:`PendingSave`.
     """
     _C.release_snapshot_buffer()
 
@@ -303,6 +327,11 @@ class Checkpointer:
         durable: fsync each checkpoint (and ``latest``) before it counts as saved.
         checksums: Store CRC-32C checksums, which :meth:`load_latest` verifies.
         threads: Threads for copying, checksumming and writing; default ``min(cpu_count, 8)``.
+
+    Raises:
+        TypeError: ``directory`` is not a str or ``os.PathLike``.
+        ValueError: ``keep_last`` or ``threads`` is neither a positive int nor None.
+        OSError: The directory cannot be created.
     """
 
     POINTER = "latest"
@@ -330,14 +359,32 @@ class Checkpointer:
 
     @property
     def directory(self) -> Path:
+        """The directory the checkpoints go to."""
         return self._directory
 
     def path(self, step: int) -> Path:
-        """The file of the checkpoint for ``step``."""
+        """Names the file of the checkpoint for a step (which need not exist).
+
+        Args:
+            step: A non-negative int.
+
+        Returns:
+            ``directory / "step_<step>.safetensors"``, the step zero-padded to 8 digits.
+
+        Raises:
+            ValueError: ``step`` is not a non-negative int.
+        """
         return self._directory / _file_name(_check_step(step))
 
     def steps(self) -> list[int]:
-        """Steps of the checkpoint files in the directory, ascending."""
+        """Lists the steps that have a checkpoint file in the directory.
+
+        Returns:
+            The steps, ascending, of the files named as :meth:`path` names them.
+
+        Raises:
+            OSError: The directory cannot be read.
+        """
         found = []
         for entry in os.scandir(self._directory):
             step = _step_of(entry.name)
@@ -346,7 +393,12 @@ class Checkpointer:
         return sorted(found)
 
     def latest_step(self) -> int | None:
-        """The step ``latest`` names, if that checkpoint's file exists."""
+        """Reads which step the ``latest`` file names.
+
+        Returns:
+            That step, or None if ``latest`` is missing, unreadable or malformed, or names a
+            checkpoint whose file does not exist.
+        """
         step = self._pointer_step()
         return step if step is not None and self.path(step).is_file() else None
 
@@ -374,7 +426,8 @@ class Checkpointer:
         Raises:
             OSError: This save failed, or the previous background save did (then this one was
                 not started).
-            TypeError, ValueError: ``state`` cannot be stored.
+            TypeError, ValueError: ``state`` cannot be stored (as for :func:`save`); also
+                ValueError for a ``step`` that is not a non-negative int.
         """
         path = self.path(step)
         self.wait()
@@ -406,16 +459,47 @@ class Checkpointer:
             pending.result()
 
     def load(self, step: int, *, verify: bool = True, mmap: bool = True) -> Any:
-        """Loads the checkpoint of ``step`` (see :func:`load`), checking its checksums."""
+        """Loads the checkpoint of one step (see :func:`load`), checking its checksums.
+
+        Args:
+            step: The step to load.
+            verify: Check every tensor's bytes against its stored CRC-32C before returning (a
+                file without checksums loads unchecked, with a warning).
+            mmap: Return zero-copy views of a private mapping of the file; False reads it into
+                fresh memory.
+
+        Returns:
+            The state as it was saved, as :func:`load` returns it.
+
+        Raises:
+            ValueError: ``step`` is not a non-negative int.
+            FileNotFoundError: There is no checkpoint file for ``step``.
+            ChecksumError: With ``verify``, tensors fail their checksum.
+            FormatError: The file is not valid safetensors.
+            OSError: The file cannot be opened or read (errno and filename set).
+            TypeError: A stored dtype has no torch equivalent.
+        """
         return load(self.path(step), verify=verify, mmap=mmap)
 
     def load_latest(self, *, verify: bool = True, mmap: bool = True) -> tuple[int, Any] | None:
-        """The newest checkpoint that loads, as ``(step, state)``; None if there is none.
+        """Loads the newest checkpoint that loads (and verifies), to resume training from.
 
         The one ``latest`` names is tried first, then the others from the highest step down.
         One that cannot be opened, is truncated or malformed, holds a dtype torch cannot
         represent, or (with ``verify``) fails its checksums is skipped with a warning naming it
-        and why.
+        and why. A background save of this checkpointer is waited for first; its error, if
+        any, is left for the next :meth:`save`, :meth:`wait` or :meth:`close`.
+
+        Args:
+            verify: Check each checkpoint's bytes against its stored CRC-32C before taking it.
+            mmap: Return zero-copy views of a private mapping of the file; False reads it into
+                fresh memory.
+
+        Returns:
+            ``(step, state)`` of the checkpoint loaded, or None if there is none that loads.
+
+        Raises:
+            OSError: The directory cannot be read.
         """
         pending = self._pending
         if pending is not None:

@@ -56,9 +56,23 @@ from zerockpt import _C
 from zerockpt.serialization import PathLike, _fspath, _threads
 from zerockpt.structure import flatten, unflatten
 
+__all__ = [
+    "DCP_VERSION",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_FILE",
+    "Reader",
+    "Writer",
+    "decode_metadata",
+    "encode_metadata",
+    "to_file",
+]
+
+# The global metadata file of a checkpoint directory, committed last.
 METADATA_FILE = ".metadata.json"
 # The DCP metadata version this writes (that of torch's FileSystemWriter in torch 2.13).
 DCP_VERSION = "1.0.0"
+# The "format" and "format_version" fields of METADATA_FILE (see docs/format.md).
 FORMAT = "zerockpt.dcp"
 FORMAT_VERSION = 1
 
@@ -149,11 +163,13 @@ class Writer(StorageWriter):
         self.use_collectives = True
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Starts a new save (DCP hook): a given ``checkpoint_id`` becomes the directory."""
         if checkpoint_id:
             self.path = Path(_fspath(checkpoint_id))
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Records whether this rank coordinates, its rank and use of collectives (DCP hook)."""
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
@@ -164,6 +180,10 @@ class Writer(StorageWriter):
         return self.path / METADATA_FILE
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Creates the directory (DCP hook).
+
+        Without collectives, this rank also names its own file and removes its old metadata.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.use_collectives and self.rank is not None:
             # No global plan step: this rank names its own files and drops its old metadata.
@@ -172,6 +192,7 @@ class Writer(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Removes the old metadata and names each rank's file (DCP hook, on the coordinator)."""
         # Runs on the coordinator before any rank writes: from here until finish() commits the
         # new metadata, the directory is not a complete checkpoint.
         self.path.mkdir(parents=True, exist_ok=True)
@@ -184,6 +205,12 @@ class Writer(StorageWriter):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Writes this rank's items as one safetensors file (DCP hook); returns a done future.
+
+        The file, ``__<rank>_0.safetensors``, is written by the zerockpt engine: atomically,
+        with checksums (if ``checksums``), fsynced (if ``durable``); tensors that are not on
+        the CPU are copied out through pinned memory first.
+        """
         prefix = plan.storage_data.prefix if plan.storage_data is not None else "__0_"
         file_name = f"{prefix}0.safetensors"
         tensors: dict[str, torch.Tensor] = {}
@@ -225,6 +252,11 @@ class Writer(StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Commits the checkpoint (DCP hook, on the coordinator): writes its metadata as JSON.
+
+        The metadata file is written atomically (temporary file + rename) and, if ``durable``,
+        fsynced with its directory: the directory is a complete checkpoint from then on.
+        """
         storage: dict[MetadataIndex, _Location] = {}
         for rank_results in results:
             for r in rank_results:
@@ -237,10 +269,12 @@ class Writer(StorageWriter):
         _C.after_commit([(str(self._metadata_path()), text)], [], self.durable)
 
     def storage_meta(self) -> StorageMeta | None:
+        """The checkpoint directory and this save's id, for DCP's metadata (DCP hook)."""
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Whether ``checkpoint_id`` is a local path, which this writer takes (DCP hook)."""
         return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
 
 
@@ -269,12 +303,17 @@ class Reader(StorageReader):
         self.load_id = uuid.uuid4().hex
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Starts a new load (DCP hook): a given ``checkpoint_id`` becomes the directory."""
         self.storage_data = {}
         if checkpoint_id:
             self.path = Path(_fspath(checkpoint_id))
         self.load_id = uuid.uuid4().hex
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Reads and validates the checkpoint's ``.metadata.json`` (DCP hook).
+
+        A missing, non-UTF-8 or malformed metadata file raises ``FormatError`` naming it.
+        """
         rank = kwargs.get("rank")
         name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
         path = self.path / name
@@ -296,18 +335,28 @@ class Reader(StorageReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
+        """Keeps the checkpoint's metadata, this rank and use of collectives (DCP hook)."""
         self.storage_data = metadata.storage_data
         self.metadata = metadata
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """Returns the plan unchanged (DCP hook)."""
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """Returns the plans unchanged (DCP hook)."""
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Copies this rank's items into the planner's tensors (DCP hook); returns a done future.
+
+        The files are opened (with ``verify``, checksummed) and every tensor item is located
+        and checked against the metadata (dtype, shape, chunk bounds) before any target
+        changes; then the copies run on ``threads`` threads. A mismatch raises ``FormatError``
+        naming the file and the tensor.
+        """
         by_file: dict[str, list[Any]] = defaultdict(list)
         for item in plan.items:
             location = self.storage_data.get(item.storage_index)
@@ -385,6 +434,7 @@ class Reader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Whether ``checkpoint_id`` is a local path, which this reader takes (DCP hook)."""
         return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
 
 
@@ -403,7 +453,22 @@ def _torch_attr(name: object, kind: type, what: str, path: str) -> Any:
 
 
 def encode_metadata(metadata: Metadata) -> str:
-    """DCP's Metadata as JSON (see docs/format.md); planner data must be plain containers."""
+    """Encodes DCP's global metadata as the JSON of ``.metadata.json`` (see docs/format.md).
+
+    Args:
+        metadata: DCP's ``Metadata``, its ``storage_data`` mapping each item to where
+            :class:`Writer` stored it. Its planner data may hold only what :func:`zerockpt.save`
+            keeps as nested state without tensors: dicts, lists and tuples of str, int, float,
+            bool and None.
+
+    Returns:
+        The JSON text, which :func:`decode_metadata` reads back.
+
+    Raises:
+        TypeError: The planner data holds an object that cannot be stored (the message names
+            its path).
+        ValueError: The planner data holds tensors, or is nested too deeply.
+    """
     entries: dict[str, Any] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
@@ -468,7 +533,21 @@ def _str(value: object, what: str, path: str) -> str:
 
 
 def decode_metadata(text: str, path: str) -> Metadata:
-    """Parses :func:`encode_metadata` output; FormatError naming ``path`` and the field."""
+    """Decodes :func:`encode_metadata` output back into DCP's ``Metadata``, checking every field.
+
+    Args:
+        text: The JSON text, e.g. the contents of ``.metadata.json``.
+        path: Where the text was read from, for error messages.
+
+    Returns:
+        DCP's ``Metadata``, its ``storage_data`` mapping each item to the file and tensor name
+        that hold it.
+
+    Raises:
+        FormatError: The text is not JSON, not zerockpt.dcp metadata of a supported
+            ``format_version``, or a field is malformed (the message names ``path`` and the
+            field).
+    """
 
     def reject(token: str) -> Any:
         raise ValueError(f"{token} is not JSON")
@@ -598,8 +677,16 @@ def to_file(
         progress: Show a progress bar of the bytes written (needs tqdm).
 
     Raises:
-        FormatError: The checkpoint is incomplete or malformed.
-        OSError: A file cannot be read or written.
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, or a
+            rank file does not hold what the metadata says.
+        OSError: A file cannot be read or written (errno and filename set).
+        pickle.UnpicklingError: A non-tensor value needs more than ``torch.load`` allows with
+            ``weights_only=True``.
+        TypeError: ``checkpoint`` or ``destination`` is not a str or ``os.PathLike``,
+            ``max_shard_size`` is neither an int nor a str, or a value cannot be stored (see
+            :func:`zerockpt.save`).
+        ValueError: ``max_shard_size`` is not a positive size.
+        ImportError: ``progress=True`` and tqdm is not installed.
     """
     from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 

@@ -68,6 +68,13 @@ def state_dict(
     Returns:
         ``destination``, or the new ``OrderedDict`` (or what a legacy private post-hook of
         ``module`` returned, as in torch).
+
+    Raises:
+        TypeError: ``destination`` is not a mutable mapping or ``prefix`` is not a str (torch's
+            error for them, with its text).
+        AttributeError: ``module`` is not an ``nn.Module`` (torch's error for it).
+        Exception: Whatever a hook or an overridden ``state_dict``, ``_save_to_state_dict`` or
+            ``get_extra_state`` raises, as torch propagates it.
     """
     if len(args) > 0:
         warnings.warn(_STATE_DICT_POSITIONAL_WARNING, FutureWarning, stacklevel=2)
@@ -173,8 +180,10 @@ def load_state_dict(
 
     Raises:
         RuntimeError: Torch's "Error(s) in loading state_dict for ..." with the same text.
-        TypeError: ``source`` is neither a mapping nor a path, or a file tensor's dtype has no
-            torch equivalent.
+        TypeError: ``module`` is not an ``nn.Module``, ``source`` is neither a mapping nor a
+            path, or a file tensor's dtype has no torch equivalent.
+        ValueError: ``verify=True`` with a mapping (there is no file to check), or ``threads``
+            is not a positive int.
         FormatError: The file is not valid safetensors, or an index is malformed or does not
             match its shards (nothing is loaded).
         ChecksumError: With ``verify``, tensors fail their checksum (nothing is loaded).

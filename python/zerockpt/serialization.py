@@ -182,10 +182,12 @@ def save(
     Raises:
         ImportError: ``progress=True`` and tqdm is not installed.
         TypeError: An object, key or dtype or layout cannot be stored (the message names its
-            path or key).
+            path or key), ``metadata`` is not a mapping of str to str, or ``path`` is not a str
+            or ``os.PathLike``.
         ValueError: Tensors are different but overlapping views of one storage, a tensor is not
-            on the CPU, metadata uses a reserved key, ``max_shard_size`` is not a size, or
-            ``path`` is an existing file while ``max_shard_size`` is given.
+            on the CPU, metadata uses a reserved key, containers are nested too deeply,
+            ``threads`` is not a positive int, ``max_shard_size`` is not a size, or ``path`` is
+            an existing file while ``max_shard_size`` is given.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
@@ -303,7 +305,9 @@ def load(
             or an index is malformed or does not match its shards (the message names it).
         OSError: The file, or a shard an index lists, cannot be opened or read (errno and
             filename set); a directory holds neither an index nor ``model.safetensors``.
-        TypeError: A stored dtype has no torch equivalent.
+        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str or
+            ``os.PathLike``.
+        ValueError: ``device`` is not the CPU, or ``threads`` is not a positive int.
         ImportError: ``progress=True`` and tqdm is not installed.
     """
     _check_cpu(device)
@@ -362,37 +366,50 @@ def _warn_unverified(path: str) -> None:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """What :func:`verify` found. ``ok`` is true when no tensor failed its checksum."""
+    """What :func:`verify` found. ``ok`` is true when no tensor failed its checksum.
+
+    Attributes:
+        path: The file checked, or the index file of a sharded checkpoint.
+        has_checksums: False for files that store no checksums: then nothing was checked. For
+            a sharded checkpoint, true only if every shard stores them.
+        tensors: Stored tensors in the file, aliases not counted (the number checked, when it
+            has checksums); for a sharded checkpoint, in all its shards.
+        failed: Names of the stored tensors whose bytes do not match their checksum.
+    """
 
     path: str
     has_checksums: bool
-    """False for files that store no checksums: then nothing was checked."""
     tensors: int
-    """Stored tensors in the file (the number checked, when it has checksums)."""
     failed: tuple[str, ...]
-    """Names of the stored tensors whose bytes do not match their checksum."""
 
     @property
     def ok(self) -> bool:
+        """True when no tensor failed its checksum (also when there were none to check)."""
         return not self.failed
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What the header says about one tensor, read without touching its bytes."""
+    """What the header says about one tensor, read without touching its bytes.
+
+    Attributes:
+        dtype: The torch dtype, or None if torch has none for ``format_dtype``.
+        format_dtype: The dtype as the file names it, e.g. ``"F32"``.
+        shape: The tensor's shape.
+        data_offsets: Byte range ``(begin, end)`` in the data region, as in the header.
+        alias_of: The stored tensor this name is an alias of, if it was saved as one (then
+            ``data_offsets`` are that tensor's).
+    """
 
     dtype: torch.dtype | None
-    """The torch dtype, or None if torch has none for ``format_dtype``."""
     format_dtype: str
-    """The dtype as the file names it, e.g. ``"F32"``."""
     shape: tuple[int, ...]
     data_offsets: tuple[int, int]
-    """Byte range in the data region, as in the header."""
     alias_of: str | None
-    """The stored tensor this name is an alias of, if it was saved as one."""
 
     @property
     def nbytes(self) -> int:
+        """Size of the tensor's bytes in the file: ``data_offsets[1] - data_offsets[0]``."""
         return self.data_offsets[1] - self.data_offsets[0]
 
 
@@ -400,7 +417,21 @@ class TensorFile(Mapping[str, torch.Tensor]):
     """Lazy, read-only access to a safetensors file or sharded checkpoint; see :func:`open`.
 
     A mapping of names to tensors: each tensor is produced when asked for and its bytes are
-    not touched before that. Tensors taken from the file stay valid after :meth:`close`.
+    not touched before that. Tensors taken from the file stay valid after :meth:`close`; after
+    it, everything that reads the file (all but :meth:`keys`, ``len`` and iteration) raises
+    ``ValueError``.
+
+    Args:
+        path: A safetensors file; an index file (a name ending in ``.json``); or a directory
+            holding ``model.safetensors.index.json`` or ``model.safetensors`` (see
+            :func:`load`).
+
+    Raises:
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+        FormatError: The header is not valid safetensors, or an index is malformed or does not
+            match its shards.
+        OSError: The file or a shard cannot be opened or read (errno and filename set); a
+            directory holds neither an index nor ``model.safetensors``.
     """
 
     def __init__(self, path: PathLike) -> None:
@@ -455,30 +486,59 @@ class TensorFile(Mapping[str, torch.Tensor]):
         return files[position]
 
     def keys(self) -> list[str]:  # type: ignore[override]
-        """Tensor names in saved order (sharded: the index's order), aliases included."""
+        """Lists the tensor names; works on a closed file too.
+
+        Returns:
+            The names in saved order (sharded: the index's order), aliases included.
+        """
         return list(self._keys)
 
     def file_of(self, name: str) -> str:
-        """The path of the file (shard) holding ``name``; KeyError if there is no such tensor."""
+        """Tells which file holds a tensor: the file itself, or the shard the index names.
+
+        Args:
+            name: A tensor name.
+
+        Returns:
+            The path of the file (shard) holding ``name``.
+
+        Raises:
+            KeyError: There is no tensor ``name``.
+            ValueError: The file is closed.
+        """
         handle = self._handle(name)
         handle.info(name)  # KeyError for a name a single file does not hold
         return handle.path
 
     def metadata(self) -> dict[str, str]:
-        """The header's ``__metadata__`` (zerockpt's own ``zerockpt.*`` entries included).
+        """Reads the header's ``__metadata__``.
 
         For a sharded checkpoint: that of its first shard (by name), which holds the metadata
-        given to ``save`` as every shard does; ``{}`` if the index lists no shard. The index's
-        own metadata is in :attr:`index`.
+        given to ``save`` as every shard does. The index's own metadata is in :attr:`index`.
+
+        Returns:
+            The entries, zerockpt's own ``zerockpt.*`` ones included; ``{}`` if there are none
+            (or the index lists no shard).
+
+        Raises:
+            ValueError: The file is closed.
         """
         files = self._handles()
         return files[0].metadata() if files else {}
 
     def info(self, name: str) -> TensorInfo:
-        """Dtype, shape and byte range of ``name``; KeyError if the file has no such tensor.
+        """Describes a tensor from the header, without reading its bytes.
 
-        For a sharded checkpoint the byte range is within the shard's data region (see
-        :meth:`file_of`).
+        Args:
+            name: A tensor name.
+
+        Returns:
+            Its dtype, shape and byte range. For a sharded checkpoint the byte range is within
+            the data region of the shard holding it (see :meth:`file_of`).
+
+        Raises:
+            KeyError: There is no tensor ``name``.
+            ValueError: The file is closed.
         """
         fmt, shape, begin, end, alias_of = self._handle(name).info(name)
         return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
@@ -488,6 +548,20 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
         For a sharded checkpoint the shards are checked in parallel; ``has_checksums`` is true
         only if every shard stores checksums.
+
+        Args:
+            threads: Checksum threads; default ``min(cpu_count, 8)``.
+            progress: Show a progress bar of the bytes checked (needs tqdm:
+                ``zerockpt[progress]``).
+
+        Returns:
+            A :class:`VerifyResult` naming the tensors that fail, if any.
+
+        Raises:
+            ValueError: The file is closed, or ``threads`` is not a positive int.
+            FormatError: A file's checksum metadata is malformed.
+            OSError: A file cannot be read (errno and filename set).
+            ImportError: ``progress=True`` and tqdm is not installed.
         """
         files = self._handles()
         workers, per_file = sharded.thread_budget(_threads(threads), len(files))
@@ -514,7 +588,22 @@ class TensorFile(Mapping[str, torch.Tensor]):
         )
 
     def get_tensor(self, name: str, *, mmap: bool = True) -> torch.Tensor:
-        """The tensor ``name``: a zero-copy mapped view, or a fresh copy if ``mmap=False``."""
+        """Reads one tensor (``f[name]`` is ``f.get_tensor(name)``).
+
+        Args:
+            name: A tensor name.
+            mmap: Return a zero-copy view of a private (copy-on-write) mapping of the file,
+                whose bytes are read when first touched; False reads them into a fresh tensor.
+
+        Returns:
+            The tensor; it stays valid after :meth:`close`.
+
+        Raises:
+            KeyError: There is no tensor ``name``.
+            ValueError: The file is closed.
+            TypeError: The stored dtype has no torch equivalent.
+            OSError: With ``mmap=False``, the bytes cannot be read (errno and filename set).
+        """
         return self._handle(name).get_tensor(name, mmap)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -569,10 +658,21 @@ def open(path: PathLike) -> TensorFile:
     ...     print(f.keys(), f.info("w").shape, f.metadata())
     ...     w = f["w"]
 
+    Args:
+        path: A safetensors file, from zerockpt or any other writer; an index file (a name
+            ending in ``.json``); or a directory holding ``model.safetensors.index.json``
+            (preferred) or ``model.safetensors``.
+
+    Returns:
+        A :class:`TensorFile`, a read-only mapping of names to tensors; close it (or use it as
+        a context manager) to release the file.
+
     Raises:
+        TypeError: ``path`` is not a str or ``os.PathLike``.
         FormatError: The header is not valid safetensors, or an index is malformed or does not
             match its shards.
-        OSError: The file or a shard cannot be opened (errno and filename set).
+        OSError: The file or a shard cannot be opened or read (errno and filename set); a
+            directory holds neither an index nor ``model.safetensors``.
     """
     return TensorFile(path)
 
@@ -600,8 +700,11 @@ def verify(path: PathLike, *, threads: int | None = None, progress: bool = False
         A :class:`VerifyResult` naming the tensors that fail, if any.
 
     Raises:
-        FormatError: The file is not valid safetensors, or its checksum metadata is malformed.
+        FormatError: The file is not valid safetensors, or its checksum metadata is malformed;
+            an index is malformed or does not match its shards.
         OSError: The file cannot be opened or read (errno and filename set).
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+        ValueError: ``threads`` is not a positive int.
         ImportError: ``progress=True`` and tqdm is not installed.
     """
     with TensorFile(path) as f:

@@ -1,0 +1,1036 @@
+"""The ``zerockpt`` command line: inspect, convert and verify checkpoints.
+
+::
+
+    zerockpt inspect PATH [--json] [--verify]
+    zerockpt convert SRC DST [--max-shard-size SIZE] [--force] [--progress | --no-progress]
+    zerockpt verify PATH [--json] [--require-checksums]
+    zerockpt bench ...            (provided by zerockpt.bench)
+
+``PATH`` is a zerockpt or safetensors file, a Hugging Face sharded directory (or its
+``model.safetensors.index.json``), or a directory written by :class:`zerockpt.dcp.Writer`.
+``convert`` also reads and writes ``torch.save`` checkpoints (``.pt``, ``.pth``, ``.bin``),
+loaded with ``torch.load(weights_only=True)``: nothing is ever unpickled beyond plain data.
+
+Exit status: 0 when everything is fine, 1 when a command fails (a bad or corrupted checkpoint, a
+missing file, a destination that exists), 2 for a bad command line. Failures print one line,
+``zerockpt: error: <message>``, on stderr; ``--debug`` raises the exception instead (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect as _inspect
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, TextIO
+
+import torch
+
+import zerockpt
+from zerockpt import _C, sharded
+from zerockpt.structure import STRUCTURE_KEY
+
+__all__ = ["build_parser", "main"]
+
+PROG = "zerockpt"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+"""Destination names written with ``torch.save``; any other name gets a zerockpt file."""
+
+_DCP_METADATA = ".metadata.json"  # zerockpt.dcp.METADATA_FILE, without importing DCP eagerly
+_DCP_RANK_FILE_RE = re.compile(r"__[0-9]+_[0-9]+\.safetensors")
+_DCP_OWN_KEY = "zerockpt.dcp"  # marks a rank file written by zerockpt.dcp.Writer
+_ZIP_MAGIC = b"PK\x03\x04"
+_PROGRESS_AUTO_BYTES = 1e9  # without --progress/--no-progress: show it for larger sources
+_ITEM_VALUE_MAX_BYTES = 64 << 10  # DCP non-tensor items larger than this are not decoded
+
+
+class CommandError(Exception):
+    """A failure that the command line reports as one line (exit status 1)."""
+
+
+class UsageError(Exception):
+    """A bad command line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise :class:`UsageError` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def human_bytes(n: int) -> str:
+    """A byte count in binary units for people: ``"512 B"``, ``"1.5 KiB"``, ``"3.0 GiB"``.
+
+    Args:
+        n: A number of bytes (non-negative).
+
+    Returns:
+        The count with one decimal in the largest unit that keeps it at least 1.
+    """
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _dtype_name(dtype: torch.dtype | None, format_dtype: str) -> str:
+    """The torch dtype's name (``float32``), or the file's name when torch has no such dtype."""
+    return format_dtype if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 tensor"``, ``"3 tensors"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
+
+
+def _names(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: whitespace runs (newlines included) collapsed to one space."""
+    return " ".join(text.split())
+
+
+def _describe(error: BaseException) -> str:
+    """The one-line message printed for an error the command line expects."""
+    if isinstance(error, OSError) and error.strerror:
+        where = [str(f) for f in (error.filename, error.filename2) if f is not None]
+        text = f"{' -> '.join(where)}: {error.strerror}" if where else error.strerror
+        return _one_line(text)
+    return _one_line(str(error)) or type(error).__name__
+
+
+def _error_line(message: str, stream: TextIO | None = None) -> None:
+    print(f"{PROG}: error: {message}", file=stream or sys.stderr)
+
+
+def _with_progress(func: Callable[..., Any], show: bool) -> dict[str, Any]:
+    """``{"progress": True}`` when ``show`` and ``func`` takes that keyword, else ``{}``.
+
+    ``zerockpt.save`` and ``zerockpt.load`` take ``progress`` in newer versions; asking first
+    keeps the command line working (without a progress bar) with versions that do not.
+    """
+    if not show:
+        return {}
+    try:
+        parameters = _inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"progress": True} if "progress" in parameters else {}
+
+
+def _disk_bytes(path: str) -> int:
+    """Bytes on disk of a file, or of the regular files directly in a directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    total = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_file():
+                    total += entry.stat().st_size
+    return total
+
+
+def _walk_tensors(obj: object) -> Iterator[torch.Tensor]:
+    """Every tensor leaf of nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _walk_tensors(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from _walk_tensors(value)
+
+
+def _tensor_stats(obj: object) -> tuple[int, int]:
+    """(tensors, bytes) of nested state; a tensor found at several places counts once."""
+    seen: set[int] = set()
+    count = nbytes = 0
+    for t in _walk_tensors(obj):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        count += 1
+        nbytes += t.numel() * t.element_size()
+    return count, nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# What a path names
+
+
+def _is_torch_file(path: str) -> bool:
+    """Whether ``path`` starts as ``torch.save`` output: a zip archive or a pickle stream."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
+
+
+def checkpoint_kind(path: str) -> tuple[str, str]:
+    """What kind of checkpoint ``path`` names, and the path to read it from.
+
+    Args:
+        path: A zerockpt/safetensors file; a sharded directory or its index file (a name ending
+            in ``.json``); a zerockpt.dcp checkpoint directory or its ``.metadata.json``; a
+            directory holding ``model.safetensors``; or a ``torch.save`` file.
+
+    Returns:
+        ``(kind, path)``: kind is ``"file"``, ``"sharded"``, ``"dcp"`` or ``"torch"``; path is
+        the file, index or checkpoint directory to read.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CommandError: ``path`` is a directory that holds no checkpoint.
+    """
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, _DCP_METADATA)):
+            return "dcp", path
+        if os.path.exists(os.path.join(path, sharded.INDEX_NAME)):
+            return "sharded", path
+        if os.path.exists(os.path.join(path, sharded.SINGLE_FILE_NAME)):
+            return "file", os.path.join(path, sharded.SINGLE_FILE_NAME)
+        if any(_DCP_RANK_FILE_RE.fullmatch(name) for name in os.listdir(path)):
+            return "dcp", path  # without .metadata.json: reading it says it is incomplete
+        raise CommandError(
+            f"{path}: a directory that holds no checkpoint (neither {sharded.INDEX_NAME}, "
+            f"{_DCP_METADATA} nor {sharded.SINGLE_FILE_NAME})"
+        )
+    if os.path.basename(path) == _DCP_METADATA:
+        return "dcp", os.path.dirname(path) or "."
+    if path.endswith(".json"):
+        return "sharded", path
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+    if _is_torch_file(path):
+        return "torch", path
+    return "file", path
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _structure_summary(text: str) -> str:
+    """A few words on a ``zerockpt.structure`` value: the top-level keys or container."""
+    try:
+        root = json.loads(text).get("root")
+    except (ValueError, AttributeError, RecursionError):
+        return "nested training state (structure not readable)"
+    if isinstance(root, dict) and isinstance(root.get("dict"), list):
+        keys = [repr(item[0]) for item in root["dict"] if isinstance(item, list) and item]
+        return f"nested training state, top level: {_names(keys, 8)}"
+    if isinstance(root, dict) and len(root) == 1:
+        kind = next(iter(root))
+        if isinstance(root[kind], list):
+            return f"nested training state, top level: a {kind} of {len(root[kind])}"
+    return "nested training state"
+
+
+def _own_summary(own: Mapping[str, str], aliases: int) -> dict[str, Any]:
+    """zerockpt's own metadata (``zerockpt.*`` keys) summarized for the report."""
+    summary: dict[str, Any] = {
+        "version": own.get("zerockpt.version"),
+        "nested_state": STRUCTURE_KEY in own,
+        "state_dict_metadata": _C.STATE_DICT_METADATA_KEY in own,
+        "aliases": aliases,
+        "dcp_rank_file": _DCP_OWN_KEY in own,
+    }
+    if STRUCTURE_KEY in own:
+        summary["structure"] = _structure_summary(own[STRUCTURE_KEY])
+    if sharded.CHECKPOINT_ID_KEY in own:
+        summary["checkpoint_id"] = own[sharded.CHECKPOINT_ID_KEY]
+    return summary
+
+
+def _file_report(path: str, kind: str) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
+    """The report of a file or sharded directory, and a function that verifies it."""
+    with zerockpt.open(path) as f:
+        header = f.metadata()
+        files = list(f.files)
+        index = f.index
+        tensors: list[dict[str, Any]] = []
+        total = aliases = 0
+        for name in f:
+            info = f.info(name)
+            entry: dict[str, Any] = {
+                "name": name,
+                "dtype": _dtype_name(info.dtype, info.format_dtype),
+                "shape": list(info.shape),
+                "nbytes": info.nbytes,
+            }
+            if kind == "sharded":
+                entry["file"] = os.path.basename(f.file_of(name))
+            if info.alias_of is not None:
+                entry["alias_of"] = info.alias_of
+                aliases += 1
+            else:
+                total += info.nbytes
+            tensors.append(entry)
+    own = {k: v for k, v in header.items() if k.startswith(_C.RESERVED_PREFIX)}
+    if index is not None:  # the structure and _metadata of sharded state live in the index
+        own.update({k: v for k, v in index["metadata"].items() if k.startswith(_C.RESERVED_PREFIX)})
+    # Every shard must store checksums (the first one's header is already read).
+    stored = bool(files) and all(
+        _C.CHECKSUM_KEY in (header if i == 0 else _header_metadata(file))
+        for i, file in enumerate(files)
+    )
+    report: dict[str, Any] = {
+        "path": path,
+        "kind": kind,
+        "files": files,
+        "file_bytes": sum(os.path.getsize(file) for file in files),
+        "tensors": tensors,
+        "total_bytes": total,
+        "metadata": {k: v for k, v in header.items() if not k.startswith(_C.RESERVED_PREFIX)},
+        "zerockpt": _own_summary(own, aliases),
+        "checksums": {"stored": stored, "verified": None, "failed": []},
+    }
+
+    def verify() -> tuple[str, ...]:
+        return zerockpt.verify(path).failed
+
+    return report, verify
+
+
+def _header_metadata(file: str) -> dict[str, str]:
+    with zerockpt.open(file) as f:
+        return f.metadata()
+
+
+def _read_dcp_metadata(directory: str) -> Any:
+    """The decoded ``.metadata.json`` of a zerockpt.dcp checkpoint (DCP's ``Metadata``)."""
+    import zerockpt.dcp
+
+    reader = zerockpt.dcp.Reader(directory)
+    return reader.read_metadata()
+
+
+def _dcp_file(directory: str, name: str) -> str:
+    """The path of a file that a DCP checkpoint's metadata names; FormatError if not plain."""
+    if "/" in name or name in ("", ".", ".."):
+        raise zerockpt.FormatError(f"{directory}: invalid file name {name!r} in the metadata")
+    return os.path.join(directory, name)
+
+
+def _decode_item(raw: bytes) -> tuple[str, object, bool]:
+    """(type name, value, readable) of a DCP non-tensor item's ``torch.save`` bytes."""
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception:  # see _load_torch: torch.load fails in many ways; only shown as such
+        return "?", None, False
+    return type(value).__name__, value, True
+
+
+def _jsonable(value: object) -> bool:
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_jsonable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
+    return False
+
+
+def _dcp_report(directory: str) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
+    """The report of a zerockpt.dcp checkpoint directory, and a function that verifies it."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = _read_dcp_metadata(directory)
+    locations: dict[str, list[Any]] = {}
+    for index, location in metadata.storage_data.items():
+        locations.setdefault(index.fqn, []).append(location)
+    files = sorted({location.file for chunks in locations.values() for location in chunks})
+    opened: dict[str, zerockpt.TensorFile] = {}
+
+    def open_file(name: str) -> zerockpt.TensorFile:
+        if name not in opened:
+            opened[name] = zerockpt.open(_dcp_file(directory, name))
+        return opened[name]
+
+    try:
+        tensors: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = []
+        total = 0
+        for fqn, md in metadata.state_dict_metadata.items():
+            where = locations.get(fqn, [])
+            if isinstance(md, BytesStorageMetadata):
+                item: dict[str, Any] = {"name": fqn, "nbytes": None}
+                if where:
+                    item["file"] = where[0].file
+                    info = open_file(where[0].file).info(where[0].name)
+                    item["nbytes"] = info.nbytes
+                    if info.nbytes <= _ITEM_VALUE_MAX_BYTES:
+                        raw = open_file(where[0].file)[where[0].name].numpy().tobytes()
+                        type_name, value, readable = _decode_item(raw)
+                        item["type"] = type_name
+                        if readable:
+                            item["repr"] = repr(value)
+                            if _jsonable(value):
+                                item["value"] = value
+                items.append(item)
+                continue
+            dtype = md.properties.dtype
+            nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
+            total += nbytes
+            tensors.append(
+                {
+                    "name": fqn,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "shape": list(md.size),
+                    "nbytes": nbytes,
+                    "chunks": len(md.chunks),
+                    "files": sorted({location.file for location in where}),
+                }
+            )
+        headers = [open_file(name).metadata() for name in files]
+    finally:
+        for f in opened.values():
+            f.close()
+    storage_meta = metadata.storage_meta
+    report: dict[str, Any] = {
+        "path": directory,
+        "kind": "dcp",
+        "files": [os.path.join(directory, name) for name in files],
+        "file_bytes": sum(os.path.getsize(os.path.join(directory, name)) for name in files),
+        "tensors": tensors,
+        "total_bytes": total,
+        "metadata": {},
+        "zerockpt": {
+            "dcp_version": metadata.version,
+            "save_id": None if storage_meta is None else storage_meta.save_id,
+            "rank_files": len(files),
+        },
+        "items": items,
+        "checksums": {
+            "stored": bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers),
+            "verified": None,
+            "failed": [],
+        },
+    }
+
+    def verify() -> tuple[str, ...]:
+        return _verify_dcp(directory, metadata)[1]
+
+    return report, verify
+
+
+def _verify_dcp(directory: str, metadata: Any) -> tuple[bool, tuple[str, ...], int]:
+    """Checks a zerockpt.dcp checkpoint's files: structure, then checksums.
+
+    Returns:
+        (every file stores checksums, names of the tensors that fail, tensors checked).
+
+    Raises:
+        FormatError: A file the metadata names is malformed or lacks a tensor it should hold.
+        OSError: A file is missing or unreadable.
+    """
+    by_file: dict[str, list[str]] = {}
+    for location in metadata.storage_data.values():
+        by_file.setdefault(location.file, []).append(location.name)
+    stored_fqns = {index.fqn for index in metadata.storage_data}
+    missing = [fqn for fqn in metadata.state_dict_metadata if fqn not in stored_fqns]
+    if missing:
+        raise zerockpt.FormatError(
+            f"{directory}: the metadata stores no data for {_names(missing)}"
+        )
+    has_checksums = True
+    failed: list[str] = []
+    checked = 0
+    for name in sorted(by_file):
+        file = _dcp_file(directory, name)
+        with zerockpt.open(file) as f:
+            absent = [stored for stored in by_file[name] if stored not in f]
+        if absent:
+            raise zerockpt.FormatError(f"{file}: does not hold {_names(absent)}")
+        result = zerockpt.verify(file)
+        has_checksums = has_checksums and result.has_checksums
+        failed.extend(result.failed)
+        checked += result.tensors
+    return has_checksums, tuple(failed), checked
+
+
+def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    widths[0] = min(widths[0], max(60, len(header[0])))
+    for row in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)]
+        print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+
+
+def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
+    kind = report["kind"]
+    titles = {"file": "safetensors file", "sharded": "sharded checkpoint", "dcp": "DCP checkpoint"}
+    files = report["files"]
+    where = "" if kind == "file" else f", {len(files)} files"
+    print(
+        f"{report['path']}: {titles[kind]} ({human_bytes(report['file_bytes'])} on disk{where})",
+        file=out,
+    )
+    tensors = report["tensors"]
+    header = ["NAME", "DTYPE", "SHAPE", "SIZE"]
+    if kind == "sharded":
+        header.append("FILE")
+    if kind == "dcp":
+        header.append("CHUNKS")
+    rows = []
+    for t in tensors:
+        size = f"-> {t['alias_of']}" if "alias_of" in t else human_bytes(t["nbytes"])
+        row = [t["name"], t["dtype"], _shape_text(t["shape"]), size]
+        if kind == "sharded":
+            row.append(t["file"])
+        if kind == "dcp":
+            row.append(str(t["chunks"]))
+        rows.append(row)
+    if rows:
+        print(file=out)
+        _print_table(rows, header, out)
+        print(file=out)
+    own = report["zerockpt"]
+    aliases = own.get("aliases", 0)
+    counted = _count(len(tensors), "tensor")
+    if aliases:
+        counted += f" ({len(tensors) - aliases} stored, {_count(aliases, 'alias', 'aliases')})"
+    print(
+        f"total: {counted}, {human_bytes(report['total_bytes'])} ({report['total_bytes']} bytes)",
+        file=out,
+    )
+    if kind == "dcp":
+        items = report["items"]
+        if items:
+            print(f"non-tensor items: {len(items)}", file=out)
+            width = max(len(i["name"]) for i in items)
+            for i in items:
+                value = i.get("repr", "(not decoded)")
+                if len(value) > 70:
+                    value = value[:67] + "..."
+                print(f"  {i['name'].ljust(width)}  {value}", file=out)
+        print(
+            f"zerockpt.dcp: DCP metadata version {own['dcp_version']}, "
+            f"{own['rank_files']} rank files",
+            file=out,
+        )
+    else:
+        metadata = report["metadata"]
+        if metadata:
+            print("metadata:", file=out)
+            for key, value in metadata.items():
+                shown = value if len(value) <= 70 else value[:67] + "..."
+                print(f"  {key}: {shown}", file=out)
+        else:
+            print("metadata: none", file=out)
+        print(f"zerockpt: {_own_text(own)}", file=out)
+        if aliases:
+            print("aliases (tied tensors, stored once):", file=out)
+            for t in tensors:
+                if "alias_of" in t:
+                    print(f"  {t['name']} -> {t['alias_of']}", file=out)
+    print(f"checksums: {_checksum_text(report['checksums'])}", file=out)
+
+
+def _own_text(own: Mapping[str, Any]) -> str:
+    if own["version"] is None:
+        return "no zerockpt metadata (written by another safetensors writer)"
+    parts = [f"format version {own['version']}"]
+    if own["nested_state"]:
+        parts.append(own["structure"])
+    if own["state_dict_metadata"]:
+        parts.append("state dict _metadata (module versions) stored")
+    if own["dcp_rank_file"]:
+        parts.append("a rank file of a zerockpt.dcp checkpoint")
+    return "; ".join(parts)
+
+
+def _checksum_text(checksums: Mapping[str, Any]) -> str:
+    if not checksums["stored"]:
+        return "none stored (nothing to verify)"
+    verified = checksums["verified"]
+    if verified is None:
+        return "CRC-32C stored (not checked; use --verify)"
+    if verified:
+        return "CRC-32C stored, verified: every tensor matches"
+    failed = checksums["failed"]
+    return f"CRC-32C stored, verification FAILED for {len(failed)}: {_names(failed)}"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    kind, path = checkpoint_kind(args.path)
+    if kind == "torch":
+        raise CommandError(
+            f"{args.path}: a torch.save checkpoint, not safetensors (convert it with "
+            f"'{PROG} convert {args.path} OUT.safetensors')"
+        )
+    report, verify = _dcp_report(path) if kind == "dcp" else _file_report(path, kind)
+    report["path"] = args.path
+    if args.verify and report["checksums"]["stored"]:
+        failed = list(verify())
+        report["checksums"]["verified"] = not failed
+        report["checksums"]["failed"] = failed
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, allow_nan=False)
+        print()
+    else:
+        _print_inspect(report, sys.stdout)
+    return EXIT_FAILURE if report["checksums"]["failed"] else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    kind, path = checkpoint_kind(args.path)
+    if kind == "torch":
+        raise CommandError(
+            f"{args.path}: a torch.save checkpoint, which stores no zerockpt checksums"
+        )
+    if kind == "dcp":
+        has_checksums, failed, checked = _verify_dcp(path, _read_dcp_metadata(path))
+    else:
+        result = zerockpt.verify(path)
+        has_checksums, failed, checked = result.has_checksums, result.failed, result.tensors
+    ok = not failed and (has_checksums or not args.require_checksums)
+    if args.json:
+        document = {
+            "path": args.path,
+            "kind": kind,
+            "ok": ok,
+            "tensors": checked,
+            "checksums": {
+                "stored": has_checksums,
+                "verified": (not failed) if has_checksums else None,
+                "failed": list(failed),
+            },
+        }
+        json.dump(document, sys.stdout, indent=2)
+        print()
+    elif failed:
+        print(
+            f"{args.path}: FAILED: {len(failed)} of {_count(checked, 'tensor')} do not match their "
+            "CRC-32C checksum:",
+            file=sys.stdout,
+        )
+        for name in failed:
+            print(f"  {name}", file=sys.stdout)
+    elif not has_checksums:
+        what = "" if ok else " (--require-checksums: FAILED)"
+        print(
+            f"{args.path}: structure OK, {_count(checked, 'tensor')}; no checksums stored, so "
+            f"their bytes were not checked{what}",
+            file=sys.stdout,
+        )
+    else:
+        print(f"{args.path}: OK: {_count(checked, 'tensor')}, checksums match", file=sys.stdout)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def _load_torch(path: str) -> Any:
+    """``torch.load`` of a ``torch.save`` file: weights only, mapped when the format allows."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC  # only the zip format can be mapped
+    try:
+        return torch.load(path, weights_only=True, mmap=zipped, map_location="cpu")
+    except Exception as e:
+        # torch.load reports a file it cannot read with pickle's UnpicklingError (an object
+        # weights_only refuses; this package never imports pickle), RuntimeError (a bad zip
+        # archive), EOFError and more: any of them means this file cannot be converted.
+        # --debug shows the original exception as the cause.
+        text = str(e)
+        refused = next(
+            (line.strip() for line in text.splitlines() if "WeightsUnpickler error:" in line), None
+        )
+        if refused is not None:
+            detail = refused.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+            raise CommandError(
+                f"{path}: torch.load(weights_only=True) refuses it ({detail}); zerockpt converts "
+                "only checkpoints of tensors and plain Python data"
+            ) from e
+        raise CommandError(
+            f"{path}: torch.load failed: {_one_line(text) or type(e).__name__}"
+        ) from e
+
+
+def _torch_save(obj: object, destination: str) -> None:
+    """``torch.save`` to a temporary file beside ``destination``, fsynced, then renamed over it.
+
+    ``destination`` thus never holds a partial file, and tensors mapped from a file being
+    replaced (converting a file onto itself) stay valid.
+    """
+    directory = os.path.dirname(destination) or "."
+    try:
+        fd, temporary = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(destination)}.", suffix=".tmp"
+        )
+    except OSError as e:  # name the destination, as zerockpt.save does
+        why = f"cannot create a temporary file in {directory}: {e.strerror}"
+        raise type(e)(e.errno, why, destination) from None
+    try:
+        try:
+            mode = os.stat(destination).st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, destination)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _destination_kind(args: argparse.Namespace) -> str:
+    if args.dst.endswith(TORCH_SUFFIXES):
+        if args.max_shard_size is not None:
+            raise UsageError(
+                f"--max-shard-size writes a sharded directory, but {args.dst} names a torch.save "
+                f"file ({', '.join(TORCH_SUFFIXES)})"
+            )
+        return "torch"
+    return "sharded" if args.max_shard_size is not None else "file"
+
+
+def _check_destination(dst: str, kind: str, force: bool) -> None:
+    """Refuses an existing destination unless ``force``; with it, clears what must go."""
+    if not os.path.lexists(dst):
+        return
+    if os.path.isdir(dst):
+        if kind != "sharded":
+            raise CommandError(
+                f"{dst}: is a directory (give --max-shard-size to write a sharded checkpoint "
+                "into it)"
+            )
+        if not os.listdir(dst):
+            return  # an empty directory receives the shards
+    if not force:
+        raise CommandError(f"{dst}: already exists (use --force to overwrite it)")
+    if kind == "sharded" and not os.path.isdir(dst):
+        os.unlink(dst)  # a file where the directory goes: --force replaces it
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    dst_kind = _destination_kind(args)
+    src_kind, src = checkpoint_kind(args.src)
+    if src_kind == "torch" and dst_kind == "torch":
+        raise UsageError(
+            f"{args.src} and {args.dst} are both torch.save checkpoints: convert to or from "
+            "zerockpt (a DST not ending in .pt, .pth or .bin gets a zerockpt file)"
+        )
+    _check_destination(args.dst, dst_kind, args.force)
+    # A sharded checkpoint named by its index: count the shards beside it.
+    source_bytes = _disk_bytes(
+        (os.path.dirname(src) or ".") if src_kind == "sharded" and not os.path.isdir(src) else src
+    )
+    show = (
+        args.progress
+        if args.progress is not None
+        else sys.stderr.isatty() and source_bytes > _PROGRESS_AUTO_BYTES
+    )
+    start = time.perf_counter()
+    if src_kind == "dcp":
+        count, nbytes = _convert_dcp(src, args.dst, dst_kind, args.max_shard_size)
+    else:
+        if src_kind == "torch":
+            state = _load_torch(src)
+        else:
+            state = zerockpt.load(src, **_with_progress(zerockpt.load, show))
+        count, nbytes = _tensor_stats(state)
+        if dst_kind == "torch":
+            _torch_save(state, args.dst)
+        else:
+            zerockpt.save(
+                state,
+                args.dst,
+                max_shard_size=args.max_shard_size,
+                **_with_progress(zerockpt.save, show),
+            )
+        del state
+    elapsed = time.perf_counter() - start
+    print(
+        f"{args.src} -> {args.dst}: {_count(count, 'tensor')}, {human_bytes(nbytes)} "
+        f"({nbytes} bytes) in {elapsed:.2f} s"
+    )
+    return EXIT_OK
+
+
+def _convert_dcp(src: str, dst: str, dst_kind: str, max_shard_size: int | None) -> tuple[int, int]:
+    """A zerockpt.dcp checkpoint -> ``dst``; returns (tensors, bytes) written."""
+    import zerockpt.dcp
+
+    if dst_kind != "torch":
+        zerockpt.dcp.to_file(src, dst, max_shard_size=max_shard_size)
+        with zerockpt.open(dst) as f:
+            stored = [f.info(name) for name in f]
+        kept = [info for info in stored if info.alias_of is None]
+        return len(kept), sum(info.nbytes for info in kept)
+    # to_file assembles the full state into a zerockpt file, loaded back mapped; the file is
+    # removed at once (the mapping stays valid) and only the torch.save file remains.
+    directory = os.path.dirname(os.path.abspath(dst))
+    fd, scratch = tempfile.mkstemp(
+        dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".safetensors.tmp"
+    )
+    os.close(fd)
+    try:
+        zerockpt.dcp.to_file(src, scratch, durable=False)
+        state = zerockpt.load(scratch)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+    _torch_save(state, dst)
+    return _tensor_stats(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench (zerockpt.bench)
+
+
+def _bench_unavailable(reason: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise CommandError(f"the bench subcommand is not available: {reason}")
+
+    return run
+
+
+def _add_bench_parser(subparsers: Any, configure: bool) -> None:
+    """Adds ``bench``; with ``configure``, imports zerockpt.bench to set up its arguments.
+
+    Only ``zerockpt bench ...`` imports that module, so the other commands neither pay for nor
+    depend on it; if it is missing or incomplete, ``bench`` fails with one clear line.
+    """
+    help_text = "benchmark zerockpt against torch.save/torch.load and safetensors"
+    parser = subparsers.add_parser(
+        "bench", help=help_text, description=help_text, conflict_handler="resolve"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="raise errors with their traceback",
+    )
+    if not configure:
+        return
+    try:
+        bench = importlib.import_module("zerockpt.bench")
+        add_arguments = bench.add_arguments
+        run = bench.run
+    except (ImportError, AttributeError) as e:
+        parser.set_defaults(handler=_bench_unavailable(_one_line(str(e))), accepts_extra=True)
+        return
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def _max_shard_size(text: str) -> int:
+    try:
+        return sharded.parse_size(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
+    """The ``zerockpt`` argument parser.
+
+    Args:
+        configure_bench: Import ``zerockpt.bench`` to set up the ``bench`` subcommand's own
+            arguments (only needed to run it or show its help).
+
+    Returns:
+        The parser; parsed arguments carry ``handler(args) -> int`` and ``debug``.
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="Inspect, convert and verify zerockpt / safetensors checkpoints.",
+        epilog="Exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.",
+    )
+    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
+    parser.add_argument("--version", action="version", version=f"{PROG} {zerockpt.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = subparsers.add_parser(
+            name, help=help_text, description=description
+        )
+        # Accepted after the command too; SUPPRESS keeps a --debug given before it.
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="raise errors with their traceback",
+        )
+        return sub
+
+    paths = (
+        "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
+        f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+    )
+    inspect = add(
+        "inspect",
+        "show a checkpoint's tensors, metadata, aliases and checksums",
+        "Show a checkpoint's tensors (name, dtype, shape, size), totals, metadata, tied tensors "
+        "and whether checksums are stored. " + paths,
+    )
+    inspect.add_argument("path", metavar="PATH")
+    inspect.add_argument("--json", action="store_true", help="print one JSON document")
+    inspect.add_argument(
+        "--verify", action="store_true", help="also check every tensor's CRC-32C (exit 1 if bad)"
+    )
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    convert = add(
+        "convert",
+        "convert between torch.save and zerockpt checkpoints",
+        "Convert SRC to DST. SRC: a torch.save checkpoint (loaded with weights_only=True), a "
+        "zerockpt/safetensors file, a sharded directory or a zerockpt.dcp directory. DST: a "
+        "torch.save file when it ends in .pt, .pth or .bin; a sharded directory with "
+        "--max-shard-size; else a zerockpt file. Nested training state (model, optimizer, "
+        "step...) is kept.",
+    )
+    convert.add_argument("src", metavar="SRC")
+    convert.add_argument("dst", metavar="DST")
+    convert.add_argument(
+        "--max-shard-size",
+        type=_max_shard_size,
+        metavar="SIZE",
+        help="write a Hugging Face sharded directory with shards of at most SIZE (e.g. 5GB, "
+        "500MB, 10GiB)",
+    )
+    convert.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    convert.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal and SRC is "
+        "larger than 1 GB)",
+    )
+    convert.set_defaults(handler=_cmd_convert)
+
+    verify = add(
+        "verify",
+        "check a checkpoint's structure and CRC-32C checksums",
+        "Check a checkpoint's structure and every tensor's CRC-32C checksum. Exit status 0 when "
+        "everything matches (or no checksums are stored), 1 listing the tensors that fail. "
+        + paths,
+    )
+    verify.add_argument("path", metavar="PATH")
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.add_argument(
+        "--require-checksums",
+        action="store_true",
+        help="fail (exit 1) when the checkpoint stores no checksums",
+    )
+    verify.set_defaults(handler=_cmd_verify)
+
+    _add_bench_parser(subparsers, configure_bench)
+    return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named on a command line: its first argument not starting with '-'."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+# Errors reported as one line (the rest are bugs, and keep their traceback).
+_EXPECTED_ERRORS = (
+    CommandError,
+    OSError,
+    ImportError,  # --progress without tqdm
+    ValueError,  # zerockpt.FormatError and ChecksumError included
+    TypeError,
+    RuntimeError,
+    EOFError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line.
+
+    Args:
+        argv: The arguments, without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.
+
+    Raises:
+        Exception: With ``--debug``, the error that made the command fail.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(configure_bench=_command_of(argv) == "bench")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "accepts_extra", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as e:
+        _error_line(str(e))
+        return EXIT_USAGE
+    except SystemExit as e:  # --help and --version print and exit
+        return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_USAGE
+    try:
+        status: int = args.handler(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        _error_line(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _error_line("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `zerockpt inspect big | head`: stop quietly
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+    except _EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        _error_line(_describe(e))
+        return EXIT_FAILURE
+    return int(status)
