@@ -644,16 +644,6 @@ def test_human_bytes(n: int, text: str) -> None:
     assert cli.human_bytes(n) == text
 
 
-def test_progress_helper() -> None:
-    def takes(x: int, *, progress: bool = False) -> None: ...
-
-    def does_not(x: int) -> None: ...
-
-    assert cli._with_progress(takes, False) == {}
-    assert cli._with_progress(takes, True) == {"progress": True}
-    assert cli._with_progress(does_not, True) == {}
-
-
 @pytest.mark.parametrize(("flag", "expected"), [("--progress", True), ("--no-progress", None)])
 def test_convert_progress_flags(
     tmp_path: Path,
@@ -695,6 +685,40 @@ def test_convert_no_progress_by_default_when_not_a_terminal(
     torch.save(flat, tmp_path / "m.pt")
     assert run_cli(capsys, "convert", tmp_path / "m.pt", tmp_path / "m.safetensors")[0] == 0
     assert seen == [False]  # stderr is captured, not a terminal
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(0, True), (10**12, False)])
+def test_convert_progress_on_a_terminal_for_large_checkpoints(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flat: dict[str, torch.Tensor],
+    threshold: int,
+    expected: bool,
+) -> None:
+    """On a terminal the bar is drawn (by the real save) only above the size threshold."""
+    monkeypatch.setattr(cli, "_PROGRESS_AUTO_BYTES", threshold)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    torch.save(flat, tmp_path / "m.pt")
+    status, _, err = run_cli(capsys, "convert", tmp_path / "m.pt", tmp_path / "m.safetensors")
+    assert status == 0, err
+    assert ("Saving m.safetensors" in err) == expected
+    loaded = zerockpt.load(tmp_path / "m.safetensors")
+    for name, t in flat.items():
+        assert torch.equal(loaded[name], t)
+
+
+def test_convert_dcp_with_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "dcp"
+    state = {"w": torch.arange(12.0).view(3, 4), "step": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=zerockpt.dcp.Writer(src), no_dist=True)
+    status, _, err = run_cli(capsys, "convert", src, tmp_path / "out.safetensors", "--progress")
+    assert status == 0, err
+    assert "Saving out.safetensors" in err
+    out = zerockpt.load(tmp_path / "out.safetensors")
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect as _inspect
 import io
 import json
 import math
@@ -132,21 +131,6 @@ def _describe(error: BaseException) -> str:
 
 def _error_line(message: str, stream: TextIO | None = None) -> None:
     print(f"{PROG}: error: {message}", file=stream or sys.stderr)
-
-
-def _with_progress(func: Callable[..., Any], show: bool) -> dict[str, Any]:
-    """``{"progress": True}`` when ``show`` and ``func`` takes that keyword, else ``{}``.
-
-    ``zerockpt.save`` and ``zerockpt.load`` take ``progress`` in newer versions; asking first
-    keeps the command line working (without a progress bar) with versions that do not.
-    """
-    if not show:
-        return {}
-    try:
-        parameters = _inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"progress": True} if "progress" in parameters else {}
 
 
 def _disk_bytes(path: str) -> int:
@@ -771,12 +755,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     if src_kind == "dcp":
-        count, nbytes = _convert_dcp(src, args.dst, dst_kind, args.max_shard_size)
+        count, nbytes = _convert_dcp(src, args.dst, dst_kind, args.max_shard_size, show)
     else:
-        if src_kind == "torch":
-            state = _load_torch(src)
-        else:
-            state = zerockpt.load(src, **_with_progress(zerockpt.load, show))
+        state = _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
         count, nbytes = _tensor_stats(state)
         if dst_kind == "torch":
             _torch_save(state, args.dst)
@@ -785,7 +766,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 state,
                 args.dst,
                 max_shard_size=args.max_shard_size,
-                **_with_progress(zerockpt.save, show),
+                progress=show,
             )
         del state
     elapsed = time.perf_counter() - start
@@ -796,12 +777,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _convert_dcp(src: str, dst: str, dst_kind: str, max_shard_size: int | None) -> tuple[int, int]:
+def _convert_dcp(
+    src: str, dst: str, dst_kind: str, max_shard_size: int | None, progress: bool
+) -> tuple[int, int]:
     """A zerockpt.dcp checkpoint -> ``dst``; returns (tensors, bytes) written."""
     import zerockpt.dcp
 
     if dst_kind != "torch":
-        zerockpt.dcp.to_file(src, dst, max_shard_size=max_shard_size)
+        zerockpt.dcp.to_file(src, dst, max_shard_size=max_shard_size, progress=progress)
         with zerockpt.open(dst) as f:
             stored = [f.info(name) for name in f]
         kept = [info for info in stored if info.alias_of is None]
@@ -814,7 +797,7 @@ def _convert_dcp(src: str, dst: str, dst_kind: str, max_shard_size: int | None) 
     )
     os.close(fd)
     try:
-        zerockpt.dcp.to_file(src, scratch, durable=False)
+        zerockpt.dcp.to_file(src, scratch, durable=False, progress=progress)
         state = zerockpt.load(scratch)
     finally:
         with contextlib.suppress(FileNotFoundError):
