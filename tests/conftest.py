@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -133,3 +134,27 @@ def forkserver_context(preload_module: str) -> multiprocessing.context.ForkServe
         else:
             os.environ["PYTHONPATH"] = saved
     return ctx
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Equal structure, container and key types (and ``_metadata``), leaf types and values
+    (tensors bitwise, floats down to NaN and the sign of zero)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    elif isinstance(a, dict):
+        assert [(type(k), k) for k in a] == [(type(k), k) for k in b]
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None)
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+        if isinstance(a, float):
+            assert math.copysign(1.0, a) == math.copysign(1.0, b)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import errno
-import math
 import multiprocessing
 import multiprocessing.sharedctypes
 import os
@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zerockpt
-from conftest import TEMP_NAME_RE, forkserver_context, temp_leftovers
+from conftest import TEMP_NAME_RE, assert_same_state, forkserver_context, temp_leftovers
 from torch import nn
 from zerockpt import Checkpointer, PendingSave
 
@@ -63,32 +63,15 @@ def pointer(directory: Path) -> str:
     return (directory / POINTER).read_text(encoding="utf-8")
 
 
-def same(a: Any, b: Any) -> None:
-    """Equal structure, container and key types, leaf types and values (tensors bitwise)."""
-    assert type(a) is type(b), (a, b)
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, (a, b)
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    elif isinstance(a, dict):
-        assert [(type(k), k) for k in a] == [(type(k), k) for k in b]
-        for k in a:
-            same(a[k], b[k])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            same(x, y)
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b)
-    else:
-        assert a == b, (a, b)
-
-
 def clone(obj: Any) -> Any:
     """A deep copy whose tensors are fresh clones (the oracle for what a save must store)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return type(obj)((k, clone(v)) for k, v in obj.items())
+        out = type(obj)((k, clone(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state dict's module versions are saved too
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
     if isinstance(obj, list | tuple):
         return type(obj)(clone(v) for v in obj)
     return obj
@@ -200,14 +183,14 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     assert found is not None
     step, loaded = found
     assert step == 10
-    same(expected, loaded)
+    assert_same_state(expected, loaded)
     for mmap in (True, False):
-        same(expected, ckpt.load(10, mmap=mmap))
-        same(expected, ckpt.load_latest(mmap=mmap, verify=False)[1])  # type: ignore[index]
+        assert_same_state(expected, ckpt.load(10, mmap=mmap))
+        assert_same_state(expected, ckpt.load_latest(mmap=mmap, verify=False)[1])  # type: ignore[index]
     # A fresh Checkpointer on the directory (a restarted job) sees the same.
     again = Checkpointer(directory, keep_last=3)
     assert again.steps() == [10] and again.latest_step() == 10
-    same(expected, again.load_latest()[1])  # type: ignore[index]
+    assert_same_state(expected, again.load_latest()[1])  # type: ignore[index]
 
     # What comes back restores: the RNG state reproduces the same draws.
     torch.set_rng_state(loaded["rng"])
@@ -224,7 +207,7 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     assert pointer(directory).strip() == name(25)
     assert ckpt.steps() == [10, 25] and ckpt.latest_step() == 25
     check_filled(ckpt.load_latest()[1], 25)  # type: ignore[index]
-    same(expected, ckpt.load(10))
+    assert_same_state(expected, ckpt.load(10))
     assert "keep_last=3" in repr(ckpt)
 
 
@@ -363,9 +346,9 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path, async_save: bool) -> No
     ckpt.wait()
     assert ckpt.steps() == [1, 2]  # the other one is kept: 2 is not counted twice
     assert ckpt.path(2).read_bytes() != first
-    same(expected, ckpt.load(2))
+    assert_same_state(expected, ckpt.load(2))
     assert pointer(tmp_path).strip() == name(2)
-    same(expected, ckpt.load_latest()[1])  # type: ignore[index]
+    assert_same_state(expected, ckpt.load_latest()[1])  # type: ignore[index]
     assert temp_leftovers(tmp_path) == []
 
 
@@ -432,7 +415,7 @@ def test_async_save_stores_the_state_at_the_time_of_the_call(tmp_path: Path) -> 
     state["step"] = 2
     ckpt.wait()
     assert pending.done() and pending.exception() is None
-    same(expected, ckpt.load(1))
+    assert_same_state(expected, ckpt.load(1))
     assert zerockpt.verify(ckpt.path(1)).ok
     # After the wait, `latest` names it and retention has removed step 0.
     assert pointer(tmp_path).strip() == name(1)
@@ -449,7 +432,7 @@ def test_load_latest_waits_for_the_pending_save(tmp_path: Path) -> None:
     with no_warnings():
         found = ckpt.load_latest()
     assert found is not None and found[0] == 2
-    same(expected, found[1])
+    assert_same_state(expected, found[1])
     assert pointer(tmp_path).strip() == name(2)
     ckpt.wait()  # no error to raise
     assert ckpt.steps() == [1, 2]
@@ -780,7 +763,7 @@ def test_close_and_context_manager_wait(tmp_path: Path) -> None:
         pending = ckpt.save(1, state, async_save=True)
     assert pending.done() and pending.exception() is None
     assert pointer(tmp_path).strip() == name(1)
-    same(expected, ckpt.load(1))
+    assert_same_state(expected, ckpt.load(1))
 
     ckpt = Checkpointer(tmp_path, keep_last=1)
     pending = ckpt.save(2, big_state(2), async_save=True)
@@ -905,7 +888,7 @@ def test_resume_from_load_latest_is_bitwise_identical(tmp_path: Path, optimizer:
     ):
         assert k == k2
         assert torch.equal(a, b), k
-    same(clone(straight.opt.state_dict()), clone(resumed.opt.state_dict()))
+    assert_same_state(clone(straight.opt.state_dict()), clone(resumed.opt.state_dict()))
     assert straight.sched.state_dict() == resumed.sched.state_dict()
     assert torch.equal(straight.data.get_state(), resumed.data.get_state())
     assert torch.equal(straight_rng, torch.get_rng_state())  # dropout drew the same numbers

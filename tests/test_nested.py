@@ -14,31 +14,9 @@ import pytest
 import safetensors.torch
 import torch
 import zerockpt
+from conftest import assert_same_state
 from torch import nn
 from zerockpt import FormatError
-
-
-def same(a: Any, b: Any) -> None:
-    """Equal structure, container types, key types, leaf types and values (tensors bitwise)."""
-    assert type(a) is type(b), (a, b)
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    elif isinstance(a, dict):
-        assert [(type(k), k) for k in a] == [(type(k), k) for k in b]
-        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None)
-        for k in a:
-            same(a[k], b[k])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            same(x, y)
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b)
-    else:
-        assert a == b
-        if isinstance(a, float):
-            assert math.copysign(1.0, a) == math.copysign(1.0, b)
 
 
 def model() -> nn.Module:
@@ -62,9 +40,9 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.safetensors"
     zerockpt.save(state, path)
     loaded = zerockpt.load(path)
-    same(state, loaded)
+    assert_same_state(state, loaded)
     for mmap in (True, False):
-        same(state, zerockpt.load(path, mmap=mmap, verify=True))
+        assert_same_state(state, zerockpt.load(path, mmap=mmap, verify=True))
     # Tensors are stored under their path; the model keeps its own key inside it.
     keys = zerockpt.open(path).keys()
     assert "model/0.weight" in keys and "optim/state/0/exp_avg" in keys and "rng" in keys
@@ -92,7 +70,7 @@ def test_leaves_keys_and_containers(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     zerockpt.save(state, path)
     loaded = zerockpt.load(path)
-    same(state, loaded)
+    assert_same_state(state, loaded)
     # Names are unambiguous and escaped: '/' joins, '~0' is '~', '~1' is '/', '~2' marks ints.
     assert set(zerockpt.open(path).keys()) == {
         "a.b~1c~0d/x.y",
@@ -108,7 +86,7 @@ def test_root_list_and_tuple(tmp_path: Path) -> None:
     for obj in ([torch.ones(2), 3], (torch.zeros(1), {"k": None})):
         path = tmp_path / "r.safetensors"
         zerockpt.save(obj, path)
-        same(obj, zerockpt.load(path))
+        assert_same_state(obj, zerockpt.load(path))
 
 
 def test_plain_state_dicts_keep_their_keys(tmp_path: Path) -> None:
@@ -118,7 +96,7 @@ def test_plain_state_dicts_keep_their_keys(tmp_path: Path) -> None:
     with zerockpt.open(path) as f:
         assert f.keys() == list(sd)
         assert "zerockpt.structure" not in f.metadata()
-    same(sd, zerockpt.load(path))
+    assert_same_state(sd, zerockpt.load(path))
 
 
 class Opaque:
