@@ -269,7 +269,7 @@ def test_save_argument_errors(tmp_path: Path) -> None:
         zerockpt.save({torch.ones(1)}, path)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="'s' has layout Sparse"):
         zerockpt.save({"s": torch.eye(3).to_sparse()}, path)
-    with pytest.raises(ValueError, match="'m' is on meta"):
+    with pytest.raises(ValueError, match="'m' is on meta, which holds no data"):
         zerockpt.save({"m": torch.empty(3, device="meta")}, path)
     with pytest.raises(ValueError, match="reserved"):
         zerockpt.save({"a": torch.ones(1)}, path, metadata={"zerockpt.version": "9"})
@@ -283,11 +283,18 @@ def test_save_argument_errors(tmp_path: Path) -> None:
     assert not path.exists() and temp_leftovers(tmp_path) == []
 
 
-def test_load_device_not_supported_yet(tmp_path: Path) -> None:
+def test_load_device_errors(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     zerockpt.save({"a": torch.ones(1)}, path)
-    with pytest.raises(ValueError, match="device='meta' is not supported"):
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
         zerockpt.load(path, device="meta")
+    with pytest.raises(RuntimeError):
+        zerockpt.load(path, device="nonsense")
+    for bad in (1 << 20, True, 1.5e9, -1):
+        with pytest.raises(ValueError, match="staging_bytes must be an int of at least 8388608"):
+            zerockpt.load(path, staging_bytes=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="staging_bytes"):
+            zerockpt.save({"a": torch.ones(1)}, path, staging_bytes=bad)  # type: ignore[arg-type]
 
 
 def test_no_descriptor_leaks_on_errors(tmp_path: Path) -> None:

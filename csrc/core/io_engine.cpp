@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "core/crc32c.h"
 #include "core/file.h"
@@ -82,16 +83,21 @@ void record(std::vector<Piece>* pieces, const Segment& s, const uint8_t* bytes, 
   if (pieces && s.source != kPrefix) pieces->push_back({s.source, size, crc32c(bytes, size)});
 }
 
-const uint8_t* source_bytes(const Layout& layout, const std::vector<WriteSource>& sources,
-                            const Segment& s) {
-  if (s.source == kPrefix) return reinterpret_cast<const uint8_t*>(layout.prefix.data());
-  return sources[s.source].data;
+// The bytes of segment `s` at file offset `lo`, in tensor memory, the header or the chunk's
+// staged buffer (which starts at file offset `start`); null when fill() produces them.
+const uint8_t* segment_bytes(const Layout& layout, const std::vector<WriteSource>& sources,
+                             const Segment& s, uint64_t lo, uint64_t start, const uint8_t* staged) {
+  if (s.source == kPrefix) return reinterpret_cast<const uint8_t*>(layout.prefix.data()) + lo;
+  const WriteSource& source = sources[s.source];
+  if (source.staged) return staged + (lo - start);
+  return source.data ? source.data + (lo - s.file_offset) : nullptr;
 }
 
-// Buffered: pwritev straight from tensor memory; fill() sources go through staging.
+// Buffered: pwritev straight from tensor memory (or the staged buffer); fill() sources go
+// through staging.
 void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, const Layout& layout,
                           const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
-                          std::vector<Piece>* pieces) {
+                          const uint8_t* staged, std::vector<Piece>* pieces) {
   std::vector<iovec> iov;
   uint64_t iov_start = start;
   auto flush = [&](uint64_t next_offset) {
@@ -100,11 +106,11 @@ void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, con
     iov_start = next_offset;
   };
   for_each_overlap(plan, start, end, [&](const Segment& s, uint64_t lo, uint64_t hi) {
-    const uint8_t* bytes = source_bytes(layout, sources, s);
+    const uint8_t* bytes = segment_bytes(layout, sources, s, lo, start, staged);
     if (bytes != nullptr) {
-      record(pieces, s, bytes + (lo - s.file_offset), hi - lo);
+      record(pieces, s, bytes, hi - lo);
       if (iov.empty()) iov_start = lo;
-      iov.push_back({const_cast<uint8_t*>(bytes + (lo - s.file_offset)), hi - lo});
+      iov.push_back({const_cast<uint8_t*>(bytes), hi - lo});
       if (iov.size() >= IOV_MAX) flush(hi);
       return;
     }
@@ -121,26 +127,57 @@ void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, con
   flush(end);
 }
 
-// O_DIRECT: assemble each page-aligned chunk in staging, write it whole.
+// O_DIRECT: assemble each page-aligned chunk in staging (or around the staged bytes already in
+// the chunk's buffer), write it whole.
 void write_chunk_direct(int fd, const std::string& path, const Plan& plan, const Layout& layout,
                         const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
-                        std::vector<Piece>* pieces) {
-  StagingBuffer staging(kChunkBytes);
-  uint8_t* buf = staging.data();
+                        uint8_t* staged, std::vector<Piece>* pieces) {
+  std::optional<StagingBuffer> own;
+  if (!staged) own.emplace(kChunkBytes);
+  uint8_t* buf = staged ? staged : own->data();
   for_each_overlap(plan, start, end, [&](const Segment& s, uint64_t lo, uint64_t hi) {
-    const uint8_t* bytes = source_bytes(layout, sources, s);
-    if (bytes != nullptr) {
-      std::memcpy(buf + (lo - start), bytes + (lo - s.file_offset), hi - lo);
-    } else {
-      sources[s.source].fill(lo - s.file_offset, hi - lo, buf + (lo - start));
+    uint8_t* dst = buf + (lo - start);
+    const uint8_t* bytes = segment_bytes(layout, sources, s, lo, start, staged);
+    if (bytes == nullptr) {
+      sources[s.source].fill(lo - s.file_offset, hi - lo, dst);
+    } else if (bytes != dst) {
+      std::memcpy(dst, bytes, hi - lo);
     }
-    record(pieces, s, buf + (lo - start), hi - lo);
+    record(pieces, s, dst, hi - lo);
   });
   uint64_t len = end - start;
   uint64_t padded = (len + kPage - 1) / kPage * kPage;
   std::memset(buf + len, 0, padded - len);
   pwrite_full(fd, buf, padded, start, path);
 }
+
+// The staged pieces of each chunk that has any; `slot[k]` is chunk k's index in that list.
+std::vector<StagedChunk> staged_chunks(const Plan& plan, const std::vector<WriteSource>& sources,
+                                       size_t chunks, std::vector<size_t>* slot) {
+  std::vector<StagedChunk> out;
+  slot->assign(chunks, SIZE_MAX);
+  for (size_t k = 0; k < chunks; ++k) {
+    uint64_t start = k * kChunkBytes;
+    uint64_t end = std::min(plan.file_size, start + kChunkBytes);
+    StagedChunk chunk{k, {}};
+    for_each_overlap(plan, start, end, [&](const Segment& s, uint64_t lo, uint64_t hi) {
+      if (s.source == kPrefix || !sources[s.source].staged) return;
+      chunk.pieces.push_back({s.source, lo - s.file_offset, hi - lo, lo - start});
+    });
+    if (chunk.pieces.empty()) continue;
+    (*slot)[k] = out.size();
+    out.push_back(std::move(chunk));
+  }
+  return out;
+}
+
+// Calls stager->stop() when the write ends, however it ends.
+struct StopStager {
+  ChunkStager* stager;
+  ~StopStager() {
+    if (stager) stager->stop();
+  }
+};
 
 // The header with the checksums of `pieces` (per chunk, in file order) filled in.
 std::string checksummed_prefix(const Layout& layout, const std::vector<TensorSpec>& specs,
@@ -190,15 +227,32 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   const std::string what = "writing " + path;
   expect_progress(progress, plan.file_size - prefix_size, what);
   file.preallocate(plan.file_size);
+  std::vector<size_t> staged_slot;
+  std::vector<StagedChunk> staged = staged_chunks(plan, sources, chunks, &staged_slot);
+  ChunkStager* stager = staged.empty() ? nullptr : options.stager;
+  if (!staged.empty() && !stager) throw UsageError(path + ": staged tensors need a stager");
+  StopStager stop_stager{stager};
+  if (stager) stager->start(std::move(staged));
   parallel_for(chunks, threads, [&](size_t k) {
     uint64_t start = k * kChunkBytes;
     uint64_t end = std::min(plan.file_size, start + kChunkBytes);
     if (progress) progress->check(what);
     std::vector<Piece>* chunk_pieces = checksums ? &pieces[k] : nullptr;
+    // Chunks are taken in increasing order, as the stager fills them, one buffer per thread.
+    size_t slot = staged_slot[k];
+    uint8_t* buffer = slot == SIZE_MAX ? nullptr : stager->take(slot);
+    struct GiveBack {
+      ChunkStager* stager;
+      size_t slot;
+      ~GiveBack() {
+        if (slot != SIZE_MAX) stager->give_back(slot);
+      }
+    } give_back{stager, slot};
     if (direct) {
-      write_chunk_direct(file.fd(), path, plan, layout, sources, start, end, chunk_pieces);
+      write_chunk_direct(file.fd(), path, plan, layout, sources, start, end, buffer, chunk_pieces);
     } else {
-      write_chunk_buffered(file.fd(), path, plan, layout, sources, start, end, chunk_pieces);
+      write_chunk_buffered(file.fd(), path, plan, layout, sources, start, end, buffer,
+                           chunk_pieces);
     }
     // Tensor bytes only: the header is not the user's data.
     if (progress && end > prefix_size) progress->add(end - std::max(start, prefix_size));

@@ -16,11 +16,44 @@ namespace zerockpt {
 
 // Where the bytes of one tensor come from.
 struct WriteSource {
-  // The tensor's bytes in row-major order, or null when `fill` produces them.
+  // The tensor's bytes in row-major order, or null when `fill` or the stager produces them.
   const uint8_t* data = nullptr;
   // Copies bytes [offset, offset + size) of the row-major form into dst. Called from several
   // threads at once for different tensors or ranges.
   std::function<void(uint64_t offset, uint64_t size, uint8_t* dst)> fill;
+  // The bytes are brought into host memory by WriteOptions::stager (e.g. from device memory).
+  bool staged = false;
+};
+
+// The bytes of staged sources that fall into one kChunkBytes chunk of the file.
+struct StagedPiece {
+  size_t source;           // index into write_file's sources
+  uint64_t source_offset;  // within the source's row-major bytes
+  uint64_t size;
+  uint64_t buffer_offset;  // where they go in the chunk's buffer: file offset - chunk start
+};
+struct StagedChunk {
+  size_t chunk;  // file bytes [chunk * kChunkBytes, (chunk + 1) * kChunkBytes)
+  std::vector<StagedPiece> pieces;
+};
+
+// Brings staged bytes into host buffers ahead of the writers, in file order, through a bounded
+// set of buffers (csrc/torch/device_staging.h copies device memory this way). write_file calls
+// start() once, then take()/give_back() from its I/O threads (each holds at most one buffer,
+// and chunks are taken in increasing order), and stop() on every exit. Thread-safe.
+class ChunkStager {
+ public:
+  virtual ~ChunkStager() = default;
+  // Starts staging `chunks` (in file order) into page-aligned buffers of kChunkBytes.
+  virtual void start(std::vector<StagedChunk> chunks) = 0;
+  // Blocks until chunks[i]'s pieces are in its buffer and returns the buffer, which the writer
+  // may fill with the chunk's other bytes. Throws the producer's error, or Cancelled once
+  // stopped.
+  virtual uint8_t* take(size_t i) = 0;
+  // The writer is done with chunks[i]'s buffer.
+  virtual void give_back(size_t i) noexcept = 0;
+  // Stops staging and waits for the copies in flight. Idempotent.
+  virtual void stop() noexcept = 0;
 };
 
 // The bytes a running call has written, read or checked, for a progress bar that another thread
@@ -71,6 +104,10 @@ struct WriteOptions {
   // Counts tensor bytes as they are written and stops the write (Cancelled, nothing committed)
   // when cancelled. Not owned; null: none.
   Progress* progress = nullptr;
+  // Produces the bytes of staged sources; required if there are any. Not owned.
+  ChunkStager* stager = nullptr;
+  // Host memory for staging device tensors (the torch layer's pool); 0: its default.
+  uint64_t staging_bytes = 0;
 };
 
 constexpr uint64_t kDirectMinBytes = 64ull << 20;

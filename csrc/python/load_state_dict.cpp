@@ -148,7 +148,7 @@ class LoadWalk {
  public:
   // `assign` is stored into each module's local metadata as given, as torch does.
   LoadWalk(py::object metadata, py::object assign, std::shared_ptr<CheckpointFile> file,
-           unsigned threads, Progress* progress)
+           unsigned threads, Progress* progress, uint64_t staging_bytes)
       : metadata_(std::move(metadata)),
         assign_(std::move(assign)),
         file_(std::move(file)),
@@ -156,7 +156,7 @@ class LoadWalk {
     int truth = PyObject_IsTrue(assign_.ptr());
     if (truth < 0) throw py::error_already_set();
     assign_set_ = truth == 1;
-    if (file_) plan_.emplace(*file_, threads, progress);
+    if (file_) plan_.emplace(*file_, threads, progress, staging_bytes);
   }
 
   Entry* new_entry() { return &arena_.emplace_back(); }
@@ -651,11 +651,12 @@ class LoadWalk {
 
 py::object load_state_dict(py::handle module, py::object source, py::object metadata,
                            py::object assign, std::shared_ptr<CheckpointFile> file,
-                           unsigned threads, std::shared_ptr<Progress> progress) {
+                           unsigned threads, std::shared_ptr<Progress> progress,
+                           uint64_t staging_bytes) {
   torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
   try {
     if (file) check_torch_dtypes(*file);
-    LoadWalk walk(std::move(metadata), assign, file, threads, progress.get());
+    LoadWalk walk(std::move(metadata), assign, file, threads, progress.get(), staging_bytes);
     Entries entries;
     if (file) {
       for (const std::string& name : file->names()) {

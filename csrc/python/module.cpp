@@ -1,6 +1,7 @@
 // The private extension module zerockpt._C. Converts Python arguments to C++ values with the
 // GIL held, runs the torch layer without it, and converts results back.
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/device_lazy_init.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
@@ -13,6 +14,8 @@
 #include "python/load_state_dict.h"
 #include "python/state_dict.h"
 #include "torch/async_save.h"
+#include "torch/device_staging.h"
+#include "torch/load_into.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/errors.h"
 
@@ -25,6 +28,10 @@ std::string key_repr(PyObject* key) {
   py::str r = py::repr(py::handle(key));
   return std::string(r);
 }
+
+// Initializes the device's backend (CUDA context and lazy init) while the GIL is held, as
+// torch's own Python entry points do, before threads without the GIL use it. Requires GIL.
+void init_device(c10::Device device) { torch::utils::maybe_initialize_device(device); }
 
 // Requires GIL.
 NamedTensors named_tensors_from_dict(py::dict tensors) {
@@ -90,7 +97,7 @@ struct SaveArgs {
 
 SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
                    std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
-                   bool checksums, Progress* progress = nullptr) {
+                   bool checksums, Progress* progress = nullptr, uint64_t staging_bytes = 0) {
   SaveArgs args;
   args.entries = named_tensors_from_dict(tensors);
   args.metadata = metadata_from_dict(metadata);
@@ -103,6 +110,7 @@ SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
   args.options.threads = threads;
   args.options.checksums = checksums;
   args.options.progress = progress;
+  args.options.staging_bytes = staging_bytes;
   return args;
 }
 
@@ -110,9 +118,12 @@ SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
 // metadata entries (each key must start with kReservedPrefix).
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
           std::optional<bool> direct_io, unsigned threads, py::object own_metadata, bool checksums,
-          std::shared_ptr<Progress> progress) {
+          std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
   SaveArgs args = save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums,
-                            progress.get());
+                            progress.get(), staging_bytes);
+  for (const auto& [name, t] : args.entries) {
+    if (!t.device().is_cpu()) init_device(t.device());
+  }
   // Safe without the GIL: entries hold references to the tensors, and nothing below touches
   // Python objects.
   py::gil_scoped_release no_gil;
@@ -195,17 +206,20 @@ void bind_async(py::module_& m) {
 
 // Releases GIL for open, parse and reads; requires it to build the dicts. Returns the tensors,
 // the metadata entries zerockpt reserves (kReservedPrefix keys) and whether the file stores
-// checksums.
+// checksums. With `device`, the tensors are new tensors there, filled through staging.
 py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
-               std::shared_ptr<Progress> progress) {
+               std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
+               uint64_t staging_bytes) {
   NamedTensors loaded;
   Metadata own;
   bool has_checksums = false;
+  if (device && !device->is_cpu()) init_device(*device);
   {
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
     CheckpointFile file(path);
-    loaded = file.load_all(mmap, threads, verify, progress.get());
+    loaded = device ? load_to_device(file, *device, threads, verify, staging_bytes, progress.get())
+                    : file.load_all(mmap, threads, verify, progress.get());
     for (const auto& [key, value] : file.file().header().metadata) {
       if (key.rfind(kReservedPrefix, 0) == 0) own.emplace_back(key, value);
       if (key == kChecksumKey) has_checksums = true;
@@ -321,6 +335,28 @@ void bind_testing_aids(py::module_& m) {
       },
       "(buffers in use, their bytes, idle pooled bytes) of the staging pool. Testing aid.");
   m.def("_remove_stale_temp_files", &remove_stale_temp_files, py::arg("directory"));
+  m.def("_stage_host_tensors", &set_stage_host_tensors, py::arg("on"),
+        "While on, CPU tensors take the device staging paths (save, load, load_state_dict), "
+        "so the pipeline runs without a device. Testing aid.");
+  m.def("_staging_host_tensors", &stage_host_tensors);
+  m.def(
+      "_device_staging_stats",
+      [] {
+        StagingStats s = last_staging_stats();
+        py::dict out;
+        out["buffers"] = s.buffers;
+        out["pinned"] = s.pinned;
+        out["chunks"] = s.chunks;
+        out["bytes"] = s.bytes;
+        out["copies"] = s.copies;
+        out["max_in_use"] = s.max_in_use;
+        out["in_use"] = s.in_use;
+        out["order"] = s.order;
+        return out;
+      },
+      "What the last staged save or load did with its pool of host buffers. Testing aid.");
+  m.attr("CHUNK_BYTES") = kChunkBytes;
+  m.attr("DEFAULT_STAGING_BYTES") = kDefaultStagingBytes;
 }
 
 }  // namespace
@@ -335,9 +371,10 @@ PYBIND11_MODULE(_C, m) {
   bind_async(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
         py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),
-        py::arg("checksums") = true, py::arg("progress") = nullptr);
+        py::arg("checksums") = true, py::arg("progress") = nullptr, py::arg("staging_bytes") = 0);
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
-        py::arg("verify") = false, py::arg("progress") = nullptr);
+        py::arg("verify") = false, py::arg("progress") = nullptr, py::arg("device") = py::none(),
+        py::arg("staging_bytes") = 0);
   m.def(
       "_crc32c",
       [](const py::bytes& data, uint32_t crc, bool portable) {
@@ -358,7 +395,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("keep_vars"));
   m.def("load_state_dict", &load_state_dict, py::arg("module"), py::arg("source"),
         py::arg("metadata"), py::arg("assign"), py::arg("file"), py::arg("threads"),
-        py::arg("progress") = nullptr);
+        py::arg("progress") = nullptr, py::arg("staging_bytes") = 0);
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("RESERVED_PREFIX") = kReservedPrefix;
   m.attr("STATE_DICT_METADATA_KEY") = kStateDictMetadataKey;

@@ -233,7 +233,7 @@ std::shared_ptr<PendingSave> save_tensors_async(const NamedTensors& tensors,
                                                 const WriteOptions& options, const Metadata& own,
                                                 AfterCommit after) {
   // Bad input fails here, before waiting for the save in flight.
-  SavePlan plan = plan_save(tensors, path, metadata, options, own, /*allow_devices=*/true);
+  SavePlan plan = plan_save(tensors, path, metadata, options, own);
   bool want_pinned = std::any_of(plan.tensors.begin(), plan.tensors.end(),
                                  [](const at::Tensor& t) { return !t.device().is_cpu(); });
   Saver& s = saver();

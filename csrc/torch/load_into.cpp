@@ -6,6 +6,7 @@
 #include "core/file.h"
 #include "core/io_engine.h"
 #include "core/parallel.h"
+#include "torch/device_staging.h"
 #include "torch/dtypes.h"
 #include "zerockpt/errors.h"
 
@@ -24,41 +25,6 @@ std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
 bool same_view(const at::Tensor& a, const at::Tensor& b) {
   return a.const_data_ptr() == b.const_data_ptr() && a.dtype() == b.dtype() &&
          a.sizes() == b.sizes() && a.strides() == b.strides();
-}
-
-// One piece of a staged copy: `target` (a view) takes the stored bytes at `file_offset`.
-struct Slab {
-  at::Tensor target;
-  uint64_t file_offset;
-  uint64_t nbytes;
-  c10::ScalarType stored;
-};
-
-// Cuts `target` into views whose stored bytes are at most kChunkBytes (or one row that cannot
-// be cut further: a single element).
-void cut_slabs(const at::Tensor& target, uint64_t file_offset, c10::ScalarType stored,
-               std::vector<Slab>& out) {
-  const uint64_t item = c10::elementSize(stored);
-  uint64_t nbytes = static_cast<uint64_t>(target.numel()) * item;
-  if (nbytes == 0) return;
-  if (nbytes <= kChunkBytes || target.dim() == 0) {
-    out.push_back({target, file_offset, nbytes, stored});
-    return;
-  }
-  int64_t rows = target.size(0);
-  uint64_t row_bytes = nbytes / static_cast<uint64_t>(rows);
-  if (row_bytes <= kChunkBytes) {
-    int64_t per = static_cast<int64_t>(kChunkBytes / row_bytes);
-    for (int64_t i = 0; i < rows; i += per) {
-      int64_t n = std::min(per, rows - i);
-      out.push_back({target.narrow(0, i, n), file_offset + static_cast<uint64_t>(i) * row_bytes,
-                     static_cast<uint64_t>(n) * row_bytes, stored});
-    }
-    return;
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    cut_slabs(target.select(0, i), file_offset + static_cast<uint64_t>(i) * row_bytes, stored, out);
-  }
 }
 
 void throw_no_torch_dtype(const CheckpointFile& file, const TensorRecord& r) {
@@ -114,27 +80,26 @@ void LoadPlan::run() {
   const uint64_t data_start = file.header().data_start;
   std::vector<ReadRange> direct;
   std::vector<Slab> slabs;
-  std::vector<size_t> other_device;
+  std::vector<Slab> staged;
   {
     // Views cut here are plain (no autograd view tracking, no version bumps).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (size_t i = 0; i < jobs_.size(); ++i) {
-      const Job& job = jobs_[i];
+    for (const Job& job : jobs_) {
       if (job.dropped) continue;
       const TensorRecord& r = *job.record;
-      if (!job.target.is_cpu()) {
-        other_device.push_back(i);
-        continue;
-      }
-      auto stored = to_scalar_type(r.dtype);
-      if (job.target.is_contiguous() && stored == job.target.scalar_type() &&
-          !job.target.is_conj() && !job.target.is_neg()) {
+      auto stored = *to_scalar_type(r.dtype);
+      const at::Tensor& target = job.target;
+      bool dense = target.is_contiguous() && !target.is_conj() && !target.is_neg();
+      if (is_staged(target)) {
+        // Flattened when dense, so slabs fill whole chunks whatever the shape.
+        cut_slabs(dense ? target.reshape({-1}) : target, data_start + r.begin, stored, staged);
+      } else if (dense && stored == target.scalar_type()) {
         if (r.nbytes() > 0) {
           direct.push_back({data_start + r.begin, r.nbytes(),
-                            static_cast<uint8_t*>(job.target.mutable_data_ptr())});
+                            static_cast<uint8_t*>(target.mutable_data_ptr())});
         }
       } else {
-        cut_slabs(job.target, data_start + r.begin, *stored, slabs);
+        cut_slabs(target, data_start + r.begin, stored, slabs);
       }
     }
   }
@@ -142,7 +107,6 @@ void LoadPlan::run() {
   if (progress_) {
     uint64_t converted = 0;
     for (const Slab& slab : slabs) converted += slab.nbytes;
-    for (size_t i : other_device) converted += jobs_[i].record->nbytes();
     expect_progress(progress_, converted, what);
   }
   read_ranges(file.fd(), file.path(), std::move(direct), threads_, progress_);
@@ -161,14 +125,36 @@ void LoadPlan::run() {
       if (progress_) progress_->add(slab.nbytes);
     });
   }
-  for (size_t i : other_device) {
-    if (progress_) progress_->check(what);
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    jobs_[i].target.copy_(file_.tensor(*jobs_[i].record, /*mmap=*/true));
-    if (progress_) progress_->add(jobs_[i].record->nbytes());
-  }
+  copy_slabs_to_devices(file, std::move(staged), threads_, staging_bytes_, progress_);
   jobs_.clear();
   extents_.clear();
+}
+
+NamedTensors load_to_device(CheckpointFile& file, const c10::Device& device, unsigned threads,
+                            bool verify, uint64_t staging_bytes, Progress* progress) {
+  check_torch_dtypes(file);
+  staging_buffers(staging_bytes);  // a bad size fails before anything is read
+  if (verify) {
+    // Checked through the mapping before any copy: a device has no CRC-32C of its own here.
+    VerifyResult result = file.file().verify(threads, progress);
+    file.file().raise_on_failure(result);
+  }
+  const Header& h = file.file().header();
+  std::vector<at::Tensor> stored(h.tensors.size());
+  LoadPlan plan(file, threads, progress, staging_bytes);
+  for (size_t i = 0; i < h.tensors.size(); ++i) {
+    const TensorRecord& r = h.tensors[i];
+    auto options = at::TensorOptions().dtype(*to_scalar_type(r.dtype)).device(device);
+    stored[i] = at::empty(torch_sizes(r, file.file().path()), options);
+    plan.add(stored[i], r);
+  }
+  plan.run();
+  NamedTensors out;
+  out.reserve(file.names().size());
+  for (const auto& name : file.names()) {
+    out.emplace_back(name, stored[static_cast<size_t>(file.find(name) - h.tensors.data())]);
+  }
+  return out;
 }
 
 }  // namespace zerockpt

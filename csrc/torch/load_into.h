@@ -1,7 +1,8 @@
 // Copies stored tensors into existing tensors, as `target.copy_(stored)` would, without an
 // intermediate copy of the whole tensor: CPU targets of the stored dtype that are contiguous
 // get the bytes by parallel preads straight into their storage; others are converted chunk by
-// chunk through small staging buffers. No Python; `run` may be called without the GIL.
+// chunk through small staging buffers; device tensors are filled through pinned staging
+// (device_staging.h). No Python; `run` may be called without the GIL.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,8 +21,10 @@ void check_torch_dtypes(const CheckpointFile& file);
 class LoadPlan {
  public:
   // `progress` (may be null, not owned) counts the bytes copied by run() and can stop it.
-  LoadPlan(CheckpointFile& file, unsigned threads, Progress* progress = nullptr)
-      : file_(file), threads_(threads), progress_(progress) {}
+  // `staging_bytes`: host memory for device targets (0: kDefaultStagingBytes).
+  LoadPlan(CheckpointFile& file, unsigned threads, Progress* progress = nullptr,
+           uint64_t staging_bytes = 0)
+      : file_(file), threads_(threads), progress_(progress), staging_bytes_(staging_bytes) {}
 
   // True if `target` shares bytes with a queued target without being the very same view:
   // run() the queue first, so that copies land in the order they were asked for.
@@ -46,8 +49,16 @@ class LoadPlan {
   CheckpointFile& file_;
   unsigned threads_;
   Progress* progress_;
+  uint64_t staging_bytes_;
   std::vector<Job> jobs_;
   std::map<uintptr_t, Extent> extents_;  // CPU target bytes [begin, end) -> job
 };
+
+// Loads every tensor of `file` into new tensors on `device`, through pinned staging (names in
+// saved order; aliases are the same tensor). With `verify`, the checksums are checked first
+// (ChecksumError naming the tensors that fail). Call it on the caller's thread: the tensors are
+// ready on its current stream.
+NamedTensors load_to_device(CheckpointFile& file, const c10::Device& device, unsigned threads,
+                            bool verify, uint64_t staging_bytes, Progress* progress);
 
 }  // namespace zerockpt

@@ -10,6 +10,7 @@
 #include <numeric>
 #include <unordered_set>
 
+#include "torch/device_staging.h"
 #include "torch/dtypes.h"
 #include "zerockpt/errors.h"
 
@@ -74,17 +75,14 @@ bool same_view(const at::Tensor& a, const at::Tensor& b) {
          a.is_neg() == b.is_neg();
 }
 
-void check_savable(const std::string& name, const at::Tensor& t, bool allow_devices) {
+void check_savable(const std::string& name, const at::Tensor& t) {
   if (!t.defined()) throw UsageError(describe(name) + " is an undefined tensor");
   if (t.layout() != at::kStrided) {
     throw DtypeError(describe(name) + " has layout " + c10::str(t.layout()) +
                      "; only strided (dense) tensors can be saved: call .to_dense() first");
   }
-  if (t.device().is_meta() || (!allow_devices && !t.device().is_cpu())) {
-    throw UsageError(describe(name) + " is on " + t.device().str() +
-                     (t.device().is_meta() ? ", which holds no data"
-                                           : "; this version saves CPU tensors only (save_async "
-                                             "takes other devices): move it with .cpu() first"));
+  if (t.device().is_meta()) {
+    throw UsageError(describe(name) + " is on meta, which holds no data");
   }
   if (!to_format_dtype(t.scalar_type())) {
     throw DtypeError(
@@ -155,8 +153,8 @@ std::vector<int64_t> find_aliases(const NamedTensors& tensors) {
 }  // namespace
 
 SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
-                   const WriteOptions& options, const Metadata& own, bool allow_devices) {
-  for (const auto& [name, t] : tensors) check_savable(name, t, allow_devices);
+                   const WriteOptions& options, const Metadata& own) {
+  for (const auto& [name, t] : tensors) check_savable(name, t);
   for (const auto& [key, value] : metadata) {
     if (key.rfind(kReservedPrefix, 0) == 0) {
       throw UsageError("metadata key " + quote(key) + " is reserved for zerockpt (prefix '" +
@@ -185,7 +183,7 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
     spec.nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
     WriteSource source;
     if (!t.device().is_cpu()) {
-      // Copied by the caller (allow_devices).
+      // Staged through host memory (save_tensors) or copied by the caller (save_async).
     } else if (t.is_contiguous() && !t.is_conj() && !t.is_neg()) {
       source.data = static_cast<const uint8_t*>(t.const_data_ptr());
     } else {
@@ -217,8 +215,26 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
 
 void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
                   const WriteOptions& options, const Metadata& own) {
-  SavePlan plan = plan_save(tensors, path, metadata, options, own, /*allow_devices=*/false);
-  write_file(path, plan.layout, plan.specs, plan.sources, options);
+  SavePlan plan = plan_save(tensors, path, metadata, options, own);
+  std::vector<at::Tensor> staged(plan.specs.size());
+  bool any_staged = false;
+  for (size_t i = 0; i < plan.specs.size(); ++i) {
+    if (plan.specs[i].nbytes == 0 || !is_staged(plan.tensors[i])) continue;
+    plan.sources[i] = WriteSource();
+    plan.sources[i].staged = true;
+    staged[i] = plan.tensors[i];
+    any_staged = true;
+  }
+  if (!any_staged) {
+    write_file(path, plan.layout, plan.specs, plan.sources, options);
+    return;
+  }
+  // Device tensors reach the file through a bounded pool of pinned chunks, copied ahead of the
+  // writers: never a host copy of the whole state.
+  std::unique_ptr<ChunkStager> stager = make_device_stager(std::move(staged), options.staging_bytes);
+  WriteOptions staged_options = options;
+  staged_options.stager = stager.get();
+  write_file(path, plan.layout, plan.specs, plan.sources, staged_options);
 }
 
 std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path) {

@@ -35,12 +35,13 @@ struct SavePlan {
   std::vector<at::Tensor> tensors;   // per spec: the (detached) tensor stored
 };
 
-// Checks `tensors` and plans their file (see save_tensors). `allow_devices`: tensors may be on
-// any device with memory (their sources are then left empty, for the caller to copy).
+// Checks `tensors` and plans their file (see save_tensors). Tensors not on the CPU get empty
+// sources, for the caller to copy.
 SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
-                   const WriteOptions& options, const Metadata& own, bool allow_devices);
+                   const WriteOptions& options, const Metadata& own);
 
-// Saves `tensors` (CPU, strided, any layout in memory) with `metadata`. Tensors that are the
+// Saves `tensors` (strided, any layout in memory, on the CPU or any device with memory; device
+// bytes go through pinned staging, see device_staging.h) with `metadata`. Tensors that are the
 // same view of one storage are written once (the others recorded as aliases); different
 // views whose bytes overlap are a UsageError naming both. `metadata` may not use reserved keys;
 // `own` holds zerockpt's (reserved) keys.

@@ -71,8 +71,9 @@ def run(
         enabled: Draw a bar (tqdm must be installed).
         description: The bar's label.
         work: Does the job, passing its argument to the C++ calls' ``progress``. It runs on
-            another thread: it must not rely on thread-local torch state (grad mode,
-            dispatch or function modes) of the caller.
+            another thread, with the caller's current accelerator stream: it must not rely on
+            other thread-local torch state (grad mode, dispatch or function modes) of the
+            caller.
         total: The bytes to expect when the work spans several C++ calls (0: the calls say).
 
     Returns:
@@ -88,8 +89,12 @@ def run(
     tqdm = _tqdm()
     counter = _C.Progress(total)
     outcome: list[tuple[bool, Any]] = []
+    # Device copies go to the caller's current stream (of the current device), as without a bar.
+    stream = torch.accelerator.current_stream() if torch.accelerator.is_available() else None
 
     def target() -> None:
+        if stream is not None:
+            torch.accelerator.set_stream(stream)
         try:
             outcome.append((True, work(counter)))
         except BaseException as e:  # re-raised on the caller's thread

@@ -23,6 +23,7 @@ from zerockpt.serialization import (
     PathLike,
     _fspath,
     _rebuild,
+    _staging_bytes,
     _threads,
     _warn_unverified,
     decode_state_dict_metadata,
@@ -136,6 +137,7 @@ def load_state_dict(
     threads: int | None = None,
     verify: bool = False,
     progress: bool = False,
+    staging_bytes: int | None = None,
 ) -> _IncompatibleKeys:
     """Loads a state dict or a file into ``module``, as ``module.load_state_dict`` does.
 
@@ -147,7 +149,11 @@ def load_state_dict(
     bytes are read straight into the existing parameter or buffer by parallel preads with the
     GIL released (converted chunk by chunk when dtypes differ), so the extra memory stays a
     few staging chunks whatever the model size. The file is opened and validated before the
-    module is touched.
+    module is touched. Parameters on a GPU (or any accelerator) are filled in place through a
+    bounded pool of pinned buffers: reader threads pread into them while asynchronous copies
+    to the device drain earlier ones on the current stream (dtypes are converted on the
+    device), with no second copy of the model on the device and never a copy from pageable
+    memory; they are ready on the current stream when this returns.
 
     From a sharded checkpoint (a directory holding ``model.safetensors.index.json``, or the
     index file; see :func:`zerockpt.load`), the index is validated and every shard is opened
@@ -174,6 +180,8 @@ def load_state_dict(
             partly loaded, as an interrupted ``module.load_state_dict`` does. No bar is drawn
             where torch's own loader must run (an overridden ``load_state_dict``, active
             function or dispatch modes).
+        staging_bytes: For a file, pinned host memory for copying into accelerator tensors,
+            in 8 MiB chunks; default 256 MiB (less for smaller files).
 
     Returns:
         ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as torch returns.
@@ -182,8 +190,8 @@ def load_state_dict(
         RuntimeError: Torch's "Error(s) in loading state_dict for ..." with the same text.
         TypeError: ``module`` is not an ``nn.Module``, ``source`` is neither a mapping nor a
             path, or a file tensor's dtype has no torch equivalent.
-        ValueError: ``verify=True`` with a mapping (there is no file to check), or ``threads``
-            is not a positive int.
+        ValueError: ``verify=True`` with a mapping (there is no file to check), ``threads``
+            is not a positive int, or ``staging_bytes`` is under 8 MiB.
         FormatError: The file is not valid safetensors, or an index is malformed or does not
             match its shards (nothing is loaded).
         ChecksumError: With ``verify``, tensors fail their checksum (nothing is loaded).
@@ -192,6 +200,7 @@ def load_state_dict(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")
+    staging = _staging_bytes(staging_bytes)
     file: _C._File | None = None
     mapping: Mapping[str, Any] | None = None
     if isinstance(source, str | os.PathLike):
@@ -246,7 +255,7 @@ def load_state_dict(
         progress,
         description,
         lambda counter: _C.load_state_dict(
-            module, source_mapping, metadata, assign, file, _threads(threads), counter
+            module, source_mapping, metadata, assign, file, _threads(threads), counter, staging
         ),
         total=total,
     )

@@ -59,13 +59,30 @@ def _threads(threads: int | None) -> int:
     return threads
 
 
-def _check_cpu(device: str | torch.device | int) -> None:
-    dev = torch.device(device)
-    if dev.type != "cpu":
+def _staging_bytes(staging_bytes: int | None) -> int:
+    """The ``staging_bytes`` argument for ``_C`` (0: its default), checked."""
+    if staging_bytes is None:
+        return 0
+    if (
+        not isinstance(staging_bytes, int)
+        or isinstance(staging_bytes, bool)
+        or staging_bytes < _C.CHUNK_BYTES
+    ):
         raise ValueError(
-            f"device={str(dev)!r} is not supported yet: this version loads to the CPU only "
-            "(move tensors afterwards with .to(device))"
+            f"staging_bytes must be an int of at least {_C.CHUNK_BYTES} (one chunk) or None, "
+            f"got {staging_bytes!r}"
         )
+    return staging_bytes
+
+
+def _load_device(device: str | torch.device | int) -> torch.device | None:
+    """Where ``load`` puts tensors: None for the CPU mapping, else a device to stage into."""
+    dev = torch.device(device)
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data: use torch.device('meta') modules instead")
+    if dev.type == "cpu" and not _C._staging_host_tensors():
+        return None
+    return dev
 
 
 def _module_state_dict(module: nn.Module) -> OrderedDict[str, Any]:
@@ -120,11 +137,16 @@ def save(
     checksums: bool = True,
     max_shard_size: int | str | None = None,
     progress: bool = False,
+    staging_bytes: int | None = None,
 ) -> None:
     """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
 
     Bytes go straight from tensor memory to the file (no pickle, no serialised copy), written
-    by several threads at disjoint offsets. The file is written under a temporary name in the
+    by several threads at disjoint offsets. Tensors on a GPU (or any accelerator) are copied
+    to the host in 8 MiB chunks, asynchronously on a side stream that first waits for the
+    current stream, into a bounded pool of pinned buffers (``staging_bytes``) that the writer
+    threads drain as the next chunks arrive: never a host copy of the whole model. CPU and
+    GPU tensors may be mixed. The file is written under a temporary name in the
     same directory and renamed over ``path`` only once complete, so ``path`` never holds a
     partial file and an existing file survives any error. Tensors that are the same view of
     one storage (tied weights) are stored once and come back as one tensor from :func:`load`.
@@ -159,8 +181,9 @@ def save(
     :func:`zerockpt.load_state_dict` read the directory (or the index file).
 
     Args:
-        tensors: Names to CPU tensors, any dtype the safetensors format names, any strides; an
-            ``nn.Module``, saved as its state dict; or nested training state as above.
+        tensors: Names to tensors (CPU or accelerator), any dtype the safetensors format names,
+            any strides; an ``nn.Module``, saved as its state dict; or nested training state
+            as above.
         path: Destination file. Its directory must exist.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
@@ -178,14 +201,16 @@ def save(
             (default) writes the single file ``path``.
         progress: Show a progress bar of the bytes written (needs tqdm:
             ``zerockpt[progress]``). Ctrl-C stops the save: nothing is committed.
+        staging_bytes: Pinned host memory for copying accelerator tensors, in 8 MiB chunks;
+            default 256 MiB (less when the tensors are smaller). Unused for CPU tensors.
 
     Raises:
         ImportError: ``progress=True`` and tqdm is not installed.
         TypeError: An object, key or dtype or layout cannot be stored (the message names its
             path or key), ``metadata`` is not a mapping of str to str, or ``path`` is not a str
             or ``os.PathLike``.
-        ValueError: Tensors are different but overlapping views of one storage, a tensor is not
-            on the CPU, metadata uses a reserved key, containers are nested too deeply,
+        ValueError: Tensors are different but overlapping views of one storage, a tensor is on
+            the meta device, metadata uses a reserved key, ``staging_bytes`` is under 8 MiB, containers are nested too deeply,
             ``threads`` is not a positive int, ``max_shard_size`` is not a size, or ``path`` is
             an existing file while ``max_shard_size`` is given.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
@@ -195,6 +220,7 @@ def save(
     """
     flat, metadata, own = _prepare_save(tensors, metadata)
     where = _fspath(path)
+    staging = _staging_bytes(staging_bytes)
     description = _progress.label("Saving", where)
     if max_shard_size is not None:
         limit = sharded.parse_size(max_shard_size)  # a bad size raises before any bar is drawn
@@ -212,6 +238,7 @@ def save(
                 threads=_threads(threads),
                 checksums=bool(checksums),
                 progress=counter,
+                staging_bytes=staging,
             ),
             total=_progress.unique_nbytes(flat.values()),
         )
@@ -229,6 +256,7 @@ def save(
             own,
             bool(checksums),
             counter,
+            staging,
         ),
     )
 
@@ -262,6 +290,7 @@ def load(
     threads: int | None = None,
     verify: bool = False,
     progress: bool = False,
+    staging_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loads every tensor of a safetensors file or sharded checkpoint, in the order they were saved.
 
@@ -270,6 +299,12 @@ def load(
     writing into a tensor never changes the file, and the mapping is released when the last
     tensor from it is freed. A file later replaced by rename (as :func:`save` does) leaves
     them unchanged; a file truncated in place by another writer may not.
+
+    With ``device="cuda"`` (or any accelerator), reader threads pread the file into a bounded
+    pool of pinned buffers and queue asynchronous host-to-device copies on the current stream,
+    refilling each buffer as soon as its copies are done: the bytes never go to the device
+    from pageable (mapped) memory, and the tensors are ready on the current stream when this
+    returns.
 
     A sharded checkpoint (Hugging Face layout, from ``save(..., max_shard_size=...)``,
     transformers' ``save_pretrained`` or any writer) is read through its index: the index is
@@ -281,8 +316,10 @@ def load(
         path: A safetensors file, from zerockpt or any other writer; an index file (a name
             ending in ``.json``, e.g. ``model.safetensors.index.json``); or a directory holding
             ``model.safetensors.index.json`` (preferred) or ``model.safetensors``.
-        device: Only ``"cpu"`` in this version.
-        mmap: Map the file (default) or read it eagerly into fresh memory with parallel preads.
+        device: Where the tensors go: ``"cpu"`` (default), or an accelerator such as
+            ``"cuda"``, ``"cuda:1"``, ``torch.device("cuda", 0)`` or a device index.
+        mmap: For the CPU: map the file (default) or read it eagerly into fresh memory with
+            parallel preads. Ignored for other devices.
         threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
         verify: Check every tensor's bytes against the CRC-32C stored when it was saved before
             returning. A file without checksums (from another writer) loads unchecked, with a
@@ -290,6 +327,8 @@ def load(
         progress: Show a progress bar of the bytes read or checked (needs tqdm:
             ``zerockpt[progress]``); a mapped load without ``verify`` reads nothing up front,
             so its bar is full at once.
+        staging_bytes: Pinned host memory for copying to an accelerator, in 8 MiB chunks;
+            default 256 MiB (less for smaller files).
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
@@ -307,10 +346,13 @@ def load(
             filename set); a directory holds neither an index nor ``model.safetensors``.
         TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str or
             ``os.PathLike``.
-        ValueError: ``device`` is not the CPU, or ``threads`` is not a positive int.
+        ValueError: ``device`` is the meta device, ``threads`` is not a positive int, or
+            ``staging_bytes`` is under 8 MiB.
+        RuntimeError: ``device`` is not available (as torch raises it).
         ImportError: ``progress=True`` and tqdm is not installed.
     """
-    _check_cpu(device)
+    to = _load_device(device)
+    staging = _staging_bytes(staging_bytes)
     target = sharded.resolve(_fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
@@ -325,6 +367,8 @@ def load(
                 threads=_threads(threads),
                 verify=bool(verify),
                 progress=counter,
+                device=to,
+                staging_bytes=staging,
             ),
             total=index.total_size(),
         )
@@ -336,7 +380,9 @@ def load(
         tensors, own, has_checksums = _progress.run(
             progress,
             _progress.label("Loading", where),
-            lambda counter: _C.load(where, bool(mmap), _threads(threads), bool(verify), counter),
+            lambda counter: _C.load(
+                where, bool(mmap), _threads(threads), bool(verify), counter, to, staging
+            ),
         )
         if verify and not has_checksums:
             _warn_unverified(where)

@@ -337,6 +337,8 @@ def load_shards(
     threads: int,
     verify: bool,
     progress: _C.Progress | None = None,
+    device: torch.device | None = None,
+    staging_bytes: int = 0,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Loads every shard in parallel and merges their tensors in the index's order.
 
@@ -346,6 +348,10 @@ def load_shards(
         threads: Total reader threads (0: the default), shared among the shards.
         verify: Check every shard's checksums.
         progress: Counts the bytes read or checked, for a progress bar.
+        device: Stage the tensors into new tensors on this device (None: the CPU mapping).
+            Shards then load one after another on this thread, each with all the threads,
+            so the copies go to this thread's current stream.
+        staging_bytes: Pinned host memory for the device copies (0: the default).
 
     Returns:
         The tensors by name (tied names of one shard map to one tensor), and the paths of the
@@ -357,10 +363,12 @@ def load_shards(
         OSError: A shard is missing or cannot be read (errno and filename set).
     """
     workers, per_shard = thread_budget(threads, len(index.shards))
+    if device is not None:
+        workers, per_shard = 1, threads
 
     def load_one(shard: str) -> tuple[dict[str, torch.Tensor], bool]:
         tensors, own, has_checksums = _C.load(
-            index.shard_path(shard), mmap, per_shard, verify, progress
+            index.shard_path(shard), mmap, per_shard, verify, progress, device, staging_bytes
         )
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
@@ -628,6 +636,7 @@ def save_sharded(
     threads: int,
     checksums: bool,
     progress: _C.Progress | None = None,
+    staging_bytes: int = 0,
 ) -> None:
     """Writes ``tensors`` as a sharded checkpoint in ``directory``; see ``zerockpt.save``.
 
@@ -648,6 +657,7 @@ def save_sharded(
         threads: Writer threads per shard (0: the default).
         checksums: Store CRC-32C checksums in each shard.
         progress: Counts the bytes written, for a progress bar, and can stop the save.
+        staging_bytes: Pinned host memory for copying accelerator tensors (0: the default).
 
     Raises:
         ValueError: ``directory`` is an existing file, or the save refuses a tensor or key.
@@ -685,6 +695,7 @@ def save_sharded(
                     shard_own,
                     checksums,
                     progress,
+                    staging_bytes,
                 )
             except OSError as e:
                 if e.filename != staged:
