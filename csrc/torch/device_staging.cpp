@@ -5,12 +5,12 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <limits.h>
 #include <sys/uio.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <limits.h>
 #include <mutex>
 #include <thread>
 
@@ -202,6 +202,7 @@ class DeviceStager final : public ChunkStager {
     }
     Pending pending = std::move(state_[i].pending);
     state_[i].pending.clear();
+    state_[i].taken = true;
     size_t slot = state_[i].slot;
     lock.unlock();
     for (const c10::Event& event : pending) event.synchronize();
@@ -219,9 +220,15 @@ class DeviceStager final : public ChunkStager {
     cv_.notify_all();
     pool_.stop();
     if (producer_.joinable()) producer_.join();
-    // Copies queued for chunks nobody took still write into the pool: let them finish.
+    // Copies queued for chunks nobody took still write into the pool: let them finish, then
+    // those buffers are free again.
     for (const c10::Stream& side : side_) {
       c10::impl::VirtualGuardImpl(side.device_type()).synchronizeStream(side);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    for (ChunkState& state : state_) {
+      if (state.ready && !state.taken) pool_.release(state.slot);
+      state.taken = true;
     }
   }
 
@@ -229,6 +236,7 @@ class DeviceStager final : public ChunkStager {
   struct ChunkState {
     size_t slot = 0;
     bool ready = false;
+    bool taken = false;  // by a writer, which gives it back
     Pending pending;
   };
 
@@ -336,8 +344,8 @@ bool is_staged(const at::Tensor& t) { return !t.device().is_cpu() || stage_host_
 uint64_t staging_buffers(uint64_t staging_bytes) {
   if (staging_bytes == 0) staging_bytes = kDefaultStagingBytes;
   if (staging_bytes < kChunkBytes) {
-    throw UsageError("staging_bytes must be at least " + std::to_string(kChunkBytes) +
-                     " (one " + std::to_string(kChunkBytes >> 20) + " MiB chunk), got " +
+    throw UsageError("staging_bytes must be at least " + std::to_string(kChunkBytes) + " (one " +
+                     std::to_string(kChunkBytes >> 20) + " MiB chunk), got " +
                      std::to_string(staging_bytes));
   }
   return staging_bytes / kChunkBytes;
@@ -417,8 +425,8 @@ void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs,
     return *std::find_if(current.begin(), current.end(),
                          [&](const c10::Stream& s) { return s.device() == device; });
   };
-  size_t buffers = static_cast<size_t>(std::min<uint64_t>(staging_buffers(staging_bytes),
-                                                          batches.size()));
+  size_t buffers =
+      static_cast<size_t>(std::min<uint64_t>(staging_buffers(staging_bytes), batches.size()));
   HostPool pool(buffers, any_off_host(targets));
   const std::string& path = file.path();
   const int fd = file.fd();

@@ -19,13 +19,13 @@ constexpr uint64_t kDefaultStagingBytes = 256ull << 20;
 
 // What the most recent staged save or load did with its pool (for tests and benches).
 struct StagingStats {
-  uint64_t buffers = 0;     // chunk-sized buffers in the pool
-  bool pinned = false;      // page-locked (an accelerator was involved)
-  uint64_t chunks = 0;      // buffers filled: chunks copied from devices, or batches read
-  uint64_t bytes = 0;       // tensor bytes that went through the pool
-  uint64_t copies = 0;      // copies issued between a buffer and tensor memory
-  uint64_t max_in_use = 0;  // most buffers held at once
-  uint64_t in_use = 0;      // held now: 0 once the call has returned
+  uint64_t buffers = 0;         // chunk-sized buffers in the pool
+  bool pinned = false;          // page-locked (an accelerator was involved)
+  uint64_t chunks = 0;          // buffers filled: chunks copied from devices, or batches read
+  uint64_t bytes = 0;           // tensor bytes that went through the pool
+  uint64_t copies = 0;          // copies issued between a buffer and tensor memory
+  uint64_t max_in_use = 0;      // most buffers held at once
+  uint64_t in_use = 0;          // held now: 0 once the call has returned
   std::vector<uint64_t> order;  // file offset of each chunk or batch, in the order it was filled
 };
 StagingStats last_staging_stats();

@@ -95,8 +95,8 @@ void LoadPlan::run() {
         cut_slabs(dense ? target.reshape({-1}) : target, data_start + r.begin, stored, staged);
       } else if (dense && stored == target.scalar_type()) {
         if (r.nbytes() > 0) {
-          direct.push_back({data_start + r.begin, r.nbytes(),
-                            static_cast<uint8_t*>(target.mutable_data_ptr())});
+          direct.push_back(
+              {data_start + r.begin, r.nbytes(), static_cast<uint8_t*>(target.mutable_data_ptr())});
         }
       } else {
         cut_slabs(target, data_start + r.begin, stored, slabs);

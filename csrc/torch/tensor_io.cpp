@@ -231,7 +231,8 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
   }
   // Device tensors reach the file through a bounded pool of pinned chunks, copied ahead of the
   // writers: never a host copy of the whole state.
-  std::unique_ptr<ChunkStager> stager = make_device_stager(std::move(staged), options.staging_bytes);
+  std::unique_ptr<ChunkStager> stager =
+      make_device_stager(std::move(staged), options.staging_bytes);
   WriteOptions staged_options = options;
   staged_options.stager = stager.get();
   write_file(path, plan.layout, plan.specs, plan.sources, staged_options);

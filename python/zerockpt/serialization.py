@@ -210,9 +210,10 @@ def save(
             path or key), ``metadata`` is not a mapping of str to str, or ``path`` is not a str
             or ``os.PathLike``.
         ValueError: Tensors are different but overlapping views of one storage, a tensor is on
-            the meta device, metadata uses a reserved key, ``staging_bytes`` is under 8 MiB, containers are nested too deeply,
-            ``threads`` is not a positive int, ``max_shard_size`` is not a size, or ``path`` is
-            an existing file while ``max_shard_size`` is given.
+            the meta device, metadata uses a reserved key, containers are nested too deeply,
+            ``staging_bytes`` is under 8 MiB, ``threads`` is not a positive int,
+            ``max_shard_size`` is not a size, or ``path`` is an existing file while
+            ``max_shard_size`` is given.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
