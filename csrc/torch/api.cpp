@@ -18,6 +18,7 @@ WriteOptions write_options(const SaveOptions& options) {
   out.direct_io = to_direct_io(options.direct_io);
   out.threads = options.threads;
   out.checksums = options.checksums;
+  out.staging_bytes = options.staging_bytes;
   return out;
 }
 
@@ -95,7 +96,11 @@ TensorDict load(const std::string& path, const LoadOptions& options) {
   CheckpointFile file(path);
   TensorDict out;
   out.reserve(file.names().size());
-  for (auto& [name, tensor] : file.load_all(options.mmap, options.threads, options.verify)) {
+  NamedTensors loaded = options.device.is_cpu()
+                            ? file.load_all(options.mmap, options.threads, options.verify)
+                            : load_to_device(file, options.device, options.threads, options.verify,
+                                             options.staging_bytes, nullptr);
+  for (auto& [name, tensor] : loaded) {
     out.insert(std::move(name), std::move(tensor));
   }
   return out;

@@ -31,6 +31,8 @@ struct SaveOptions {
   bool checksums = true;
   // Extra __metadata__ entries; keys starting with "zerockpt." are reserved.
   std::vector<std::pair<std::string, std::string>> metadata;
+  // Pinned host memory for copying accelerator tensors, in 8 MiB chunks; 0: 256 MiB.
+  uint64_t staging_bytes = 0;
 };
 
 struct LoadOptions {
@@ -40,9 +42,16 @@ struct LoadOptions {
   // Check every tensor against its stored CRC-32C; ChecksumError names those that fail. Files
   // without checksums (other writers) load unchecked.
   bool verify = false;
+  // Where the tensors go. Accelerators are filled through pinned staging (asynchronous copies,
+  // ready on the current stream when load returns); `mmap` is for the CPU only.
+  c10::Device device = c10::kCPU;
+  // Pinned host memory for that, in 8 MiB chunks; 0: 256 MiB.
+  uint64_t staging_bytes = 0;
 };
 
-// Saves CPU tensors atomically (temporary file + rename). Tensors that are the same view of
+// Saves tensors (CPU, or accelerators through a bounded pool of pinned chunks, copied ahead of
+// the writers on a side stream that waits for the current one) atomically (temporary file +
+// rename). Tensors that are the same view of
 // one storage are written once and loaded back as one tensor.
 void save(const TensorDict& tensors, const std::string& path, const SaveOptions& options = {});
 
