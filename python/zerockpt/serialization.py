@@ -349,7 +349,8 @@ def load(
             ``os.PathLike``.
         ValueError: ``device`` is the meta device, ``threads`` is not a positive int, or
             ``staging_bytes`` is under 8 MiB.
-        RuntimeError: ``device`` is not available (as torch raises it).
+        RuntimeError: ``device`` is not available (AssertionError where torch is not built
+            for it, as torch itself raises).
         ImportError: ``progress=True`` and tqdm is not installed.
     """
     to = _load_device(device)
