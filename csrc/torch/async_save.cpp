@@ -14,6 +14,7 @@
 
 #include "core/file.h"
 #include "core/parallel.h"
+#include "torch/device_staging.h"
 #include "zerockpt/errors.h"
 
 namespace zerockpt {
@@ -56,18 +57,15 @@ constexpr uint64_t kCapacityGranule = 2ull << 20;
 
 uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
-// The snapshot buffer: anonymous pages, or pinned host memory (page-aligned within `pinned`).
+// The snapshot buffer: anonymous pages, or pinned host memory.
 struct SnapshotBuffer {
-  std::shared_ptr<uint8_t> pages;
-  at::Tensor pinned;
-  uint64_t pinned_offset = 0;  // of the aligned start within `pinned`
+  HostPages memory;
   uint8_t* data = nullptr;
   uint64_t capacity = 0;
   uint64_t allocations = 0;
 
   void reset() {
-    pages.reset();
-    pinned = at::Tensor();
+    memory = HostPages();
     data = nullptr;
     capacity = 0;
   }
@@ -75,19 +73,11 @@ struct SnapshotBuffer {
   // Makes room for `size` bytes; pinned memory when `want_pinned` (kept for later saves, which
   // may use it for CPU tensors too).
   void reserve(uint64_t size, bool want_pinned) {
-    if (size <= capacity && (pinned.defined() || !want_pinned)) return;
+    if (size <= capacity && (memory.pinned() || !want_pinned)) return;
     uint64_t new_capacity = round_up(std::max<uint64_t>(size, 1), kCapacityGranule);
     reset();  // frees the old buffer first: at most one is ever held
-    if (want_pinned) {
-      pinned = at::empty({static_cast<int64_t>(new_capacity + kPage)},
-                         at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-      auto base = reinterpret_cast<uintptr_t>(pinned.data_ptr());
-      pinned_offset = round_up(base, kPage) - base;
-      data = static_cast<uint8_t*>(pinned.data_ptr()) + pinned_offset;
-    } else {
-      pages = allocate_pages(new_capacity);
-      data = pages.get();
-    }
+    memory = HostPages(new_capacity, want_pinned);
+    data = memory.data();
     capacity = new_capacity;
     ++allocations;
   }
@@ -158,11 +148,7 @@ void copy_into(const SavePlan& plan, SnapshotBuffer& buffer, unsigned threads) {
       continue;
     }
     // A view of the pinned allocation itself, so its allocator tracks the pending copy.
-    at::Tensor dst = buffer.pinned
-                         .narrow(0, static_cast<int64_t>(buffer.pinned_offset + at_pos),
-                                 static_cast<int64_t>(nbytes))
-                         .view(t.scalar_type())
-                         .view(t.sizes());
+    at::Tensor dst = buffer.memory.bytes(at_pos, nbytes).view(t.scalar_type()).view(t.sizes());
     dst.copy_(t, /*non_blocking=*/true);
     if (std::find(devices.begin(), devices.end(), t.device()) == devices.end()) {
       devices.push_back(t.device());
@@ -285,7 +271,7 @@ void wait_for_async_saves() {
 SnapshotStats snapshot_stats() {
   Saver& s = saver();
   std::lock_guard<std::mutex> lock(s.mu);
-  return {s.buffer.capacity, s.buffer.allocations, s.buffer.pinned.defined(), s.busy};
+  return {s.buffer.capacity, s.buffer.allocations, s.buffer.memory.pinned(), s.busy};
 }
 
 void release_snapshot_buffer() {

@@ -56,20 +56,8 @@ void add_stream(std::vector<c10::Stream>& streams, const c10::Stream& stream) {
 // are done. Thread-safe.
 class HostPool {
  public:
-  HostPool(size_t buffers, bool pinned) : pending_(buffers) {
-    uint64_t size = buffers * kChunkBytes;
-    if (pinned) {
-      // The accelerator's caching host allocator: page-locked, reused across calls, and it
-      // tracks the copies queued on a view of it (so freeing it early is safe).
-      pinned_ = at::empty({static_cast<int64_t>(size + kPage)},
-                          at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-      auto base = reinterpret_cast<uintptr_t>(pinned_.data_ptr());
-      base_offset_ = round_up(base, kPage) - base;
-      base_ = static_cast<uint8_t*>(pinned_.data_ptr()) + base_offset_;
-    } else {
-      pages_ = allocate_pages(size);
-      base_ = pages_.get();
-    }
+  HostPool(size_t buffers, bool pinned)
+      : memory_(buffers * kChunkBytes, pinned), pending_(buffers) {
     free_.reserve(buffers);
     for (size_t i = buffers; i-- > 0;) free_.push_back(i);
     stats_.buffers = buffers;
@@ -81,16 +69,11 @@ class HostPool {
     g_last_stats = stats_;
   }
 
-  uint8_t* data(size_t slot) const { return base_ + slot * kChunkBytes; }
+  uint8_t* data(size_t slot) const { return memory_.data() + slot * kChunkBytes; }
 
-  // `n` bytes at `offset` of buffer `slot` as a CPU tensor: a view of the pinned allocation
-  // (so its allocator sees the copies), or of the plain pages.
+  // `n` bytes at `offset` of buffer `slot` as a CPU tensor (HostPages::bytes).
   at::Tensor bytes(size_t slot, uint64_t offset, uint64_t n) const {
-    uint64_t at = slot * kChunkBytes + offset;
-    if (pinned_.defined()) {
-      return pinned_.narrow(0, static_cast<int64_t>(base_offset_ + at), static_cast<int64_t>(n));
-    }
-    return at::from_blob(base_ + at, {static_cast<int64_t>(n)}, at::TensorOptions(at::kByte));
+    return memory_.bytes(slot * kChunkBytes + offset, n);
   }
 
   // Blocks until a buffer is free and no copy uses it; throws Cancelled once stopped.
@@ -137,10 +120,7 @@ class HostPool {
   }
 
  private:
-  at::Tensor pinned_;
-  std::shared_ptr<uint8_t> pages_;
-  uint8_t* base_ = nullptr;
-  uint64_t base_offset_ = 0;
+  HostPages memory_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<size_t> free_;
@@ -330,6 +310,26 @@ struct Batch {
 };
 
 }  // namespace
+
+HostPages::HostPages(uint64_t size, bool pinned) {
+  if (pinned) {
+    pinned_ = at::empty({static_cast<int64_t>(size + kPage)},
+                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    auto base = reinterpret_cast<uintptr_t>(pinned_.data_ptr());
+    offset_ = round_up(base, kPage) - base;
+    data_ = static_cast<uint8_t*>(pinned_.data_ptr()) + offset_;
+  } else {
+    pages_ = allocate_pages(size);
+    data_ = pages_.get();
+  }
+}
+
+at::Tensor HostPages::bytes(uint64_t offset, uint64_t n) const {
+  if (pinned_.defined()) {
+    return pinned_.narrow(0, static_cast<int64_t>(offset_ + offset), static_cast<int64_t>(n));
+  }
+  return at::from_blob(data_ + offset, {static_cast<int64_t>(n)}, at::TensorOptions(at::kByte));
+}
 
 StagingStats last_staging_stats() {
   std::lock_guard<std::mutex> lock(g_stats_mu);

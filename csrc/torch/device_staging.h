@@ -17,6 +17,25 @@ namespace zerockpt {
 
 constexpr uint64_t kDefaultStagingBytes = 256ull << 20;
 
+// Page-aligned host memory: pinned (the accelerator's caching host allocator, which tracks the
+// copies queued on views of it, so freeing it early is safe) or plain anonymous pages.
+class HostPages {
+ public:
+  HostPages() = default;
+  HostPages(uint64_t size, bool pinned);
+  uint8_t* data() const { return data_; }
+  bool pinned() const { return pinned_.defined(); }
+  // `n` bytes at `offset` as a CPU uint8 tensor: a view of the pinned allocation (so its
+  // allocator sees the copies), or of the pages.
+  at::Tensor bytes(uint64_t offset, uint64_t n) const;
+
+ private:
+  at::Tensor pinned_;
+  std::shared_ptr<uint8_t> pages_;
+  uint64_t offset_ = 0;  // of data() within pinned_
+  uint8_t* data_ = nullptr;
+};
+
 // What the most recent staged save or load did with its pool (for tests and benches).
 struct StagingStats {
   uint64_t buffers = 0;         // chunk-sized buffers in the pool
