@@ -356,6 +356,36 @@ def test_staged_load_state_dict_into_existing_tensors(
     assert model.a.weight.requires_grad and model.a.weight.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_load_state_dict_from_mapped_tensors(
+    tmp_path: Path, staged: None, dtype: torch.dtype
+) -> None:
+    # A dict of a file's mapped tensors (a loaded file, or a sharded checkpoint's shards) goes
+    # through the pool too, never straight from pageable memory into device parameters.
+    source = filled(Net(), 1)
+    _C._stage_host_tensors(False)
+    zerockpt.save(source, tmp_path / "net.safetensors")
+    zerockpt.save(source, tmp_path / "shards", max_shard_size="5MB")
+    mapped = zerockpt.load(tmp_path / "net.safetensors")
+    _C._stage_host_tensors(True)
+    expected = filled(Net(), 2).to(dtype)
+    expected.load_state_dict(source.state_dict())
+    for src in (mapped, tmp_path / "shards"):
+        model = filled(Net(), 2).to(dtype)
+        versions = {k: v._version for k, v in model.state_dict().items()}
+        zerockpt.load_state_dict(model, src, staging_bytes=8 * MiB)
+        s = stats()
+        # The last copy through the pool: norm.bias, 100 stored f32 values.
+        assert s["in_use"] == 0 and s["chunks"] == 1 and s["bytes"] == 400
+        for k, v in expected.state_dict().items():
+            assert_bitwise_equal(model.state_dict()[k], v)
+            assert model.state_dict()[k]._version == versions[k] + 1
+    # A state dict loaded into its own module overlaps itself: copy_ handles that one.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    zerockpt.load_state_dict(model, model.state_dict())
+    assert_dicts_bitwise_equal(dict(model.state_dict()), before)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: the real pipeline (skipped without a device).
 
@@ -462,8 +492,10 @@ def test_cuda_load_state_dict_in_place_without_a_second_copy(tmp_path: Path) -> 
 def test_cuda_load_state_dict_into_a_mixed_device_model(tmp_path: Path) -> None:
     source = filled(Net(), 1)
     zerockpt.save(source, tmp_path / "net.safetensors")
-    model = filled(Net(), 2)
-    model.a.cuda()  # the rest stays on the CPU
-    zerockpt.load_state_dict(model, tmp_path / "net.safetensors")
-    for k, v in source.state_dict().items():
-        assert_bitwise_equal(model.state_dict()[k].cpu(), v)
+    zerockpt.save(source, tmp_path / "shards", max_shard_size="5MB")
+    for src in (tmp_path / "net.safetensors", tmp_path / "shards"):
+        model = filled(Net(), 2)
+        model.a.cuda()  # the rest stays on the CPU
+        zerockpt.load_state_dict(model, src)
+        for k, v in source.state_dict().items():
+            assert_bitwise_equal(model.state_dict()[k].cpu(), v)

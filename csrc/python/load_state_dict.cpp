@@ -24,6 +24,7 @@
 #include <unordered_set>
 
 #include "python/module_registry.h"
+#include "torch/device_staging.h"
 #include "torch/dtypes.h"
 #include "torch/load_into.h"
 #include "torch/tensor_views.h"
@@ -152,7 +153,9 @@ class LoadWalk {
       : metadata_(std::move(metadata)),
         assign_(std::move(assign)),
         file_(std::move(file)),
-        progress_(progress) {
+        progress_(progress),
+        threads_(threads),
+        staging_bytes_(staging_bytes) {
     int truth = PyObject_IsTrue(assign_.ptr());
     if (truth < 0) throw py::error_already_set();
     assign_set_ = truth == 1;
@@ -451,7 +454,14 @@ class LoadWalk {
     try {
       c10::AutoGradMode no_grad(false);
       if (progress_) progress_->add(static_cast<uint64_t>(input.numel()) * input.element_size());
-      if (!copy_plain(param, input)) {
+      if (stages_copy(param, input)) {
+        {
+          // Safe without the GIL: both tensors are held by C++ references.
+          py::gil_scoped_release no_gil;
+          copy_host_to_device(param, input, threads_, staging_bytes_);
+        }
+        param.unsafeGetTensorImpl()->bump_version();  // once, as copy_ does
+      } else if (!copy_plain(param, input)) {
         uint64_t nbytes = static_cast<uint64_t>(param.numel()) * param.element_size();
         if (nbytes >= kReleaseGilBytes) {
           // Safe without the GIL: both tensors are held by C++ references.
@@ -469,6 +479,23 @@ class LoadWalk {
       if (result) return;  // cannot happen unless the C++ failure was transient
       record_copy_error(e, THPVariable_Unpack(t.value), input);
     }
+  }
+
+  // Device parameters take dense host tensors (a file's mapped tensors, from a sharded
+  // checkpoint or a loaded dict) through the pinned staging pool, not copy_'s transfer from
+  // pageable memory. Plain tensors of equal shape only; copy_ keeps every other case.
+  static bool stages_copy(const at::Tensor& dst, const at::Tensor& src) {
+    if (!is_staged(dst) || !src.is_cpu() || src.numel() == 0 || dst.sizes() != src.sizes() ||
+        !src.is_contiguous() || src.is_conj() || src.is_neg() || dst.is_inference() ||
+        (src.is_complex() && !dst.is_complex()) || !default_dispatch_state() ||
+        typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
+        typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
+        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned()) {
+      return false;
+    }
+    // A host target (only when host staging is on) may not overlap the source: chunks of it
+    // are written before later ones are read.
+    return !dst.is_cpu() || at::get_overlap_status(dst, src) == at::MemOverlapStatus::No;
   }
 
   // memcpy for same-dtype contiguous CPU tensors, which is what copy_ does for them.
@@ -640,6 +667,8 @@ class LoadWalk {
   bool assign_set_ = false;
   std::shared_ptr<CheckpointFile> file_;
   Progress* progress_;  // may be null
+  unsigned threads_;
+  uint64_t staging_bytes_;
   std::optional<LoadPlan> plan_;
   ClassTraitsCache traits_;
   std::deque<Entry> arena_;

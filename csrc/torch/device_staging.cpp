@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <thread>
 
@@ -388,9 +389,11 @@ void cut_slabs(const at::Tensor& target, uint64_t file_offset, c10::ScalarType s
   }
 }
 
-void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs, unsigned threads,
-                           uint64_t staging_bytes, Progress* progress) {
-  const std::string what = "loading from " + file.path();
+namespace {
+
+void copy_slabs(int fd, const std::string& path, std::vector<Slab> slabs, unsigned threads,
+                uint64_t staging_bytes, Progress* progress) {
+  const std::string what = "loading from " + path;
   uint64_t total = 0;
   for (const Slab& slab : slabs) total += slab.nbytes;
   expect_progress(progress, total, what);
@@ -428,8 +431,6 @@ void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs,
   size_t buffers =
       static_cast<size_t>(std::min<uint64_t>(staging_buffers(staging_bytes), batches.size()));
   HostPool pool(buffers, any_off_host(targets));
-  const std::string& path = file.path();
-  const int fd = file.fd();
   parallel_for(batches.size(), threads ? threads : default_threads(), [&](size_t b) {
     if (progress) progress->check(what);
     const Batch& batch = batches[b];
@@ -439,17 +440,26 @@ void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs,
       // File-adjacent slabs are read by one preadv, scattered to their aligned places.
       std::vector<iovec> iov;
       uint64_t run_offset = 0;
+      auto flush = [&] {
+        if (!iov.empty()) preadv_full(fd, iov, run_offset, path);
+        iov.clear();
+      };
       for (size_t i = batch.first; i < batch.last; ++i) {
+        uint8_t* dst = pool.data(slot) + offsets[i];
+        if (slabs[i].host) {
+          flush();
+          std::memcpy(dst, slabs[i].host, slabs[i].nbytes);
+          continue;
+        }
         bool adjacent = !iov.empty() && iov.size() < IOV_MAX &&
                         slabs[i - 1].file_offset + slabs[i - 1].nbytes == slabs[i].file_offset;
         if (!adjacent) {
-          if (!iov.empty()) preadv_full(fd, iov, run_offset, path);
-          iov.clear();
+          flush();
           run_offset = slabs[i].file_offset;
         }
-        iov.push_back({pool.data(slot) + offsets[i], slabs[i].nbytes});
+        iov.push_back({dst, slabs[i].nbytes});
       }
-      preadv_full(fd, iov, run_offset, path);
+      flush();
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain copies, no version bumps
       uint64_t bytes = 0;
       for (size_t i = batch.first; i < batch.last; ++i) {
@@ -488,6 +498,24 @@ void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs,
       throw;
     }
   });
+}
+
+}  // namespace
+
+void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs, unsigned threads,
+                           uint64_t staging_bytes, Progress* progress) {
+  copy_slabs(file.fd(), file.path(), std::move(slabs), threads, staging_bytes, progress);
+}
+
+void copy_host_to_device(const at::Tensor& target, const at::Tensor& source, unsigned threads,
+                         uint64_t staging_bytes) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  bool dense = target.is_contiguous() && !target.is_conj() && !target.is_neg();
+  std::vector<Slab> slabs;
+  cut_slabs(dense ? target.reshape({-1}) : target, 0, source.scalar_type(), slabs);
+  const auto* base = static_cast<const uint8_t*>(source.const_data_ptr());
+  for (Slab& slab : slabs) slab.host = base + slab.file_offset;
+  copy_slabs(-1, "a state dict", std::move(slabs), threads, staging_bytes, nullptr);
 }
 
 }  // namespace zerockpt

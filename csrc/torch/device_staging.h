@@ -69,13 +69,15 @@ uint64_t staging_buffers(uint64_t staging_bytes);
 std::unique_ptr<ChunkStager> make_device_stager(std::vector<at::Tensor> tensors,
                                                 uint64_t staging_bytes);
 
-// One piece of a copy from a file into a tensor: `target` (a view) takes the `nbytes` stored
-// bytes at `file_offset`, which hold `target.numel()` elements of dtype `stored`.
+// One piece of a copy from a file (or host memory) into a tensor: `target` (a view) takes the
+// `nbytes` stored bytes at `file_offset`, which hold `target.numel()` elements of dtype
+// `stored`. With `host` set, the bytes are there instead of in the file.
 struct Slab {
   at::Tensor target;
   uint64_t file_offset;
   uint64_t nbytes;
   c10::ScalarType stored;
+  const uint8_t* host = nullptr;
 };
 
 // Cuts the copy of the stored bytes at `file_offset` into `target` into slabs of at most
@@ -90,5 +92,11 @@ void cut_slabs(const at::Tensor& target, uint64_t file_offset, c10::ScalarType s
 // be null) counts the bytes and can stop the copies. Call it on the caller's thread.
 void copy_slabs_to_devices(const SafetensorsFile& file, std::vector<Slab> slabs, unsigned threads,
                            uint64_t staging_bytes, Progress* progress);
+
+// `target.copy_(source)` for a dense host `source` (e.g. a tensor of a file mapping) and a
+// staged `target` of the same shape: the bytes go through the pinned pool (the page faults
+// taken by `threads` threads, never inside a device copy). Ready on the current stream.
+void copy_host_to_device(const at::Tensor& target, const at::Tensor& source, unsigned threads,
+                         uint64_t staging_bytes);
 
 }  // namespace zerockpt

@@ -161,7 +161,8 @@ def load_state_dict(
     then loaded as from the state dict the index describes (zero-copy views of the shards'
     mappings, in the index's order, with the ``_metadata`` that ``save`` stored in the index),
     so missing and unexpected keys, errors and hooks are exactly torch's for the whole
-    checkpoint.
+    checkpoint. Accelerator parameters take such mapped tensors (as any dense CPU tensors of a
+    mapping given as ``source``) through the same pinned pool, one tensor at a time.
 
     Args:
         module: The module to load into.
