@@ -2,7 +2,9 @@
 # Makes sure the compiler $1 (default clang++) can build a libFuzzer target
 # (-fsanitize=fuzzer,address,undefined). If it cannot, installs Debian's clang with apt-get
 # (root only), plus the libclang-rt package that holds libFuzzer where apt skips
-# recommended packages. Quiet and quick when clang already works.
+# recommended packages, waiting for a dpkg/apt lock that another process holds (up to
+# ZEROCKPT_APT_WAIT seconds, default 600). Quiet and quick when clang already works.
+# Exits 1 with one line on stderr when clang cannot be had; `make test` then skips fuzzing.
 set -u
 cxx=${1:-clang++}
 
@@ -19,10 +21,23 @@ probe() {
 probe && exit 0
 
 fail() {
-  echo "fuzz: '$cxx' cannot build libFuzzer targets (-fsanitize=fuzzer) and $1. Install clang" \
-    "with libFuzzer by hand (Debian/Ubuntu: apt-get install clang libclang-rt-dev), or run" \
-    "make fuzz FUZZ_CXX=<a clang++ that has it>." >&2
+  echo "fuzz: '$cxx' cannot build libFuzzer targets and $1; install clang with libFuzzer" \
+    "(Debian: apt-get install clang libclang-rt-dev) or pass FUZZ_CXX=<such a clang++>." >&2
   exit 1
+}
+
+# apt-get with a bounded wait for the dpkg and lists locks (another apt, unattended-upgrades).
+wait_s=${ZEROCKPT_APT_WAIT:-600}
+apt() {
+  deadline=$(($(date +%s) + wait_s))
+  while :; do
+    apt-get -o DPkg::Lock::Timeout=60 "$@" >>"$log" 2>&1 && return 0
+    grep -qiE 'could not get lock|unable to acquire|lock-frontend|is another process using it' "$log" ||
+      return 1
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    echo "fuzz: waiting for the apt/dpkg lock held by another process ..." >&2
+    sleep 10
+  done
 }
 
 [ "$cxx" = clang++ ] || fail "only the default FUZZ_CXX=clang++ is installed automatically"
@@ -32,15 +47,15 @@ command -v apt-get >/dev/null 2>&1 || fail "installing clang automatically needs
 echo "fuzz: installing clang with apt-get (once) ..."
 export DEBIAN_FRONTEND=noninteractive
 log=$(mktemp)
-if ! { apt-get update -qq && apt-get install -y -qq clang; } >"$log" 2>&1; then
-  tail -n 20 "$log" >&2
+if ! { apt update -qq && apt install -y -qq clang; }; then
+  tail -n 5 "$log" >&2
   rm -f "$log"
-  fail "apt-get install clang failed (output above)"
+  fail "apt-get install clang failed (its last lines above)"
 fi
 if ! probe; then
   # libFuzzer lives in libclang-rt-N-dev, only recommended by clang's packages.
   major=$(clang++ -dumpversion 2>/dev/null | cut -d. -f1)
-  apt-get install -y -qq "libclang-rt-$major-dev" >"$log" 2>&1 || tail -n 20 "$log" >&2
+  apt install -y -qq "libclang-rt-$major-dev" || tail -n 5 "$log" >&2
 fi
 rm -f "$log"
 probe || fail "it still cannot after installing clang"

@@ -12,6 +12,8 @@ torch.Size([2, 3])
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
+# A clear ImportError when the installed torch is not the one _C was built for, then loads _C.
+from zerockpt import _torch_abi  # noqa: F401  (isort: keep before _C)
 from zerockpt._C import ChecksumError, FormatError
 from zerockpt.checkpoint import Checkpointer, PendingSave, release_snapshot_buffer, save_async
 from zerockpt.module_state import load_state_dict, state_dict
