@@ -9,8 +9,10 @@ import multiprocessing.forkserver
 import os
 import re
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -158,3 +160,28 @@ def assert_same_state(a: Any, b: Any) -> None:
         assert a == b
         if isinstance(a, float):
             assert math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+T = TypeVar("T")
+
+
+def settled(measure: Callable[[], T], expected: T | None = None, limit: float = 10.0) -> T:
+    """``measure()`` once it equals ``expected`` or, with no ``expected``, once it has stayed the
+    same for 0.2 s; after ``limit`` seconds, its last value.
+
+    Threads that a call joined, or detached to finish, take a moment to leave /proc/self/task
+    (longer on a loaded machine), so resource baselines and their checks go through this
+    instead of reading the count at once."""
+    deadline = time.monotonic() + limit
+    last = measure()
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        if expected is not None and last == expected:
+            return last
+        if expected is None and time.monotonic() - stable_since >= 0.2:
+            return last
+        time.sleep(0.01)
+        now = measure()
+        if now != last:
+            last, stable_since = now, time.monotonic()
+    return last

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
-from conftest import assert_dicts_bitwise_equal, temp_leftovers
+from conftest import assert_dicts_bitwise_equal, settled, temp_leftovers
 from torch import nn
 
 C = zerockpt._C
@@ -151,7 +151,7 @@ def expect_failed_save(
     path: Path, tensors: dict[str, torch.Tensor], err: int, before: bytes | None, **kw: Any
 ) -> OSError:
     """Asserts the save fails with `err` naming `path`, changes nothing and leaks nothing."""
-    baseline = resources()
+    baseline = settled(resources)
     error = os_error(lambda: zerockpt.save(tensors, path, **kw))
     assert error.errno == err, error
     assert error.filename == str(path)
@@ -160,7 +160,7 @@ def expect_failed_save(
     else:
         assert path.read_bytes() == before
     assert temp_leftovers(path.parent) == []
-    assert resources() == baseline
+    assert settled(resources, baseline) == baseline
     return error
 
 
@@ -205,13 +205,13 @@ def test_directory_fsync_failure_comes_after_the_rename(tmp_path: Path, mode: st
     tensors = new_tensors(mode)
     zerockpt.save(OLD, path, **kw)
     C._inject_fault("fsync", errno.EIO, after=1)
-    baseline = resources()
+    baseline = settled(resources)
     error = os_error(lambda: zerockpt.save(tensors, path, **kw))
     assert error.errno == errno.EIO
     assert error.filename == str(path)
     assert "directory" in str(error)
     assert temp_leftovers(tmp_path) == []
-    assert resources() == baseline
+    assert settled(resources, baseline) == baseline
     C._clear_faults()
     assert zerockpt.verify(path).ok
     assert_same(zerockpt.load(path), tensors)
@@ -265,12 +265,12 @@ READERS = [
 )
 def test_read_fault(saved: tuple[Path, dict[str, torch.Tensor]], call: Any, after: int) -> None:
     path, tensors = saved
-    baseline = resources()
+    baseline = settled(resources)
     C._inject_fault("read", errno.EIO, after=after)
     error = os_error(lambda: call(path))
     assert error.errno == errno.EIO
     assert error.filename == str(path)
-    assert resources() == baseline
+    assert settled(resources, baseline) == baseline
     C._clear_faults()
     assert_same(zerockpt.load(path, mmap=False, verify=True), tensors)
 
@@ -304,12 +304,12 @@ def test_load_state_dict_read_fault_before_any_copy(
     torch.manual_seed(4)
     model = Net(dtype)
     before = state_copy(model)
-    baseline = resources()
+    baseline = settled(resources)
     C._inject_fault("read", errno.EIO)
     error = os_error(lambda: zerockpt.load_state_dict(model, model_file, verify=verify))
     assert error.errno == errno.EIO
     assert error.filename == str(model_file)
-    assert resources() == baseline
+    assert settled(resources, baseline) == baseline
     assert_dicts_bitwise_equal(state_copy(model), before)
     C._clear_faults()
     zerockpt.load_state_dict(model, model_file, verify=verify)
@@ -325,12 +325,12 @@ def test_load_state_dict_read_fault_while_copying(model_file: Path, dtype: torch
     # reader and returning every staging buffer. The module may then be partly loaded (the
     # docstring promises nothing more); a retry loads it whole.
     model = Net(dtype)
-    baseline = resources()
+    baseline = settled(resources)
     C._inject_fault("read", errno.EIO, after=3)  # the header, one chunk, then failures
     error = os_error(lambda: zerockpt.load_state_dict(model, model_file, threads=4))
     assert error.errno == errno.EIO
     assert error.filename == str(model_file)
-    assert resources() == baseline
+    assert settled(resources, baseline) == baseline
     C._clear_faults()
     zerockpt.load_state_dict(model, model_file, threads=4)
     expected = zerockpt.load(model_file)

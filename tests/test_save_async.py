@@ -37,6 +37,7 @@ from conftest import (
     assert_dicts_bitwise_equal,
     random_tensor,
     raw_bytes,
+    settled,
     temp_leftovers,
 )
 from torch import nn
@@ -230,23 +231,6 @@ def descriptors() -> int:
 
 def tasks() -> int:
     return len(os.listdir("/proc/self/task"))
-
-
-def settled_tasks(at_most: int | None = None, limit: float = 10.0) -> int:
-    """The OS thread count once the detached writer threads have exited: once it is at most
-    ``at_most``, or (without one) once it stays the same for a while."""
-    deadline = time.monotonic() + limit
-    last, stable = tasks(), 0
-    while time.monotonic() < deadline:
-        if at_most is not None and last <= at_most:
-            return last
-        time.sleep(0.01)
-        now = tasks()
-        stable = stable + 1 if now == last else 0
-        last = now
-        if at_most is None and stable >= 20:
-            return last
-    return last
 
 
 def in_flight() -> bool:
@@ -1007,7 +991,7 @@ def test_threads_and_descriptors_return_to_baseline(
 ) -> None:
     tensors = small_tensors(4)
     zerockpt.save_async(tensors, tmp_path / "warm.safetensors").result()
-    base_tasks = settled_tasks()
+    base_tasks = settled(tasks)
     base_fds, base_threads = descriptors(), threading.active_count()
     kinds: list[dict[str, Any]] = [{}, {"direct_io": True}, {"durable": False}, {"threads": 4}]
     for i, kw in enumerate(kinds):
@@ -1016,9 +1000,9 @@ def test_threads_and_descriptors_return_to_baseline(
     C._inject_fault("write", errno.EIO, after=2)
     assert os_error(zerockpt.save_async(large, tmp_path / "failed.safetensors")).errno == errno.EIO
     C._clear_faults()
-    assert settled_tasks(at_most=base_tasks) == base_tasks
-    assert descriptors() == base_fds
-    assert threading.active_count() == base_threads
+    assert settled(tasks, base_tasks) == base_tasks
+    assert settled(descriptors, base_fds) == base_fds
+    assert settled(threading.active_count, base_threads) == base_threads
     names = os.listdir(tmp_path)
     assert not [n for n in names if TEMP_NAME_RE.match(n)]
     assert "failed.safetensors" not in names
