@@ -74,5 +74,6 @@ add_library(torch INTERFACE IMPORTED GLOBAL)
 set_target_properties(torch PROPERTIES
   INTERFACE_INCLUDE_DIRECTORIES "${TORCH_INCLUDE_DIRS}"
   INTERFACE_LINK_LIBRARIES "${TORCH_LIBRARIES}"
-  INTERFACE_COMPILE_DEFINITIONS "_GLIBCXX_USE_CXX11_ABI=${_zerockpt_torch_abi}")
+  INTERFACE_COMPILE_DEFINITIONS "_GLIBCXX_USE_CXX11_ABI=${_zerockpt_torch_abi}"
+  INTERFACE_COMPILE_FEATURES cxx_std_20)  # torch >= 2.15's headers require C++20
 message(STATUS "zerockpt: torch ${Torch_VERSION} at ${TORCH_INSTALL_PREFIX} (C++11 ABI ${_zerockpt_torch_abi})")

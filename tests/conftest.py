@@ -185,3 +185,23 @@ def settled(measure: Callable[[], T], expected: T | None = None, limit: float = 
         if now != last:
             last, stable_since = now, time.monotonic()
     return last
+
+
+_TORCH_LOADS_SAFETENSORS: bool | None = None
+
+
+def torch_load_reads_safetensors(tmp_dir: Path) -> bool:
+    """Whether this torch's ``torch.load`` hands safetensors files to safetensors (newer torch
+    does; torch 2.11 does not)."""
+    global _TORCH_LOADS_SAFETENSORS
+    if _TORCH_LOADS_SAFETENSORS is None:
+        import safetensors.torch
+
+        probe = tmp_dir / "probe.safetensors"
+        safetensors.torch.save_file({"a": torch.zeros(1)}, str(probe))
+        try:
+            torch.load(probe)
+            _TORCH_LOADS_SAFETENSORS = True
+        except Exception:
+            _TORCH_LOADS_SAFETENSORS = False
+    return _TORCH_LOADS_SAFETENSORS

@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -402,6 +403,30 @@ def load(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
     dcp.load(state, storage_reader=zerockpt.dcp.Reader(path, **kwargs), no_dist=True)
 
 
+def _probe_metadata_errors() -> bool:
+    """Whether this torch's dcp.load passes on what StorageReader.read_metadata raised. torch
+    2.11 logs it and raises AssertionError("metadata is None") instead; later torch chains it."""
+
+    class Failing(zerockpt.dcp.Reader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            raise zerockpt.FormatError("zerockpt-probe-message")
+
+    try:
+        dcp.load({}, storage_reader=Failing("."), no_dist=True)
+    except CheckpointException as e:
+        return "zerockpt-probe-message" in str(e)
+    return False
+
+
+DCP_PASSES_METADATA_ERRORS = _probe_metadata_errors()
+
+
+def metadata_error(message: str) -> str:
+    """What dcp.load's CheckpointException says when the Reader's read_metadata raised
+    ``message`` (a regular expression), on this torch."""
+    return message if DCP_PASSES_METADATA_ERRORS else "metadata is None"
+
+
 def root_failure(info: pytest.ExceptionInfo[CheckpointException]) -> BaseException:
     """The exception a rank raised inside DCP, which wraps it in a CheckpointException."""
     (failure,) = info.value.failures.values()
@@ -525,10 +550,10 @@ def test_directory_without_metadata_is_not_a_complete_checkpoint(tmp_path: Path)
         zerockpt.dcp.Reader(tmp_path / "c").read_metadata()
     assert str(tmp_path / "c") in str(info.value)
     # dcp.load wraps what the reader raised (its message kept) in a CheckpointException.
-    with pytest.raises(CheckpointException, match="not a complete"):
+    with pytest.raises(CheckpointException, match=metadata_error("not a complete")):
         load({"w": torch.zeros(6), "n": 0}, tmp_path / "c")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointException, match="not a complete"):
+    with pytest.raises(CheckpointException, match=metadata_error("not a complete")):
         load({"w": torch.zeros(6)}, tmp_path / "empty")
 
 
@@ -570,7 +595,7 @@ def test_failed_save_leaves_no_metadata_and_no_temp_files(tmp_path: Path) -> Non
     assert isinstance(failure, OSError) and failure.errno == errno.ENOSPC, failure
     assert not (tmp_path / "c" / ".metadata.json").exists()
     assert not temp_leftovers(tmp_path / "c")
-    with pytest.raises(CheckpointException, match="not a complete"):
+    with pytest.raises(CheckpointException, match=metadata_error("not a complete")):
         load({"w": torch.zeros(64), "n": 0}, tmp_path / "c")
     save(new, tmp_path / "c")  # the next save succeeds
     target = {"w": torch.zeros(64), "n": 0}
@@ -681,9 +706,8 @@ def assert_format_error_names_file(directory: Path) -> zerockpt.FormatError:
         zerockpt.dcp.Reader(directory).read_metadata()
     assert str(directory / ".metadata.json") in str(info.value)
     # Through dcp.load the same message comes back, wrapped by DCP.
-    with pytest.raises(CheckpointException) as wrapped:
+    with pytest.raises(CheckpointException, match=metadata_error(re.escape(str(info.value)))):
         load(small_target(), directory)
-    assert str(info.value) in str(wrapped.value)
     return info.value
 
 

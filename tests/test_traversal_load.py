@@ -65,8 +65,13 @@ def capture(fn: Callable[[], Any]) -> Outcome:
     return Outcome(result, error, [(w.category, str(w.message)) for w in caught])
 
 
+def _spaceless(error: tuple[type[BaseException], str] | None) -> Any:
+    return error and (error[0], "".join(error[1].split()))
+
+
 def assert_same_outcome(expected: Outcome, got: Outcome) -> None:
-    assert got.error == expected.error
+    # Spacing aside: torch 2.11's post-hook message lacks two spaces that later torch has.
+    assert _spaceless(got.error) == _spaceless(expected.error)
     assert got.warnings == expected.warnings
     assert type(got.result) is type(expected.result)
     if expected.result is not None:
