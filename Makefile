@@ -74,7 +74,7 @@ cpp-test: build
 # step installs Debian's clang once if root and apt-get allow. A finding fails the target and
 # leaves the input in build/fuzz/. FUZZ_ARGS passes more libFuzzer flags (-fork=N, -runs=N...).
 FUZZ_CXX     ?= clang++
-FUZZ_SECONDS ?= 60
+FUZZ_SECONDS ?= 30
 FUZZ_ARGS    ?=
 FUZZ_DIR     := build/fuzz
 FUZZ_BIN     := $(FUZZ_DIR)/fuzz_reader

@@ -32,12 +32,12 @@ extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
 namespace {
 
 using zerockpt::Header;
+using zerockpt::kAliasesKey;
 using zerockpt::TensorRecord;
 
 // The harness reads tensor data into its own buffer only below this size; inputs are far
 // smaller (-max_len), and offsets are validated against the file size, so this never skips.
 constexpr uint64_t kMaxReadBytes = 64ull << 20;
-const char* const kAliasesKey = "zerockpt.aliases";
 
 int g_memfd = -1;
 std::string g_path;

@@ -222,6 +222,10 @@ Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
   return h;
 }
 
+const char* const kReservedPrefix = "zerockpt.";
+const char* const kVersionKey = "zerockpt.version";
+const char* const kAliasesKey = "zerockpt.aliases";
+const char* const kStateDictMetadataKey = "zerockpt.state_dict_metadata";
 const char* const kChecksumKey = "zerockpt.crc32c";
 
 Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadata,

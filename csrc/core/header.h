@@ -42,7 +42,8 @@ struct Header {
 // of `file_size` bytes.
 uint64_t checked_header_size(const uint8_t prefix[8], uint64_t file_size, const std::string& path);
 
-// Parses and validates the JSON of `json_size` bytes for a file of `file_size` bytes.
+// Parses and validates the JSON of `json_size` bytes for a file of `file_size` bytes; throws
+// FormatError naming `path` (and the tensor and byte offset at fault) on any violation.
 Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
                     const std::string& path);
 
@@ -72,10 +73,19 @@ struct Layout {
 // Places tensors without holes, largest element size first (each aligned to its element size,
 // since the data region starts at a kDataAlignment boundary), keeping the given order among
 // equals; the JSON lists tensors in the given order. With `checksums`, the metadata ends with
-// kChecksumKey holding placeholder digits for the writer to fill in. Throws FormatError if the
-// header would exceed kMaxHeaderSize.
+// kChecksumKey holding placeholder digits for the writer to fill in. Throws UsageError (the
+// caller's state is too large for the format) if the header would exceed kMaxHeaderSize.
 Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadata,
                    const std::string& path, bool checksums = false);
+
+// Metadata keys zerockpt owns (docs/format.md); users may not set keys with this prefix.
+extern const char* const kReservedPrefix;
+// The zerockpt format version that wrote the file.
+extern const char* const kVersionKey;
+// Names saved as another stored tensor (tied weights): encode_aliases() JSON.
+extern const char* const kAliasesKey;
+// JSON object: the `_metadata` of a saved state dict (module prefix -> {"version": N, ...}).
+extern const char* const kStateDictMetadataKey;
 
 // Per-tensor CRC-32C values (docs/format.md): 8 lowercase hex digits per tensor entry of the
 // header, concatenated in the order of the entries' data_offsets (begin, then end).

@@ -16,11 +16,6 @@
 
 namespace zerockpt {
 
-const char* const kReservedPrefix = "zerockpt.";
-const char* const kStateDictMetadataKey = "zerockpt.state_dict_metadata";
-const char* const kVersionKey = "zerockpt.version";
-const char* const kAliasesKey = "zerockpt.aliases";
-
 namespace {
 
 std::string describe(const std::string& name) { return "tensor " + quote(name); }

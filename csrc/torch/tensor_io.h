@@ -19,12 +19,8 @@ namespace zerockpt {
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
-// Metadata keys we own; users may not set keys with this prefix.
-extern const char* const kReservedPrefix;
-extern const char* const kVersionKey;
-extern const char* const kAliasesKey;
-// JSON object: the `_metadata` of a saved state dict (module prefix -> {"version": N, ...}).
-extern const char* const kStateDictMetadataKey;
+// The metadata keys zerockpt owns (kReservedPrefix, kVersionKey, kAliasesKey,
+// kStateDictMetadataKey, kChecksumKey) are defined with the format, in core/header.h.
 constexpr const char* kFormatVersion = "1";
 
 // A planned save: the header, where each stored tensor goes, and where its bytes come from.
