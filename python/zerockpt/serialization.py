@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from zerockpt import _C, _progress, sharded
-from zerockpt.structure import STRUCTURE_KEY, flatten, is_flat_state_dict, unflatten
+from zerockpt.structure import (
+    STRUCTURE_KEY,
+    encode_metadata,
+    flatten,
+    instance_metadata,
+    is_flat_state_dict,
+    unflatten,
+)
 
 PathLike = str | os.PathLike[str]
 # What save() and save_async() take.
@@ -95,15 +102,14 @@ def _module_state_dict(module: nn.Module) -> OrderedDict[str, Any]:
 
 def _encode_state_dict_metadata(tensors: Mapping[str, Any]) -> str | None:
     """The ``_metadata`` of a state dict as JSON, or None if it has none or it is not JSON."""
-    metadata = getattr(tensors, "_metadata", None)
+    metadata = instance_metadata(tensors)
     if metadata is None:
         return None
     try:
-        return json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
-    except (TypeError, ValueError, AttributeError) as e:
+        return json.dumps(encode_metadata(metadata))
+    except TypeError as e:
         warnings.warn(
-            f"zerockpt.save: the state dict's _metadata cannot be stored as JSON ({e}); "
-            "saving without it",
+            f"zerockpt.save: the state dict's _metadata {e}; saving without it",
             stacklevel=4,  # the caller of save() or save_async()
         )
         return None
@@ -280,6 +286,12 @@ def _prepare_save(
             own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
     else:
         flat, own[STRUCTURE_KEY] = flatten(obj)
+        # What is committed must load: the structure goes through the loader's own decoder
+        # first (the C++ writer does the same with the planned header).
+        try:
+            unflatten(flat, own[STRUCTURE_KEY], "the structure to save")
+        except _C.FormatError as e:
+            raise ValueError(f"zerockpt cannot store this state so that it loads back: {e}") from e
     return flat, metadata, own
 
 
