@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from zerockpt import _C
+from zerockpt._smallfile import MAX_POINTER_BYTES, read_small_file
 from zerockpt.serialization import PathLike, SaveInput, _fspath, _prepare_save, _threads, load
 
 # How long one wait on the C++ side may block before Python gets a chance to handle signals
@@ -557,9 +558,10 @@ class Checkpointer:
         return f"Checkpointer({str(self._directory)!r}, keep_last={self._keep_last})"
 
     def _pointer_step(self) -> int | None:
+        where = str(self._directory / self.POINTER)
         try:
-            text = (self._directory / self.POINTER).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
+            text = read_small_file(where, MAX_POINTER_BYTES, "pointer").decode("utf-8").strip()
+        except (OSError, ValueError):  # FormatError, UnicodeDecodeError: not a pointer
             return None
         return _step_of(text)
 

@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from zerockpt import _C
+from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 from zerockpt.serialization import PathLike, _fspath, _threads
 from zerockpt.structure import flatten, unflatten
 
@@ -312,13 +313,14 @@ class Reader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Reads and validates the checkpoint's ``.metadata.json`` (DCP hook).
 
-        A missing, non-UTF-8 or malformed metadata file raises ``FormatError`` naming it.
+        A missing, non-UTF-8 or malformed metadata file, one that is not a regular file (a
+        FIFO, a device) or one over 256 MiB raises ``FormatError`` naming it.
         """
         rank = kwargs.get("rank")
         name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
         path = self.path / name
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_small_file(str(path), MAX_JSON_BYTES, "DCP metadata").decode("utf-8")
         except FileNotFoundError:
             raise _C.FormatError(
                 f"{self.path}: no {name}: not a complete zerockpt.dcp checkpoint (the save did "
