@@ -23,7 +23,10 @@ import zerockpt.dcp
 from zerockpt import FormatError
 from zerockpt._smallfile import MAX_JSON_BYTES, MAX_POINTER_BYTES
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs"),
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 
 @pytest.fixture(autouse=True)
