@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import uuid
 from collections import defaultdict
@@ -678,9 +679,15 @@ def to_file(
         durable: fsync what is written.
         progress: Show a progress bar of the bytes written (needs tqdm).
 
+    Nothing in the metadata is trusted: each tensor's chunks must have its dtype and rank, lie
+    inside it, not overlap and cover it exactly (at most 16384 chunks per tensor); each stored
+    tensor may serve one storage entry only; and a non-tensor item's tensors may not need more
+    bytes than were stored for it. So the output never holds more bytes than the rank files.
+
     Raises:
-        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, or a
-            rank file does not hold what the metadata says.
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, a rank
+            file does not hold what the metadata says, or a check above fails (the message
+            names the tensor). Nothing is written then.
         OSError: A file cannot be read or written (errno and filename set).
         pickle.UnpicklingError: A non-tensor value needs more than ``torch.load`` allows with
             ``weights_only=True``.
@@ -698,7 +705,17 @@ def to_file(
     metadata = reader.read_metadata()
     storage: dict[MetadataIndex, _Location] = metadata.storage_data
     by_fqn: dict[str, list[tuple[MetadataIndex, _Location]]] = defaultdict(list)
+    # Each stored tensor is used once, so the output never holds more bytes than are stored.
+    used: dict[tuple[str, str], MetadataIndex] = {}
     for index, location in storage.items():
+        if index.fqn not in metadata.state_dict_metadata:
+            continue  # never read
+        first = used.setdefault((location.file, location.name), index)
+        if first is not index:
+            raise _C.FormatError(
+                f"{reader.path}: storage entries for {first.fqn!r} and {index.fqn!r} both point "
+                f"at tensor {location.name!r} of {location.file}"
+            )
         by_fqn[index.fqn].append((index, location))
     files: dict[str, Any] = {}
 
@@ -717,13 +734,20 @@ def to_file(
         if not pieces:
             raise _C.FormatError(f"{reader.path}: no stored data for {fqn!r}")
         if isinstance(md, BytesStorageMetadata):
+            if len(pieces) != 1:
+                raise _C.FormatError(f"{reader.path}: {len(pieces)} storage entries for {fqn!r}")
             raw = stored(pieces[0][1]).numpy().tobytes()
-            flat[fqn] = torch.load(io.BytesIO(raw), weights_only=True)
+            value = torch.load(io.BytesIO(raw), weights_only=True)
+            _check_unpickled_size(value, len(raw), f"{reader.path}: item {fqn!r}")
+            flat[fqn] = value
             continue
-        if len(pieces) == 1 and tuple(stored(pieces[0][1]).shape) == tuple(md.size):
-            flat[fqn] = stored(pieces[0][1])  # a zero-copy view of the rank file
+        chunks = _check_tiling(
+            fqn, md, [(index, stored(location)) for index, location in pieces], reader.path
+        )
+        if len(chunks) == 1 and tuple(chunks[0][1].shape) == tuple(md.size):
+            flat[fqn] = chunks[0][1]  # a zero-copy view of the rank file
             continue
-        flat[fqn] = _assemble(fqn, md, pieces, stored, scratch_dir)
+        flat[fqn] = _assemble(md, chunks, scratch_dir)
     mappings = metadata.planner_data
     state = unflatten_state_dict(flat, mappings) if mappings else flat
     if max_shard_size is None:
@@ -732,20 +756,88 @@ def to_file(
         save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
 
 
-def _assemble(
+# More chunks per tensor than any real checkpoint has; bounds the overlap check's cost.
+MAX_CHUNKS = 1 << 14
+
+
+def _check_tiling(
     fqn: str,
     md: TensorStorageMetadata,
-    pieces: list[tuple[MetadataIndex, _Location]],
-    stored: Any,
+    pieces: list[tuple[MetadataIndex, torch.Tensor]],
+    path: Path,
+) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """The chunks of ``fqn`` as (offsets, stored tensor), checked to tile ``md.size`` exactly.
+
+    Each chunk has the metadata's dtype and rank and lies inside the tensor; no two overlap;
+    together they cover every element. FormatError naming the tensor otherwise.
+    """
+    where = f"{path}: tensor {fqn!r}"
+    size = tuple(md.size)
+    if len(pieces) > MAX_CHUNKS:
+        raise _C.FormatError(f"{where}: {len(pieces)} chunks, more than {MAX_CHUNKS}")
+    chunks: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    for index, chunk in pieces:
+        offsets = tuple(index.offset) if index.offset is not None else (0,) * len(size)
+        lengths = tuple(chunk.shape)
+        if chunk.dtype != md.properties.dtype:
+            raise _C.FormatError(f"{where}: a chunk is {chunk.dtype}, not {md.properties.dtype}")
+        if (
+            len(offsets) != len(size)
+            or len(lengths) != len(size)
+            or any(o + n > d for o, n, d in zip(offsets, lengths, size, strict=True))
+        ):
+            raise _C.FormatError(
+                f"{where}: the chunk at {list(offsets)} of shape {list(lengths)} does not lie "
+                f"inside its size {list(size)}"
+            )
+        chunks.append((offsets, chunk))
+    covered = sum(chunk.numel() for _, chunk in chunks)
+    numel = math.prod(size)
+    if covered != numel:
+        raise _C.FormatError(f"{where}: the chunks hold {covered} elements, the tensor {numel}")
+    # Equal volumes and no overlap: an exact tiling. Sweep along dimension 0; each chunk is
+    # compared (vectorised) with the earlier ones it may meet there.
+    boxes = [(o, tuple(c.shape)) for o, c in chunks if c.numel() > 0]
+    boxes.sort()
+    if len(size) == 0:
+        return chunks  # a scalar: one non-empty chunk, since the volumes agree
+    lo = torch.tensor([o for o, _ in boxes], dtype=torch.int64).reshape(len(boxes), len(size))
+    hi = lo + torch.tensor([n for _, n in boxes], dtype=torch.int64).reshape(lo.shape)
+    active = torch.zeros(0, dtype=torch.int64)
+    for i in range(len(boxes)):
+        active = active[hi[active, 0] > lo[i, 0]]
+        meets = torch.all((lo[active] < hi[i]) & (lo[i] < hi[active]), dim=1)
+        if bool(meets.any()):
+            j = int(active[int(torch.argmax(meets.to(torch.uint8)))])
+            raise _C.FormatError(
+                f"{where}: the chunks at {boxes[j][0]} and {boxes[i][0]} overlap "
+                f"(sizes {boxes[j][1]} and {boxes[i][1]})"
+            )
+        active = torch.cat([active, torch.tensor([i])])
+    return chunks
+
+
+def _check_unpickled_size(value: Any, stored_bytes: int, where: str) -> None:
+    """A non-tensor item's tensors may not need more bytes than were stored for it."""
+    tensors, _ = flatten([value])
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    if needed > stored_bytes:
+        raise _C.FormatError(
+            f"{where}: its tensors would take {needed} bytes, from {stored_bytes} stored bytes "
+            "(expanded views)"
+        )
+
+
+def _assemble(
+    md: TensorStorageMetadata,
+    chunks: list[tuple[tuple[int, ...], torch.Tensor]],
     scratch_dir: Path,
 ) -> torch.Tensor:
-    """The full tensor ``fqn`` from its chunks, in a mapping of an unlinked temporary file."""
+    """The full tensor from its checked chunks, in a mapping of an unlinked temporary file."""
     import tempfile
 
     dtype = md.properties.dtype
-    numel = 1
-    for d in md.size:
-        numel *= d
+    numel = math.prod(md.size)
     fd, name = tempfile.mkstemp(prefix=".assemble.", suffix=".zerockpt-tmp", dir=scratch_dir)
     try:
         os.ftruncate(fd, max(1, numel) * torch.empty((), dtype=dtype).element_size())
@@ -753,15 +845,9 @@ def _assemble(
     finally:
         os.close(fd)
         os.unlink(name)  # the mapping stays valid; nothing is left behind
-    covered = 0
-    for index, location in pieces:
-        chunk = stored(location)
-        offsets = index.offset or torch.Size([0] * len(md.size))
+    for offsets, chunk in chunks:
         target = full
         for dim, (offset, length) in enumerate(zip(offsets, chunk.shape, strict=True)):
             target = target.narrow(dim, offset, length)
         target.copy_(chunk)
-        covered += chunk.numel()
-    if covered < numel:
-        raise _C.FormatError(f"{fqn!r}: the stored chunks cover {covered} of {numel} elements")
     return full
