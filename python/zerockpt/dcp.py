@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import pickle
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -287,15 +288,31 @@ class Reader(StorageReader):
     mapping of its file into the tensor the planner gives (narrowed to the requested chunk),
     so only the bytes it needs are read.
 
+    Non-tensor items are stored pickled (by DCP's ``torch.save``), and DCP's planner unpickles
+    them with ``torch.load(weights_only=False)``, which can run arbitrary code. So by default
+    each one is first loaded with ``torch.load(weights_only=True)``: an item it refuses raises
+    ``pickle.UnpicklingError`` naming it, and the planner is handed a fresh pickle of the value
+    so loaded, never the stored bytes. ``allow_pickle=True`` hands the stored bytes over as
+    DCP's own reader does: only for checkpoints you trust.
+
     Args:
         path: The checkpoint directory; ``checkpoint_id`` given to ``dcp.load`` replaces it.
         verify: Check the CRC-32C of every file this rank reads from before copying from it.
         threads: Copy threads per rank; default ``min(cpu_count, 8)``.
+        allow_pickle: Let the planner unpickle non-tensor items without restriction.
     """
 
-    def __init__(self, path: PathLike, *, verify: bool = False, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        verify: bool = False,
+        threads: int | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
         super().__init__()
         self.path = Path(_fspath(path))
+        self.allow_pickle = bool(allow_pickle)
         self.verify = bool(verify)
         self.threads = _threads(threads) or _C.default_threads()
         self.storage_data: dict[MetadataIndex, _Location] = {}
@@ -421,10 +438,30 @@ class Reader(StorageReader):
             planner.commit_tensor(item, target)
         for item in items:
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(fetch(item).numpy().tobytes()))
+                raw = fetch(item).numpy().tobytes()
+                if not self.allow_pickle:
+                    raw = self._weights_only(raw, item)
+                planner.load_bytes(item, io.BytesIO(raw))
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def _weights_only(self, raw: bytes, item: Any) -> bytes:
+        """A pickle of the item as ``torch.load(weights_only=True)`` loads it (see the class)."""
+        location = self.storage_data[item.storage_index]
+        try:
+            value = torch.load(io.BytesIO(raw), weights_only=True)
+        except Exception as e:  # whatever the restricted unpickler raises: it refused the item
+            lines = str(e).splitlines() or [type(e).__name__]
+            why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+            raise pickle.UnpicklingError(
+                f"{self.path / location.file}: item {item.storage_index.fqn!r}: "
+                f"torch.load(weights_only=True) refuses it ({why}); pass allow_pickle=True to "
+                "zerockpt.dcp.Reader only if you trust this checkpoint"
+            ) from e
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue()
 
     def _open(self, name: str) -> Any:
         if "/" in name or name in ("", ".", ".."):
