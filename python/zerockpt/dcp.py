@@ -794,7 +794,7 @@ def to_file(
 
 
 # More chunks per tensor than any real checkpoint has; bounds the overlap check's cost.
-MAX_CHUNKS = 1 << 14
+_MAX_CHUNKS = 1 << 14
 
 
 def _check_tiling(
@@ -810,8 +810,8 @@ def _check_tiling(
     """
     where = f"{path}: tensor {fqn!r}"
     size = tuple(md.size)
-    if len(pieces) > MAX_CHUNKS:
-        raise _C.FormatError(f"{where}: {len(pieces)} chunks, more than {MAX_CHUNKS}")
+    if len(pieces) > _MAX_CHUNKS:
+        raise _C.FormatError(f"{where}: {len(pieces)} chunks, more than {_MAX_CHUNKS}")
     chunks: list[tuple[tuple[int, ...], torch.Tensor]] = []
     for index, chunk in pieces:
         offsets = tuple(index.offset) if index.offset is not None else (0,) * len(size)
