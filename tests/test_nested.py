@@ -364,3 +364,26 @@ def test_what_save_commits_loads_back(tmp_path_factory: pytest.TempPathFactory, 
     if is_flat_state_dict(state) and not hasattr(expected, "_metadata"):
         expected = dict(expected)  # a flat state dict loads as a dict of its tensors
     assert_same_state(expected, zerockpt.load(path))
+
+
+@pytest.mark.parametrize(
+    ("state", "metadata", "words"),
+    [
+        ({"\ud800": torch.ones(1)}, None, r"tensor name '\\ud800' cannot be stored"),
+        ({"a": {"b\udfff": torch.ones(1)}}, None, r"tensor name 'a/b\\udfff' cannot be stored"),
+        ({"t": torch.ones(1)}, {"k": "\ud800"}, r"metadata value for 'k' '\\ud800' cannot"),
+        ({"t": torch.ones(1)}, {"\ud800": "v"}, r"metadata key '\\ud800' cannot be stored"),
+    ],
+)
+def test_strings_without_utf8_form_are_refused_before_saving(
+    tmp_path: Path, state: Any, metadata: dict[str, str] | None, words: str
+) -> None:
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match=words):
+        zerockpt.save(state, path, metadata=metadata)
+    with pytest.raises(ValueError, match=words):
+        zerockpt.save_async(state, path, metadata=metadata)
+    assert not path.exists()
+    # Non-tensor leaves and keys go through JSON's escapes, which keep them.
+    zerockpt.save({"x\ud800": "\udfff"}, path)
+    assert zerockpt.load(path) == {"x\ud800": "\udfff"}

@@ -292,7 +292,24 @@ def _prepare_save(
             unflatten(flat, own[STRUCTURE_KEY], "the structure to save")
         except _C.FormatError as e:
             raise ValueError(f"zerockpt cannot store this state so that it loads back: {e}") from e
+    # The header is UTF-8 JSON: a str holding a lone surrogate has no UTF-8 form.
+    for name in flat:
+        _check_utf8(name, "tensor name")
+    for key, value in (metadata or {}).items():
+        if isinstance(key, str) and isinstance(value, str):  # other types: the C++ side says
+            _check_utf8(key, "metadata key")
+            _check_utf8(value, f"metadata value for {key!r}")
     return flat, metadata, own
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} {text!r} cannot be stored: it holds a lone surrogate "
+            f"({text[e.start]!r}), which has no UTF-8 form"
+        ) from None
 
 
 def load(
