@@ -875,3 +875,22 @@ def test_error_lines_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert status == 1 and out == ""
     assert "zerockpt: error:" in err and str(path) in err
     assert_terminal_safe(err.rstrip("\n"))
+
+
+def test_warnings_during_a_command_are_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.safetensors"
+    zerockpt.save({"w": torch.ones(2)}, path)
+    real = cli._file_report
+
+    def report(*args: Any) -> Any:
+        warnings.warn(f"shard {HOSTILE} has no checksums", UserWarning, stacklevel=1)
+        return real(*args)
+
+    monkeypatch.setattr(cli, "_file_report", report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        status, _, err = run_cli(capsys, "inspect", path)
+    assert status == 0 and "has no checksums" in err and "\\x1b]0;pwned" in err
+    assert_terminal_safe(err.rstrip("\n"))

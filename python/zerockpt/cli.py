@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -136,6 +137,28 @@ def _printable(text: str) -> str:
 def _emit(line: str, out: TextIO) -> None:
     """Prints one line of names or metadata read from a file, escaped (:func:`_printable`)."""
     print(_printable(line), file=out)
+
+
+@contextlib.contextmanager
+def _escaped_warnings() -> Iterator[None]:
+    """Warnings shown while a command runs (which may quote names from a file) are escaped."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        stream = file or sys.stderr
+        for part in text.rstrip("\n").split("\n"):
+            _emit(part, stream)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _describe(error: BaseException) -> str:
@@ -1053,7 +1076,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help and --version print and exit
         return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_USAGE
     try:
-        status: int = args.handler(args)
+        with _escaped_warnings():
+            status: int = args.handler(args)
     except UsageError as e:
         if args.debug:
             raise
