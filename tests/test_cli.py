@@ -894,3 +894,26 @@ def test_warnings_during_a_command_are_escaped(
         status, _, err = run_cli(capsys, "inspect", path)
     assert status == 0 and "has no checksums" in err and "\\x1b]0;pwned" in err
     assert_terminal_safe(err.rstrip("\n"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_never_hangs_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+
+    def hung(signum: int, frame: Any) -> None:
+        raise TimeoutError("the command hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        for command in ("inspect", "verify"):
+            status, out, err = run_cli(capsys, command, fifo)
+            assert status == 1 and out == "" and "not a regular file" in err
+        status, _, err = run_cli(capsys, "convert", fifo, tmp_path / "out.safetensors")
+        assert status == 1 and "not a regular file" in err
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

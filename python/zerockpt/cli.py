@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -218,8 +219,15 @@ def _tensor_stats(obj: object) -> tuple[int, int]:
 
 def _is_torch_file(path: str) -> bool:
     """Whether ``path`` starts as ``torch.save`` output: a zip archive or a pickle stream."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    # O_NONBLOCK: a FIFO is not waited on; only a regular file is read (others are left to
+    # the safetensors reader, which refuses them).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.pread(fd, 4, 0)
+    finally:
+        os.close(fd)
     return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
 
 
