@@ -304,6 +304,7 @@ _CONTAINERS = {
     "ordered": OrderedDict,
     "attr": AttrDict,
     "plain": PlainSubclass,
+    "lying": OrderedSubclass,
 }
 
 

@@ -21,6 +21,7 @@ from zerockpt.structure import (
     flatten,
     instance_metadata,
     is_flat_state_dict,
+    mapping_items,
     unflatten,
 )
 
@@ -280,7 +281,7 @@ def _prepare_save(
         metadata = dict(metadata)
     own: dict[str, str] = {}
     if is_flat_state_dict(obj):
-        flat = obj if type(obj) is dict else dict(obj)
+        flat = obj if type(obj) is dict else dict(mapping_items(obj))  # type: ignore[arg-type]
         state_dict_metadata = _encode_state_dict_metadata(obj)  # type: ignore[arg-type]
         if state_dict_metadata is not None:
             own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata

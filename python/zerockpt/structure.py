@@ -46,11 +46,9 @@ def is_flat_state_dict(obj: object) -> bool:
     A mapping with the key ``__metadata__`` is not: that name is the format's own, so such a
     mapping is stored as nested state, which escapes it.
     """
-    return (
-        isinstance(obj, Mapping)
-        and RESERVED_NAME not in obj
-        and all(type(k) is str and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
+    if not isinstance(obj, Mapping) or RESERVED_NAME in obj:
+        return False
+    return all(type(k) is str and isinstance(v, torch.Tensor) for k, v in mapping_items(obj))
 
 
 def instance_metadata(obj: object) -> Any:
@@ -67,7 +65,7 @@ def instance_metadata(obj: object) -> Any:
 
 
 def encode_metadata(metadata: Any) -> Any:
-    """``_metadata`` (prefix -> dict) as a JSON value; TypeError or ValueError if it is not one."""
+    """``_metadata`` (prefix -> dict) as a JSON value; TypeError if it is not one."""
     try:
         return json.loads(
             json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
@@ -76,9 +74,11 @@ def encode_metadata(metadata: Any) -> Any:
         raise TypeError(f"cannot be stored as JSON ({e})") from None
 
 
-def _items(mapping: dict[Any, Any]) -> Any:
-    """The items as stored, whatever a subclass's ``items`` override says."""
-    return OrderedDict.items(mapping) if isinstance(mapping, OrderedDict) else dict.items(mapping)
+def mapping_items(mapping: Mapping[Any, Any]) -> Any:
+    """The items of a mapping; of a dict (subclass), as stored, whatever ``items`` says."""
+    if isinstance(mapping, OrderedDict):
+        return OrderedDict.items(mapping)
+    return dict.items(mapping) if isinstance(mapping, dict) else mapping.items()
 
 
 def _segment(key: str | int) -> str:
@@ -119,7 +119,7 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
                     "mappings can be saved"
                 )
             items = []
-            for k, v in _items(value):
+            for k, v in mapping_items(value):
                 if type(k) is not str and (type(k) is not int):
                     raise TypeError(
                         f"{_where(path)} has a key {k!r} of type {type(k).__name__}; "
