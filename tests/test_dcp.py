@@ -974,3 +974,12 @@ def test_reader_refusal_is_unpickling_error(tmp_path: Path) -> None:
         reader._weights_only(raw, types.SimpleNamespace(storage_index=item))
     assert "__0_0.safetensors" in str(info.value)
     assert not (tmp_path / "unpickled").exists()
+
+
+def test_reader_calls_corrupt_pickled_bytes_a_format_error(tmp_path: Path) -> None:
+    save({"n": [1, 2]}, tmp_path / "c")
+    reader = zerockpt.dcp.Reader(tmp_path / "c")
+    reader.storage_data = reader.read_metadata().storage_data
+    item = types.SimpleNamespace(storage_index=next(iter(reader.storage_data)))
+    with pytest.raises(zerockpt.FormatError, match=r"item 'n': not a torch\.save pickle"):
+        reader._weights_only(b"PK\x03\x04 not a zip", item)

@@ -328,7 +328,7 @@ def _nested(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     )
 
 
-_STATES = _nested(st.recursive(_LEAVES, _nested, max_leaves=12))
+_STATES = _nested(st.recursive(_LEAVES, lambda children: _nested(children), max_leaves=12))
 
 
 def _as_loaded(obj: Any) -> Any:

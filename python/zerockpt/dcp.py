@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import pickle
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -292,8 +291,9 @@ class Reader(StorageReader):
     them with ``torch.load(weights_only=False)``, which can run arbitrary code. So by default
     each one is first loaded with ``torch.load(weights_only=True)``: an item it refuses raises
     ``pickle.UnpicklingError`` naming it, and the planner is handed a fresh pickle of the value
-    so loaded, never the stored bytes. ``allow_pickle=True`` hands the stored bytes over as
-    DCP's own reader does: only for checkpoints you trust.
+    so loaded, never the stored bytes (bytes that are no ``torch.save`` output raise
+    ``FormatError``). ``allow_pickle=True`` hands the stored bytes over as DCP's own reader
+    does: only for checkpoints you trust.
 
     Args:
         path: The checkpoint directory; ``checkpoint_id`` given to ``dcp.load`` replaces it.
@@ -451,13 +451,17 @@ class Reader(StorageReader):
         location = self.storage_data[item.storage_index]
         try:
             value = torch.load(io.BytesIO(raw), weights_only=True)
-        except Exception as e:  # whatever the restricted unpickler raises: it refused the item
+        except Exception as e:  # torch.load fails in many ways: refused, or corrupt bytes
             lines = str(e).splitlines() or [type(e).__name__]
             why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
-            raise pickle.UnpicklingError(
-                f"{self.path / location.file}: item {item.storage_index.fqn!r}: "
-                f"torch.load(weights_only=True) refuses it ({why}); pass allow_pickle=True to "
-                "zerockpt.dcp.Reader only if you trust this checkpoint"
+            where = f"{self.path / location.file}: item {item.storage_index.fqn!r}"
+            # The refusal is pickle's UnpicklingError, raised again with the item named (this
+            # package imports no pickle module); anything else means the bytes are corrupt.
+            if not any(c.__name__ == "UnpicklingError" for c in type(e).__mro__):
+                raise _C.FormatError(f"{where}: not a torch.save pickle ({why})") from e
+            raise type(e)(
+                f"{where}: torch.load(weights_only=True) refuses it ({why}); pass "
+                "allow_pickle=True to zerockpt.dcp.Reader only if you trust this checkpoint"
             ) from e
         buffer = io.BytesIO()
         torch.save(value, buffer)
