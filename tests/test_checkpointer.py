@@ -18,6 +18,7 @@ import collections
 import contextlib
 import copy
 import errno
+import gc
 import multiprocessing
 import multiprocessing.sharedctypes
 import os
@@ -26,6 +27,7 @@ import re
 import struct
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1034,3 +1036,103 @@ def test_sigkill_during_checkpointer_saves(
             check_filled(found[1], start)
             start += 1
     print(f"\n{CRASH_TRIALS} kills: {dict(outcomes)}")
+
+
+# --- Retention never removes the last loadable checkpoint (issue 18, point 2) ---
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_retention_waits_for_the_committed_file_to_check(tmp_path: Path, async_save: bool) -> None:
+    """Reading the new file back fails: `latest` and older checkpoints stay as they were."""
+    ckpt = two_checkpoints(tmp_path, durable=False)
+    before = snapshot(tmp_path)
+    C._inject_fault("read", errno.EIO)  # the save writes only; the check reads its header
+    try:
+        ckpt.save(3, filled(3), async_save=async_save)
+        error = os_error(ckpt.wait) if async_save else None
+    except OSError as e:
+        error = e
+    finally:
+        C._clear_faults()
+    assert error is not None and error.errno == errno.EIO
+    assert error.filename == str(ckpt.path(3))
+    assert ckpt.steps() == [1, 2, 3] and pointer(tmp_path).strip() == name(2)
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != name(3)} == before
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), MemoryError(), KeyError("k")])
+def test_load_latest_skips_a_checkpoint_that_fails_for_any_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    ckpt = three_checkpoints(tmp_path)
+    real_load = zerockpt.checkpoint.load
+
+    def load(path: Any, **kwargs: Any) -> Any:
+        if Path(path) == ckpt.path(3):
+            raise error
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(zerockpt.checkpoint, "load", load)
+    with pytest.warns(UserWarning, match=f"skipping checkpoint .*{type(error).__name__}") as rec:
+        found = ckpt.load_latest()
+    assert len(rec) == 1 and str(ckpt.path(3)) in str(rec[0].message)
+    assert found is not None and found[0] == 2
+    check_filled(found[1], 2)
+
+
+def test_load_latest_lets_ctrl_c_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = three_checkpoints(tmp_path)
+
+    def load(path: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zerockpt.checkpoint, "load", load)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.load_latest()
+
+
+# --- Memory and disk are freed at once, without the garbage collector (point 5) ---
+
+
+@contextlib.contextmanager
+def gc_disabled() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def mapped_files() -> list[str]:
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        return [line.split(maxsplit=5)[5].strip() for line in f if len(line.split()) == 6]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("kwargs", [{}, {"verify": True}, {"mmap": False}], ids=str)
+def test_loaded_state_is_freed_without_gc(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    path = tmp_path / "s.safetensors"
+    zerockpt.save({"model": {"w": torch.ones(1 << 20)}, "opt": [torch.zeros(3), 7]}, path)
+    with gc_disabled():
+        state = zerockpt.load(path, **kwargs)
+        gone = weakref.ref(state["model"]["w"])
+        del state
+        assert gone() is None  # no reference cycle keeps it
+        assert str(path) not in mapped_files()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_a_removed_checkpoint_releases_its_disk_space_without_gc(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path, keep_last=1, durable=False)
+    ckpt.save(1, filled(1, numel=1 << 20))
+    with gc_disabled():
+        found = ckpt.load_latest()
+        assert found is not None
+        assert str(ckpt.path(1)) in mapped_files()
+        del found
+        ckpt.save(2, filled(2, numel=1 << 20))  # removes step 1
+        assert ckpt.steps() == [2]
+        # No mapping of the removed file survives, so its blocks are free.
+        assert not [m for m in mapped_files() if m.startswith(str(ckpt.path(1)))]

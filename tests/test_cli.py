@@ -805,3 +805,115 @@ def test_bench_unavailable_is_one_line(
     assert err.count("\n") == 1
     # The other commands do not import it.
     assert run_cli(capsys, "--help")[0] == 0
+
+
+# --- convert --force keeps the destination until the new one is complete (issue 18, point 8) ---
+
+
+def test_convert_force_to_shards_over_a_file_keeps_it_when_the_source_is_corrupt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flat: dict[str, torch.Tensor]
+) -> None:
+    dst = tmp_path / "out"
+    zerockpt.save(flat, dst)  # a file where the sharded directory goes
+    before = dst.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 10) + b'{"a": 1}  ')  # a corrupt source
+    status, out, err = run_cli(capsys, "convert", bad, dst, "--max-shard-size", "1KB", "--force")
+    assert status == 1 and out == "" and str(bad) in err
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "out"]
+    # A good source replaces the file by the directory, once complete.
+    src = tmp_path / "src.safetensors"
+    zerockpt.save(flat, src)
+    status, _, _ = run_cli(capsys, "convert", src, dst, "--max-shard-size", "1KB", "--force")
+    assert status == 0 and dst.is_dir()
+    assert_trees_bitwise_equal(zerockpt.load(dst, verify=True), flat)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["bad.safetensors", "out", "src.safetensors"]
+
+
+# --- inspect never writes terminal escape sequences (issue 18, point 8) ---
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\nname\u2028\\x1b"
+
+
+def assert_terminal_safe(text: str) -> None:
+    lines = text.split("\n")
+    assert all(line.isprintable() for line in lines), [ln for ln in lines if not ln.isprintable()]
+
+
+def test_inspect_escapes_names_and_metadata(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "hostile.safetensors"
+    t = torch.arange(3.0)
+    zerockpt.save({HOSTILE: t, "plain": t}, path, metadata={HOSTILE: HOSTILE})
+    status, out, err = run_cli(capsys, "inspect", path)
+    assert status == 0 and err == ""
+    assert_terminal_safe(out)
+    # Shown escaped, as Python writes them; a literal backslash is doubled (unambiguous).
+    shown = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eevil\\nname\\u2028\\\\x1b"
+    assert shown in out and "plain" in out
+    status, out, _ = run_cli(capsys, "inspect", path, "--json")
+    assert status == 0
+    assert out.isascii() and all(c == "\n" or c.isprintable() for c in out)
+    report = json.loads(out)
+    assert HOSTILE in [t["name"] for t in report["tensors"]]
+    assert report["metadata"][HOSTILE] == HOSTILE
+
+
+def test_error_lines_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "dup.safetensors"
+    body = json.dumps(
+        {
+            f"{HOSTILE}\u009b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+            "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        }
+    ).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0")
+    status, out, err = run_cli(capsys, "inspect", path)
+    assert status == 1 and out == ""
+    assert "zerockpt: error:" in err and str(path) in err
+    assert_terminal_safe(err.rstrip("\n"))
+
+
+def test_warnings_during_a_command_are_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.safetensors"
+    zerockpt.save({"w": torch.ones(2)}, path)
+    real = cli._file_report
+
+    def report(*args: Any) -> Any:
+        warnings.warn(f"shard {HOSTILE} has no checksums", UserWarning, stacklevel=1)
+        return real(*args)
+
+    monkeypatch.setattr(cli, "_file_report", report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        status, _, err = run_cli(capsys, "inspect", path)
+    assert status == 0 and "has no checksums" in err and "\\x1b]0;pwned" in err
+    assert_terminal_safe(err.rstrip("\n"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_never_hangs_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+
+    def hung(signum: int, frame: Any) -> None:
+        raise TimeoutError("the command hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        for command in ("inspect", "verify"):
+            status, out, err = run_cli(capsys, command, fifo)
+            assert status == 1 and out == "" and "not a regular file" in err
+        status, _, err = run_cli(capsys, "convert", fifo, tmp_path / "out.safetensors")
+        assert status == 1 and "not a regular file" in err
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -17,9 +17,11 @@ import errno
 import json
 import logging
 import os
+import pickle
 import re
 import socket
 import time
+import types
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -964,3 +966,53 @@ def test_load_of_one_item_does_not_read_the_whole_file(tmp_path: Path) -> None:
     with open(tmp_path / "c" / "__0_0.safetensors", "rb") as f:
         f.read()
     assert _rchar() - before >= size
+
+
+# --- non-tensor items and pickle (issue 18, point 10) ----------------------------------------
+
+
+class Marker:
+    """A pickled object that runs code when unpickled: it creates the file it names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.path,))
+
+
+def test_reader_refuses_items_weights_only_refuses(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    save({"w": torch.arange(3.0), "evil": Marker(marker), "n": [1, "x", 2.5]}, tmp_path / "c")
+    target: dict[str, Any] = {"w": torch.zeros(3), "evil": None, "n": None}
+    with pytest.raises(CheckpointException, match=r"'evil'.*weights_only=True.*allow_pickle"):
+        load(target, tmp_path / "c")
+    assert not marker.exists()
+    # Plain data loads by default.
+    plain: dict[str, Any] = {"w": torch.zeros(3), "n": None}
+    load(plain, tmp_path / "c")
+    assert plain["n"] == [1, "x", 2.5] and torch.equal(plain["w"], torch.arange(3.0))
+    # The explicit opt-in unpickles as DCP's own reader does.
+    load(target, tmp_path / "c", allow_pickle=True)
+    assert marker.exists()
+
+
+def test_reader_refusal_is_unpickling_error(tmp_path: Path) -> None:
+    save({"evil": Marker(tmp_path / "unpickled")}, tmp_path / "c")
+    reader = zerockpt.dcp.Reader(tmp_path / "c")
+    reader.storage_data = reader.read_metadata().storage_data
+    item = next(iter(reader.storage_data))
+    raw = zerockpt.load(tmp_path / "c" / "__0_0.safetensors")["evil"].numpy().tobytes()
+    with pytest.raises(pickle.UnpicklingError, match="evil") as info:
+        reader._weights_only(raw, types.SimpleNamespace(storage_index=item))
+    assert "__0_0.safetensors" in str(info.value)
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_reader_calls_corrupt_pickled_bytes_a_format_error(tmp_path: Path) -> None:
+    save({"n": [1, 2]}, tmp_path / "c")
+    reader = zerockpt.dcp.Reader(tmp_path / "c")
+    reader.storage_data = reader.read_metadata().storage_data
+    item = types.SimpleNamespace(storage_index=next(iter(reader.storage_data)))
+    with pytest.raises(zerockpt.FormatError, match=r"item 'n': not a torch\.save pickle"):
+        reader._weights_only(b"PK\x03\x04 not a zip", item)

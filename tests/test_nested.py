@@ -15,8 +15,11 @@ import safetensors.torch
 import torch
 import zerockpt
 from conftest import assert_same_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from zerockpt import FormatError
+from zerockpt.structure import flatten, is_flat_state_dict, unflatten
 
 
 def model() -> nn.Module:
@@ -211,3 +214,177 @@ def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
     resumed = train(OPTIMIZERS[name], 8, 5, tmp_path / "ckpt.safetensors")
     for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a, b)
+
+
+# --- Whatever save commits loads back (issue 18, point 1) ---
+
+
+class AttrDict(dict[Any, Any]):
+    """An attribute-style dict: every attribute is an item (KeyError when missing)."""
+
+    def __getattr__(self, key: str) -> Any:
+        return self[key]
+
+
+class PlainSubclass(dict[Any, Any]):
+    pass
+
+
+class OrderedSubclass(OrderedDict[Any, Any]):
+    def items(self) -> Any:  # a lying override: what is stored is the real contents
+        return iter(())
+
+
+def test_reserved_header_name_is_escaped(tmp_path: Path) -> None:
+    t = torch.arange(4.0)
+    path = tmp_path / "m.safetensors"
+    for state in ({"__metadata__": t}, {"__metadata__": t, "x.y": t + 1}, [{"__metadata__": t}]):
+        zerockpt.save(state, path)
+        assert_same_state(state, zerockpt.load(path))
+    zerockpt.save({"__metadata__": t}, path)
+    assert zerockpt.open(path).keys() == ["~3__metadata__"]
+    assert set(safetensors.torch.load_file(path)) == {"~3__metadata__"}
+
+
+def test_writer_refuses_the_reserved_name_itself(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=r"'__metadata__'.*reserved"):
+        zerockpt._C.save({"__metadata__": torch.ones(1)}, str(path), None, False, None, 0)
+    assert not path.exists()
+
+
+def test_mapping_subclasses_are_stored_as_plain_dicts(tmp_path: Path) -> None:
+    t = torch.ones(2)
+    attr = AttrDict(w=t, _metadata={"x": {"version": 2}})  # an item, not module versions
+    plain = PlainSubclass(w=t)
+    plain._metadata = OrderedDict({"": {"version": 1}})  # type: ignore[attr-defined]
+    ordered = OrderedSubclass([("b", 1), ("a", t)])
+    path = tmp_path / "s.safetensors"
+    for save in (zerockpt.save, lambda obj, p: zerockpt.save_async(obj, p).result()):
+        save({"attr": attr, "plain": plain, "ordered": ordered, "flat": AttrDict(w=t)}, path)
+        loaded = zerockpt.load(path)
+        assert_same_state({"w": t, "_metadata": {"x": {"version": 2}}}, loaded["attr"])
+        assert not hasattr(loaded["attr"], "_metadata")
+        # A container with _metadata loads as an OrderedDict, as state_dict() returns.
+        assert type(loaded["plain"]) is OrderedDict
+        assert loaded["plain"]._metadata == {"": {"version": 1}}
+        assert torch.equal(loaded["plain"]["w"], t)
+        assert_same_state(OrderedDict([("b", 1), ("a", t)]), loaded["ordered"])
+        assert_same_state({"w": t}, loaded["flat"])
+    # A flat attribute-style state dict: no _metadata is read through __getattr__.
+    zerockpt.save(AttrDict(w=t), path)
+    assert_same_state({"w": t}, zerockpt.load(path))
+
+
+def test_crafted_metadata_on_an_unordered_dict_loads(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    zerockpt.save({"a": [torch.ones(2)]}, path)
+    rewrite_structure(path, '{"version": 1, "root": {"dict": [["k", 1]], "metadata": {"": {}}}}')
+    loaded = zerockpt.load(path)
+    assert type(loaded) is OrderedDict and loaded._metadata == {"": {}}
+
+
+_KEYS = st.one_of(
+    st.sampled_from(["__metadata__", "", "~", "~0", "~1", "~2", "~3", "/", "a/b", "1", "-1", "01"]),
+    st.text(max_size=6),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+_SHARED = torch.arange(3, dtype=torch.int16)
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.builds(torch.randn, st.integers(0, 3)),
+    st.just(_SHARED),
+)
+_CONTAINERS = {
+    "dict": dict,
+    "ordered": OrderedDict,
+    "attr": AttrDict,
+    "plain": PlainSubclass,
+    "lying": OrderedSubclass,
+}
+
+
+def _mapping(kind: str, items: list[tuple[Any, Any]], versions: bool) -> Any:
+    out = _CONTAINERS[kind](items)
+    if versions and kind != "dict":  # a plain dict takes no attributes
+        out._metadata = OrderedDict({"": {"version": 1}})
+    return out
+
+
+def _nested(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.builds(
+            _mapping,
+            st.sampled_from(list(_CONTAINERS)),
+            st.lists(st.tuples(_KEYS, children), max_size=4),
+            st.booleans(),
+        ),
+    )
+
+
+_STATES = _nested(st.recursive(_LEAVES, lambda children: _nested(children), max_leaves=12))
+
+
+def _as_loaded(obj: Any) -> Any:
+    """What load gives back for ``obj``: the documented rule for mapping subclasses."""
+    if isinstance(obj, dict):
+        versions = obj.__dict__.get("_metadata") if hasattr(obj, "__dict__") else None
+        ordered = isinstance(obj, OrderedDict) or versions is not None
+        out: Any = (OrderedDict if ordered else dict)(
+            (k, _as_loaded(v)) for k, v in dict.items(obj)
+        )
+        if versions is not None:
+            out._metadata = versions
+        return out
+    if isinstance(obj, list | tuple):
+        return type(obj)(_as_loaded(v) for v in obj)
+    return obj
+
+
+@settings(max_examples=120, deadline=None)
+@given(state=_STATES)
+def test_planned_structure_always_decodes(state: Any) -> None:
+    """The planned structure decodes through the loader's own code, for any nested state."""
+    tensors, text = flatten(state)
+    assert "__metadata__" not in tensors
+    assert_same_state(_as_loaded(state), unflatten(tensors, text, "planned"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(state=_STATES)
+def test_what_save_commits_loads_back(tmp_path_factory: pytest.TempPathFactory, state: Any) -> None:
+    path = tmp_path_factory.mktemp("prop") / "s.safetensors"
+    zerockpt.save(state, path, durable=False)
+    expected = _as_loaded(state)
+    if is_flat_state_dict(state) and not hasattr(expected, "_metadata"):
+        expected = dict(expected)  # a flat state dict loads as a dict of its tensors
+    assert_same_state(expected, zerockpt.load(path))
+
+
+@pytest.mark.parametrize(
+    ("state", "metadata", "words"),
+    [
+        ({"\ud800": torch.ones(1)}, None, r"tensor name '\\ud800' cannot be stored"),
+        ({"a": {"b\udfff": torch.ones(1)}}, None, r"tensor name 'a/b\\udfff' cannot be stored"),
+        ({"t": torch.ones(1)}, {"k": "\ud800"}, r"metadata value for 'k' '\\ud800' cannot"),
+        ({"t": torch.ones(1)}, {"\ud800": "v"}, r"metadata key '\\ud800' cannot be stored"),
+    ],
+)
+def test_strings_without_utf8_form_are_refused_before_saving(
+    tmp_path: Path, state: Any, metadata: dict[str, str] | None, words: str
+) -> None:
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match=words):
+        zerockpt.save(state, path, metadata=metadata)
+    with pytest.raises(ValueError, match=words):
+        zerockpt.save_async(state, path, metadata=metadata)
+    assert not path.exists()
+    # Non-tensor leaves and keys go through JSON's escapes, which keep them.
+    zerockpt.save({"x\ud800": "\udfff"}, path)
+    assert zerockpt.load(path) == {"x\ud800": "\udfff"}

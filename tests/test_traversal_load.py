@@ -9,6 +9,9 @@ and then everything about the two models' state. From a file, torch loads what
 from __future__ import annotations
 
 import copy
+import os
+import re
+import tempfile
 import types
 import warnings
 from collections import OrderedDict
@@ -20,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
-from conftest import assert_dicts_bitwise_equal
+from conftest import assert_dicts_bitwise_equal, forkserver_context
 from test_traversal import (
     LOAD_ZOO,
     Case,
@@ -991,3 +994,92 @@ def test_load_extra_state_tensor_from_file(tmp_path: Path) -> None:
     path = saved(build(make, SRC_SEED).state_dict(), tmp_path / "src.safetensors")
     model_t, model_z = compare_file_load(make, path)
     assert torch.equal(model_z[0].extra, model_t[0].extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings as torch emits them: category, text, origin (file, line, module), once per event
+# (issue 18, point 13)
+# ---------------------------------------------------------------------------------------------
+
+
+def recorded(call: Callable[[], Any]) -> list[tuple[type[Warning], str, str, int]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+
+
+@SOURCE
+def test_meta_warnings_come_from_where_torch_warns(kind: str, tmp_path: Path) -> None:
+    source = build(cpu_model_for_meta, SRC_SEED).state_dict()
+    src: Any = saved(source, tmp_path / "m.safetensors") if kind == "file" else source
+    expected = recorded(lambda: build(meta_model, DST_SEED).load_state_dict(source))
+    got = recorded(lambda: zerockpt.load_state_dict(build(meta_model, DST_SEED), src))
+    assert got == expected and len(got) == len(source)
+    assert nn.modules.module.__file__ in {w[2] for w in got}  # not zerockpt's files
+
+    # Filters written for torch's warnings apply to zerockpt's as to torch's.
+    def filtered(call: Callable[[], Any]) -> list[tuple[type[Warning], str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", module=r"torch\.nn\.modules\.module")
+            call()
+        return [(w.category, str(w.message)) for w in caught]
+
+    kept = filtered(lambda: build(meta_model, DST_SEED).load_state_dict(source))
+    assert filtered(lambda: zerockpt.load_state_dict(build(meta_model, DST_SEED), src)) == kept
+    assert len(kept) < len(expected)
+    message = next(w[1] for w in expected if w[2] == nn.modules.module.__file__)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=re.escape(message))
+        with pytest.raises(UserWarning, match="copying from a non-meta parameter"):
+            zerockpt.load_state_dict(build(meta_model, DST_SEED), src)
+
+
+# Complex into real warns once per process (TORCH_WARN_ONCE), so each way runs in a process of
+# its own (forked from a server that never cast complex to real), loading into every target
+# dtype in turn.
+def cast_warnings(how: str) -> list[Any]:
+    out: list[Any] = []
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.float8_e4m3fn)
+    if how == "error":
+        warnings.filterwarnings("error", category=UserWarning, module=r"torch\.nn\.modules\.module")
+        m = nn.Linear(2, 2)
+        sd = {k: torch.randn(v.shape, dtype=torch.complex64) for k, v in m.state_dict().items()}
+        try:
+            zerockpt.load_state_dict(m, sd)
+        except UserWarning as e:
+            return [str(e)]
+        return []
+    for dtype in dtypes:
+        m = nn.Module()
+        m.register_buffer("s", torch.zeros((), dtype=dtype))
+        m.register_buffer("v", torch.zeros(5, dtype=dtype))
+        m.w = nn.Parameter(torch.zeros(3, 4, dtype=dtype), requires_grad=False)
+        sd = {k: torch.randn(v.shape, dtype=torch.complex64) for k, v in m.state_dict().items()}
+        path = os.path.join(tempfile.mkdtemp(), "c.safetensors")
+        zerockpt.save(sd, path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if how == "torch":
+                m.load_state_dict(sd)
+            elif how == "dict":
+                zerockpt.load_state_dict(m, sd)
+            else:
+                zerockpt.load_state_dict(m, path)
+        out += [(str(dtype), w.category, str(w.message), w.filename, w.lineno) for w in caught]
+    return out
+
+
+def test_complex_to_real_warnings_match_torch() -> None:
+    ctx = forkserver_context("test_traversal_load")
+    with ctx.Pool(4, maxtasksperchild=1) as pool:
+        expected, from_dict, from_file, error = pool.map(
+            cast_warnings, ["torch", "dict", "file", "error"]
+        )
+    assert expected and all("Casting complex values to real" in w[2] for w in expected)
+    assert all(w[3] == nn.modules.module.__file__ for w in expected)
+    assert from_dict == expected
+    assert from_file == expected
+    # A filter that makes torch's warning an error makes zerockpt's one.
+    assert error and error[0].startswith("Casting complex values to real")

@@ -12,7 +12,8 @@
 namespace zerockpt {
 
 SafetensorsFile::SafetensorsFile(std::string path) : path_(std::move(path)) {
-  fd_ = FileDescriptor(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+  // O_NONBLOCK: a FIFO given as the path is refused below instead of waiting for a writer.
+  fd_ = FileDescriptor(::open(path_.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
   if (fd_.get() < 0) throw_errno(path_, "cannot open");
   struct stat st{};
   if (::fstat(fd_.get(), &st) != 0) throw_errno(path_, "cannot stat");

@@ -13,15 +13,18 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <optional>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
+#include <variant>
 
 #include "python/module_registry.h"
 #include "torch/device_staging.h"
@@ -72,6 +75,50 @@ std::string size_repr(c10::IntArrayRef sizes) {
 void append(const py::list& list, const py::object& item) {
   if (PyList_Append(list.ptr(), item.ptr()) != 0) throw py::error_already_set();
 }
+
+// Requires GIL. A warning that torch's load_state_dict emits, emitted from where torch emits
+// it (zerockpt._torch_warnings): same category and text, module torch.nn.modules.module, so
+// that filters written for torch's apply. `site`: "copy" (param.copy_) or "meta".
+void warn_as_torch(const std::string& message, bool deprecation, const char* site) {
+  // Kept for the process (never decref'd: it may be used during interpreter exit).
+  static PyObject* warn =
+      py::object(py::module_::import("zerockpt._torch_warnings").attr("warn_as_torch"))
+          .release()
+          .ptr();
+  PyObject* category = deprecation ? PyExc_DeprecationWarning : PyExc_UserWarning;
+  py::handle function(warn);
+  function(message, py::handle(category), site);
+}
+
+// Collects TORCH_WARN on this thread (e.g. copy_ casting complex to real, perhaps with the
+// GIL released), for flush() to emit with the GIL held, each distinct warning once per flush.
+class TorchWarnings : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& warning) override { pending_.push_back(warning); }
+  // Requires GIL. Raises what a warnings filter turned into an error.
+  void flush() {
+    std::vector<c10::Warning> batch;
+    batch.swap(pending_);
+    std::vector<std::pair<std::string, bool>> seen;
+    for (const c10::Warning& w : batch) {
+      bool deprecation = std::holds_alternative<c10::Warning::DeprecationWarning>(w.type());
+      // The text torch::PyWarningHandler gives it.
+      std::string text = torch::processErrorMsg(w.msg());
+      const c10::SourceLocation& where = w.source_location();
+      if (!w.verbatim() && where.file != nullptr) {
+        text += std::string(" (Triggered internally at ") + where.file + ":" +
+                std::to_string(where.line) + ".)";
+      }
+      std::pair<std::string, bool> id{std::move(text), deprecation};
+      if (std::find(seen.begin(), seen.end(), id) != seen.end()) continue;
+      seen.push_back(id);
+      warn_as_torch(id.first, deprecation, "copy");
+    }
+  }
+
+ private:
+  std::vector<c10::Warning> pending_;
+};
 
 // One state-dict entry: a Python value, or a file tensor whose bytes have not been read.
 struct Entry {
@@ -148,6 +195,9 @@ struct LocalTensor {
 class LoadWalk {
  public:
   // `assign` is stored into each module's local metadata as given, as torch does.
+  // Warnings of copy_ and the meta no-op go out through `warnings` (may be null: at once).
+  void set_warnings(TorchWarnings* warnings) { warnings_ = warnings; }
+
   LoadWalk(py::object metadata, py::object assign, std::shared_ptr<CheckpointFile> file,
            unsigned threads, Progress* progress, uint64_t staging_bytes)
       : metadata_(std::move(metadata)),
@@ -415,7 +465,8 @@ class LoadWalk {
                         "parameter in the current model, which is a no-op. (Did you mean to "
                         "pass `assign=True` to assign items in the state dictionary to their "
                         "corresponding key in the module instead of copying them in place?)";
-      if (PyErr_WarnEx(PyExc_UserWarning, msg.c_str(), 1) != 0) throw py::error_already_set();
+      if (warnings_) warnings_->flush();  // earlier warnings first, as torch emits them
+      warn_as_torch(msg, /*deprecation=*/false, "meta");
     }
     if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param) &&
         at::has_internal_overlap(param) != at::MemOverlap::Yes) {
@@ -479,6 +530,7 @@ class LoadWalk {
       if (result) return;  // cannot happen unless the C++ failure was transient
       record_copy_error(e, THPVariable_Unpack(t.value), input);
     }
+    if (warnings_) warnings_->flush();
   }
 
   // Device parameters take dense host tensors (a file's mapped tensors, from a sharded
@@ -674,6 +726,7 @@ class LoadWalk {
   std::deque<Entry> arena_;
   std::deque<std::string> texts_;
   std::unordered_map<const TensorRecord*, py::object> materialised_;
+  TorchWarnings* warnings_ = nullptr;
 };
 
 }  // namespace
@@ -682,10 +735,12 @@ py::object load_state_dict(py::handle module, py::object source, py::object meta
                            py::object assign, std::shared_ptr<CheckpointFile> file,
                            unsigned threads, std::shared_ptr<Progress> progress,
                            uint64_t staging_bytes) {
-  torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
+  TorchWarnings warnings;
+  c10::WarningUtils::WarningHandlerGuard guard(&warnings);
   try {
     if (file) check_torch_dtypes(*file);
     LoadWalk walk(std::move(metadata), assign, file, threads, progress.get(), staging_bytes);
+    walk.set_warnings(&warnings);
     Entries entries;
     if (file) {
       for (const std::string& name : file->names()) {
@@ -718,9 +773,15 @@ py::object load_state_dict(py::handle module, py::object source, py::object meta
     walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
               /*root=*/true);
     walk.flush();
+    warnings.flush();
     return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
   } catch (...) {
-    warnings.set_in_exception();
+    // The warnings that came before the error are still shown; a failure to show them (a
+    // filter turning one into an error) does not replace the error in flight.
+    try {
+      warnings.flush();
+    } catch (const py::error_already_set&) {
+    }
     throw;
   }
 }

@@ -138,7 +138,8 @@ std::shared_ptr<PendingSave> save_async(
     std::vector<std::string> remove_files) {
   SaveArgs args =
       save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums);
-  AfterCommit after{std::move(write_files), std::move(remove_files)};
+  bool any_steps = !write_files.empty() || !remove_files.empty();
+  AfterCommit after{any_steps ? path : "", std::move(write_files), std::move(remove_files)};
   // Safe without the GIL: as in save(); the background thread only reads the snapshot.
   py::gil_scoped_release no_gil;
   return save_tensors_async(args.entries, path, args.metadata, args.options, args.own,
@@ -175,12 +176,13 @@ void bind_async(py::module_& m) {
   m.def(
       "after_commit",
       [](std::vector<std::pair<std::string, std::string>> write_files,
-         std::vector<std::string> remove_files, bool durable) {
-        AfterCommit after{std::move(write_files), std::move(remove_files)};
+         std::vector<std::string> remove_files, bool durable, std::string check_file) {
+        AfterCommit after{std::move(check_file), std::move(write_files), std::move(remove_files)};
         py::gil_scoped_release no_gil;
         run_after_commit(after, durable);
       },
-      py::arg("write_files"), py::arg("remove_files"), py::arg("durable"));
+      py::arg("write_files"), py::arg("remove_files"), py::arg("durable"),
+      py::arg("check_file") = "");
   m.def(
       "wait_async_saves",
       [] {

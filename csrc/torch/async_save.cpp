@@ -14,6 +14,7 @@
 
 #include "core/file.h"
 #include "core/parallel.h"
+#include "core/reader.h"
 #include "torch/device_staging.h"
 #include "zerockpt/errors.h"
 
@@ -208,6 +209,11 @@ void run_write(WriteJob job) {
 }  // namespace
 
 void run_after_commit(const AfterCommit& after, bool durable) {
+  if (!after.check_file.empty()) {
+    // Read back from the file, not from the plan: what the next load will see.
+    SafetensorsFile committed(after.check_file);
+    CheckpointFile::check_header(committed.header(), after.check_file);
+  }
   for (const auto& [file, content] : after.write_files) write_small_file(file, content, durable);
   for (const auto& file : after.remove_files) {
     if (::unlink(file.c_str()) != 0 && errno != ENOENT) throw_errno(file, "cannot remove");

@@ -18,8 +18,10 @@
 namespace zerockpt {
 
 // What to do once the file is committed, in this order; the first failure stops them and is
-// the save's error. For pointers to the latest checkpoint and retention of older ones.
+// the save's error. For pointers to the latest checkpoint and retention of older ones: nothing
+// is written or removed unless the committed file reopens and its header checks as a load's.
 struct AfterCommit {
+  std::string check_file;  // reopened and checked first; empty: no check
   std::vector<std::pair<std::string, std::string>> write_files;  // (path, content), atomic
   std::vector<std::string> remove_files;                         // missing ones are fine
 };

@@ -147,9 +147,33 @@ std::vector<int64_t> find_aliases(const NamedTensors& tensors) {
 
 }  // namespace
 
+namespace {
+
+// What is committed must load with this library: the planned header goes through the reader's
+// own parser and decoders before anything is written (a bug here would otherwise only show
+// when the checkpoint is needed). Costs a parse of the header, small beside the write.
+void check_loadable(const Layout& layout, const std::string& path) {
+  try {
+    const uint64_t json_size = layout.prefix.size() - 8;
+    Header header = parse_header(layout.prefix.data() + 8, json_size, layout.file_size(), path);
+    CheckpointFile::check_header(header, path);
+  } catch (const FormatError& e) {
+    throw UsageError(std::string("zerockpt cannot write a header that loads back: ") + e.what());
+  }
+}
+
+}  // namespace
+
 SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
                    const WriteOptions& options, const Metadata& own) {
-  for (const auto& [name, t] : tensors) check_savable(name, t);
+  for (const auto& [name, t] : tensors) {
+    if (name == "__metadata__") {
+      throw UsageError(describe(name) +
+                       ": the name is reserved by the safetensors format for the header's "
+                       "metadata (zerockpt.save stores such a key as nested state)");
+    }
+    check_savable(name, t);
+  }
   for (const auto& [key, value] : metadata) {
     if (key.rfind(kReservedPrefix, 0) == 0) {
       throw UsageError("metadata key " + quote(key) + " is reserved for zerockpt (prefix '" +
@@ -205,6 +229,7 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
   if (!aliases.empty()) all.emplace_back(kAliasesKey, encode_aliases(aliases));
 
   plan.layout = plan_layout(specs, all, path, options.checksums);
+  check_loadable(plan.layout, path);
   return plan;
 }
 
@@ -253,7 +278,16 @@ std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path)
 
 CheckpointFile::CheckpointFile(const std::string& path)
     : file_(std::make_shared<SafetensorsFile>(path)) {
-  const Header& h = file_->header();
+  index_header(file_->header(), path);
+}
+
+void CheckpointFile::check_header(const Header& header, const std::string& path) {
+  CheckpointFile probe;
+  probe.index_header(header, path);
+  decode_checksums(header, path);
+}
+
+void CheckpointFile::index_header(const Header& h, const std::string& path) {
   record_index_.reserve(h.tensors.size());
   for (size_t i = 0; i < h.tensors.size(); ++i) record_index_.emplace(h.tensors[i].name, i);
 

@@ -52,6 +52,9 @@ std::vector<int64_t> torch_sizes(const TensorRecord& record, const std::string& 
 class CheckpointFile {
  public:
   explicit CheckpointFile(const std::string& path);
+  // Checks a header as opening a file holding it does (aliases, names); FormatError naming
+  // `path`. The writer runs it on each planned header, so what it commits opens.
+  static void check_header(const Header& header, const std::string& path);
   const SafetensorsFile& file() const { return *file_; }
   SafetensorsFile& file() { return *file_; }
   const std::vector<std::string>& names() const { return names_; }
@@ -69,6 +72,9 @@ class CheckpointFile {
                         Progress* progress = nullptr);
 
  private:
+  CheckpointFile() = default;
+  void index_header(const Header& h, const std::string& path);
+
   std::shared_ptr<SafetensorsFile> file_;
   std::vector<std::string> names_;
   std::unordered_map<std::string, size_t> record_index_;  // stored name -> header index

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from zerockpt import _C
+from zerockpt._smallfile import MAX_POINTER_BYTES, read_small_file
 from zerockpt.serialization import PathLike, SaveInput, _fspath, _prepare_save, _threads, load
 
 # How long one wait on the C++ side may block before Python gets a chance to handle signals
@@ -302,11 +303,12 @@ class Checkpointer:
     """Step-numbered checkpoints in one directory, for training loops.
 
     Each :meth:`save` writes ``step_<step>.safetensors`` (atomically, as :func:`save` does),
-    then updates the text file ``latest`` (atomically too) to name it, then removes older
-    checkpoints beyond ``keep_last``. With ``async_save=True`` all of that happens in the
-    background after the state is snapshotted (see :func:`save_async`). :meth:`load_latest`
+    reopens it and checks its header as a load does, then updates the text file ``latest``
+    (atomically too) to name it, then removes older checkpoints beyond ``keep_last``: a save
+    that fails at any point removes nothing. With ``async_save=True`` all of that happens in
+    the background after the state is snapshotted (see :func:`save_async`). :meth:`load_latest`
     resumes from the newest checkpoint that loads and verifies, skipping (with a warning) any
-    that are damaged.
+    that fail.
 
     >>> ckpt = zerockpt.Checkpointer("checkpoints", keep_last=3)
     >>> found = ckpt.load_latest()
@@ -449,7 +451,9 @@ class Checkpointer:
             )
             return self._pending
         _C.save(flat, str(path), meta, self._durable, None, self._threads, own, self._checksums)
-        _C.after_commit(write_files, remove_files, self._durable)
+        # `latest` and retention only once the committed file reopens and its header checks
+        # (the structure was checked by the loader's decoder before the save).
+        _C.after_commit(write_files, remove_files, self._durable, str(path))
         return PendingSave(None, str(path))
 
     def wait(self) -> None:
@@ -485,10 +489,12 @@ class Checkpointer:
         """Loads the newest checkpoint that loads (and verifies), to resume training from.
 
         The one ``latest`` names is tried first, then the others from the highest step down.
-        One that cannot be opened, is truncated or malformed, holds a dtype torch cannot
-        represent, or (with ``verify``) fails its checksums is skipped with a warning naming it
-        and why. A background save of this checkpointer is waited for first; its error, if
-        any, is left for the next :meth:`save`, :meth:`wait` or :meth:`close`.
+        One whose load raises any ``Exception`` (it cannot be opened, is truncated or
+        malformed, holds a dtype torch cannot represent, fails its checksums with ``verify``,
+        runs out of memory, ...) is skipped with a warning naming it, the error type and
+        message; ``KeyboardInterrupt`` is not caught. A background save of this checkpointer is
+        waited for first; its error, if any, is left for the next :meth:`save`, :meth:`wait`
+        or :meth:`close`.
 
         Args:
             verify: Check each checkpoint's bytes against its stored CRC-32C before taking it.
@@ -521,9 +527,10 @@ class Checkpointer:
             path = self.path(step)
             try:
                 return step, load(path, verify=verify, mmap=mmap)
-            except (_C.FormatError, OSError, TypeError) as e:  # TypeError: a dtype torch lacks
+            except Exception as e:  # any failure: resuming from an older one beats stopping
                 warnings.warn(
-                    f"zerockpt.Checkpointer: skipping checkpoint {path}: {e}", stacklevel=2
+                    f"zerockpt.Checkpointer: skipping checkpoint {path}: {type(e).__name__}: {e}",
+                    stacklevel=2,
                 )
         return None
 
@@ -551,9 +558,10 @@ class Checkpointer:
         return f"Checkpointer({str(self._directory)!r}, keep_last={self._keep_last})"
 
     def _pointer_step(self) -> int | None:
+        where = str(self._directory / self.POINTER)
         try:
-            text = (self._directory / self.POINTER).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
+            text = read_small_file(where, MAX_POINTER_BYTES, "pointer").decode("utf-8").strip()
+        except (OSError, ValueError):  # FormatError, UnicodeDecodeError: not a pointer
             return None
         return _step_of(text)
 

@@ -27,9 +27,12 @@ import json
 import math
 import os
 import re
+import shutil
+import stat
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -120,6 +123,45 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: every character it could act on is shown escaped.
+
+    Controls (C0, DEL, C1 such as ESC and CSI), format characters (bidi overrides), line and
+    paragraph separators, surrogates and unassigned code points become Python's ``\\x``,
+    ``\\u`` or ``\\U`` escapes; a backslash is doubled, so the escaping is unambiguous.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join("\\\\" if c == "\\" else c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _emit(line: str, out: TextIO) -> None:
+    """Prints one line of names or metadata read from a file, escaped (:func:`_printable`)."""
+    print(_printable(line), file=out)
+
+
+@contextlib.contextmanager
+def _escaped_warnings() -> Iterator[None]:
+    """Warnings shown while a command runs (which may quote names from a file) are escaped."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        stream = file or sys.stderr
+        for part in text.rstrip("\n").split("\n"):
+            _emit(part, stream)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def _describe(error: BaseException) -> str:
     """The one-line message printed for an error the command line expects."""
     if isinstance(error, OSError) and error.strerror:
@@ -130,7 +172,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _error_line(message: str, stream: TextIO | None = None) -> None:
-    print(f"{PROG}: error: {message}", file=stream or sys.stderr)
+    _emit(f"{PROG}: error: {message}", stream or sys.stderr)
 
 
 def _disk_bytes(path: str) -> int:
@@ -177,8 +219,15 @@ def _tensor_stats(obj: object) -> tuple[int, int]:
 
 def _is_torch_file(path: str) -> bool:
     """Whether ``path`` starts as ``torch.save`` output: a zip archive or a pickle stream."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    # O_NONBLOCK: a FIFO is not waited on; only a regular file is read (others are left to
+    # the safetensors reader, which refuses them).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.pread(fd, 4, 0)
+    finally:
+        os.close(fd)
     return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
 
 
@@ -468,6 +517,7 @@ def _verify_dcp(directory: str, metadata: Any) -> tuple[bool, tuple[str, ...], i
 
 
 def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
+    rows = [[_printable(c) for c in row] for row in rows]  # escaped first: widths as shown
     widths = [len(h) for h in header]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -482,9 +532,9 @@ def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
     titles = {"file": "safetensors file", "sharded": "sharded checkpoint", "dcp": "DCP checkpoint"}
     files = report["files"]
     where = "" if kind == "file" else f", {len(files)} files"
-    print(
+    _emit(
         f"{report['path']}: {titles[kind]} ({human_bytes(report['file_bytes'])} on disk{where})",
-        file=out,
+        out,
     )
     tensors = report["tensors"]
     header = ["NAME", "DTYPE", "SHAPE", "SIZE"]
@@ -510,24 +560,24 @@ def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
     counted = _count(len(tensors), "tensor")
     if aliases:
         counted += f" ({len(tensors) - aliases} stored, {_count(aliases, 'alias', 'aliases')})"
-    print(
+    _emit(
         f"total: {counted}, {human_bytes(report['total_bytes'])} ({report['total_bytes']} bytes)",
-        file=out,
+        out,
     )
     if kind == "dcp":
         items = report["items"]
         if items:
-            print(f"non-tensor items: {len(items)}", file=out)
+            _emit(f"non-tensor items: {len(items)}", out)
             width = max(len(i["name"]) for i in items)
             for i in items:
                 value = i.get("repr", "(not decoded)")
                 if len(value) > 70:
                     value = value[:67] + "..."
-                print(f"  {i['name'].ljust(width)}  {value}", file=out)
-        print(
+                _emit(f"  {i['name'].ljust(width)}  {value}", out)
+        _emit(
             f"zerockpt.dcp: DCP metadata version {own['dcp_version']}, "
             f"{own['rank_files']} rank files",
-            file=out,
+            out,
         )
     else:
         metadata = report["metadata"]
@@ -535,16 +585,16 @@ def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
             print("metadata:", file=out)
             for key, value in metadata.items():
                 shown = value if len(value) <= 70 else value[:67] + "..."
-                print(f"  {key}: {shown}", file=out)
+                _emit(f"  {key}: {shown}", out)
         else:
             print("metadata: none", file=out)
-        print(f"zerockpt: {_own_text(own)}", file=out)
+        _emit(f"zerockpt: {_own_text(own)}", out)
         if aliases:
             print("aliases (tied tensors, stored once):", file=out)
             for t in tensors:
                 if "alias_of" in t:
-                    print(f"  {t['name']} -> {t['alias_of']}", file=out)
-    print(f"checksums: {_checksum_text(report['checksums'])}", file=out)
+                    _emit(f"  {t['name']} -> {t['alias_of']}", out)
+    _emit(f"checksums: {_checksum_text(report['checksums'])}", out)
 
 
 def _own_text(own: Mapping[str, Any]) -> str:
@@ -624,22 +674,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         json.dump(document, sys.stdout, indent=2)
         print()
     elif failed:
-        print(
+        _emit(
             f"{args.path}: FAILED: {len(failed)} of {_count(checked, 'tensor')} do not match their "
             "CRC-32C checksum:",
-            file=sys.stdout,
+            sys.stdout,
         )
         for name in failed:
-            print(f"  {name}", file=sys.stdout)
+            _emit(f"  {name}", sys.stdout)
     elif not has_checksums:
         what = "" if ok else " (--require-checksums: FAILED)"
-        print(
+        _emit(
             f"{args.path}: structure OK, {_count(checked, 'tensor')}; no checksums stored, so "
             f"their bytes were not checked{what}",
-            file=sys.stdout,
+            sys.stdout,
         )
     else:
-        print(f"{args.path}: OK: {_count(checked, 'tensor')}, checksums match", file=sys.stdout)
+        _emit(f"{args.path}: OK: {_count(checked, 'tensor')}, checksums match", sys.stdout)
     return EXIT_OK if ok else EXIT_FAILURE
 
 
@@ -717,10 +767,15 @@ def _destination_kind(args: argparse.Namespace) -> str:
     return "sharded" if args.max_shard_size is not None else "file"
 
 
-def _check_destination(dst: str, kind: str, force: bool) -> None:
-    """Refuses an existing destination unless ``force``; with it, clears what must go."""
+def _check_destination(dst: str, kind: str, force: bool) -> bool:
+    """Refuses an existing destination unless ``force``; nothing is removed here.
+
+    Returns:
+        True when a sharded checkpoint must replace a file at ``dst`` (``--force``): it is then
+        written beside it and swapped in only once complete (:func:`_swap_in_directory`).
+    """
     if not os.path.lexists(dst):
-        return
+        return False
     if os.path.isdir(dst):
         if kind != "sharded":
             raise CommandError(
@@ -728,11 +783,34 @@ def _check_destination(dst: str, kind: str, force: bool) -> None:
                 "into it)"
             )
         if not os.listdir(dst):
-            return  # an empty directory receives the shards
+            return False  # an empty directory receives the shards
     if not force:
         raise CommandError(f"{dst}: already exists (use --force to overwrite it)")
-    if kind == "sharded" and not os.path.isdir(dst):
-        os.unlink(dst)  # a file where the directory goes: --force replaces it
+    return kind == "sharded" and not os.path.isdir(dst)
+
+
+def _swap_in_directory(staged: str, dst: str) -> None:
+    """Renames the complete directory ``staged`` to ``dst``, where a file stands (--force).
+
+    The file is renamed aside first and removed last: it is gone only once the new checkpoint
+    is in place, and put back if the swap fails.
+    """
+    directory = os.path.dirname(os.path.abspath(dst))
+    aside = os.path.join(
+        directory, f".{os.path.basename(dst)}.{os.getpid()}.{os.urandom(8).hex()}.zerockpt-old"
+    )
+    os.rename(dst, aside)
+    try:
+        os.rename(staged, dst)
+    except BaseException:
+        os.rename(aside, dst)
+        raise
+    os.unlink(aside)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -743,7 +821,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             f"{args.src} and {args.dst} are both torch.save checkpoints: convert to or from "
             "zerockpt (a DST not ending in .pt, .pth or .bin gets a zerockpt file)"
         )
-    _check_destination(args.dst, dst_kind, args.force)
+    swap = _check_destination(args.dst, dst_kind, args.force)
     # A sharded checkpoint named by its index: count the shards beside it.
     source_bytes = _disk_bytes(
         (os.path.dirname(src) or ".") if src_kind == "sharded" and not os.path.isdir(src) else src
@@ -754,21 +832,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         else sys.stderr.isatty() and source_bytes > _PROGRESS_AUTO_BYTES
     )
     start = time.perf_counter()
-    if src_kind == "dcp":
-        count, nbytes = _convert_dcp(src, args.dst, dst_kind, args.max_shard_size, show)
-    else:
-        state = _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
-        count, nbytes = _tensor_stats(state)
-        if dst_kind == "torch":
-            _torch_save(state, args.dst)
+    # A file that a sharded checkpoint replaces stays until the new one is complete.
+    target = (
+        tempfile.mkdtemp(
+            dir=os.path.dirname(os.path.abspath(args.dst)),
+            prefix=f".{os.path.basename(args.dst)}.",
+            suffix=".zerockpt-convert",
+        )
+        if swap
+        else args.dst
+    )
+    try:
+        if src_kind == "dcp":
+            count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
         else:
-            zerockpt.save(
-                state,
-                args.dst,
-                max_shard_size=args.max_shard_size,
-                progress=show,
-            )
-        del state
+            state = _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
+            count, nbytes = _tensor_stats(state)
+            if dst_kind == "torch":
+                _torch_save(state, target)
+            else:
+                zerockpt.save(state, target, max_shard_size=args.max_shard_size, progress=show)
+            del state
+        if swap:
+            _swap_in_directory(target, args.dst)
+    finally:
+        if swap:
+            shutil.rmtree(target, ignore_errors=True)  # gone already once swapped in
     elapsed = time.perf_counter() - start
     print(
         f"{args.src} -> {args.dst}: {_count(count, 'tensor')}, {human_bytes(nbytes)} "
@@ -995,7 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help and --version print and exit
         return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_USAGE
     try:
-        status: int = args.handler(args)
+        with _escaped_warnings():
+            status: int = args.handler(args)
     except UsageError as e:
         if args.debug:
             raise

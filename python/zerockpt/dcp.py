@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import uuid
 from collections import defaultdict
@@ -53,6 +54,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from zerockpt import _C
+from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 from zerockpt.serialization import PathLike, _fspath, _threads
 from zerockpt.structure import flatten, unflatten
 
@@ -285,15 +287,32 @@ class Reader(StorageReader):
     mapping of its file into the tensor the planner gives (narrowed to the requested chunk),
     so only the bytes it needs are read.
 
+    Non-tensor items are stored pickled (by DCP's ``torch.save``), and DCP's planner unpickles
+    them with ``torch.load(weights_only=False)``, which can run arbitrary code. So by default
+    each one is first loaded with ``torch.load(weights_only=True)``: an item it refuses raises
+    ``pickle.UnpicklingError`` naming it, and the planner is handed a fresh pickle of the value
+    so loaded, never the stored bytes (bytes that are no ``torch.save`` output raise
+    ``FormatError``). ``allow_pickle=True`` hands the stored bytes over as DCP's own reader
+    does: only for checkpoints you trust.
+
     Args:
         path: The checkpoint directory; ``checkpoint_id`` given to ``dcp.load`` replaces it.
         verify: Check the CRC-32C of every file this rank reads from before copying from it.
         threads: Copy threads per rank; default ``min(cpu_count, 8)``.
+        allow_pickle: Let the planner unpickle non-tensor items without restriction.
     """
 
-    def __init__(self, path: PathLike, *, verify: bool = False, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        verify: bool = False,
+        threads: int | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
         super().__init__()
         self.path = Path(_fspath(path))
+        self.allow_pickle = bool(allow_pickle)
         self.verify = bool(verify)
         self.threads = _threads(threads) or _C.default_threads()
         self.storage_data: dict[MetadataIndex, _Location] = {}
@@ -312,13 +331,14 @@ class Reader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Reads and validates the checkpoint's ``.metadata.json`` (DCP hook).
 
-        A missing, non-UTF-8 or malformed metadata file raises ``FormatError`` naming it.
+        A missing, non-UTF-8 or malformed metadata file, one that is not a regular file (a
+        FIFO, a device) or one over 256 MiB raises ``FormatError`` naming it.
         """
         rank = kwargs.get("rank")
         name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
         path = self.path / name
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_small_file(str(path), MAX_JSON_BYTES, "DCP metadata").decode("utf-8")
         except FileNotFoundError:
             raise _C.FormatError(
                 f"{self.path}: no {name}: not a complete zerockpt.dcp checkpoint (the save did "
@@ -418,10 +438,34 @@ class Reader(StorageReader):
             planner.commit_tensor(item, target)
         for item in items:
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(fetch(item).numpy().tobytes()))
+                raw = fetch(item).numpy().tobytes()
+                if not self.allow_pickle:
+                    raw = self._weights_only(raw, item)
+                planner.load_bytes(item, io.BytesIO(raw))
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def _weights_only(self, raw: bytes, item: Any) -> bytes:
+        """A pickle of the item as ``torch.load(weights_only=True)`` loads it (see the class)."""
+        location = self.storage_data[item.storage_index]
+        try:
+            value = torch.load(io.BytesIO(raw), weights_only=True)
+        except Exception as e:  # torch.load fails in many ways: refused, or corrupt bytes
+            lines = str(e).splitlines() or [type(e).__name__]
+            why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+            where = f"{self.path / location.file}: item {item.storage_index.fqn!r}"
+            # The refusal is pickle's UnpicklingError, raised again with the item named (this
+            # package imports no pickle module); anything else means the bytes are corrupt.
+            if not any(c.__name__ == "UnpicklingError" for c in type(e).__mro__):
+                raise _C.FormatError(f"{where}: not a torch.save pickle ({why})") from e
+            raise type(e)(
+                f"{where}: torch.load(weights_only=True) refuses it ({why}); pass "
+                "allow_pickle=True to zerockpt.dcp.Reader only if you trust this checkpoint"
+            ) from e
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue()
 
     def _open(self, name: str) -> Any:
         if "/" in name or name in ("", ".", ".."):
@@ -676,9 +720,15 @@ def to_file(
         durable: fsync what is written.
         progress: Show a progress bar of the bytes written (needs tqdm).
 
+    Nothing in the metadata is trusted: each tensor's chunks must have its dtype and rank, lie
+    inside it, not overlap and cover it exactly (at most 16384 chunks per tensor); each stored
+    tensor may serve one storage entry only; and a non-tensor item's tensors may not need more
+    bytes than were stored for it. So the output never holds more bytes than the rank files.
+
     Raises:
-        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, or a
-            rank file does not hold what the metadata says.
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, a rank
+            file does not hold what the metadata says, or a check above fails (the message
+            names the tensor). Nothing is written then.
         OSError: A file cannot be read or written (errno and filename set).
         pickle.UnpicklingError: A non-tensor value needs more than ``torch.load`` allows with
             ``weights_only=True``.
@@ -696,7 +746,17 @@ def to_file(
     metadata = reader.read_metadata()
     storage: dict[MetadataIndex, _Location] = metadata.storage_data
     by_fqn: dict[str, list[tuple[MetadataIndex, _Location]]] = defaultdict(list)
+    # Each stored tensor is used once, so the output never holds more bytes than are stored.
+    used: dict[tuple[str, str], MetadataIndex] = {}
     for index, location in storage.items():
+        if index.fqn not in metadata.state_dict_metadata:
+            continue  # never read
+        first = used.setdefault((location.file, location.name), index)
+        if first is not index:
+            raise _C.FormatError(
+                f"{reader.path}: storage entries for {first.fqn!r} and {index.fqn!r} both point "
+                f"at tensor {location.name!r} of {location.file}"
+            )
         by_fqn[index.fqn].append((index, location))
     files: dict[str, Any] = {}
 
@@ -715,13 +775,20 @@ def to_file(
         if not pieces:
             raise _C.FormatError(f"{reader.path}: no stored data for {fqn!r}")
         if isinstance(md, BytesStorageMetadata):
+            if len(pieces) != 1:
+                raise _C.FormatError(f"{reader.path}: {len(pieces)} storage entries for {fqn!r}")
             raw = stored(pieces[0][1]).numpy().tobytes()
-            flat[fqn] = torch.load(io.BytesIO(raw), weights_only=True)
+            value = torch.load(io.BytesIO(raw), weights_only=True)
+            _check_unpickled_size(value, len(raw), f"{reader.path}: item {fqn!r}")
+            flat[fqn] = value
             continue
-        if len(pieces) == 1 and tuple(stored(pieces[0][1]).shape) == tuple(md.size):
-            flat[fqn] = stored(pieces[0][1])  # a zero-copy view of the rank file
+        chunks = _check_tiling(
+            fqn, md, [(index, stored(location)) for index, location in pieces], reader.path
+        )
+        if len(chunks) == 1 and tuple(chunks[0][1].shape) == tuple(md.size):
+            flat[fqn] = chunks[0][1]  # a zero-copy view of the rank file
             continue
-        flat[fqn] = _assemble(fqn, md, pieces, stored, scratch_dir)
+        flat[fqn] = _assemble(md, chunks, scratch_dir)
     mappings = metadata.planner_data
     state = unflatten_state_dict(flat, mappings) if mappings else flat
     if max_shard_size is None:
@@ -730,20 +797,88 @@ def to_file(
         save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
 
 
-def _assemble(
+# More chunks per tensor than any real checkpoint has; bounds the overlap check's cost.
+_MAX_CHUNKS = 1 << 14
+
+
+def _check_tiling(
     fqn: str,
     md: TensorStorageMetadata,
-    pieces: list[tuple[MetadataIndex, _Location]],
-    stored: Any,
+    pieces: list[tuple[MetadataIndex, torch.Tensor]],
+    path: Path,
+) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """The chunks of ``fqn`` as (offsets, stored tensor), checked to tile ``md.size`` exactly.
+
+    Each chunk has the metadata's dtype and rank and lies inside the tensor; no two overlap;
+    together they cover every element. FormatError naming the tensor otherwise.
+    """
+    where = f"{path}: tensor {fqn!r}"
+    size = tuple(md.size)
+    if len(pieces) > _MAX_CHUNKS:
+        raise _C.FormatError(f"{where}: {len(pieces)} chunks, more than {_MAX_CHUNKS}")
+    chunks: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    for index, chunk in pieces:
+        offsets = tuple(index.offset) if index.offset is not None else (0,) * len(size)
+        lengths = tuple(chunk.shape)
+        if chunk.dtype != md.properties.dtype:
+            raise _C.FormatError(f"{where}: a chunk is {chunk.dtype}, not {md.properties.dtype}")
+        if (
+            len(offsets) != len(size)
+            or len(lengths) != len(size)
+            or any(o + n > d for o, n, d in zip(offsets, lengths, size, strict=True))
+        ):
+            raise _C.FormatError(
+                f"{where}: the chunk at {list(offsets)} of shape {list(lengths)} does not lie "
+                f"inside its size {list(size)}"
+            )
+        chunks.append((offsets, chunk))
+    covered = sum(chunk.numel() for _, chunk in chunks)
+    numel = math.prod(size)
+    if covered != numel:
+        raise _C.FormatError(f"{where}: the chunks hold {covered} elements, the tensor {numel}")
+    # Equal volumes and no overlap: an exact tiling. Sweep along dimension 0; each chunk is
+    # compared (vectorised) with the earlier ones it may meet there.
+    boxes = [(o, tuple(c.shape)) for o, c in chunks if c.numel() > 0]
+    boxes.sort()
+    if len(size) == 0:
+        return chunks  # a scalar: one non-empty chunk, since the volumes agree
+    lo = torch.tensor([o for o, _ in boxes], dtype=torch.int64).reshape(len(boxes), len(size))
+    hi = lo + torch.tensor([n for _, n in boxes], dtype=torch.int64).reshape(lo.shape)
+    active = torch.zeros(0, dtype=torch.int64)
+    for i in range(len(boxes)):
+        active = active[hi[active, 0] > lo[i, 0]]
+        meets = torch.all((lo[active] < hi[i]) & (lo[i] < hi[active]), dim=1)
+        if bool(meets.any()):
+            j = int(active[int(torch.argmax(meets.to(torch.uint8)))])
+            raise _C.FormatError(
+                f"{where}: the chunks at {boxes[j][0]} and {boxes[i][0]} overlap "
+                f"(sizes {boxes[j][1]} and {boxes[i][1]})"
+            )
+        active = torch.cat([active, torch.tensor([i])])
+    return chunks
+
+
+def _check_unpickled_size(value: Any, stored_bytes: int, where: str) -> None:
+    """A non-tensor item's tensors may not need more bytes than were stored for it."""
+    tensors, _ = flatten([value])
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    if needed > stored_bytes:
+        raise _C.FormatError(
+            f"{where}: its tensors would take {needed} bytes, from {stored_bytes} stored bytes "
+            "(expanded views)"
+        )
+
+
+def _assemble(
+    md: TensorStorageMetadata,
+    chunks: list[tuple[tuple[int, ...], torch.Tensor]],
     scratch_dir: Path,
 ) -> torch.Tensor:
-    """The full tensor ``fqn`` from its chunks, in a mapping of an unlinked temporary file."""
+    """The full tensor from its checked chunks, in a mapping of an unlinked temporary file."""
     import tempfile
 
     dtype = md.properties.dtype
-    numel = 1
-    for d in md.size:
-        numel *= d
+    numel = math.prod(md.size)
     fd, name = tempfile.mkstemp(prefix=".assemble.", suffix=".zerockpt-tmp", dir=scratch_dir)
     try:
         os.ftruncate(fd, max(1, numel) * torch.empty((), dtype=dtype).element_size())
@@ -751,15 +886,9 @@ def _assemble(
     finally:
         os.close(fd)
         os.unlink(name)  # the mapping stays valid; nothing is left behind
-    covered = 0
-    for index, location in pieces:
-        chunk = stored(location)
-        offsets = index.offset or torch.Size([0] * len(md.size))
+    for offsets, chunk in chunks:
         target = full
         for dim, (offset, length) in enumerate(zip(offsets, chunk.shape, strict=True)):
             target = target.narrow(dim, offset, length)
         target.copy_(chunk)
-        covered += chunk.numel()
-    if covered < numel:
-        raise _C.FormatError(f"{fqn!r}: the stored chunks cover {covered} of {numel} elements")
     return full

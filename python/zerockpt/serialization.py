@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from zerockpt import _C, _progress, sharded
-from zerockpt.structure import STRUCTURE_KEY, flatten, is_flat_state_dict, unflatten
+from zerockpt.structure import (
+    STRUCTURE_KEY,
+    encode_metadata,
+    flatten,
+    instance_metadata,
+    is_flat_state_dict,
+    mapping_items,
+    unflatten,
+)
 
 PathLike = str | os.PathLike[str]
 # What save() and save_async() take.
@@ -95,15 +103,14 @@ def _module_state_dict(module: nn.Module) -> OrderedDict[str, Any]:
 
 def _encode_state_dict_metadata(tensors: Mapping[str, Any]) -> str | None:
     """The ``_metadata`` of a state dict as JSON, or None if it has none or it is not JSON."""
-    metadata = getattr(tensors, "_metadata", None)
+    metadata = instance_metadata(tensors)
     if metadata is None:
         return None
     try:
-        return json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
-    except (TypeError, ValueError, AttributeError) as e:
+        return json.dumps(encode_metadata(metadata))
+    except TypeError as e:
         warnings.warn(
-            f"zerockpt.save: the state dict's _metadata cannot be stored as JSON ({e}); "
-            "saving without it",
+            f"zerockpt.save: the state dict's _metadata {e}; saving without it",
             stacklevel=4,  # the caller of save() or save_async()
         )
         return None
@@ -274,13 +281,36 @@ def _prepare_save(
         metadata = dict(metadata)
     own: dict[str, str] = {}
     if is_flat_state_dict(obj):
-        flat = obj if type(obj) is dict else dict(obj)
+        flat = obj if type(obj) is dict else dict(mapping_items(obj))  # type: ignore[arg-type]
         state_dict_metadata = _encode_state_dict_metadata(obj)  # type: ignore[arg-type]
         if state_dict_metadata is not None:
             own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
     else:
         flat, own[STRUCTURE_KEY] = flatten(obj)
+        # What is committed must load: the structure goes through the loader's own decoder
+        # first (the C++ writer does the same with the planned header).
+        try:
+            unflatten(flat, own[STRUCTURE_KEY], "the structure to save")
+        except _C.FormatError as e:
+            raise ValueError(f"zerockpt cannot store this state so that it loads back: {e}") from e
+    # The header is UTF-8 JSON: a str holding a lone surrogate has no UTF-8 form.
+    for name in flat:
+        _check_utf8(name, "tensor name")
+    for key, value in (metadata or {}).items():
+        if isinstance(key, str) and isinstance(value, str):  # other types: the C++ side says
+            _check_utf8(key, "metadata key")
+            _check_utf8(value, f"metadata value for {key!r}")
     return flat, metadata, own
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} {text!r} cannot be stored: it holds a lone surrogate "
+            f"({text[e.start]!r}), which has no UTF-8 form"
+        ) from None
 
 
 def load(

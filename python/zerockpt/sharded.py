@@ -26,7 +26,6 @@ and writing, index parsing and validation, and reading the shards in parallel. `
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import errno
 import fcntl
@@ -46,6 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from zerockpt import _C
+from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 
 INDEX_NAME = "model.safetensors.index.json"
 """The index file of a sharded checkpoint (transformers' ``SAFE_WEIGHTS_INDEX_NAME``)."""
@@ -55,8 +55,7 @@ CHECKPOINT_ID_KEY = "zerockpt.checkpoint_id"
 INDEX_VERSION_KEY = "zerockpt.version"
 # Shard files that a sharded save owns in its directory (transformers' own pattern).
 SHARD_NAME_RE = re.compile(r"model-[0-9]{5,}-of-[0-9]{5,}\.safetensors")
-# Larger than any real index (100k tensors take a few MB); bounds what a hostile file costs.
-MAX_INDEX_BYTES = 256 << 20
+MAX_INDEX_BYTES = MAX_JSON_BYTES
 
 _STAGING_SUFFIX = ".zerockpt-staging"
 _STAGING_RE = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{16}" + re.escape(_STAGING_SUFFIX))
@@ -184,13 +183,12 @@ def read_index(path: str) -> ShardIndex:
             ``weight_map`` is missing or not an object of str to str, a shard name is not a plain
             file name (empty, ``.``, ``..``, or holding ``/``, ``\\`` or NUL), ``metadata`` is
             not an object, ``metadata.total_size`` is not a non-negative number, or a
-            ``zerockpt.*`` metadata entry is not a str. The message names the file.
+            ``zerockpt.*`` metadata entry is not a str; the file is not a regular file (a
+            FIFO, a device), or is over 256 MiB. The message names the file.
+        IsADirectoryError: The path is a directory.
         OSError: The file cannot be read (errno and filename set).
     """
-    with builtins.open(path, "rb") as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
-    if len(raw) > MAX_INDEX_BYTES:
-        raise _format_error(path, f"larger than {MAX_INDEX_BYTES} bytes")
+    raw = read_small_file(path, MAX_INDEX_BYTES, "index")
 
     def reject_constant(token: str) -> Any:
         raise ValueError(f"{token} is not JSON")

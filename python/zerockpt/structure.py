@@ -7,7 +7,13 @@ leaves (docs/format.md, "Nested state"). Nothing is pickled.
 
 Names: path segments joined by ``/``; in a str key ``~`` is written ``~0`` and ``/`` ``~1``, and
 a str key that reads as an int is prefixed by ``~2``, so names are unambiguous; int keys and
-list indices are written in decimal.
+list indices are written in decimal. The one name the format reserves, ``__metadata__``, is
+written ``~3__metadata__``.
+
+Mapping subclasses (``dict`` or ``OrderedDict`` subclasses, attribute-style dicts) are stored by
+their items as plain ``dict`` / ``OrderedDict``, and load back as those; of their attributes
+only a state dict's ``_metadata`` (an instance attribute) is kept, and a container that has one
+loads as an ``OrderedDict``, as ``state_dict()`` returns.
 """
 
 from __future__ import annotations
@@ -30,13 +36,49 @@ MAX_DEPTH = 256
 
 _INT_LIKE = re.compile(r"-?[0-9]+")
 _INT64 = range(-(2**63), 2**63)
+# The header key the safetensors format keeps for itself: never a tensor name.
+RESERVED_NAME = "__metadata__"
 
 
 def is_flat_state_dict(obj: object) -> bool:
-    """A mapping of str to tensors: saved under its own keys, without a structure."""
-    return isinstance(obj, Mapping) and all(
-        type(k) is str and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
+    """A mapping of str to tensors: saved under its own keys, without a structure.
+
+    A mapping with the key ``__metadata__`` is not: that name is the format's own, so such a
+    mapping is stored as nested state, which escapes it.
+    """
+    if not isinstance(obj, Mapping) or RESERVED_NAME in obj:
+        return False
+    return all(type(k) is str and isinstance(v, torch.Tensor) for k, v in mapping_items(obj))
+
+
+def instance_metadata(obj: object) -> Any:
+    """A state dict's ``_metadata``: the instance attribute only, never ``__getattr__``'s answer.
+
+    Attribute-style dicts answer any attribute from their items (or raise KeyError); reading
+    ``__dict__`` directly keeps those items from being taken for module versions.
+    """
+    try:
+        attributes = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return None
+    return attributes.get("_metadata") if isinstance(attributes, dict) else None
+
+
+def encode_metadata(metadata: Any) -> Any:
+    """``_metadata`` (prefix -> dict) as a JSON value; TypeError if it is not one."""
+    try:
+        return json.loads(
+            json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
+        )
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise TypeError(f"cannot be stored as JSON ({e})") from None
+
+
+def mapping_items(mapping: Mapping[Any, Any]) -> Any:
+    """The items of a mapping; of a dict (subclass), as stored, whatever ``items`` says."""
+    if isinstance(mapping, OrderedDict):
+        return OrderedDict.items(mapping)
+    return dict.items(mapping) if isinstance(mapping, dict) else mapping.items()
 
 
 def _segment(key: str | int) -> str:
@@ -57,6 +99,8 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
     def walk(value: object, path: tuple[str | int, ...]) -> Any:
         if isinstance(value, torch.Tensor):
             name = "/".join(_segment(k) for k in path)
+            if name == RESERVED_NAME:
+                name = "~3" + name
             tensors[name] = value
             return {"tensor": name}
         if value is None or isinstance(value, bool | str):
@@ -75,7 +119,7 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
                     "mappings can be saved"
                 )
             items = []
-            for k, v in value.items():
+            for k, v in mapping_items(value):
                 if type(k) is not str and (type(k) is not int):
                     raise TypeError(
                         f"{_where(path)} has a key {k!r} of type {type(k).__name__}; "
@@ -85,16 +129,12 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
             node: dict[str, Any] = {"dict": items}
             if isinstance(value, OrderedDict):
                 node["ordered"] = True
-            metadata = getattr(value, "_metadata", None)
+            metadata = instance_metadata(value)
             if metadata is not None:
                 try:
-                    node["metadata"] = json.loads(
-                        json.dumps({str(k): dict(v) for k, v in metadata.items()}, allow_nan=False)
-                    )
-                except (TypeError, ValueError, AttributeError) as e:
-                    raise TypeError(
-                        f"{_where(path)}._metadata cannot be stored as JSON ({e})"
-                    ) from None
+                    node["metadata"] = encode_metadata(metadata)
+                except TypeError as e:
+                    raise TypeError(f"{_where(path)}._metadata {e}") from None
             return node
         if type(value) in (list, tuple):
             kind = "list" if type(value) is list else "tuple"
@@ -119,72 +159,66 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
 def unflatten(tensors: Mapping[str, torch.Tensor], text: str, path: str) -> Any:
     """Rebuilds what :func:`flatten` described; FormatError naming ``path`` if it is invalid."""
 
-    def fail(why: str) -> Exception:
-        return _C.FormatError(f"{path}: metadata {STRUCTURE_KEY!r} is not valid: {why}")
-
-    def build(node: Any, depth: int) -> Any:
-        if node is None or isinstance(node, bool | str | float):
-            return node
-        if isinstance(node, int):
-            return node
-        if isinstance(node, list):
-            raise fail("a bare JSON list is not a node")
-        if depth >= MAX_DEPTH:
-            raise fail(f"nested deeper than {MAX_DEPTH} levels")
-        if not isinstance(node, dict) or not node:
-            raise fail(f"unexpected node {node!r:.60}")
-        kind = next(iter(node))
-        body = node[kind]
-        if kind == "tensor" and isinstance(body, str) and len(node) == 1:
-            if body not in tensors:
-                raise fail(f"tensor {body!r} is not in the file")
-            return tensors[body]
-        if kind == "int" and isinstance(body, str) and len(node) == 1:
-            try:
-                return int(body, 16)
-            except ValueError:
-                raise fail(f"bad int {body!r:.60}") from None
-        if kind == "float" and body in ("nan", "inf", "-inf") and len(node) == 1:
-            return float(body)
-        if kind in ("list", "tuple") and isinstance(body, list) and len(node) == 1:
-            items = [build(v, depth + 1) for v in body]
-            return items if kind == "list" else tuple(items)
-        if (
-            kind == "dict"
-            and isinstance(body, list)
-            and set(node)
-            <= {
-                "dict",
-                "ordered",
-                "metadata",
-            }
-        ):
-            out: dict[Any, Any] = OrderedDict() if node.get("ordered") is True else {}
-            for item in body:
-                if not isinstance(item, list) or len(item) != 2 or type(item[0]) not in (str, int):
-                    raise fail(f"bad dict item {item!r:.60}")
-                out[item[0]] = build(item[1], depth + 1)
-            if "metadata" in node:
-                meta = node["metadata"]
-                if not isinstance(meta, dict) or not all(
-                    isinstance(v, dict) for v in meta.values()
-                ):
-                    raise fail("a _metadata that is not an object of objects")
-                out._metadata = OrderedDict(meta)  # type: ignore[attr-defined]
-            return out
-        raise fail(f"unexpected node {node!r:.60}")
-
     def reject(token: str) -> Any:
         raise ValueError(f"{token} is not JSON")
 
     try:
         decoded = json.loads(text, parse_constant=reject)
     except (ValueError, RecursionError) as e:
-        raise fail(str(e)) from None
+        raise _invalid(path, str(e)) from None
     if (
         not isinstance(decoded, dict)
         or decoded.get("version") != STRUCTURE_VERSION
         or "root" not in decoded
     ):
-        raise fail(f"expected {{'version': {STRUCTURE_VERSION}, 'root': ...}}")
-    return build(decoded["root"], 0)
+        raise _invalid(path, f"expected {{'version': {STRUCTURE_VERSION}, 'root': ...}}")
+    return _build(decoded["root"], 0, tensors, path)
+
+
+def _invalid(path: str, why: str) -> Exception:
+    return _C.FormatError(f"{path}: metadata {STRUCTURE_KEY!r} is not valid: {why}")
+
+
+# A module-level function, not a closure that calls itself: such a closure is a reference
+# cycle holding ``tensors`` (and so the file's mapping) until the garbage collector runs.
+def _build(node: Any, depth: int, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    if node is None or isinstance(node, bool | str | float | int):
+        return node
+    if isinstance(node, list):
+        raise _invalid(path, "a bare JSON list is not a node")
+    if depth >= MAX_DEPTH:
+        raise _invalid(path, f"nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(node, dict) or not node:
+        raise _invalid(path, f"unexpected node {node!r:.60}")
+    kind = next(iter(node))
+    body = node[kind]
+    if kind == "tensor" and isinstance(body, str) and len(node) == 1:
+        if body not in tensors:
+            raise _invalid(path, f"tensor {body!r} is not in the file")
+        return tensors[body]
+    if kind == "int" and isinstance(body, str) and len(node) == 1:
+        try:
+            return int(body, 16)
+        except ValueError:
+            raise _invalid(path, f"bad int {body!r:.60}") from None
+    if kind == "float" and body in ("nan", "inf", "-inf") and len(node) == 1:
+        return float(body)
+    if kind in ("list", "tuple") and isinstance(body, list) and len(node) == 1:
+        items = [_build(v, depth + 1, tensors, path) for v in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict" and isinstance(body, list) and set(node) <= {"dict", "ordered", "metadata"}:
+        # A container with _metadata is an OrderedDict, as state_dict() returns: a plain dict
+        # cannot carry the attribute.
+        ordered = node.get("ordered") is True or "metadata" in node
+        out: dict[Any, Any] = OrderedDict() if ordered else {}
+        for item in body:
+            if not isinstance(item, list) or len(item) != 2 or type(item[0]) not in (str, int):
+                raise _invalid(path, f"bad dict item {item!r:.60}")
+            out[item[0]] = _build(item[1], depth + 1, tensors, path)
+        if "metadata" in node:
+            meta = node["metadata"]
+            if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+                raise _invalid(path, "a _metadata that is not an object of objects")
+            out._metadata = OrderedDict(meta)  # type: ignore[attr-defined]
+        return out
+    raise _invalid(path, f"unexpected node {node!r:.60}")
