@@ -166,6 +166,13 @@ void bind_async(py::module_& m) {
         }
         if (error) std::rethrow_exception(error);
       });
+  // Requires GIL (no I/O). Raises what save() would raise for the first unsavable tensor.
+  m.def(
+      "check_savable",
+      [](py::dict tensors) {
+        for (const auto& [name, t] : named_tensors_from_dict(tensors)) check_savable(name, t);
+      },
+      py::arg("tensors"));
   m.def("save_async", &save_async, py::arg("tensors"), py::arg("path"), py::arg("metadata"),
         py::arg("durable"), py::arg("direct_io"), py::arg("threads"),
         py::arg("own_metadata") = py::none(), py::arg("checksums") = true,

@@ -28,6 +28,7 @@ def save(
     progress: Progress | None = None,
     staging_bytes: int = 0,
 ) -> None: ...
+def check_savable(tensors: dict[str, torch.Tensor]) -> None: ...
 def save_async(
     tensors: dict[str, torch.Tensor],
     path: str,
