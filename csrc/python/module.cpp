@@ -166,6 +166,24 @@ void bind_async(py::module_& m) {
         }
         if (error) std::rethrow_exception(error);
       });
+  // Releases GIL (a few system calls). Raises the OSError a save to `path` would raise for its
+  // destination (core/file.h check_destination) before writing anything; returns the path
+  // that would be replaced (symbolic links resolved).
+  m.def(
+      "check_destination",
+      [](const std::string& path) {
+        py::gil_scoped_release no_gil;  // C++ strings only
+        return check_destination(path).target;
+      },
+      py::arg("path"));
+  // Releases GIL. Commits the complete file `staged` as `path`, as a save commits its own.
+  m.def(
+      "replace_file",
+      [](const std::string& staged, const std::string& path) {
+        py::gil_scoped_release no_gil;  // C++ strings only
+        replace_file(staged, path);
+      },
+      py::arg("staged"), py::arg("path"));
   // Requires GIL (no I/O). Raises what save() would raise for the first unsavable tensor.
   m.def(
       "check_savable",
