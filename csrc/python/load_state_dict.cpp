@@ -238,15 +238,9 @@ class LoadWalk {
   template <typename Fn>
   void for_each_child(PyObject* module, PyObject* modules, Fn&& fn) {
     if (modules) {
-      PyObject* name;
-      PyObject* child;
-      Py_ssize_t pos = 0;
-      while (PyDict_Next(modules, &pos, &name, &child)) {
-        if (child == Py_None) continue;
-        py::object hold_name = borrow(name);
-        py::object hold_child = borrow(child);
-        fn(name, child);
-      }
+      for_each_item(modules, [&](PyObject* name, PyObject* child) {
+        if (child != Py_None) fn(name, child);
+      });
       return;
     }
     py::object registry = steal(PyObject_GetAttr(module, module_names().modules));
