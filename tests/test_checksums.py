@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import struct
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -987,3 +988,36 @@ def test_verify_path_type(tmp_path: Path) -> None:
     zerockpt.save({"a": torch.ones(2)}, os.fspath(path), durable=False)
     with pytest.raises(TypeError, match="path"):
         zerockpt.verify(123)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"durable": False}, {"durable": True, "direct_io": True}, {"durable": False, "threads": 1}],
+    ids=["buffered", "direct", "one-thread"],
+)
+def test_tensor_mutated_during_save_gives_a_file_that_passes_its_checksums(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """Each CRC is computed from the bytes written, whatever another thread does meanwhile."""
+    moving = torch.zeros(6 * MiB, dtype=torch.int32)  # 24 MiB: three chunks, every chunk raced
+    state = {"still": torch.arange(1000, dtype=torch.int32), "moving": moving}
+    stop = threading.Event()
+    writes = [0]
+
+    def mutate() -> None:
+        while not stop.is_set():
+            moving.add_(1)  # releases the GIL, like the save
+            writes[0] += 1
+
+    mutator = threading.Thread(target=mutate)
+    mutator.start()
+    try:
+        for i in range(8):
+            path = tmp_path / f"{i}.safetensors"
+            zerockpt.save(state, path, **options)
+            result = zerockpt.verify(path)
+            assert result.has_checksums and result.ok, result.failed
+    finally:
+        stop.set()
+        mutator.join()
+    assert writes[0] > 0

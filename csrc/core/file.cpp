@@ -244,11 +244,75 @@ size_t remove_stale_temp_files(const std::string& dir) {
   return removed;
 }
 
-AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
+namespace {
+
+const char* file_kind(mode_t mode) {
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  return "not a regular file";
+}
+
+}  // namespace
+
+Destination check_destination(const std::string& path) {
+  Destination dest;
+  dest.path = path;
+  dest.target = path;
   struct stat st{};
-  bool exists = ::stat(path_.c_str(), &st) == 0;
-  if (exists && S_ISDIR(st.st_mode)) throw IoError(EISDIR, path_, "cannot save over a directory");
-  std::string dir = dirname_of(path_);
+  for (int hops = 0;; ++hops) {
+    // Any other failure (a missing directory...) is reported by the temporary file's creation.
+    if (::lstat(dest.target.c_str(), &st) != 0) return dest;
+    if (!S_ISLNK(st.st_mode)) break;
+    if (hops == 40) throw IoError(ELOOP, path, "cannot resolve the destination");
+    std::string link(static_cast<size_t>(st.st_size > 0 ? st.st_size : PATH_MAX) + 1, '\0');
+    ssize_t n = ::readlink(dest.target.c_str(), &link[0], link.size());
+    if (n < 0) throw_errno(path, "cannot read the symbolic link " + dest.target);
+    link.resize(static_cast<size_t>(n));
+    dest.target = link[0] == '/' ? link : dirname_of(dest.target) + "/" + link;
+  }
+  if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, path, "cannot save over a directory");
+  if (!S_ISREG(st.st_mode)) {
+    throw IoError(EINVAL, path,
+                  std::string("the destination is ") + file_kind(st.st_mode) +
+                      ", which saving (a rename over it) would replace; nothing was written");
+  }
+  // Renaming needs only the directory's permission: refuse what opening it for writing would.
+  if (::faccessat(AT_FDCWD, dest.target.c_str(), W_OK, AT_EACCESS) != 0) {
+    throw_errno(path, "cannot replace the destination");
+  }
+  dest.exists = true;
+  dest.mode = st.st_mode & 07777;
+  dest.uid = st.st_uid;
+  dest.gid = st.st_gid;
+  return dest;
+}
+
+void replace_destination(int fd, const std::string& tmp, const Destination& dest) {
+  if (dest.exists) {
+    // Owner and group first (chown may clear set-id bits), then the mode: the replaced file's,
+    // as writing into it in place would keep them. Another user's file keeps at least its group
+    // where we belong to it; otherwise the new file is ours.
+    if (::fchown(fd, dest.uid, dest.gid) != 0) (void)::fchown(fd, static_cast<uid_t>(-1), dest.gid);
+    (void)::fchmod(fd, dest.mode);
+  }
+  if (fault(FaultOp::kRename) || ::rename(tmp.c_str(), dest.target.c_str()) != 0) {
+    throw_errno(dest.path, "rename of the temporary file over the destination failed");
+  }
+}
+
+void replace_file(const std::string& staged, const std::string& path) {
+  Destination dest = check_destination(path);
+  FileDescriptor fd(::open(staged.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) throw_errno(path, "cannot open the file to commit, " + staged);
+  replace_destination(fd.get(), staged, dest);
+}
+
+AtomicFile::AtomicFile(std::string path, bool direct)
+    : path_(std::move(path)), dest_(check_destination(path_)) {
+  const bool exists = dest_.exists;
+  std::string dir = dirname_of(dest_.target);
   remove_stale_temp_files(dir);
   static std::atomic<uint64_t> counter{0};
   std::random_device rd;
@@ -257,7 +321,7 @@ AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
     char hex[17];
     std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
     std::string tail = "." + std::to_string(::getpid()) + "." + hex + kTempSuffix;
-    tmp_path_ = dir + "/." + temp_stem(basename_of(path_), tail.size()) + tail;
+    tmp_path_ = dir + "/." + temp_stem(basename_of(dest_.target), tail.size()) + tail;
     int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
     int fd = -1;
     direct_ = false;
@@ -283,7 +347,6 @@ AtomicFile::AtomicFile(std::string path, bool direct) : path_(std::move(path)) {
     if (::fstat(fd, &own) == 0 && own.st_nlink == 0 && attempt < 100) continue;
     break;
   }
-  if (exists) mode_ = st.st_mode & 07777;
 }
 
 AtomicFile::~AtomicFile() {
@@ -314,17 +377,13 @@ void AtomicFile::commit(bool durable) {
   if (durable && (fault(FaultOp::kFsync) || ::fsync(fd_.get()) != 0)) {
     throw_errno(path_, "fsync failed");
   }
-  // Replacing a file keeps its permission bits, as writing into it in place would.
-  if (mode_ >= 0) (void)::fchmod(fd_.get(), static_cast<mode_t>(mode_));
   // Renamed while still open and locked: a cleaner must never take the complete file for a
   // dead writer's leftover between the close and the rename.
-  if ((fault(FaultOp::kRename) || ::rename(tmp_path_.c_str(), path_.c_str()) != 0)) {
-    throw_errno(path_, "rename of the temporary file over the destination failed");
-  }
+  replace_destination(fd_.get(), tmp_path_, dest_);
   committed_ = true;
   fd_.close_checked(path_);
   if (durable) {
-    std::string dir = dirname_of(path_);
+    std::string dir = dirname_of(dest_.target);
     FileDescriptor dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     if (dfd.get() < 0) throw_errno(path_, "cannot open directory " + dir + " to fsync it");
     if ((fault(FaultOp::kFsync) || ::fsync(dfd.get()) != 0)) {

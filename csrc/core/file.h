@@ -4,6 +4,7 @@
 // Functions are thread-safe on distinct ranges of one descriptor; classes are not shared.
 #pragma once
 
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include <cstdint>
@@ -59,10 +60,36 @@ class Mapping {
   uint64_t size_;
 };
 
+// The file a save to `path` replaces, checked before anything is written. Symbolic links are
+// followed: the link stays and its final target is replaced (as editors save through links); a
+// dangling link's target is created. Throws IoError naming `path` if the destination exists and
+// is a directory (EISDIR) or anything else that is not a regular file (FIFO, socket, device:
+// EINVAL), if the process may not write it (EACCES, by the rule open(2) applies for writing:
+// root may), or for a loop of links (ELOOP).
+struct Destination {
+  std::string path;    // as the caller gave it, for messages
+  std::string target;  // with symbolic links resolved: what is replaced
+  bool exists = false;
+  mode_t mode = 0;  // the existing file's permission bits, owner and group
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+Destination check_destination(const std::string& path);
+
+// Commits the temporary file `tmp` (open as `fd`, in the target's directory) as `dest`: gives it
+// the replaced file's mode and, where permitted, its owner and group, then renames it over
+// dest.target. IoError naming dest.path if the rename fails.
+void replace_destination(int fd, const std::string& tmp, const Destination& dest);
+
+// The same commit for a complete file `staged` written by other code (in the directory of
+// check_destination(path).target): checks `path`, then replace_destination.
+void replace_file(const std::string& staged, const std::string& path);
+
 // Writes go to "<dir>/.<name>.<pid>.<random>.zerockpt-tmp", held under an exclusive flock;
 // commit() renames it over the destination (after fsync of the file, and then the directory,
 // when durable), the destructor removes an uncommitted one. The destination is never seen
-// partially written. Creating one first removes stale temporary files in the directory.
+// partially written; it is checked first (check_destination), and <dir> is that of its target.
+// Creating one first removes stale temporary files in the directory.
 class AtomicFile {
  public:
   // `direct` asks for O_DIRECT; if the file system refuses it, direct() is false.
@@ -82,9 +109,9 @@ class AtomicFile {
 
  private:
   std::string path_;
+  Destination dest_;
   std::string tmp_path_;
   FileDescriptor fd_;
-  int mode_ = -1;  // the replaced file's permission bits, applied at commit
   bool direct_ = false;
   bool committed_ = false;
 };

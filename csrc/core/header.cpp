@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <numeric>
-#include <unordered_set>
 
+#include "core/hash.h"
 #include "core/json.h"
 #include "zerockpt/errors.h"
 
@@ -26,7 +26,7 @@ void parse_metadata(JsonReader& r, Metadata& out, const std::string& path) {
   if (r.peek() != '{') r.fail("__metadata__ must be an object of strings");
   r.expect('{');
   if (r.consume('}')) return;
-  std::unordered_set<std::string> seen;
+  SeededSet<std::string> seen;
   do {
     std::string key = r.read_string();
     r.expect(':');
@@ -195,7 +195,7 @@ Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
     JsonReader r(json, json_size);
     if (r.peek() != '{') r.fail("header must be a JSON object");
     r.expect('{');
-    std::unordered_set<std::string> names;
+    SeededSet<std::string> names;
     bool seen_metadata = false;
     if (!r.consume('}')) {
       do {

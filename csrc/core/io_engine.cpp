@@ -93,11 +93,12 @@ const uint8_t* segment_bytes(const Layout& layout, const std::vector<WriteSource
   return source.data ? source.data + (lo - s.file_offset) : nullptr;
 }
 
-// Buffered: pwritev straight from tensor memory (or the staged buffer); fill() sources go
-// through staging.
-void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, const Layout& layout,
-                          const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
-                          const uint8_t* staged, std::vector<Piece>* pieces) {
+// Zero-copy: pwritev straight from tensor memory (or the staged buffer); fill() sources go
+// through staging. Without checksums only: the bytes are read twice (CRC, then the kernel's
+// copy), and another thread may change tensor memory in between.
+void write_chunk_zero_copy(int fd, const std::string& path, const Plan& plan, const Layout& layout,
+                           const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
+                           const uint8_t* staged) {
   std::vector<iovec> iov;
   uint64_t iov_start = start;
   auto flush = [&](uint64_t next_offset) {
@@ -108,7 +109,6 @@ void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, con
   for_each_overlap(plan, start, end, [&](const Segment& s, uint64_t lo, uint64_t hi) {
     const uint8_t* bytes = segment_bytes(layout, sources, s, lo, start, staged);
     if (bytes != nullptr) {
-      record(pieces, s, bytes, hi - lo);
       if (iov.empty()) iov_start = lo;
       iov.push_back({const_cast<uint8_t*>(bytes), hi - lo});
       if (iov.size() >= IOV_MAX) flush(hi);
@@ -119,7 +119,6 @@ void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, con
     for (uint64_t pos = lo; pos < hi; pos += staging.size()) {
       uint64_t n = std::min(staging.size(), hi - pos);
       sources[s.source].fill(pos - s.file_offset, n, staging.data());
-      record(pieces, s, staging.data(), n);
       pwrite_full(fd, staging.data(), n, pos, path);
     }
     iov_start = hi;
@@ -127,11 +126,13 @@ void write_chunk_buffered(int fd, const std::string& path, const Plan& plan, con
   flush(end);
 }
 
-// O_DIRECT: assemble each page-aligned chunk in staging (or around the staged bytes already in
-// the chunk's buffer), write it whole.
-void write_chunk_direct(int fd, const std::string& path, const Plan& plan, const Layout& layout,
-                        const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
-                        uint8_t* staged, std::vector<Piece>* pieces) {
+// Assembles the chunk in one buffer (staging, or around the staged bytes already in the chunk's
+// buffer), checksums the pieces there and writes that buffer: each CRC describes the very bytes
+// written, even if another thread changes tensor memory meanwhile. For O_DIRECT (`direct`), the
+// write is padded to whole pages.
+void write_chunk_assembled(int fd, const std::string& path, const Plan& plan, const Layout& layout,
+                           const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
+                           uint8_t* staged, bool direct, std::vector<Piece>* pieces) {
   std::optional<StagingBuffer> own;
   if (!staged) own.emplace(kChunkBytes);
   uint8_t* buf = staged ? staged : own->data();
@@ -146,9 +147,12 @@ void write_chunk_direct(int fd, const std::string& path, const Plan& plan, const
     record(pieces, s, dst, hi - lo);
   });
   uint64_t len = end - start;
-  uint64_t padded = (len + kPage - 1) / kPage * kPage;
-  std::memset(buf + len, 0, padded - len);
-  pwrite_full(fd, buf, padded, start, path);
+  if (direct) {
+    uint64_t padded = (len + kPage - 1) / kPage * kPage;
+    std::memset(buf + len, 0, padded - len);
+    len = padded;
+  }
+  pwrite_full(fd, buf, len, start, path);
 }
 
 // The staged pieces of each chunk that has any; `slot[k]` is chunk k's index in that list.
@@ -248,11 +252,11 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
         if (slot != SIZE_MAX) stager->give_back(slot);
       }
     } give_back{stager, slot};
-    if (direct) {
-      write_chunk_direct(file.fd(), path, plan, layout, sources, start, end, buffer, chunk_pieces);
+    if (direct || checksums) {
+      write_chunk_assembled(file.fd(), path, plan, layout, sources, start, end, buffer, direct,
+                            chunk_pieces);
     } else {
-      write_chunk_buffered(file.fd(), path, plan, layout, sources, start, end, buffer,
-                           chunk_pieces);
+      write_chunk_zero_copy(file.fd(), path, plan, layout, sources, start, end, buffer);
     }
     // Tensor bytes only: the header is not the user's data.
     if (progress && end > prefix_size) progress->add(end - std::max(start, prefix_size));

@@ -95,10 +95,12 @@ inline DirectIo to_direct_io(std::optional<bool> direct_io) {
 struct WriteOptions {
   // fsync the file, then its directory, before returning.
   bool durable = true;
-  // Store the CRC-32C of every tensor, computed from the bytes as they are written.
+  // Store the CRC-32C of every tensor, computed from the very bytes written: each chunk is
+  // copied into staging, checksummed and written from there, so a tensor changed by another
+  // thread during the save still gives a file that passes its own checksums.
   bool checksums = true;
   // kAuto: O_DIRECT (through reused page-aligned staging) when durable and the file is at least
-  // kDirectMinBytes; buffered pwrite straight from tensor memory otherwise.
+  // kDirectMinBytes; buffered pwrite otherwise (straight from tensor memory without checksums).
   DirectIo direct_io = DirectIo::kAuto;
   unsigned threads = 0;  // 0: default_threads()
   // Counts tensor bytes as they are written and stops the write (Cancelled, nothing committed)

@@ -26,11 +26,13 @@
 #include <unordered_set>
 #include <variant>
 
+#include "core/hash.h"
 #include "python/module_registry.h"
 #include "torch/device_staging.h"
 #include "torch/dtypes.h"
 #include "torch/load_into.h"
 #include "torch/tensor_views.h"
+#include "zerockpt/errors.h"
 
 namespace py = pybind11;
 
@@ -120,6 +122,19 @@ class TorchWarnings : public c10::WarningHandler {
   std::vector<c10::Warning> pending_;
 };
 
+// Refuses, naming `key`, what torch's own load would crash on or fail inside with "Internal
+// error": a nested tensor (torch cannot even report its sizes) or a view larger than its storage
+// (copy_ would read or write past it). Other kinds (zero tensors, subclasses, meta) are left to
+// copy_, which loads from zero tensors and reports the rest as torch does.
+void check_loadable(std::string_view key, const at::Tensor& t, const char* role) {
+  if (!t.defined() || t.is_meta()) return;
+  auto problem = memory_problem(t);
+  if (!problem || (problem->type_error && !t.is_nested())) return;
+  std::string what = std::string(role) + " for key " + quote(std::string(key));
+  if (problem->type_error) throw DtypeError(what + " " + problem->why);
+  throw UsageError(what + " " + problem->why);
+}
+
 // One state-dict entry: a Python value, or a file tensor whose bytes have not been read.
 struct Entry {
   py::object key;
@@ -140,7 +155,7 @@ struct Partition {
 
 Partition partition(const Entries& entries, std::string_view prefix) {
   Partition p;
-  std::unordered_map<std::string_view, size_t> group_index;
+  SeededMap<std::string_view, size_t> group_index;
   p.order.reserve(entries.size());
   for (Entry* e : entries) {
     if (e->name.size() < prefix.size() || e->name.compare(0, prefix.size(), prefix) != 0) {
@@ -183,7 +198,7 @@ class LocalIndex {
 
  private:
   const std::vector<std::pair<std::string_view, Entry*>>& local_;
-  std::unordered_map<std::string_view, Entry*> map_;
+  SeededMap<std::string_view, Entry*> map_;
 };
 
 struct LocalTensor {
@@ -247,6 +262,7 @@ class LoadWalk {
       }
     }
     if (delegate) {
+      check_delegated(readable ? &view : nullptr, entries, prefix_utf8);
       entries = call_torch_loader(module, entries, prefix, local_metadata, root);
       parts = partition(entries, prefix_utf8);
     } else {
@@ -254,7 +270,7 @@ class LoadWalk {
     }
 
     // Children, each with the entries under "<prefix><name>." (grouped once, above).
-    std::unordered_map<std::string_view, const Entries*> groups;
+    SeededMap<std::string_view, const Entries*> groups;
     for (const auto& [name, es] : parts.groups) groups.emplace(name, &es);
     const Entries none;
     for_each_child(module, readable ? view.modules : nullptr, [&](PyObject* name, PyObject* child) {
@@ -273,15 +289,9 @@ class LoadWalk {
   template <typename Fn>
   void for_each_child(PyObject* module, PyObject* modules, Fn&& fn) {
     if (modules) {
-      PyObject* name;
-      PyObject* child;
-      Py_ssize_t pos = 0;
-      while (PyDict_Next(modules, &pos, &name, &child)) {
-        if (child == Py_None) continue;
-        py::object hold_name = borrow(name);
-        py::object hold_child = borrow(child);
-        fn(name, child);
-      }
+      for_each_item(modules, [&](PyObject* name, PyObject* child) {
+        if (child != Py_None) fn(name, child);
+      });
       return;
     }
     py::object registry = steal(PyObject_GetAttr(module, module_names().modules));
@@ -296,6 +306,28 @@ class LoadWalk {
       if (child != Py_None) fn(PyTuple_GET_ITEM(item.ptr(), 0), child);
     }
     if (PyErr_Occurred()) throw py::error_already_set();
+  }
+
+  // check_loadable for what torch's code will copy in a module it loads: the dict values of its
+  // own keys and its registered tensors (when `view` can be read).
+  void check_delegated(const ModuleView* view, const Entries& entries, std::string_view prefix) {
+    for (const Entry* e : entries) {
+      if (!e->value || !THPVariable_Check(e->value.ptr())) continue;
+      if (e->name.substr(0, prefix.size()) != prefix) continue;
+      if (e->name.find('.', prefix.size()) != std::string_view::npos) continue;
+      check_loadable(e->name, THPVariable_Unpack(e->value.ptr()), "the value");
+    }
+    if (!view) return;
+    for (PyObject* registry : {view->parameters, view->buffers}) {
+      PyObject* name;
+      PyObject* value;
+      Py_ssize_t pos = 0;
+      while (PyDict_Next(registry, &pos, &name, &value)) {
+        if (!THPVariable_Check(value) || !PyUnicode_Check(name)) continue;
+        std::string key = std::string(prefix) + std::string(key_text(name));
+        check_loadable(key, THPVariable_Unpack(value), "the model's tensor");
+      }
+    }
   }
 
   // Runs queued file reads (releases GIL).
@@ -435,6 +467,7 @@ class LoadWalk {
   // One parameter or buffer: the body of torch's loop over local_state.
   void load_tensor(PyObject* module, const LocalTensor& t, Entry& e, bool assign) {
     const at::Tensor& param = THPVariable_Unpack(t.value);
+    check_loadable(e.name, param, "the model's tensor");
     const bool from_file = e.record && !e.value;
     std::vector<int64_t> file_shape;
     at::Tensor input;
@@ -446,6 +479,7 @@ class LoadWalk {
     } else {
       input_obj = e.value;
       input = THPVariable_Unpack(input_obj.ptr());
+      check_loadable(e.name, input, "the value");
       if (param.dim() == 0 && input.dim() == 1 && input.size(0) == 1) {
         input = input.select(0, 0);  // input_param[0]
         input_obj = steal(THPVariable_Wrap(input));
@@ -469,6 +503,7 @@ class LoadWalk {
       warn_as_torch(msg, /*deprecation=*/false, "meta");
     }
     if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param) &&
+        (param.is_meta() || !memory_problem(param)) &&
         at::has_internal_overlap(param) != at::MemOverlap::Yes) {
       if (plan_->conflicts(param)) flush();
       plan_->add(param, *e.record);
@@ -542,7 +577,8 @@ class LoadWalk {
         (src.is_complex() && !dst.is_complex()) || !default_dispatch_state() ||
         typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
         typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
-        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned()) {
+        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned() ||
+        memory_problem(dst) || memory_problem(src)) {
       return false;
     }
     // A host target (only when host staging is on) may not overlap the source: chunks of it
@@ -556,7 +592,8 @@ class LoadWalk {
         !dst.is_contiguous() || !src.is_contiguous() || dst.is_conj() || src.is_conj() ||
         dst.is_neg() || src.is_neg() || dst.is_inference() || !default_dispatch_state() ||
         typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
-        typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl)) {
+        typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) || memory_problem(dst) ||
+        memory_problem(src)) {
       return false;
     }
     size_t nbytes = static_cast<size_t>(dst.numel()) * dst.element_size();

@@ -167,6 +167,31 @@ void bind_async(py::module_& m) {
         }
         if (error) std::rethrow_exception(error);
       });
+  // Releases GIL (a few system calls). Raises the OSError a save to `path` would raise for its
+  // destination (core/file.h check_destination) before writing anything; returns the path
+  // that would be replaced (symbolic links resolved).
+  m.def(
+      "check_destination",
+      [](const std::string& path) {
+        py::gil_scoped_release no_gil;  // C++ strings only
+        return check_destination(path).target;
+      },
+      py::arg("path"));
+  // Releases GIL. Commits the complete file `staged` as `path`, as a save commits its own.
+  m.def(
+      "replace_file",
+      [](const std::string& staged, const std::string& path) {
+        py::gil_scoped_release no_gil;  // C++ strings only
+        replace_file(staged, path);
+      },
+      py::arg("staged"), py::arg("path"));
+  // Requires GIL (no I/O). Raises what save() would raise for the first unsavable tensor.
+  m.def(
+      "check_savable",
+      [](py::dict tensors) {
+        for (const auto& [name, t] : named_tensors_from_dict(tensors)) check_savable(name, t);
+      },
+      py::arg("tensors"));
   m.def("save_async", &save_async, py::arg("tensors"), py::arg("path"), py::arg("metadata"),
         py::arg("durable"), py::arg("direct_io"), py::arg("threads"),
         py::arg("own_metadata") = py::none(), py::arg("checksums") = true,

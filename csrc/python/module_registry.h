@@ -96,6 +96,29 @@ PyObject* metadata_key(PyObject* prefix);
 // a + b as a new str. New reference.
 PyObject* concat(PyObject* a, PyObject* b);
 
+// Calls fn(key, value) for each item of the dict `dict`, as `for k, v in dict.items()` would: the
+// dict and each item are held while `fn` runs (a hook may drop or replace the registry), and a
+// change of its size raises RuntimeError("dictionary changed size during iteration"), as Python
+// does at the loop's next step.
+template <typename Fn>
+void for_each_item(PyObject* dict, Fn&& fn) {
+  auto hold_dict = pybind11::reinterpret_borrow<pybind11::object>(dict);
+  const Py_ssize_t size = PyDict_GET_SIZE(dict);
+  Py_ssize_t pos = 0;
+  PyObject* key;
+  PyObject* value;
+  while (true) {
+    if (PyDict_GET_SIZE(dict) != size) {
+      PyErr_SetString(PyExc_RuntimeError, "dictionary changed size during iteration");
+      throw pybind11::error_already_set();
+    }
+    if (!PyDict_Next(dict, &pos, &key, &value)) break;
+    auto hold_key = pybind11::reinterpret_borrow<pybind11::object>(key);
+    auto hold_value = pybind11::reinterpret_borrow<pybind11::object>(value);
+    fn(key, value);
+  }
+}
+
 // True for objects whose exact type is torch.Tensor or nn.Parameter.
 bool is_plain_tensor(PyObject* obj);
 

@@ -74,16 +74,12 @@ class StateDictWalk {
       save_local(module, view, destination.ptr(), prefix, traits.extra_state_getter);
     }
 
-    PyObject* name;
-    PyObject* child;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(view.modules, &pos, &name, &child)) {
-      if (child == Py_None) continue;
-      py::object hold_child = borrow(child);
+    for_each_item(view.modules, [&](PyObject* name, PyObject* child) {
+      if (child == Py_None) return;
       py::object child_key = steal(concat(prefix, name));
       py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
       walk(child, destination, child_prefix.ptr(), child_key.ptr());
-    }
+    });
 
     if (view.hook_count(n.state_dict_hooks) != 0) {  // read now: pre-hooks may have added some
       for_each_hook(module, n.state_dict_hooks, [&](PyObject* hook) {
@@ -164,19 +160,17 @@ class StateDictWalk {
   // Module._save_to_state_dict.
   void save_local(PyObject* module, const ModuleView& view, PyObject* destination, PyObject* prefix,
                   bool extra_state) {
-    PyObject* name;
-    PyObject* value;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(view.parameters, &pos, &name, &value)) {
+    // put() may run Python (detach of a tensor subclass).
+    for_each_item(view.parameters, [&](PyObject* name, PyObject* value) {
       if (value != Py_None) put(destination, prefix, name, value);
-    }
-    pos = 0;
-    while (PyDict_Next(view.buffers, &pos, &name, &value)) {
-      if (value == Py_None) continue;
+    });
+    py::object hold_non_persistent = borrow(view.non_persistent);
+    for_each_item(view.buffers, [&](PyObject* name, PyObject* value) {
+      if (value == Py_None) return;
       int non_persistent = PySet_Contains(view.non_persistent, name);
       if (non_persistent < 0) throw py::error_already_set();
       if (!non_persistent) put(destination, prefix, name, value);
-    }
+    });
     if (extra_state) {
       python_called();
       const ModuleNames& n = module_names();

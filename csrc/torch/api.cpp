@@ -2,8 +2,8 @@
 #include <ATen/ATen.h>
 
 #include <sstream>
-#include <unordered_set>
 
+#include "core/hash.h"
 #include "torch/async_save.h"
 #include "torch/load_into.h"
 #include "torch/tensor_io.h"
@@ -129,7 +129,7 @@ LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, b
     }
     copies.emplace_back(item.value(), record);
   }
-  std::unordered_set<std::string> wanted;
+  SeededSet<std::string> wanted;
   for (const auto& item : targets) wanted.insert(item.key());
   for (const auto& name : file.names()) {
     if (!wanted.count(name)) result.unexpected_keys.push_back(name);

@@ -8,6 +8,7 @@
 #include "core/parallel.h"
 #include "torch/device_staging.h"
 #include "torch/dtypes.h"
+#include "torch/tensor_views.h"
 #include "zerockpt/errors.h"
 
 namespace zerockpt {
@@ -60,6 +61,7 @@ bool LoadPlan::conflicts(const at::Tensor& target) const {
 void LoadPlan::add(const at::Tensor& target, const TensorRecord& record) {
   if (!to_scalar_type(record.dtype)) throw_no_torch_dtype(file_, record);
   if (target.is_meta()) return;  // copy_ into a meta tensor moves no data
+  check_memory("the target of tensor " + quote(record.name), target);
   size_t index = jobs_.size();
   if (target.is_cpu()) {
     auto [begin, end] = byte_extent(target);

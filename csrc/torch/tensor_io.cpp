@@ -8,10 +8,11 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
-#include <unordered_set>
+#include <unordered_map>
 
 #include "torch/device_staging.h"
 #include "torch/dtypes.h"
+#include "torch/tensor_views.h"
 #include "zerockpt/errors.h"
 
 namespace zerockpt {
@@ -68,26 +69,6 @@ bool same_view(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == b.scalar_type() && a.storage_offset() == b.storage_offset() &&
          a.sizes() == b.sizes() && a.strides() == b.strides() && a.is_conj() == b.is_conj() &&
          a.is_neg() == b.is_neg();
-}
-
-void check_savable(const std::string& name, const at::Tensor& t) {
-  if (!t.defined()) throw UsageError(describe(name) + " is an undefined tensor");
-  if (t.layout() != at::kStrided) {
-    throw DtypeError(describe(name) + " has layout " + c10::str(t.layout()) +
-                     "; only strided (dense) tensors can be saved: call .to_dense() first");
-  }
-  if (t.device().is_meta()) {
-    throw UsageError(describe(name) + " is on meta, which holds no data");
-  }
-  if (!to_format_dtype(t.scalar_type())) {
-    throw DtypeError(
-        describe(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
-        ", which the safetensors format cannot store (supported: bool, uint8/16/32/64, "
-        "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types)");
-  }
-  if (t.numel() > 0 && !t.has_storage()) {
-    throw UsageError(describe(name) + " has no storage (a meta, fake or functional tensor?)");
-  }
 }
 
 // Finds tensors that are the same view of one storage (aliases) and rejects different views
@@ -163,6 +144,17 @@ void check_loadable(const Layout& layout, const std::string& path) {
 }
 
 }  // namespace
+
+void check_savable(const std::string& name, const at::Tensor& t) {
+  if (!t.defined()) throw UsageError(describe(name) + " is an undefined tensor");
+  check_memory(describe(name), t);
+  if (!to_format_dtype(t.scalar_type())) {
+    throw DtypeError(
+        describe(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
+        ", which the safetensors format cannot store (supported: bool, uint8/16/32/64, "
+        "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types)");
+  }
+}
 
 SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
                    const WriteOptions& options, const Metadata& own) {

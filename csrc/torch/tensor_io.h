@@ -7,10 +7,10 @@
 
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "core/hash.h"
 #include "core/header.h"
 #include "core/io_engine.h"
 #include "core/reader.h"
@@ -30,6 +30,10 @@ struct SavePlan {
   std::vector<WriteSource> sources;  // per spec; for CPU tensors only
   std::vector<at::Tensor> tensors;   // per spec: the (detached) tensor stored
 };
+
+// Throws DtypeError or UsageError naming `name` unless `t` is a tensor save can store: strided,
+// with memory of its own that holds the whole view (tensor_views.h), of a format dtype.
+void check_savable(const std::string& name, const at::Tensor& t);
 
 // Checks `tensors` and plans their file (see save_tensors). Tensors not on the CPU get empty
 // sources, for the caller to copy.
@@ -77,8 +81,8 @@ class CheckpointFile {
 
   std::shared_ptr<SafetensorsFile> file_;
   std::vector<std::string> names_;
-  std::unordered_map<std::string, size_t> record_index_;  // stored name -> header index
-  std::unordered_map<std::string, std::string> alias_to_target_;
+  SeededMap<std::string, size_t> record_index_;  // stored name -> header index
+  SeededMap<std::string, std::string> alias_to_target_;
 };
 
 }  // namespace zerockpt

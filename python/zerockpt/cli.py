@@ -727,9 +727,10 @@ def _torch_save(obj: object, destination: str) -> None:
     """``torch.save`` to a temporary file beside ``destination``, fsynced, then renamed over it.
 
     ``destination`` thus never holds a partial file, and tensors mapped from a file being
-    replaced (converting a file onto itself) stay valid.
+    replaced (converting a file onto itself) stay valid. The destination is checked and
+    replaced by the rules of ``zerockpt.save`` (through symbolic links, mode, owner and group).
     """
-    directory = os.path.dirname(destination) or "."
+    directory = os.path.dirname(_C.check_destination(destination)) or "."
     try:
         fd, temporary = tempfile.mkstemp(
             dir=directory, prefix=f".{os.path.basename(destination)}.", suffix=".tmp"
@@ -749,7 +750,7 @@ def _torch_save(obj: object, destination: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, destination)
+        _C.replace_file(temporary, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

@@ -114,6 +114,7 @@ def _separate_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     zerockpt stores identical views once and refuses overlapping different views; DCP items
     may be different views of one storage (a tensor and a slice of it), which it stores apart.
     """
+    _C.check_savable(tensors)  # before storages are compared: exotic tensors have none
     by_storage: dict[int, list[str]] = defaultdict(list)
     for name, t in tensors.items():
         if t.device.type != "meta" and t.numel():

@@ -34,7 +34,6 @@ import math
 import os
 import re
 import secrets
-import stat
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -716,17 +715,15 @@ def save_sharded(
             raise type(e)(e.errno, e.strerror, os.path.join(directory, INDEX_NAME)) from None
 
         # Commit: shards first, the index last. Renames need no space, so a full disk has
-        # failed above, with the previous checkpoint untouched.
+        # failed above, with the previous checkpoint untouched; so has a destination that a
+        # save may not replace (checked for all before any is).
         for file in [*files, INDEX_NAME]:
-            target = os.path.join(directory, file)
-            try:  # replacing a file keeps its permission bits, as zerockpt.save does
-                mode = stat.S_IMODE(os.stat(target).st_mode)
-                os.chmod(staging.file(file), mode)
-            except FileNotFoundError:
-                pass
+            _C.check_destination(os.path.join(directory, file))
+        for file in [*files, INDEX_NAME]:
             if file == INDEX_NAME and durable:
                 _fsync_directory(directory)  # the shards' renames reach the disk first
-            os.rename(staging.file(file), target)
+            # Keeps a replaced file's mode, owner and group, as zerockpt.save does.
+            _C.replace_file(staging.file(file), os.path.join(directory, file))
         if durable:
             _fsync_directory(directory)
     finally:

@@ -38,6 +38,16 @@ _INT_LIKE = re.compile(r"-?[0-9]+")
 _INT64 = range(-(2**63), 2**63)
 # The header key the safetensors format keeps for itself: never a tensor name.
 RESERVED_NAME = "__metadata__"
+# Int keys sharing one hash (hash(k) is k mod 2**61 - 1) make a dict quadratic to build: more
+# than this many in one dict are refused, on save and on load.
+MAX_SHARED_HASH = 8
+
+
+def _count_hash(counts: dict[int, int], key: int) -> int:
+    """How many int keys seen so far (``key`` included) have ``hash(key)``."""
+    h = hash(key)  # distinct hashes are distinct keys of ``counts``: it never goes quadratic
+    counts[h] = counts.get(h, 0) + 1
+    return counts[h]
 
 
 def is_flat_state_dict(obj: object) -> bool:
@@ -119,11 +129,17 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
                     "mappings can be saved"
                 )
             items = []
+            counts: dict[int, int] = {}
             for k, v in mapping_items(value):
                 if type(k) is not str and (type(k) is not int):
                     raise TypeError(
                         f"{_where(path)} has a key {k!r} of type {type(k).__name__}; "
                         "only str and int keys can be saved"
+                    )
+                if type(k) is int and _count_hash(counts, k) > MAX_SHARED_HASH:
+                    raise ValueError(
+                        f"{_where(path)} has more than {MAX_SHARED_HASH} int keys with the hash "
+                        f"of {k!r}, which would make loading it quadratic"
                     )
                 items.append([k, walk(v, (*path, k))])
             node: dict[str, Any] = {"dict": items}
@@ -211,9 +227,12 @@ def _build(node: Any, depth: int, tensors: Mapping[str, torch.Tensor], path: str
         # cannot carry the attribute.
         ordered = node.get("ordered") is True or "metadata" in node
         out: dict[Any, Any] = OrderedDict() if ordered else {}
+        counts: dict[int, int] = {}
         for item in body:
             if not isinstance(item, list) or len(item) != 2 or type(item[0]) not in (str, int):
                 raise _invalid(path, f"bad dict item {item!r:.60}")
+            if type(item[0]) is int and _count_hash(counts, item[0]) > MAX_SHARED_HASH:
+                raise _invalid(path, f"more than {MAX_SHARED_HASH} int keys of a dict share a hash")
             out[item[0]] = _build(item[1], depth + 1, tensors, path)
         if "metadata" in node:
             meta = node["metadata"]
