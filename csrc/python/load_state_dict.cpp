@@ -23,6 +23,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "python/interrupt.h"
 #include "python/module_registry.h"
 #include "torch/device_staging.h"
 #include "torch/dtypes.h"
@@ -676,6 +677,46 @@ class LoadWalk {
   std::unordered_map<const TensorRecord*, py::object> materialised_;
 };
 
+// load_state_dict's work, on the caller's thread. Requires GIL.
+py::object walk_into(py::handle module, const py::object& source, py::object metadata,
+                     const py::object& assign, const std::shared_ptr<CheckpointFile>& file,
+                     unsigned threads, Progress* progress, uint64_t staging_bytes) {
+  LoadWalk walk(std::move(metadata), assign, file, threads, progress, staging_bytes);
+  Entries entries;
+  if (file) {
+    for (const std::string& name : file->names()) {
+      Entry* e = walk.new_entry();
+      e->key = make_str(name);
+      e->name = walk.key_text(e->key.ptr());
+      e->record = file->find(name);
+      entries.push_back(e);
+    }
+  } else {
+    // Exact dicts and OrderedDicts, in iteration order; anything else the caller copies into
+    // an OrderedDict first, as torch does.
+    py::object it = steal(PyObject_GetIter(source.ptr()));
+    while (PyObject* key_raw = PyIter_Next(it.ptr())) {
+      py::object key = steal(key_raw);
+      if (!PyUnicode_Check(key.ptr())) return py::none();  // torch's code handles these
+      PyObject* value = PyDict_GetItemWithError(source.ptr(), key.ptr());
+      if (!value) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.ptr());
+        throw py::error_already_set();
+      }
+      Entry* e = walk.new_entry();
+      e->key = key;
+      e->name = walk.key_text(key.ptr());
+      e->value = borrow(value);
+      entries.push_back(e);
+    }
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
+            /*root=*/true);
+  walk.flush();
+  return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
+}
+
 }  // namespace
 
 py::object load_state_dict(py::handle module, py::object source, py::object metadata,
@@ -685,40 +726,10 @@ py::object load_state_dict(py::handle module, py::object source, py::object meta
   torch::PyWarningHandler warnings;  // TORCH_WARN from copy_ becomes a Python warning
   try {
     if (file) check_torch_dtypes(*file);
-    LoadWalk walk(std::move(metadata), assign, file, threads, progress.get(), staging_bytes);
-    Entries entries;
-    if (file) {
-      for (const std::string& name : file->names()) {
-        Entry* e = walk.new_entry();
-        e->key = make_str(name);
-        e->name = walk.key_text(e->key.ptr());
-        e->record = file->find(name);
-        entries.push_back(e);
-      }
-    } else {
-      // Exact dicts and OrderedDicts, in iteration order; anything else the caller copies into
-      // an OrderedDict first, as torch does.
-      py::object it = steal(PyObject_GetIter(source.ptr()));
-      while (PyObject* key_raw = PyIter_Next(it.ptr())) {
-        py::object key = steal(key_raw);
-        if (!PyUnicode_Check(key.ptr())) return py::none();  // torch's code handles these
-        PyObject* value = PyDict_GetItemWithError(source.ptr(), key.ptr());
-        if (!value) {
-          if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.ptr());
-          throw py::error_already_set();
-        }
-        Entry* e = walk.new_entry();
-        e->key = key;
-        e->name = walk.key_text(key.ptr());
-        e->value = borrow(value);
-        entries.push_back(e);
-      }
-      if (PyErr_Occurred()) throw py::error_already_set();
-    }
-    walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
-              /*root=*/true);
-    walk.flush();
-    return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
+    return interruptible(std::move(progress), [&](Progress* counter) -> py::object {
+      return walk_into(module, source, std::move(metadata), assign, file, threads, counter,
+                       staging_bytes);
+    });
   } catch (...) {
     warnings.set_in_exception();
     throw;

@@ -624,7 +624,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
             progress,
             _progress.label("Verifying", self._path),
             lambda counter: sharded.run_parallel(
-                lambda handle: check(handle, counter), files, workers
+                lambda handle: check(handle, counter), files, workers, counter
             ),
             total=sum(sharded.stored_bytes(handle) for handle in files),
         )

@@ -322,12 +322,29 @@ def thread_budget(threads: int, tasks: int) -> tuple[int, int]:
     return workers, -(-total // workers)
 
 
-def run_parallel(func: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
-    """``[func(x) for x in items]`` on ``workers`` threads; the first failure (in order) raises."""
+def run_parallel(
+    func: Callable[[_T], _R],
+    items: Sequence[_T],
+    workers: int,
+    progress: _C.Progress | None = None,
+) -> list[_R]:
+    """``[func(x) for x in items]`` on ``workers`` threads; the first failure (in order) raises.
+
+    When this thread stops waiting (a failure, or Ctrl-C: signals reach only this thread),
+    ``progress``, which ``func`` passes to its C++ calls, is cancelled, so the calls still
+    running stop at their next chunk; the threads are joined before the error propagates.
+    """
     if workers <= 1 or len(items) <= 1:
         return [func(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zerockpt-shard") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zerockpt-shard")
+    try:
         return list(pool.map(func, items))
+    except BaseException:
+        if progress is not None:
+            progress.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_shards(
@@ -347,7 +364,8 @@ def load_shards(
         mmap: As ``zerockpt.load``'s ``mmap``.
         threads: Total reader threads (0: the default), shared among the shards.
         verify: Check every shard's checksums.
-        progress: Counts the bytes read or checked, for a progress bar.
+        progress: Counts the bytes read or checked, for a progress bar; cancelled (to stop
+            the other shards) when one fails or on Ctrl-C.
         device: Stage the tensors into new tensors on this device (None: the CPU mapping).
             Shards then load one after another on this thread, each with all the threads,
             so the copies go to this thread's current stream.
@@ -373,7 +391,8 @@ def load_shards(
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
 
-    loaded = dict(zip(index.shards, run_parallel(load_one, index.shards, workers), strict=True))
+    results = run_parallel(load_one, index.shards, workers, progress)
+    loaded = dict(zip(index.shards, results, strict=True))
     merged = {name: loaded[shard][0][name] for name, shard in index.weight_map.items()}
     unchecked = [index.shard_path(s) for s, (_, ok) in loaded.items() if not ok]
     return merged, unchecked
