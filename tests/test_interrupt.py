@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import subprocess
 import sys
@@ -78,9 +79,6 @@ def _sigint_once_bytes_move(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[_C
         counters.append(make(total))
         return counters[-1]
 
-    def handler(signum: int, frame: Any) -> None:
-        raise _Interrupted("SIGINT")
-
     monkeypatch.setattr(_C, "Progress", recording)
     stop = threading.Event()
 
@@ -90,16 +88,27 @@ def _sigint_once_bytes_move(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[_C
                 signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
                 return
 
-    previous = signal.signal(signal.SIGINT, handler)
     watcher = threading.Thread(target=watch)
-    watcher.start()
-    _C._delay_chunks(DELAY)
+    with _sigint_raises_interrupted():
+        watcher.start()
+        _C._delay_chunks(DELAY)
+        try:
+            yield counters
+        finally:
+            _C._delay_chunks(0)
+            stop.set()
+            watcher.join()
+
+
+@contextlib.contextmanager
+def _sigint_raises_interrupted() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise _Interrupted("SIGINT")
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield counters
+        yield
     finally:
-        _C._delay_chunks(0)
-        stop.set()
-        watcher.join()
         signal.signal(signal.SIGINT, previous)
 
 
@@ -160,6 +169,35 @@ def test_sigint_stops_the_call_within_a_chunk_and_commits_nothing(
     assert temp_leftovers(sources) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("zerockpt-")]
     capfd.readouterr()
+
+
+def test_sigint_among_the_renames_of_a_sharded_save_waits_for_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping between the shards' renames would leave new shards under the old index: the
+    signal is handled once the index is in place too."""
+    directory = tmp_path / "sharded"
+    old = {f"t{i}": torch.full((1000,), float(i)) for i in range(3)}
+    new = {name: -t for name, t in old.items()}
+    zerockpt.save(old, directory, max_shard_size="4KB")
+    renamed: list[str] = []
+    rename = os.rename
+
+    def rename_then_sigint(src: str, dst: str) -> None:
+        rename(src, dst)
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 1:
+            signal.raise_signal(signal.SIGINT)  # handled as soon as this returns
+
+    monkeypatch.setattr(os, "rename", rename_then_sigint)
+    with _sigint_raises_interrupted(), pytest.raises(_Interrupted):
+        zerockpt.save(new, directory, max_shard_size="4KB")
+    monkeypatch.undo()
+    assert len(renamed) == 4 and renamed[-1] == "model.safetensors.index.json"
+    loaded = zerockpt.load(directory)
+    assert list(loaded) == list(new)
+    for name, t in new.items():
+        assert torch.equal(loaded[name], t)
 
 
 # A child process: slows chunks, waits for a line on stdin, then runs the command given as

@@ -35,9 +35,11 @@ import math
 import os
 import re
 import secrets
+import signal
 import stat
+import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -643,6 +645,29 @@ def stored_bytes(f: _C._File) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Runs the block with SIGINT held back, then hands a SIGINT that came meanwhile to the
+    handler that was in place (KeyboardInterrupt, by default). Off the main thread signals
+    never interrupt Python code, so there is nothing to hold back; nor is there where the
+    handler was not set from Python (it cannot be put back)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(*caught[0])
+            else:  # SIG_DFL, SIG_IGN or a handler outside Python: as the signal would have
+                signal.raise_signal(signal.SIGINT)
+
+
 def save_sharded(
     tensors: dict[str, torch.Tensor],
     directory: str,
@@ -737,19 +762,21 @@ def save_sharded(
             raise type(e)(e.errno, e.strerror, os.path.join(directory, INDEX_NAME)) from None
 
         # Commit: shards first, the index last. Renames need no space, so a full disk has
-        # failed above, with the previous checkpoint untouched.
-        for file in [*files, INDEX_NAME]:
-            target = os.path.join(directory, file)
-            try:  # replacing a file keeps its permission bits, as zerockpt.save does
-                mode = stat.S_IMODE(os.stat(target).st_mode)
-                os.chmod(staging.file(file), mode)
-            except FileNotFoundError:
-                pass
-            if file == INDEX_NAME and durable:
-                _fsync_directory(directory)  # the shards' renames reach the disk first
-            os.rename(staging.file(file), target)
-        if durable:
-            _fsync_directory(directory)
+        # failed above, with the previous checkpoint untouched. Ctrl-C waits for the end:
+        # stopping among the renames would leave new shards under the old index.
+        with _ctrl_c_deferred():
+            for file in [*files, INDEX_NAME]:
+                target = os.path.join(directory, file)
+                try:  # replacing a file keeps its permission bits, as zerockpt.save does
+                    mode = stat.S_IMODE(os.stat(target).st_mode)
+                    os.chmod(staging.file(file), mode)
+                except FileNotFoundError:
+                    pass
+                if file == INDEX_NAME and durable:
+                    _fsync_directory(directory)  # the shards' renames reach the disk first
+                os.rename(staging.file(file), target)
+            if durable:
+                _fsync_directory(directory)
     finally:
         staging.close()
 
