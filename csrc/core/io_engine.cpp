@@ -199,11 +199,9 @@ std::string checksummed_prefix(const Layout& layout, const std::vector<TensorSpe
   return prefix;
 }
 
-}  // namespace
+std::atomic<int64_t> g_chunk_delay_us{0};     // set_chunk_delay
+thread_local ProgressPoll* t_poll = nullptr;  // this thread's innermost ProgressPoll
 
-namespace {
-std::atomic<int64_t> g_chunk_delay_us{0};
-thread_local ProgressPoll* t_poll = nullptr;
 }  // namespace
 
 void set_chunk_delay(double seconds) {

@@ -18,8 +18,8 @@ SignalWatch::SignalWatch(std::shared_ptr<Progress> progress)
     : progress_(progress ? std::move(progress) : std::make_shared<Progress>()) {
   if (!on_main_thread()) return;
   poll_.emplace([this] {
-    // Runs on this object's thread, between chunks, with no lock held: taking the GIL here is
-    // what the thread would do after the call anyway.
+    // Runs on this object's thread between chunks, where it holds none of zerockpt's locks, so
+    // taking the GIL waits only for Python code; the handlers run as between bytecodes.
     py::gil_scoped_acquire gil;
     if (raised_ || PyErr_CheckSignals() == 0) return false;
     raised_.emplace();  // takes the handler's exception out of the error indicator

@@ -209,9 +209,9 @@ void bind_async(py::module_& m) {
 }
 
 // Releases GIL for open, parse and reads (taking it between chunks to check for Ctrl-C);
-// requires it to build the dicts. Returns the tensors,
-// the metadata entries zerockpt reserves (kReservedPrefix keys) and whether the file stores
-// checksums. With `device`, the tensors are new tensors there, filled through staging.
+// requires it to build the dicts. Returns the tensors, the metadata entries zerockpt reserves
+// (kReservedPrefix keys) and whether the file stores checksums. With `device`, the tensors are
+// new tensors there, filled through staging.
 py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
                std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
                uint64_t staging_bytes) {
