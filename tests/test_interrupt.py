@@ -202,7 +202,8 @@ def test_sigint_among_the_renames_of_a_sharded_save_waits_for_its_commit(
 
 # A child process: slows chunks, waits for a line on stdin, then runs the command given as
 # argv[1:] (a save, or the CLI) with Python's default SIGINT handler, printing "flowing" once
-# a counter is part-way.
+# a call is under way (its bytes expected, not all done: whatever the number of threads, the
+# slowed chunks leave the parent time to send its signals).
 _CHILD = """
 import sys, threading, time
 import torch, zerockpt
@@ -215,7 +216,7 @@ def recording(total=0):
 _C.Progress = recording
 
 def watch():
-    while not any(0 < c.done < c.total for c in counters):
+    while not any(0 < c.total and c.done < c.total for c in counters):
         time.sleep(0.005)
     print("flowing", flush=True)
 threading.Thread(target=watch, daemon=True).start()
@@ -233,7 +234,7 @@ else:
 
 def _start_child(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD % {"delay": DELAY * 2}, *args],
+        [sys.executable, "-c", _CHILD % {"delay": DELAY * 5}, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
