@@ -8,8 +8,12 @@ namespace {
 // Python runs signal handlers on the main thread only; elsewhere there is nothing to poll.
 // Requires GIL.
 bool on_main_thread() {
-  py::object main = py::module_::import("threading").attr("main_thread")();
-  return py::int_(PyThread_get_thread_ident()).equal(main.attr("ident"));
+  try {
+    py::object main = py::module_::import("threading").attr("main_thread")();
+    return py::int_(PyThread_get_thread_ident()).equal(main.attr("ident"));
+  } catch (py::error_already_set&) {
+    return false;  // threading torn down (interpreter exit): no handler would run anyway
+  }
 }
 
 }  // namespace
