@@ -1,16 +1,17 @@
 """Progress bars: save, load, verify and load_state_dict with progress=True.
 
-The C++ calls count the bytes they write, read or check into a ``_C.Progress``; the Python
-wrapper runs the work on a helper thread and draws tqdm on stderr. Checked here: the counts are
-exact (tied weights once, header excluded), results are the same with and without a bar, a
-cancelled counter stops a call with KeyboardInterrupt and commits nothing, Ctrl-C while the
-bar is drawn cancels the work and waits for it, and no bar is ever drawn by default.
+The C++ calls count the bytes they write, read or check into a ``_C.Progress``; the work runs
+on the caller's thread and a helper thread draws tqdm on stderr. Checked here: the counts are
+exact (tied weights once, header excluded), results and torch's thread-local state (grad mode,
+dispatch and function modes, the current stream) are the same with and without a bar, a
+cancelled counter stops a call with KeyboardInterrupt and commits nothing, and no bar is ever
+drawn by default. Ctrl-C itself: test_interrupt.py.
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 import zerockpt
 from conftest import assert_bitwise_equal, random_tensor, temp_leftovers
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from zerockpt import _C, _progress
 
 
@@ -212,32 +215,157 @@ def test_without_tqdm_the_error_says_what_to_install(
     zerockpt.save({"w": torch.ones(2)}, tmp_path / "w")  # no bar asked: no tqdm needed
 
 
-def test_ctrl_c_while_drawing_cancels_the_work_and_waits_for_it(
-    monkeypatch: pytest.MonkeyPatch,
+def test_the_work_runs_on_the_callers_thread_while_a_helper_draws(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """KeyboardInterrupt on the drawing thread: the counter is cancelled, the helper joined."""
-    stopped = threading.Event()
+    caller = threading.get_ident()
+    drawn = threading.Event()
+    original = _progress._draw
 
-    def work(counter: _C.Progress | None) -> None:
-        assert counter is not None
-        while not counter.cancelled:
-            time.sleep(0.005)
-        time.sleep(0.05)  # still busy: the caller must wait for this
-        stopped.set()
-        raise KeyboardInterrupt("cancelled while working")
+    def draw(bar: Any, done: int, total: int) -> None:
+        if threading.get_ident() != caller:  # the final 100% is drawn by the caller
+            drawn.set()
+        original(bar, done, total)
 
-    def interrupt(bar: Any, done: int, total: int) -> None:
-        raise KeyboardInterrupt
+    def work(counter: _C.Progress) -> int:
+        assert drawn.wait(10)  # the helper draws while this thread is busy
+        return threading.get_ident()
 
-    monkeypatch.setattr(_progress, "_draw", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _progress.run(True, "Working", work)
-    assert stopped.is_set()
+    monkeypatch.setattr(_progress, "_draw", draw)
+    assert _progress.run(True, "Working", work) == caller
+    assert "Working" in capfd.readouterr().err
     assert not [t for t in threading.enumerate() if t.name == "zerockpt-progress"]
 
 
+class _DispatchLog(TorchDispatchMode):
+    """Records the ATen ops that reach it (only those run on the thread that entered it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionLog(TorchFunctionMode):
+    """Records the torch functions that reach it (only those called on its thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.functions: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.functions.append(getattr(func, "__qualname__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8).half())
+
+
+def _fresh_with_hook(seen: list[tuple[bool, int]]) -> nn.Module:
+    """A float32 model whose modules' pre-hooks record the grad mode and thread they run with."""
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+
+    def hook(*args: Any) -> None:
+        seen.append((torch.is_grad_enabled(), threading.get_ident()))
+
+    for module in fresh.modules():
+        module.register_load_state_dict_pre_hook(hook)
+    return fresh
+
+
+_OPERATIONS: dict[str, Callable[[Path, bool], Any]] = {
+    "save": lambda d, p: zerockpt.save(_model(), d / f"s{p}", progress=p),
+    "sharded save": lambda d, p: zerockpt.save(
+        _model(), d / f"sh{p}", max_shard_size="10KB", progress=p
+    ),
+    "load": lambda d, p: zerockpt.load(d / "m.safetensors", mmap=False, progress=p),
+    "verify": lambda d, p: zerockpt.verify(d / "m.safetensors", progress=p).ok,
+    # Under a mode, load_state_dict runs torch's own code, so the mode sees torch's ops.
+    "load_state_dict": lambda d, p: zerockpt.load_state_dict(
+        nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), d / "m.safetensors", progress=p
+    ),
+}
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_a_bar_changes_nothing_under_dispatch_and_function_modes(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], operation: str
+) -> None:
+    """Under no_grad and dispatch and function modes, progress=True runs the same ops on the
+    caller's thread (where the modes see them) as progress=False."""
+    zerockpt.save(_model(), tmp_path / "m.safetensors")
+    observed = []
+    for progress in (False, True):
+        with torch.no_grad(), _DispatchLog() as dispatch, _FunctionLog() as functions:
+            result = _OPERATIONS[operation](tmp_path, progress)
+        observed.append((dispatch.ops, functions.functions, result))
+    (ops, functions, result), (bar_ops, bar_functions, bar_result) = observed
+    assert bar_ops == ops
+    assert bar_functions == functions
+    if operation.startswith("load"):
+        assert "aten.copy_.default" in ops or "aten.empty.memory_format" in ops
+    if operation == "load":
+        assert list(bar_result) == list(result)
+        for name in result:
+            assert_bitwise_equal(bar_result[name], result[name])
+    else:
+        assert bar_result == result
+    capfd.readouterr()
+
+
+@pytest.mark.parametrize("source", ["file", "dict"])
+def test_a_bar_keeps_no_grad_for_load_state_dict_hooks(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], source: str
+) -> None:
+    """zerockpt's own walk runs the modules' hooks on the caller's thread, under its grad mode."""
+    zerockpt.save(_model(), tmp_path / "m.safetensors")
+    loaded = []
+    for progress in (False, True):
+        seen: list[tuple[bool, int]] = []
+        fresh = _fresh_with_hook(seen)
+        with torch.no_grad():
+            result = zerockpt.load_state_dict(
+                fresh,
+                tmp_path / "m.safetensors" if source == "file" else _model().state_dict(),
+                progress=progress,
+            )
+        assert result.missing_keys == [] and result.unexpected_keys == []
+        assert seen == [(False, threading.get_ident())] * 3  # the root and both children
+        loaded.append(fresh.state_dict())
+    for name, t in _model().state_dict().items():
+        assert_bitwise_equal(loaded[0][name], t.float())
+        assert_bitwise_equal(loaded[1][name], t.float())
+    assert "Loading" in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bar_keeps_the_current_cuda_stream(tmp_path: Path) -> None:
+    zerockpt.save(_model(), tmp_path / "m.safetensors")
+    stream = torch.cuda.Stream()
+    for progress in (False, True):
+        target = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).cuda()
+        streams: list[torch.cuda.Stream] = []
+        target.register_load_state_dict_pre_hook(
+            lambda *args, streams=streams: streams.append(torch.cuda.current_stream())
+        )
+        with torch.cuda.stream(stream):
+            zerockpt.load_state_dict(target, tmp_path / "m.safetensors", progress=progress)
+            loaded = zerockpt.load(tmp_path / "m.safetensors", device="cuda", progress=progress)
+        stream.synchronize()
+        assert streams and all(s == stream for s in streams)
+        for name, t in _model().state_dict().items():
+            assert torch.equal(target.state_dict()[name], t.float().cuda())
+            assert torch.equal(loaded[name], t.cuda())
+
+
 def test_run_returns_the_work_result_and_reraises_its_error() -> None:
-    assert _progress.run(False, "x", lambda counter: counter) is None
+    # A counter either way: it also cancels calls on other threads (sharded.run_parallel).
+    assert _progress.run(False, "x", lambda counter: isinstance(counter, _C.Progress)) is True
     assert _progress.run(True, "x", lambda counter: isinstance(counter, _C.Progress)) is True
 
     def fail(counter: _C.Progress | None) -> None:

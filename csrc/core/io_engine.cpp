@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <thread>
 
 #include "core/crc32c.h"
 #include "core/file.h"
@@ -202,9 +203,38 @@ std::string checksummed_prefix(const Layout& layout, const std::vector<TensorSpe
   return prefix;
 }
 
+std::atomic<int64_t> g_chunk_delay_us{0};     // set_chunk_delay
+thread_local ProgressPoll* t_poll = nullptr;  // this thread's innermost ProgressPoll
+
 }  // namespace
 
-void Progress::check(const std::string& what) const {
+void set_chunk_delay(double seconds) {
+  g_chunk_delay_us.store(static_cast<int64_t>(std::max(0.0, seconds) * 1e6));
+}
+
+ProgressPoll::ProgressPoll(std::function<bool()> poll)
+    : poll_(std::move(poll)),
+      outer_(t_poll),
+      next_(std::chrono::steady_clock::now() + kPollInterval) {
+  t_poll = this;
+}
+
+ProgressPoll::~ProgressPoll() { t_poll = outer_; }
+
+ProgressPoll* ProgressPoll::current() noexcept { return t_poll; }
+
+bool ProgressPoll::poll_if_due() {
+  auto now = std::chrono::steady_clock::now();
+  if (now < next_) return false;
+  next_ = now + kPollInterval;
+  return poll_();
+}
+
+void Progress::check(const std::string& what) {
+  if (int64_t delay = g_chunk_delay_us.load(std::memory_order_relaxed)) {
+    std::this_thread::sleep_for(std::chrono::microseconds(delay));
+  }
+  if (ProgressPoll* poll = ProgressPoll::current(); poll && poll->poll_if_due()) cancel();
   if (cancelled()) throw Cancelled("cancelled while " + what);
 }
 
@@ -274,6 +304,7 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
     }
   }
   if (direct && plan.file_size % kPage != 0) file.truncate(plan.file_size);
+  if (progress) progress->check(what);  // the last moment to stop with nothing committed
   file.commit(options.durable);
 }
 

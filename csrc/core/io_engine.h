@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -59,7 +60,7 @@ class ChunkStager {
 // The bytes a running call has written, read or checked, for a progress bar that another thread
 // polls, and a request to stop. A call adds what it is about to do to total() with expect()
 // (unless the total was fixed at construction, for work spread over several calls), then
-// done() grows to it in chunk-sized steps. Thread-safe.
+// done() grows to it in chunk-sized steps, calling check() before each chunk. Thread-safe.
 class Progress {
  public:
   explicit Progress(uint64_t total = 0) : fixed_total_(total > 0), total_(total) {}
@@ -72,8 +73,9 @@ class Progress {
   // Asks every call using this Progress to stop at its next chunk with Cancelled.
   void cancel() noexcept { cancelled_.store(true, std::memory_order_relaxed); }
   bool cancelled() const noexcept { return cancelled_.load(std::memory_order_relaxed); }
-  // Throws Cancelled if cancel() was called; `what` names the call ("writing <path>").
-  void check(const std::string& what) const;
+  // Between chunks: runs this thread's ProgressPoll if one is due (it may cancel), then throws
+  // Cancelled if cancel() was called; `what` names the call ("writing <path>").
+  void check(const std::string& what);
 
  private:
   const bool fixed_total_;
@@ -81,6 +83,32 @@ class Progress {
   std::atomic<uint64_t> done_{0};
   std::atomic<bool> cancelled_{false};
 };
+
+// How a call running on its caller's thread sees a request to stop from outside C++ (Ctrl-C,
+// for the Python binding) between chunks. While alive, Progress::check() on the thread that
+// made it (never on worker threads) runs `poll` at most every kPollInterval, and cancels that
+// Progress when `poll` returns true. Scoped to one thread; nests.
+class ProgressPoll {
+ public:
+  static constexpr std::chrono::milliseconds kPollInterval{50};
+  explicit ProgressPoll(std::function<bool()> poll);
+  ~ProgressPoll();
+  ProgressPoll(const ProgressPoll&) = delete;
+  ProgressPoll& operator=(const ProgressPoll&) = delete;
+  // This thread's innermost poll, or null.
+  static ProgressPoll* current() noexcept;
+  // Runs poll if kPollInterval has passed since the last run; true when it asks to stop.
+  bool poll_if_due();
+
+ private:
+  std::function<bool()> poll_;
+  ProgressPoll* outer_;
+  std::chrono::steady_clock::time_point next_;
+};
+
+// Makes every Progress::check() sleep `seconds` first (0: off), so that a test can interrupt
+// a call between its chunks. Testing aid; process-wide.
+void set_chunk_delay(double seconds);
 
 // progress->expect(bytes) and progress->check(what) where `progress` may be null.
 void expect_progress(Progress* progress, uint64_t bytes, const std::string& what);

@@ -27,6 +27,7 @@
 #include <variant>
 
 #include "core/hash.h"
+#include "python/interrupt.h"
 #include "python/module_registry.h"
 #include "torch/device_staging.h"
 #include "torch/dtypes.h"
@@ -766,6 +767,49 @@ class LoadWalk {
   TorchWarnings* warnings_ = nullptr;
 };
 
+// load_state_dict's work, on the caller's thread. Requires GIL.
+py::object walk_into(py::handle module, const py::object& source, py::object metadata,
+                     const py::object& assign, const std::shared_ptr<CheckpointFile>& file,
+                     unsigned threads, Progress* progress, uint64_t staging_bytes,
+                     TorchWarnings* warnings) {
+  LoadWalk walk(std::move(metadata), assign, file, threads, progress, staging_bytes);
+  walk.set_warnings(warnings);
+  Entries entries;
+  if (file) {
+    for (const std::string& name : file->names()) {
+      Entry* e = walk.new_entry();
+      e->key = make_str(name);
+      e->name = walk.key_text(e->key.ptr());
+      e->record = file->find(name);
+      entries.push_back(e);
+    }
+  } else {
+    // Exact dicts and OrderedDicts, in iteration order; anything else the caller copies into
+    // an OrderedDict first, as torch does.
+    py::object it = steal(PyObject_GetIter(source.ptr()));
+    while (PyObject* key_raw = PyIter_Next(it.ptr())) {
+      py::object key = steal(key_raw);
+      if (!PyUnicode_Check(key.ptr())) return py::none();  // torch's code handles these
+      PyObject* value = PyDict_GetItemWithError(source.ptr(), key.ptr());
+      if (!value) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.ptr());
+        throw py::error_already_set();
+      }
+      Entry* e = walk.new_entry();
+      e->key = key;
+      e->name = walk.key_text(key.ptr());
+      e->value = borrow(value);
+      entries.push_back(e);
+    }
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
+            /*root=*/true);
+  walk.flush();
+  warnings->flush();
+  return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
+}
+
 }  // namespace
 
 py::object load_state_dict(py::handle module, py::object source, py::object metadata,
@@ -776,42 +820,10 @@ py::object load_state_dict(py::handle module, py::object source, py::object meta
   c10::WarningUtils::WarningHandlerGuard guard(&warnings);
   try {
     if (file) check_torch_dtypes(*file);
-    LoadWalk walk(std::move(metadata), assign, file, threads, progress.get(), staging_bytes);
-    walk.set_warnings(&warnings);
-    Entries entries;
-    if (file) {
-      for (const std::string& name : file->names()) {
-        Entry* e = walk.new_entry();
-        e->key = make_str(name);
-        e->name = walk.key_text(e->key.ptr());
-        e->record = file->find(name);
-        entries.push_back(e);
-      }
-    } else {
-      // Exact dicts and OrderedDicts, in iteration order; anything else the caller copies into
-      // an OrderedDict first, as torch does.
-      py::object it = steal(PyObject_GetIter(source.ptr()));
-      while (PyObject* key_raw = PyIter_Next(it.ptr())) {
-        py::object key = steal(key_raw);
-        if (!PyUnicode_Check(key.ptr())) return py::none();  // torch's code handles these
-        PyObject* value = PyDict_GetItemWithError(source.ptr(), key.ptr());
-        if (!value) {
-          if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.ptr());
-          throw py::error_already_set();
-        }
-        Entry* e = walk.new_entry();
-        e->key = key;
-        e->name = walk.key_text(key.ptr());
-        e->value = borrow(value);
-        entries.push_back(e);
-      }
-      if (PyErr_Occurred()) throw py::error_already_set();
-    }
-    walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
-              /*root=*/true);
-    walk.flush();
-    warnings.flush();
-    return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
+    return interruptible(std::move(progress), [&](Progress* counter) -> py::object {
+      return walk_into(module, source, std::move(metadata), assign, file, threads, counter,
+                       staging_bytes, &warnings);
+    });
   } catch (...) {
     // The warnings that came before the error are still shown; a failure to show them (a
     // filter turning one into an error) does not replace the error in flight.

@@ -13,7 +13,8 @@ namespace zerockpt {
 // OrderedDict with str keys) or, if `file` is set, that file's tensors into `module` as
 // torch's Module.load_state_dict does, up to the final error check. Returns
 // (missing_keys, unexpected_keys, error_msgs), or None if a key is not a str (the caller then
-// uses torch's own code). `progress` (may be null) counts the bytes read from `file`;
+// uses torch's own code). `progress` (may be null) counts the bytes read from `file`; Ctrl-C
+// stops the load between chunks (SignalWatch);
 // `staging_bytes` bounds the host memory used to fill device parameters (0: default).
 pybind11::object load_state_dict(pybind11::handle module, pybind11::object source,
                                  pybind11::object metadata, pybind11::object assign,

@@ -11,6 +11,7 @@
 #include "core/file.h"
 #include "core/parallel.h"
 #include "python/errors.h"
+#include "python/interrupt.h"
 #include "python/load_state_dict.h"
 #include "python/state_dict.h"
 #include "torch/async_save.h"
@@ -114,20 +115,23 @@ SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
   return args;
 }
 
-// Requires GIL for conversion; releases GIL for the write. `own` holds zerockpt's reserved
-// metadata entries (each key must start with kReservedPrefix).
+// Requires GIL for conversion; releases GIL for the write, taking it between chunks to check
+// for Ctrl-C. `own` holds zerockpt's reserved metadata entries (each key must start with
+// kReservedPrefix).
 void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
           std::optional<bool> direct_io, unsigned threads, py::object own_metadata, bool checksums,
           std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
-  SaveArgs args = save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums,
-                            progress.get(), staging_bytes);
-  for (const auto& [name, t] : args.entries) {
-    if (!t.device().is_cpu()) init_device(t.device());
-  }
-  // Safe without the GIL: entries hold references to the tensors, and nothing below touches
-  // Python objects.
-  py::gil_scoped_release no_gil;
-  save_tensors(args.entries, path, args.metadata, args.options, args.own);
+  interruptible(std::move(progress), [&](Progress* counter) {
+    SaveArgs args = save_args(tensors, metadata, durable, direct_io, threads, own_metadata,
+                              checksums, counter, staging_bytes);
+    for (const auto& [name, t] : args.entries) {
+      if (!t.device().is_cpu()) init_device(t.device());
+    }
+    // Safe without the GIL: entries hold references to the tensors, and nothing below touches
+    // Python objects.
+    py::gil_scoped_release no_gil;
+    save_tensors(args.entries, path, args.metadata, args.options, args.own);
+  });
 }
 
 // Requires GIL for conversion; releases GIL while waiting for the save in flight and copying.
@@ -231,9 +235,10 @@ void bind_async(py::module_& m) {
       "Waits for the save in flight, then frees save_async's snapshot buffer.");
 }
 
-// Releases GIL for open, parse and reads; requires it to build the dicts. Returns the tensors,
-// the metadata entries zerockpt reserves (kReservedPrefix keys) and whether the file stores
-// checksums. With `device`, the tensors are new tensors there, filled through staging.
+// Releases GIL for open, parse and reads (taking it between chunks to check for Ctrl-C);
+// requires it to build the dicts. Returns the tensors, the metadata entries zerockpt reserves
+// (kReservedPrefix keys) and whether the file stores checksums. With `device`, the tensors are
+// new tensors there, filled through staging.
 py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
                std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
                uint64_t staging_bytes) {
@@ -241,17 +246,17 @@ py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify
   Metadata own;
   bool has_checksums = false;
   if (device && !device->is_cpu()) init_device(*device);
-  {
+  interruptible(std::move(progress), [&](Progress* counter) {
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
     CheckpointFile file(path);
-    loaded = device ? load_to_device(file, *device, threads, verify, staging_bytes, progress.get())
-                    : file.load_all(mmap, threads, verify, progress.get());
+    loaded = device ? load_to_device(file, *device, threads, verify, staging_bytes, counter)
+                    : file.load_all(mmap, threads, verify, counter);
     for (const auto& [key, value] : file.file().header().metadata) {
       if (key.rfind(kReservedPrefix, 0) == 0) own.emplace_back(key, value);
       if (key == kChecksumKey) has_checksums = true;
     }
-  }
+  });
   py::dict own_dict;
   for (const auto& [key, value] : own) own_dict[py::str(key)] = py::str(value);
   return py::make_tuple(tensors_to_dict(loaded), own_dict, has_checksums);
@@ -302,18 +307,19 @@ void bind_file(py::module_& m) {
                                   target ? py::object(py::str(*target)) : py::object(py::none()));
           },
           py::arg("name"))
-      // Releases GIL while checking. (has checksums, names of stored tensors that fail);
-      // with `raise_on_failure` a failure is a ChecksumError naming them instead.
+      // Releases GIL while checking (taking it between chunks to check for Ctrl-C). (has
+      // checksums, names of stored tensors that fail); with `raise_on_failure` a failure is a
+      // ChecksumError naming them instead.
       .def(
           "verify",
           [](CheckpointFile& f, unsigned threads, bool raise_on_failure,
              std::shared_ptr<Progress> progress) {
             VerifyResult result;
-            {
+            interruptible(std::move(progress), [&](Progress* counter) {
               py::gil_scoped_release no_gil;  // only C++ work below
-              result = f.file().verify(threads, progress.get());
+              result = f.file().verify(threads, counter);
               if (raise_on_failure) f.file().raise_on_failure(result);
-            }
+            });
             std::vector<std::string> failed;
             for (size_t i : result.failed) failed.push_back(f.file().header().tensors[i].name);
             return py::make_tuple(result.has_checksums, failed);
@@ -354,6 +360,9 @@ void bind_testing_aids(py::module_& m) {
       "Makes system calls of kind `op` (write, read, fsync, rename, fallocate) fail with `errno` "
       "after the first `after` of them, until _clear_faults(). Testing aid.");
   m.def("_clear_faults", &clear_faults);
+  m.def("_delay_chunks", &set_chunk_delay, py::arg("seconds"),
+        "Makes every chunk of work (and every Ctrl-C check) wait `seconds` first (0: off), so "
+        "that a test can interrupt a call mid-way. Testing aid.");
   m.def(
       "_staging_stats",
       [] {

@@ -1,9 +1,11 @@
 """Progress bars for long calls, drawn with tqdm (an optional extra: ``zerockpt[progress]``).
 
-The work runs on a helper thread, passing a ``_C.Progress`` counter to the C++ calls, which
-count the bytes they write, read or check as they go; this thread polls the counter and draws.
-Ctrl-C here cancels the counter: the C++ calls stop at their next chunk (a save commits
-nothing), and KeyboardInterrupt is raised once the helper has stopped.
+The work runs on the caller's thread, as without a bar (so torch's thread-local state, grad
+mode, dispatch and function modes, the current stream, is the caller's), passing a
+``_C.Progress`` counter to the C++ calls, which count the bytes they write, read or check as
+they go. A helper thread only reads the counter and draws. Ctrl-C is seen by the C++ calls
+between chunks (they take the GIL to check for signals): they stop, commit nothing, and the
+KeyboardInterrupt propagates from the caller's thread.
 """
 
 from __future__ import annotations
@@ -39,41 +41,44 @@ def label(verb: str, path: str | os.PathLike[str]) -> str:
 
 
 def unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of ``tensors``, a view that appears twice (tied weights) counted once."""
+    """Bytes of ``tensors``, a view that appears twice (tied weights) counted once.
+
+    Bookkeeping for the bar: no ``__torch_function__`` mode or subclass sees these calls, so a
+    call with a bar runs the same torch functions as one without.
+    """
     seen: set[tuple[Any, ...]] = set()
     total = 0
-    for t in tensors:
-        try:
-            key: tuple[Any, ...] = (
-                t.untyped_storage().data_ptr(),
-                t.storage_offset(),
-                tuple(t.shape),
-                t.stride(),
-                t.dtype,
-            )
-        except (RuntimeError, NotImplementedError):  # no storage: count it, let save judge it
-            key = (id(t),)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+    with torch._C.DisableTorchFunction():
+        for t in tensors:
+            try:
+                key: tuple[Any, ...] = (
+                    t.untyped_storage().data_ptr(),
+                    t.storage_offset(),
+                    tuple(t.shape),
+                    t.stride(),
+                    t.dtype,
+                )
+            except (RuntimeError, NotImplementedError):  # no storage: count it, let save judge
+                key = (id(t),)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
     return total
 
 
 def run(
     enabled: bool,
     description: str,
-    work: Callable[[_C.Progress | None], _T],
+    work: Callable[[_C.Progress], _T],
     total: int = 0,
 ) -> _T:
-    """``work(None)`` when not ``enabled``; else ``work(counter)`` under a progress bar.
+    """``work(counter)`` on this thread; with ``enabled``, a helper thread draws the counter.
 
     Args:
         enabled: Draw a bar (tqdm must be installed).
         description: The bar's label.
-        work: Does the job, passing its argument to the C++ calls' ``progress``. It runs on
-            another thread, with the caller's current accelerator stream: it must not rely on
-            other thread-local torch state (grad mode, dispatch or function modes) of the
-            caller.
+        work: Does the job, passing the counter to the C++ calls' ``progress`` (which also
+            lets calls on other threads be cancelled, see ``sharded.run_parallel``).
         total: The bytes to expect when the work spans several C++ calls (0: the calls say).
 
     Returns:
@@ -81,26 +86,13 @@ def run(
 
     Raises:
         ImportError: ``enabled`` and tqdm is missing (before any work starts).
-        KeyboardInterrupt: Ctrl-C while waiting; the work was cancelled and has stopped.
-        BaseException: Whatever ``work`` raised.
+        BaseException: Whatever ``work`` raised (KeyboardInterrupt on Ctrl-C); the bar is
+            then cleared.
     """
-    if not enabled:
-        return work(None)
-    tqdm = _tqdm()
     counter = _C.Progress(total)
-    outcome: list[tuple[bool, Any]] = []
-    # Device copies go to the caller's current stream (of the current device), as without a bar.
-    stream = torch.accelerator.current_stream() if torch.accelerator.is_available() else None
-
-    def target() -> None:
-        if stream is not None:
-            torch.accelerator.set_stream(stream)
-        try:
-            outcome.append((True, work(counter)))
-        except BaseException as e:  # re-raised on the caller's thread
-            outcome.append((False, e))
-
-    helper = threading.Thread(target=target, name="zerockpt-progress", daemon=True)
+    if not enabled:
+        return work(counter)
+    tqdm = _tqdm()
     with tqdm(
         desc=description,
         total=total or None,
@@ -109,22 +101,28 @@ def run(
         unit_divisor=1024,
         dynamic_ncols=True,
     ) as bar:
+        stop = threading.Event()
+        helper = threading.Thread(
+            target=_draw_until, args=(bar, counter, stop), name="zerockpt-progress", daemon=True
+        )
         helper.start()
         try:
-            while helper.is_alive():
-                helper.join(POLL_SECONDS)
-                _draw(bar, counter.done, counter.total)
-        except BaseException:  # KeyboardInterrupt, most likely: stop the work, then re-raise
-            counter.cancel()
-            helper.join()
+            value = work(counter)
+        except BaseException:
+            bar.leave = False  # the error, not a half-drawn bar, is the last word
             raise
-        ok, value = outcome[0]
-        if ok:  # done is done, even where the estimate was off (keys skipped, no checksums)
-            final = max(counter.done, counter.total)
-            _draw(bar, final, final)
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+        finally:
+            stop.set()
+            helper.join()  # it only draws: a second Ctrl-C here interrupts nothing else
+        # Done is done, even where the estimate was off (keys skipped, no checksums).
+        final = max(counter.done, counter.total)
+        _draw(bar, final, final)
+    return value
+
+
+def _draw_until(bar: Any, counter: _C.Progress, stop: threading.Event) -> None:
+    while not stop.wait(POLL_SECONDS):
+        _draw(bar, counter.done, counter.total)
 
 
 def _draw(bar: Any, done: int, total: int) -> None:

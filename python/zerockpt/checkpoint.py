@@ -245,6 +245,9 @@ def release_snapshot_buffer() -> None:
     The next ``save_async`` allocates a new one (and pays for its fresh pages). This raises
     nothing: the error of a failed save stays with its :class:`PendingSave`.
     """
+    previous = _last
+    if previous is not None:
+        previous._wait(None)  # the C++ side would wait too, but without seeing Ctrl-C
     _C.release_snapshot_buffer()
 
 

@@ -1068,7 +1068,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments, without the program name; default ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.
+        The exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line, 130
+        interrupted (Ctrl-C).
 
     Raises:
         Exception: With ``--debug``, the error that made the command fail.

@@ -177,8 +177,9 @@ def load_state_dict(
             saved before the module is touched (a file without checksums loads unchecked, with
             a warning).
         progress: Show a progress bar of the bytes loaded into the module (needs tqdm:
-            ``zerockpt[progress]``). Ctrl-C stops the load between chunks, leaving the module
-            partly loaded, as an interrupted ``module.load_state_dict`` does. No bar is drawn
+            ``zerockpt[progress]``). Either way, Ctrl-C stops the load between chunks,
+            leaving the module partly loaded, as an interrupted ``module.load_state_dict``
+            does. No bar is drawn
             where torch's own loader must run (an overridden ``load_state_dict``, active
             function or dispatch modes).
         staging_bytes: For a file, pinned host memory for copying into accelerator tensors,

@@ -207,7 +207,8 @@ def save(
             ``"5GB"``, ``"500MB"`` (powers of 1000), ``"10GiB"`` (powers of 1024). ``None``
             (default) writes the single file ``path``.
         progress: Show a progress bar of the bytes written (needs tqdm:
-            ``zerockpt[progress]``). Ctrl-C stops the save: nothing is committed.
+            ``zerockpt[progress]``). With or without it, Ctrl-C stops the save between 8 MiB
+            chunks (KeyboardInterrupt): nothing is committed.
         staging_bytes: Pinned host memory for copying accelerator tensors, in 8 MiB chunks;
             default 256 MiB (less when the tensors are smaller). Unused for CPU tensors.
 
@@ -654,7 +655,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
             progress,
             _progress.label("Verifying", self._path),
             lambda counter: sharded.run_parallel(
-                lambda handle: check(handle, counter), files, workers
+                lambda handle: check(handle, counter), files, workers, counter
             ),
             total=sum(sharded.stored_bytes(handle) for handle in files),
         )

@@ -34,8 +34,10 @@ import math
 import os
 import re
 import secrets
+import signal
+import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -319,12 +321,29 @@ def thread_budget(threads: int, tasks: int) -> tuple[int, int]:
     return workers, -(-total // workers)
 
 
-def run_parallel(func: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
-    """``[func(x) for x in items]`` on ``workers`` threads; the first failure (in order) raises."""
+def run_parallel(
+    func: Callable[[_T], _R],
+    items: Sequence[_T],
+    workers: int,
+    progress: _C.Progress | None = None,
+) -> list[_R]:
+    """``[func(x) for x in items]`` on ``workers`` threads; the first failure (in order) raises.
+
+    When this thread stops waiting (a failure, or Ctrl-C: signals reach only this thread),
+    ``progress``, which ``func`` passes to its C++ calls, is cancelled, so the calls still
+    running stop at their next chunk; the threads are joined before the error propagates.
+    """
     if workers <= 1 or len(items) <= 1:
         return [func(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zerockpt-shard") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zerockpt-shard")
+    try:
         return list(pool.map(func, items))
+    except BaseException:
+        if progress is not None:
+            progress.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_shards(
@@ -344,7 +363,8 @@ def load_shards(
         mmap: As ``zerockpt.load``'s ``mmap``.
         threads: Total reader threads (0: the default), shared among the shards.
         verify: Check every shard's checksums.
-        progress: Counts the bytes read or checked, for a progress bar.
+        progress: Counts the bytes read or checked, for a progress bar; cancelled (to stop
+            the other shards) when one fails or on Ctrl-C.
         device: Stage the tensors into new tensors on this device (None: the CPU mapping).
             Shards then load one after another on this thread, each with all the threads,
             so the copies go to this thread's current stream.
@@ -370,7 +390,8 @@ def load_shards(
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
 
-    loaded = dict(zip(index.shards, run_parallel(load_one, index.shards, workers), strict=True))
+    results = run_parallel(load_one, index.shards, workers, progress)
+    loaded = dict(zip(index.shards, results, strict=True))
     merged = {name: loaded[shard][0][name] for name, shard in index.weight_map.items()}
     unchecked = [index.shard_path(s) for s, (_, ok) in loaded.items() if not ok]
     return merged, unchecked
@@ -621,6 +642,29 @@ def stored_bytes(f: _C._File) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Runs the block with SIGINT held back, then hands a SIGINT that came meanwhile to the
+    handler that was in place (KeyboardInterrupt, by default). Off the main thread signals
+    never interrupt Python code, so there is nothing to hold back; nor is there where the
+    handler was not set from Python (it cannot be put back)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(*caught[0])
+            else:  # SIG_DFL, SIG_IGN or a handler outside Python: as the signal would have
+                signal.raise_signal(signal.SIGINT)
+
+
 def save_sharded(
     tensors: dict[str, torch.Tensor],
     directory: str,
@@ -716,16 +760,18 @@ def save_sharded(
 
         # Commit: shards first, the index last. Renames need no space, so a full disk has
         # failed above, with the previous checkpoint untouched; so has a destination that a
-        # save may not replace (checked for all before any is).
+        # save may not replace (checked for all before any is). Ctrl-C waits for the end:
+        # stopping among the renames would leave new shards under the old index.
         for file in [*files, INDEX_NAME]:
             _C.check_destination(os.path.join(directory, file))
-        for file in [*files, INDEX_NAME]:
-            if file == INDEX_NAME and durable:
-                _fsync_directory(directory)  # the shards' renames reach the disk first
-            # Keeps a replaced file's mode, owner and group, as zerockpt.save does.
-            _C.replace_file(staging.file(file), os.path.join(directory, file))
-        if durable:
-            _fsync_directory(directory)
+        with _ctrl_c_deferred():
+            for file in [*files, INDEX_NAME]:
+                if file == INDEX_NAME and durable:
+                    _fsync_directory(directory)  # the shards' renames reach the disk first
+                # Keeps a replaced file's mode, owner and group, as zerockpt.save does.
+                _C.replace_file(staging.file(file), os.path.join(directory, file))
+            if durable:
+                _fsync_directory(directory)
     finally:
         staging.close()
 
