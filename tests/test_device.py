@@ -10,6 +10,7 @@ consumers on busy or side streams are built by the tests themselves.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,14 +34,20 @@ MiB = 1 << 20
 
 @pytest.fixture(params=accel.DEVICE_TYPES)
 def device(request: pytest.FixtureRequest) -> Iterator[torch.device]:
-    """Device 0 of each device type; zpu with random delays unless ZPU_DELAY_US sets them."""
+    """Device 0 of each device type; zpu with random delays unless ZPU_DELAY_US sets them, and
+    no queued work that touched device memory after its owner freed it (zpu checks each)."""
     reason = accel.why_not(request.param)
     if reason is not None:
         pytest.skip(reason)
-    if request.param == "zpu" and "ZPU_DELAY_US" not in os.environ:
+    zpu = request.param == "zpu"
+    if zpu and "ZPU_DELAY_US" not in os.environ:
         accel.set_delay(0, 100)
+    violations = accel.violations() if zpu else 0
     yield torch.device(request.param, 0)
-    accel.synchronize(torch.device(request.param, 0))
+    for index in range(2 if zpu else 1):
+        accel.synchronize(torch.device(request.param, index))
+    if zpu:
+        assert accel.violations() == violations, "device memory used after it was freed"
 
 
 def second_device(device: torch.device) -> torch.device:
@@ -189,6 +196,28 @@ def test_dcp_writer_with_device_items(tmp_path: Path, device: torch.device) -> N
     assert_dicts_bitwise_equal({k: v.cpu() for k, v in dev_target["model"].items()}, source)
 
 
+@pytest.mark.parametrize("how", ["write-error", "cancel"])
+def test_failed_save_is_done_with_the_tensors_when_it_returns(
+    tmp_path: Path, device: torch.device, how: str
+) -> None:
+    # The caller may free its tensors once save has raised: no copy may still read them.
+    path = tmp_path / "x.safetensors"
+    state = {f"t{i}": torch.full((MiB,), float(i)).to(device) for i in range(12)}
+    progress = _C.Progress()
+    accel.sleep_on_current_stream(device, 100)  # the side stream's copies wait for this
+    if how == "cancel":
+        progress.cancel()
+    else:
+        _C._inject_fault("write", errno.EIO, after=0)
+    try:
+        with pytest.raises(KeyboardInterrupt if how == "cancel" else OSError):
+            _C.save(state, str(path), None, False, None, 2, None, True, progress, 16 * MiB)
+    finally:
+        _C._clear_faults()
+    del state  # freed on the current stream, reusable there at once
+    assert stats()["in_use"] == 0 and not path.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Load
 
@@ -289,6 +318,40 @@ def test_load_state_dict_into_a_mixed_device_model(
     zerockpt.load_state_dict(model, src)
     for k, v in source.state_dict().items():
         assert_bitwise_equal(model.state_dict()[k].cpu(), v)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])
+def test_failed_load_state_dict_writes_no_foreign_bytes(
+    tmp_path: Path, device: torch.device, fail_at: int
+) -> None:
+    # A device allocation fails in the middle of a batch (the conversion temporary of a slab),
+    # with copies from the batch's buffer already queued behind a slow kernel, while another
+    # reader thread waits for that buffer: every parameter ends up either untouched or loaded,
+    # never with bytes of another slab.
+    if device.type != "zpu":
+        pytest.skip("needs allocation failures injected by the test accelerator")
+    source = filled(Net(), 1)
+    zerockpt.save(source, tmp_path / "net.safetensors")
+    model = filled(Net(), 2).to(device, torch.bfloat16)
+    old = {k: v.cpu() for k, v in model.state_dict().items()}
+    accel.sleep_on_current_stream(device, 100)
+    torch.ops.zpu.fail_allocation(fail_at)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            zerockpt.load_state_dict(
+                model, tmp_path / "net.safetensors", threads=2, staging_bytes=8 * MiB
+            )
+    finally:
+        torch.ops.zpu.fail_allocation(-1)
+    got = {k: v.cpu() for k, v in model.state_dict().items()}
+    for k, v in source.state_dict().items():
+        new = (v.to(torch.bfloat16) if v.is_floating_point() else v).reshape(-1)
+        # Dense targets are cut into slabs of one chunk of stored bytes each.
+        per = CHUNK // v.element_size()
+        for at in range(0, new.numel(), per):
+            piece = got[k].reshape(-1)[at : at + per]
+            was = old[k].reshape(-1)[at : at + per]
+            assert torch.equal(piece, was) or torch.equal(piece, new[at : at + per]), (k, at)
 
 
 def test_load_state_dict_from_a_loaded_host_dict(tmp_path: Path, device: torch.device) -> None:

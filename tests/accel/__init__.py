@@ -81,6 +81,11 @@ def get_delay() -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def violations() -> int:
+    """Queued zpu work seen touching device memory after its owner freed it (racy uses)."""
+    return int(torch.ops.zpu.violations())
+
+
 def sleep_on_current_stream(device: torch.device, ms: int) -> None:
     """Queues about `ms` milliseconds of work on `device`'s current stream (a slow kernel)."""
     if device.type == "cuda":

@@ -161,6 +161,13 @@ c10::Stream make_stream(c10::DeviceIndex device, c10::StreamId id) {
 
 Worker& current_worker(c10::DeviceIndex device) { return worker(device, t_stream[device]); }
 
+c10::StreamId stream_of(const Worker* w, c10::DeviceIndex device) {
+  for (c10::StreamId s = 0; s < kStreams; ++s) {
+    if (&worker(device, s) == w) return s;
+  }
+  return -1;
+}
+
 // ------------------------------------------------------------------------------------------
 // Memory. Device blocks remember the stream they were allocated on (and streams recorded with
 // recordDataPtrOnStream): a free poisons the block on that stream, after the work queued there.
@@ -178,6 +185,18 @@ struct Block {
 
 std::mutex g_mem_mu;
 std::map<uintptr_t, Block> g_blocks;  // by start address
+// Device blocks freed by their owner and not yet given back to the C library, so that a late
+// use is caught: by start address; `poisoned` once the poison has run on the block's stream.
+struct Freed {
+  size_t size;
+  c10::DeviceIndex device;
+  c10::StreamId stream;
+  std::vector<c10::Stream> also_used_on;
+  bool poisoned = false;
+};
+std::map<uintptr_t, Freed> g_freed;
+std::atomic<int64_t> g_violations{0};
+std::atomic<int64_t> g_fail_allocation{-1};  // the n-th next device allocation throws
 std::deque<std::pair<void*, size_t>> g_quarantine;
 size_t g_quarantined = 0;
 int64_t g_allocated[kDevices] = {};
@@ -191,6 +210,7 @@ void quarantine(void* p, size_t size) {
     auto [old, n] = g_quarantine.front();
     g_quarantine.pop_front();
     g_quarantined -= n;
+    g_freed.erase(reinterpret_cast<uintptr_t>(old));
     std::free(old);
   }
 }
@@ -198,10 +218,15 @@ void quarantine(void* p, size_t size) {
 void poison_and_quarantine(void* p, size_t size) {
   std::memset(p, kPoison, size);
   std::lock_guard<std::mutex> lock(g_mem_mu);
+  auto it = g_freed.find(reinterpret_cast<uintptr_t>(p));
+  if (it != g_freed.end()) it->second.poisoned = true;
   quarantine(p, size);
 }
 
 void* allocate_block(size_t n, c10::DeviceIndex device, c10::StreamId stream) {
+  if (device >= 0 && g_fail_allocation.load() >= 0 && g_fail_allocation-- == 0) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "zpu: out of memory (injected)");
+  }
   size_t size = (std::max<size_t>(n, 1) + kAlign - 1) / kAlign * kAlign;
   void* p = std::aligned_alloc(kAlign, size);
   TORCH_CHECK(p != nullptr, "zpu: out of memory allocating ", n, " bytes");
@@ -238,6 +263,7 @@ void free_device_block(void* p) {
     b = std::move(it->second);
     g_blocks.erase(it);
     g_allocated[b.device] -= static_cast<int64_t>(b.requested);
+    g_freed[reinterpret_cast<uintptr_t>(p)] = {b.size, b.device, b.stream, b.also_used_on};
   }
   std::vector<std::pair<Worker*, uint64_t>> others;
   for (const c10::Stream& s : b.also_used_on) {
@@ -282,6 +308,13 @@ std::function<void()> use_pinned(const void* p) {
   };
 }
 
+// Called by a queued item running on `w` that touches device memory at `p`. CUDA's rule: once
+// its owner has freed a block, the allocator may hand it out again to work on the block's own
+// stream (and streams recorded with recordDataPtrOnStream), so a use on any other stream that
+// runs after the free is a race; so is any use after the poison ran. `any_stream`: the item's
+// stream is ordered before the block's stream by the kernel itself (cross-device copies).
+void check_use(const void* p, Worker* w, bool any_stream, const char* what);
+
 bool is_pinned(const void* p) {
   std::lock_guard<std::mutex> lock(g_mem_mu);
   Block* b = find_block(p);
@@ -293,6 +326,25 @@ void record_use(const void* p, const c10::Stream& s) {
   std::lock_guard<std::mutex> lock(g_mem_mu);
   Block* b = find_block(p);
   if (b != nullptr && b->device >= 0) b->also_used_on.push_back(s);
+}
+
+void check_use(const void* p, Worker* w, bool any_stream, const char* what) {
+  std::unique_lock<std::mutex> lock(g_mem_mu);
+  auto a = reinterpret_cast<uintptr_t>(p);
+  auto it = g_freed.upper_bound(a);
+  if (it == g_freed.begin()) return;
+  --it;
+  if (a >= it->first + it->second.size) return;
+  const Freed f = it->second;
+  lock.unlock();
+  bool ordered = any_stream || stream_of(w, f.device) == f.stream;
+  for (const c10::Stream& s : f.also_used_on) ordered = ordered || &worker(s) == w;
+  if (ordered && !f.poisoned) return;
+  ++g_violations;
+  std::fprintf(stderr, "zpu: %s used device memory (zpu:%d, stream %d) %s\n", what, int(f.device),
+               int(f.stream),
+               f.poisoned ? "after it was freed and poisoned"
+                          : "freed by its owner, from a stream not ordered with the free");
 }
 
 void delete_device(void* p) { free_device_block(p); }
@@ -465,9 +517,18 @@ at::Tensor host_alias(const at::Tensor& t) {
   return alias;
 }
 
+// Device memory a queued item touches, checked when it runs (check_use).
+struct Use {
+  const void* p;
+  bool any_stream;
+};
+
 // Runs `dst.copy_(src)` on the CPU aliases on `w`; returns its ticket.
-uint64_t queue_copy(Worker& w, at::Tensor dst, at::Tensor src, std::function<void()> after) {
-  return w.enqueue([dst = std::move(dst), src = std::move(src), after = std::move(after)] {
+uint64_t queue_copy(Worker& w, at::Tensor dst, at::Tensor src, std::vector<Use> uses,
+                    std::function<void()> after) {
+  return w.enqueue([w = &w, dst = std::move(dst), src = std::move(src), uses = std::move(uses),
+                    after = std::move(after)] {
+    for (const Use& u : uses) check_use(u.p, w, u.any_stream, "a copy");
     at::AutoDispatchBelowADInplaceOrView plain;
     dst.copy_(src);
     after();
@@ -485,25 +546,29 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   Worker& w = current_worker(device);
   at::Tensor src_alias = host_alias(self), dst_alias = host_alias(dst);
   if (src_dev && dst_dev) {
-    // Device to device: on the destination's current stream, ordered after the source's.
     if (self.device() != dst.device()) {
-      Worker* other = &current_worker(self.device().index());
-      uint64_t before = other->ticket();
-      w.enqueue([other, before] { other->wait(before); });
-      uint64_t copied = queue_copy(w, dst_alias, src_alias, [] {});
-      other->enqueue([w = &w, copied] { w->wait(copied); });
+      // Across devices (as CUDA): on the source's current stream, after the work queued on
+      // the destination's, which then waits for the copy.
+      Worker* src_w = &current_worker(self.device().index());
+      uint64_t before = w.ticket();
+      src_w->enqueue([w = &w, before] { w->wait(before); });
+      uint64_t copied = queue_copy(*src_w, dst_alias, src_alias,
+                                   {{self.data_ptr(), false}, {dst.data_ptr(), true}}, [] {});
+      w.enqueue([src_w, copied] { src_w->wait(copied); });
     } else {
-      queue_copy(w, dst_alias, src_alias, [] {});
+      queue_copy(w, dst_alias, src_alias, {{self.data_ptr(), false}, {dst.data_ptr(), false}},
+                 [] {});
     }
     return dst;
   }
   // Host <-> device: asynchronous only when asked and the host side is pinned (as CUDA).
   const at::Tensor& host = src_dev ? dst : self;
+  std::vector<Use> uses = {{(src_dev ? self : dst).data_ptr(), false}};
   bool async = non_blocking && is_pinned(host.data_ptr());
   if (async) {
-    queue_copy(w, dst_alias, src_alias, use_pinned(host.data_ptr()));
+    queue_copy(w, dst_alias, src_alias, std::move(uses), use_pinned(host.data_ptr()));
   } else {
-    w.wait(queue_copy(w, dst_alias, src_alias, [] {}));
+    w.wait(queue_copy(w, dst_alias, src_alias, std::move(uses), [] {}));
   }
   return dst;
 }
@@ -515,7 +580,9 @@ at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
 
 at::Tensor& fill_scalar(at::Tensor& self, const at::Scalar& value) {
   if (self.numel() == 0) return self;
-  current_worker(self.device().index()).enqueue([alias = host_alias(self), value] {
+  Worker* w = &current_worker(self.device().index());
+  w->enqueue([w, alias = host_alias(self), value, p = self.data_ptr()] {
+    check_use(p, w, false, "fill_");
     at::AutoDispatchBelowADInplaceOrView plain;
     alias.fill_(value);
   });
@@ -631,6 +698,12 @@ void reset_peak_memory_stats(int64_t device) {
   g_peak[device] = g_allocated[device];
 }
 
+// Uses of freed device memory seen so far (check_use).
+int64_t violations() { return g_violations.load(); }
+
+// Makes the `n`-th next device allocation (0: the next one) fail as out of memory; -1: none.
+void fail_allocation(int64_t n) { g_fail_allocation = n; }
+
 // Pinned blocks alive (not yet freed, or freed with copies still queued).
 int64_t pinned_blocks() {
   std::lock_guard<std::mutex> lock(g_mem_mu);
@@ -690,6 +763,8 @@ TORCH_LIBRARY(zpu, m) {
   m.def("max_memory_allocated(int device) -> int", max_memory_allocated);
   m.def("reset_peak_memory_stats(int device) -> ()", reset_peak_memory_stats);
   m.def("pinned_blocks() -> int", pinned_blocks);
+  m.def("violations() -> int", violations);
+  m.def("fail_allocation(int n) -> ()", fail_allocation);
 }
 
 }  // namespace zpu
