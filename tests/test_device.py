@@ -324,15 +324,20 @@ def test_load_state_dict_into_a_mixed_device_model(
 def test_failed_load_state_dict_writes_no_foreign_bytes(
     tmp_path: Path, device: torch.device, fail_at: int
 ) -> None:
-    # A device allocation fails in the middle of a batch (the conversion temporary of a slab),
-    # with copies from the batch's buffer already queued behind a slow kernel, while another
-    # reader thread waits for that buffer: every parameter ends up either untouched or loaded,
-    # never with bytes of another slab.
+    # A device allocation fails in the middle of the first batch (the conversion temporary of
+    # a slab), with copies from the batch's buffer already queued behind a slow kernel, while
+    # the other reader thread waits for that buffer: every parameter ends up either untouched
+    # or loaded, never with bytes of another batch.
     if device.type != "zpu":
         pytest.skip("needs allocation failures injected by the test accelerator")
-    source = filled(Net(), 1)
+
+    def layers(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(*[nn.Linear(512, 512) for _ in range(12)])  # 12 x 1 MiB: 2 batches
+
+    source = layers(1)
     zerockpt.save(source, tmp_path / "net.safetensors")
-    model = filled(Net(), 2).to(device, torch.bfloat16)
+    model = layers(2).to(device, torch.bfloat16)
     old = {k: v.cpu() for k, v in model.state_dict().items()}
     accel.sleep_on_current_stream(device, 100)
     torch.ops.zpu.fail_allocation(fail_at)

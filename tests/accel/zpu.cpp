@@ -1,5 +1,5 @@
 // zpu: a test-only asynchronous accelerator, registered as torch's PrivateUse1 backend, that
-// makes stream and event mistakes visible on a machine without a GPU (tests/accel/README.md).
+// makes stream and event mistakes visible on a machine without a GPU (docs/device_testing.md).
 // Device memory is host memory; each stream is a worker thread that runs its queue in order,
 // every item after a random delay; events complete when the work queued before them has run, and
 // waits really block; freed device and pinned memory is poisoned (0xA5) once the work queued
