@@ -173,3 +173,40 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) .venv-compat-*
+
+# --- Test accelerator (issue 21) ------------------------------------------------------------
+# tests/accel: "zpu", a PrivateUse1 backend with asynchronous streams that only the tests load
+# (docs/device_testing.md). Built with CMake into build/accel, never installed; `make test`
+# builds it, a second run does nothing. test-device-stress runs the device tests
+# STRESS_RUNS times with random stream delays (a new seed each run); sabotage-device shows that
+# each stream wait, event record and synchronisation of the pipeline is needed.
+ACCEL_DIR    := build/accel
+ACCEL_LIB    := $(ACCEL_DIR)/libzerockpt_test_accel.so
+DEVICE_TESTS := tests/test_device.py
+STRESS_RUNS  ?= 20
+STRESS_DELAY ?= 0-300
+CXX_SOURCES  += $(wildcard tests/accel/*.cpp)
+
+.PHONY: test-accel test-device-stress sabotage-device
+
+$(ACCEL_DIR)/build.ninja: tests/accel/CMakeLists.txt cmake/TorchSetup.cmake | $(DEPS_STAMP)
+	@mkdir -p $(ACCEL_DIR)
+	$(VENV)/bin/cmake -S tests/accel -B $(ACCEL_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython_EXECUTABLE=$(abspath $(PY)) > $(ACCEL_DIR)/configure.log || (cat $(ACCEL_DIR)/configure.log; false)
+
+$(ACCEL_LIB): $(ACCEL_DIR)/build.ninja tests/accel/zpu.cpp
+	$(VENV)/bin/cmake --build $(ACCEL_DIR)
+	@touch $@
+
+test-accel: $(ACCEL_LIB)
+
+test: test-accel
+
+test-device-stress: build test-accel
+	@for i in $$(seq 1 $(STRESS_RUNS)); do \
+	  echo "device stress run $$i/$(STRESS_RUNS): ZPU_SEED=$$i ZPU_DELAY_US=$(STRESS_DELAY)"; \
+	  ZPU_SEED=$$i ZPU_DELAY_US=$(STRESS_DELAY) $(PY) -m pytest $(DEVICE_TESTS) -q -x \
+	    -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+	done
+
+sabotage-device: build test-accel
+	sh tools/sabotage_device.sh

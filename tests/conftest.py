@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from torch import nn
 
 # Every dtype zerockpt stores, with its safetensors name.
 DTYPES: dict[torch.dtype, str] = {
@@ -205,3 +206,41 @@ def torch_load_reads_safetensors(tmp_dir: Path) -> bool:
         except Exception:
             _TORCH_LOADS_SAFETENSORS = False
     return _TORCH_LOADS_SAFETENSORS
+def mixed_state(big_elements: int = 5_000_000) -> dict[str, torch.Tensor]:
+    """Dense, strided, conjugate, negative, empty, 0-d, tied and multi-chunk tensors."""
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "big": torch.randn(big_elements, generator=g),  # 20 MB: spans chunks
+        "w": torch.randn(1500, 1000, generator=g),
+        "wt": torch.randn(1000, 1500, generator=g).t(),  # strided
+        "half": torch.randn(333, 77, generator=g).half(),
+        "bf16": torch.randn(4097, generator=g).bfloat16(),
+        "cx": torch.randn(100, dtype=torch.complex64, generator=g).conj(),
+        "neg": torch.randn(64, dtype=torch.complex64, generator=g).conj().imag,
+        "mask": torch.rand(7, 9, generator=g) > 0.5,
+        "i8": random_tensor((1000,), torch.int8, seed=3),
+        "f8": random_tensor((513,), torch.float8_e4m3fn, seed=4),
+        "u16": random_tensor((11, 3), torch.uint16, seed=5),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+    }
+    state["tied"] = state["w"]
+    return state
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(1000, 3000)
+        self.b = nn.Linear(3000, 100)
+        self.norm = nn.LayerNorm(100)
+        self.register_buffer("strided", torch.zeros(64, 32).t())  # a non-contiguous target
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+
+def filled(net: Net, seed: int) -> Net:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) * 10)
+    return net

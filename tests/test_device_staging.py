@@ -4,7 +4,7 @@ of pinned chunk buffers.
 Without a GPU, the same code runs for CPU tensors while ``_C._stage_host_tensors(True)`` is on
 (plain page-aligned buffers, synchronous copies): chunking, pool accounting, ordering and the
 error paths are tested here on the CPU, with torch (and an unstaged save) as the oracle. The
-tests marked ``cuda`` run the real pipeline and skip cleanly without a CUDA device.
+real pipeline, with asynchronous copies on device streams, is tested in test_device.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
-from conftest import assert_bitwise_equal, assert_dicts_bitwise_equal, random_tensor, temp_leftovers
-from torch import nn
+from conftest import (
+    Net,
+    assert_bitwise_equal,
+    assert_dicts_bitwise_equal,
+    filled,
+    mixed_state,
+    temp_leftovers,
+)
 from zerockpt import _C
 
 CHUNK = _C.CHUNK_BYTES
@@ -38,28 +44,6 @@ def staged() -> Iterator[None]:
 
 def stats() -> dict[str, Any]:
     return _C._device_staging_stats()
-
-
-def mixed_state(big_elements: int = 5_000_000) -> dict[str, torch.Tensor]:
-    """Dense, strided, conjugate, negative, empty, 0-d, tied and multi-chunk tensors."""
-    g = torch.Generator().manual_seed(0)
-    state = {
-        "big": torch.randn(big_elements, generator=g),  # 20 MB: spans chunks
-        "w": torch.randn(1500, 1000, generator=g),
-        "wt": torch.randn(1000, 1500, generator=g).t(),  # strided
-        "half": torch.randn(333, 77, generator=g).half(),
-        "bf16": torch.randn(4097, generator=g).bfloat16(),
-        "cx": torch.randn(100, dtype=torch.complex64, generator=g).conj(),
-        "neg": torch.randn(64, dtype=torch.complex64, generator=g).conj().imag,
-        "mask": torch.rand(7, 9, generator=g) > 0.5,
-        "i8": random_tensor((1000,), torch.int8, seed=3),
-        "f8": random_tensor((513,), torch.float8_e4m3fn, seed=4),
-        "u16": random_tensor((11, 3), torch.uint16, seed=5),
-        "empty": torch.empty(0, 4),
-        "scalar": torch.tensor(3.5, dtype=torch.float64),
-    }
-    state["tied"] = state["w"]
-    return state
 
 
 def file_chunks_with_tensors(path: Path) -> list[int]:
@@ -314,24 +298,6 @@ def test_read_failure_mid_load(tmp_path: Path, staged: None, after: int) -> None
 # load_state_dict into existing tensors through the pool (torch's own load is the oracle).
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(1000, 3000)
-        self.b = nn.Linear(3000, 100)
-        self.norm = nn.LayerNorm(100)
-        self.register_buffer("strided", torch.zeros(64, 32).t())  # a non-contiguous target
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-
-
-def filled(net: Net, seed: int) -> Net:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in net.state_dict().values():
-            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) * 10)
-    return net
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_staged_load_state_dict_into_existing_tensors(
     tmp_path: Path, staged: None, dtype: torch.dtype
@@ -384,118 +350,3 @@ def test_staged_load_state_dict_from_mapped_tensors(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     zerockpt.load_state_dict(model, model.state_dict())
     assert_dicts_bitwise_equal(dict(model.state_dict()), before)
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA: the real pipeline (skipped without a device).
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def cuda_state() -> dict[str, torch.Tensor]:
-    state = {k: v.cuda() for k, v in mixed_state().items() if k != "tied"}
-    state["wt"] = torch.randn(1000, 1500, device="cuda").t()  # a strided device tensor
-    state["tied"] = state["w"]
-    state["cpu_side"] = torch.arange(1000.0)  # mixed devices
-    return state
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct"])
-def test_cuda_save_writes_what_the_cpu_copy_writes(tmp_path: Path, direct_io: bool) -> None:
-    state = cuda_state()
-    zerockpt.save(state, tmp_path / "gpu.safetensors", direct_io=direct_io, staging_bytes=16 * MiB)
-    s = stats()
-    assert s["pinned"] and s["in_use"] == 0 and s["max_in_use"] <= s["buffers"] <= 2
-    cpu_state = {k: v.cpu() for k, v in state.items()}
-    cpu_state["tied"] = cpu_state["w"]
-    zerockpt.save(cpu_state, tmp_path / "cpu.safetensors", direct_io=direct_io)
-    assert (tmp_path / "gpu.safetensors").read_bytes() == (
-        tmp_path / "cpu.safetensors"
-    ).read_bytes()
-    from safetensors.torch import load_file
-
-    other = load_file(tmp_path / "gpu.safetensors")
-    for k, v in cpu_state.items():
-        if k != "tied":
-            assert_bitwise_equal(other[k], v.resolve_conj().resolve_neg())
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_save_waits_for_the_current_stream(tmp_path: Path) -> None:
-    x = torch.zeros(64 * MiB // 4, device="cuda")
-    y = torch.ones_like(x)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(200_000_000)  # the producer's work is still queued when save starts
-        x.copy_(y)
-        zerockpt.save({"x": x}, tmp_path / "x.safetensors")
-    assert bool((zerockpt.load(tmp_path / "x.safetensors")["x"] == 1).all())
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_load_is_ready_on_the_current_stream(tmp_path: Path) -> None:
-    state = {k: v for k, v in mixed_state().items()}
-    path = tmp_path / "m.safetensors"
-    zerockpt.save(state, path)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        loaded = zerockpt.load(path, device="cuda", staging_bytes=8 * MiB)
-        copies = {k: v.cpu() for k, v in loaded.items()}  # on the same stream, no sync
-    assert stats()["pinned"]
-    for k, v in state.items():
-        assert loaded[k].device.type == "cuda"
-        assert_bitwise_equal(copies[k], v)
-    assert loaded["tied"] is loaded["w"]
-    verified = zerockpt.load(path, device=torch.device("cuda", 0), verify=True)
-    assert_bitwise_equal(verified["big"].cpu(), state["big"])
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_load_state_dict_in_place_without_a_second_copy(tmp_path: Path) -> None:
-    def big() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)])  # 134 MB in f32
-
-    source = big()
-    path = tmp_path / "big.safetensors"
-    zerockpt.save(source, path)
-    for dtype in (torch.float32, torch.bfloat16):
-        model = big().to("cuda", dtype)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.zero_()
-        expected = big().to(dtype)
-        pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        zerockpt.load_state_dict(model, path, threads=2, staging_bytes=16 * MiB)
-        extra = torch.cuda.max_memory_allocated() - before
-        model_bytes = sum(v.nbytes for v in model.state_dict().values())
-        # Conversions use a chunk-sized temporary per reader thread on the device, never a
-        # model-sized copy; same-dtype loads none at all.
-        assert extra <= (0 if dtype == torch.float32 else 2 * CHUNK)
-        assert model_bytes > 4 * CHUNK
-        for k, v in expected.state_dict().items():
-            got = model.state_dict()[k]
-            assert got.data_ptr() == pointers[k]
-            assert_bitwise_equal(got.cpu(), v)
-
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_load_state_dict_into_a_mixed_device_model(tmp_path: Path) -> None:
-    source = filled(Net(), 1)
-    zerockpt.save(source, tmp_path / "net.safetensors")
-    zerockpt.save(source, tmp_path / "shards", max_shard_size="5MB")
-    for src in (tmp_path / "net.safetensors", tmp_path / "shards"):
-        model = filled(Net(), 2)
-        model.a.cuda()  # the rest stays on the CPU
-        zerockpt.load_state_dict(model, src)
-        for k, v in source.state_dict().items():
-            assert_bitwise_equal(model.state_dict()[k].cpu(), v)

@@ -17,6 +17,7 @@
 
 #include "core/file.h"
 #include "core/parallel.h"
+#include "torch/sabotage.h"
 #include "zerockpt/errors.h"
 
 namespace zerockpt {
@@ -41,7 +42,7 @@ Pending record_events(const std::vector<c10::Stream>& streams) {
   out.reserve(streams.size());
   for (const c10::Stream& stream : streams) {
     out.emplace_back(stream.device_type());
-    out.back().record(stream);
+    if (ZEROCKPT_SITE(1)) out.back().record(stream);
   }
   return out;
 }
@@ -88,7 +89,9 @@ class HostPool {
     pending_[slot].clear();
     stats_.max_in_use = std::max(++stats_.in_use, stats_.max_in_use);
     lock.unlock();
-    for (const c10::Event& event : pending) event.synchronize();
+    if (ZEROCKPT_SITE(2)) {
+      for (const c10::Event& event : pending) event.synchronize();
+    }
     return slot;
   }
 
@@ -156,8 +159,8 @@ class DeviceStager final : public ChunkStager {
       c10::Stream current = impl.getStream(device);
       c10::Stream side = impl.getStreamFromGlobalPool(device, /*isHighPriority=*/false);
       c10::Event ready(device.type());
-      ready.record(current);
-      ready.block(side);
+      if (ZEROCKPT_SITE(3)) ready.record(current);
+      if (ZEROCKPT_SITE(4)) ready.block(side);
       side_.push_back(side);
     }
   }
@@ -186,7 +189,9 @@ class DeviceStager final : public ChunkStager {
     state_[i].taken = true;
     size_t slot = state_[i].slot;
     lock.unlock();
-    for (const c10::Event& event : pending) event.synchronize();
+    if (ZEROCKPT_SITE(5)) {
+      for (const c10::Event& event : pending) event.synchronize();
+    }
     return pool_.data(slot);
   }
 
@@ -204,7 +209,7 @@ class DeviceStager final : public ChunkStager {
     // Copies queued for chunks nobody took still write into the pool: let them finish, then
     // those buffers are free again.
     for (const c10::Stream& side : side_) {
-      c10::impl::VirtualGuardImpl(side.device_type()).synchronizeStream(side);
+      if (ZEROCKPT_SITE(6)) c10::impl::VirtualGuardImpl(side.device_type()).synchronizeStream(side);
     }
     std::lock_guard<std::mutex> lock(mu_);
     for (ChunkState& state : state_) {
@@ -259,6 +264,7 @@ class DeviceStager final : public ChunkStager {
       bytes += p.size;
     }
     pool_.count(chunks_[i].chunk * kChunkBytes, bytes, chunks_[i].pieces.size());
+    if (!ZEROCKPT_SITE(7)) return {};
     return record_events(used);
   }
 
@@ -487,12 +493,12 @@ void copy_slabs(int fd, const std::string& path, std::vector<Slab> slabs, unsign
         }
       }
       pool.count(slabs[batch.first].file_offset, bytes, batch.last - batch.first);
-      pool.release(slot, record_events(used));
+      pool.release(slot, ZEROCKPT_SITE(8) ? record_events(used) : Pending{});
       if (progress) progress->add(bytes);
     } catch (...) {
       // Copies already queued from this buffer finish before anyone reuses it.
       for (const c10::Stream& s : used) {
-        c10::impl::VirtualGuardImpl(s.device_type()).synchronizeStream(s);
+        if (ZEROCKPT_SITE(9)) c10::impl::VirtualGuardImpl(s.device_type()).synchronizeStream(s);
       }
       pool.release(slot);
       throw;
