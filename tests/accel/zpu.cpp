@@ -321,7 +321,7 @@ bool is_pinned(const void* p) {
   return b != nullptr && b->device < 0;
 }
 
-// Used by the guard's record/size bookkeeping of recordDataPtrOnStream.
+// recordDataPtrOnStream: `s` uses the device block holding `p` (its free waits for `s`).
 void record_use(const void* p, const c10::Stream& s) {
   std::lock_guard<std::mutex> lock(g_mem_mu);
   Block* b = find_block(p);
