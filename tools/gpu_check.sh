@@ -2,7 +2,7 @@
 # The GPU check, for a machine with a GPU, a CUDA torch and no network (the borrowed H200:
 # torch 2.11.0+cu130, cmake, ninja, pytest, scikit-build-core). About 10 minutes at most:
 #   1. build and install zerockpt against that torch (no download: --no-build-isolation);
-#   2. the CUDA and device-parametrized tests;
+#   2. the CUDA tests, and the device-parametrized tests on cuda;
 #   3. benches/bench_cuda.py at GPU_CHECK_GB (default 2) GB;
 # and writes everything under $OUT (default build/gpu-check): summary.txt first.
 # PYTHON picks the interpreter (default python3). Each step has its own time limit; a failed
@@ -40,8 +40,10 @@ cat "$out/env.txt" >>"$summary"
 
 step build 300 build.log "$py" -m pip install --no-build-isolation --no-deps --no-cache-dir \
   --force-reinstall -C build-dir=build/gpu-check-build .
-step cuda-tests 240 cuda-tests.log "$py" -m pytest tests -m cuda -p no:cacheprovider -q -rs \
-  --junitxml="$out/cuda-tests.xml"
+# The CUDA tests and the device-parametrized ones (tests/test_device.py: their "cuda" cases run
+# here; the test accelerator's are skipped unless it was built).
+step cuda-tests 240 cuda-tests.log "$py" -m pytest tests -m "cuda or device" -p no:cacheprovider \
+  -q -rs --junitxml="$out/cuda-tests.xml"
 step bench-cuda 240 bench-cuda.log "$py" benches/bench_cuda.py --gb "$gb" --rounds 2 \
   --json "$out/bench-cuda.json"
 echo "overall: $([ $status -eq 0 ] && echo passed || echo FAILED)" | tee -a "$summary"
