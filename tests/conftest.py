@@ -206,6 +206,8 @@ def torch_load_reads_safetensors(tmp_dir: Path) -> bool:
         except Exception:
             _TORCH_LOADS_SAFETENSORS = False
     return _TORCH_LOADS_SAFETENSORS
+
+
 def mixed_state(big_elements: int = 5_000_000) -> dict[str, torch.Tensor]:
     """Dense, strided, conjugate, negative, empty, 0-d, tied and multi-chunk tensors."""
     g = torch.Generator().manual_seed(0)
