@@ -190,15 +190,15 @@ def test_sigint_among_the_renames_of_a_sharded_save_waits_for_its_commit(
     new = {name: -t for name, t in old.items()}
     zerockpt.save(old, directory, max_shard_size="4KB")
     renamed: list[str] = []
-    rename = os.rename
+    replace_file = zerockpt._C.replace_file  # how the sharded save commits each file
 
     def rename_then_sigint(src: str, dst: str) -> None:
-        rename(src, dst)
+        replace_file(src, dst)
         renamed.append(os.path.basename(dst))
         if len(renamed) == 1:
             signal.raise_signal(signal.SIGINT)  # handled as soon as this returns
 
-    monkeypatch.setattr(os, "rename", rename_then_sigint)
+    monkeypatch.setattr(zerockpt._C, "replace_file", rename_then_sigint)
     with _sigint_raises_interrupted(), pytest.raises(_Interrupted):
         zerockpt.save(new, directory, max_shard_size="4KB")
     monkeypatch.undo()
