@@ -189,3 +189,32 @@ def test_load_state_dict_hooks_that_change_the_tree(
     _same(ours, theirs)
     if "child" in mutation and mutation != "own pre-hook adds child":
         assert theirs == ("RuntimeError", "dictionary changed size during iteration")
+
+
+class _DropsOnExtraState(nn.Module):
+    """set_extra_state drops the parameters torch's loader already collected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i in range(3):
+            self.register_parameter("p" + str(1000 + i), nn.Parameter(torch.full((2,), float(i))))
+
+    def get_extra_state(self) -> Any:
+        return torch.tensor(1)
+
+    def set_extra_state(self, state: Any) -> None:
+        for name in list(self._parameters):
+            del self._parameters[name]
+
+
+@pytest.mark.parametrize("source", ["dict", "file"])
+def test_set_extra_state_that_drops_parameters(tmp_path: Any, source: str) -> None:
+    state = {k: v + 1 for k, v in _DropsOnExtraState().state_dict().items()}
+    state["p1001"] = state["p1001"].clone()
+    path = tmp_path / "m.safetensors"
+    zerockpt.save(state, path)
+    ours_model, theirs_model = _DropsOnExtraState(), _DropsOnExtraState()
+    ours = zerockpt.load_state_dict(ours_model, dict(state) if source == "dict" else path)
+    theirs = theirs_model.load_state_dict(dict(state))
+    assert ours == theirs
+    assert list(ours_model._parameters) == list(theirs_model._parameters) == []

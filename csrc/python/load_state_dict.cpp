@@ -202,10 +202,24 @@ class LocalIndex {
   SeededMap<std::string_view, Entry*> map_;
 };
 
+// Holds its name and value, as torch's local_state dict does: hooks, assign and set_extra_state
+// may replace or drop registry entries while the module is loaded.
 struct LocalTensor {
-  PyObject* name;  // borrowed from the registry dict
-  std::string_view name_utf8;
-  PyObject* value;  // borrowed
+  LocalTensor(PyObject* name_, std::string_view name_utf8_, PyObject* value_)
+      : name(name_),
+        name_utf8(name_utf8_),
+        value(value_),
+        hold_name(borrow(name_)),
+        hold_value(borrow(value_)) {}
+  void set_value(PyObject* v) {
+    hold_value = borrow(v);
+    value = v;
+  }
+  PyObject* name;
+  std::string_view name_utf8;  // valid while `name` lives
+  PyObject* value;
+  py::object hold_name;
+  py::object hold_value;
 };
 
 class LoadWalk {
@@ -373,7 +387,7 @@ class LoadWalk {
     while (PyDict_Next(view.parameters, &pos, &name, &value)) {
       if (value == Py_None) continue;
       if (!is_plain_tensor(value) || !PyUnicode_Check(name)) return false;
-      out.push_back({name, key_text(name), value});
+      out.emplace_back(name, key_text(name), value);
     }
     size_t params = out.size();
     pos = 0;
@@ -387,11 +401,11 @@ class LoadWalk {
       bool replaced = false;
       for (size_t i = 0; i < params; ++i) {
         if (out[i].name_utf8 == n) {  // a dict merge keeps the first position, last value
-          out[i].value = value;
+          out[i].set_value(value);
           replaced = true;
         }
       }
-      if (!replaced) out.push_back({name, n, value});
+      if (!replaced) out.emplace_back(name, n, value);
     }
     return true;
   }
