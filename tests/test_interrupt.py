@@ -209,6 +209,48 @@ def test_sigint_among_the_renames_of_a_sharded_save_waits_for_its_commit(
         assert torch.equal(loaded[name], t)
 
 
+@pytest.mark.parametrize("wait", ["result", "wait"])
+def test_sigint_interrupts_a_wait_for_save_async_and_the_save_goes_on(
+    tmp_path: Path, wait: str
+) -> None:
+    """The C++ handle's waits (zerockpt.dcp waits on one directly) raise at Ctrl-C, while the
+    save is still running, rather than when it ends."""
+    path = tmp_path / "a.safetensors"
+    state = {"w": torch.full((CHUNKS * _C.CHUNK_BYTES // 4,), 2.0)}
+    _C._delay_chunks(DELAY)  # the background write: CHUNKS slowed chunks on one thread
+    try:
+        handle = _C.save_async(state, str(path), None, True, None, 1)
+        done_soon_after: list[bool] = []
+
+        def interrupt() -> None:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            time.sleep(2 * DELAY)
+            done_soon_after.append(handle.done())
+
+        timer = threading.Timer(DELAY / 2, interrupt)
+        done_when_raised = None
+        with _sigint_raises_interrupted():
+            timer.start()
+            try:
+                if wait == "result":
+                    handle.result()
+                else:
+                    handle.wait(None)
+                timer.join()  # a signal that came after the wait is handled here
+            except _Interrupted:
+                done_when_raised = handle.done()
+            timer.join()
+        assert done_when_raised is not None
+        if done_soon_after[0]:
+            pytest.skip("the save ended soon after the signal: too soon to tell")
+        assert not done_when_raised  # the wait raised while the save went on
+        assert handle.wait(None)
+        handle.result()
+    finally:
+        _C._delay_chunks(0)
+    assert torch.equal(zerockpt.load(path)["w"], state["w"])
+
+
 # A child process: slows chunks, waits for a line on stdin, then runs the command given as
 # argv[1:] (a save, or the CLI) with Python's default SIGINT handler, printing "flowing" once
 # a call is under way (its bytes expected, not all done: whatever the number of threads, the

@@ -206,6 +206,12 @@ std::string checksummed_prefix(const Layout& layout, const std::vector<TensorSpe
 std::atomic<int64_t> g_chunk_delay_us{0};     // set_chunk_delay
 thread_local ProgressPoll* t_poll = nullptr;  // this thread's innermost ProgressPoll
 
+void delay_chunk() {
+  if (int64_t delay = g_chunk_delay_us.load(std::memory_order_relaxed)) {
+    std::this_thread::sleep_for(std::chrono::microseconds(delay));
+  }
+}
+
 }  // namespace
 
 void set_chunk_delay(double seconds) {
@@ -231,9 +237,7 @@ bool ProgressPoll::poll_if_due() {
 }
 
 void Progress::check(const std::string& what) {
-  if (int64_t delay = g_chunk_delay_us.load(std::memory_order_relaxed)) {
-    std::this_thread::sleep_for(std::chrono::microseconds(delay));
-  }
+  delay_chunk();
   if (ProgressPoll* poll = ProgressPoll::current(); poll && poll->poll_if_due()) cancel();
   if (cancelled()) throw Cancelled("cancelled while " + what);
 }
@@ -320,6 +324,7 @@ void write_image(const std::string& path, const uint8_t* image, uint64_t size,
   parallel_for(chunks, threads, [&](size_t k) {
     uint64_t start = k * kChunkBytes;
     uint64_t len = std::min(size - start, kChunkBytes);
+    delay_chunk();
     // O_DIRECT needs whole pages: the image holds zeros up to the next page boundary.
     if (direct) len = (len + kPage - 1) / kPage * kPage;
     pwrite_full(file.fd(), image + start, len, start, path);

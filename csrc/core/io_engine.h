@@ -106,8 +106,9 @@ class ProgressPoll {
   std::chrono::steady_clock::time_point next_;
 };
 
-// Makes every Progress::check() sleep `seconds` first (0: off), so that a test can interrupt
-// a call between its chunks. Testing aid; process-wide.
+// Makes every Progress::check() and every chunk of write_image() (save_async's background
+// write) sleep `seconds` first (0: off), so that a test can interrupt a call between its
+// chunks. Testing aid; process-wide.
 void set_chunk_delay(double seconds);
 
 // progress->expect(bytes) and progress->check(what) where `progress` may be null.

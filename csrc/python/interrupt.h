@@ -5,6 +5,8 @@
 
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -52,6 +54,32 @@ auto interruptible(std::shared_ptr<Progress> progress, Call&& call) {
   } catch (...) {
     watch.raise_if_signalled();
     throw;
+  }
+}
+
+// Waits until wait(seconds) returns true, calling it without the GIL for slices of
+// ProgressPoll::kPollInterval (or less, up to `seconds`; negative: no limit) and checking for
+// signals after each: a handler's exception propagates (a signal that came during the wait
+// wins over its end), and what was awaited goes on. Returns whether wait() returned true.
+// Requires GIL.
+template <typename Wait>
+bool wait_interruptibly(Wait&& wait, double seconds) {
+  using Clock = std::chrono::steady_clock;
+  const std::chrono::duration<double> slice = ProgressPoll::kPollInterval;
+  const auto deadline = Clock::now() + std::chrono::duration<double>(std::max(0.0, seconds));
+  while (true) {
+    double step = slice.count();
+    if (seconds >= 0) {
+      step = std::min(step, std::chrono::duration<double>(deadline - Clock::now()).count());
+    }
+    bool done;
+    {
+      pybind11::gil_scoped_release no_gil;  // `wait` touches no Python object
+      done = wait(std::max(0.0, step));
+    }
+    if (PyErr_CheckSignals() != 0) throw pybind11::error_already_set();
+    if (done) return true;
+    if (seconds >= 0 && Clock::now() >= deadline) return false;
   }
 }
 

@@ -154,22 +154,20 @@ void bind_async(py::module_& m) {
   py::class_<PendingSave, std::shared_ptr<PendingSave>>(m, "_PendingSave")
       .def_property_readonly("path", &PendingSave::path)
       .def("done", &PendingSave::done)
-      // Releases GIL while waiting. None: no limit. True when done.
+      // Releases GIL while waiting, taking it every 50 ms for Ctrl-C (which leaves the save
+      // going). None: no limit. True when done.
       .def(
           "wait",
           [](const PendingSave& p, std::optional<double> timeout) {
-            py::gil_scoped_release no_gil;  // only a condition variable wait
-            return p.wait(timeout ? std::max(0.0, *timeout) : -1.0);
+            return wait_interruptibly([&](double seconds) { return p.wait(seconds); },
+                                      timeout ? std::max(0.0, *timeout) : -1.0);
           },
           py::arg("timeout"))
-      // Releases GIL while waiting; raises the save's error (translated like save's).
+      // Releases GIL while waiting, as wait(None); raises the save's error (translated like
+      // save's).
       .def("result", [](const PendingSave& p) {
-        std::exception_ptr error;
-        {
-          py::gil_scoped_release no_gil;
-          error = p.error();
-        }
-        if (error) std::rethrow_exception(error);
+        wait_interruptibly([&](double seconds) { return p.wait(seconds); }, -1.0);
+        if (std::exception_ptr error = p.error()) std::rethrow_exception(error);
       });
   // Releases GIL (a few system calls). Raises the OSError a save to `path` would raise for its
   // destination (core/file.h check_destination) before writing anything; returns the path
@@ -361,8 +359,9 @@ void bind_testing_aids(py::module_& m) {
       "after the first `after` of them, until _clear_faults(). Testing aid.");
   m.def("_clear_faults", &clear_faults);
   m.def("_delay_chunks", &set_chunk_delay, py::arg("seconds"),
-        "Makes every chunk of work (and every Ctrl-C check) wait `seconds` first (0: off), so "
-        "that a test can interrupt a call mid-way. Testing aid.");
+        "Makes every chunk of work (and every Ctrl-C check), save_async's background writes "
+        "included, wait `seconds` first (0: off), so that a test can interrupt a call mid-way. "
+        "Testing aid.");
   m.def(
       "_staging_stats",
       [] {
