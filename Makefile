@@ -14,7 +14,7 @@ BUILD_DIR   := build/py
 BUILD_STAMP := build/.installed
 SOURCES     := $(shell find csrc python cmake tools -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
-.PHONY: all build demo test test-long test-fast cpp-test fuzz fuzz-optional bench lint format \
+.PHONY: all build demo test test-long test-fast cpp-test fuzz fuzz-optional fuzz-build-optional bench lint format \
         compat gpu-check clean distclean
 
 all: build
@@ -43,9 +43,12 @@ build: $(BUILD_STAMP)
 demo: build
 	$(PY) -m zerockpt bench --params 125M --plot build/bench.png
 
-# pytest first, so its results are never hidden behind the fuzzer; the fuzz step is skipped
-# with one line where clang cannot be had (no root, no apt-get).
-test: build lint cpp-test
+# The checks that precede pytest run side by side on the 2 cores: lint, the C++ tests, the
+# test accelerator's build and the fuzzer's build (where clang can be had). Then pytest, so its
+# results are never hidden behind the fuzzer; the fuzz run comes last, and is skipped with one
+# line where clang with libFuzzer cannot be had (no root, no apt-get).
+test: build
+	@$(MAKE) --no-print-directory -j2 --output-sync=target lint cpp-test test-accel fuzz-build-optional
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	ZEROCKPT_BENCH_SMOKE=1 $(PY) -m pytest benches -q --benchmark-disable -p no:cacheprovider
 	@$(MAKE) --no-print-directory fuzz-optional
@@ -98,6 +101,10 @@ $(FUZZ_CXX_OK): fuzz/ensure_clang.sh
 fuzz-optional:
 	@if sh fuzz/ensure_clang.sh $(FUZZ_CXX); then $(MAKE) --no-print-directory fuzz; \
 	else echo "fuzz: skipped (reason above); the tests above ran and passed"; fi
+
+fuzz-build-optional:
+	@if sh fuzz/ensure_clang.sh $(FUZZ_CXX); then $(MAKE) --no-print-directory $(FUZZ_BIN); \
+	else echo "fuzz: clang with libFuzzer is not available here (reason above)"; fi
 
 $(FUZZ_DIR)/obj/%.o: csrc/core/%.cpp | $(FUZZ_CXX_OK)
 	@mkdir -p $(@D)
@@ -199,7 +206,6 @@ $(ACCEL_LIB): $(ACCEL_DIR)/build.ninja tests/accel/zpu.cpp
 
 test-accel: $(ACCEL_LIB)
 
-test: test-accel
 
 test-device-stress: build test-accel
 	@for i in $$(seq 1 $(STRESS_RUNS)); do \
