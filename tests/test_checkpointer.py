@@ -641,6 +641,20 @@ FAULT_IDS = [
 ]
 
 
+def save_3_with_eio(ckpt: zerockpt.Checkpointer, op: str, after: int, async_save: bool) -> OSError:
+    """The OSError of saving step 3 while `op` fails with EIO after `after` calls."""
+    C._inject_fault(op, errno.EIO, after=after)
+    try:
+        ckpt.save(3, filled(3), async_save=async_save)
+        error = os_error(ckpt.wait) if async_save else None
+    except OSError as e:
+        error = e
+    finally:
+        C._clear_faults()
+    assert error is not None and error.errno == errno.EIO
+    return error
+
+
 def two_checkpoints(directory: Path, durable: bool) -> Checkpointer:
     ckpt = Checkpointer(directory, keep_last=2, durable=durable)
     ckpt.save(1, filled(1))
@@ -736,15 +750,7 @@ def test_failure_to_update_latest_after_the_checkpoint_is_written(
 ) -> None:
     ckpt = two_checkpoints(tmp_path, durable)
     before = snapshot(tmp_path)
-    C._inject_fault(op, errno.EIO, after=after)
-    try:
-        ckpt.save(3, filled(3), async_save=async_save)
-        error = os_error(ckpt.wait) if async_save else None
-    except OSError as e:
-        error = e
-    finally:
-        C._clear_faults()
-    assert error is not None and error.errno == errno.EIO
+    error = save_3_with_eio(ckpt, op, after, async_save)
     assert error.filename == str(tmp_path / POINTER)
     # The checkpoint is complete, `latest` unchanged, nothing removed, no temporary file.
     check_filled(ckpt.load(3), 3)
@@ -1046,15 +1052,8 @@ def test_retention_waits_for_the_committed_file_to_check(tmp_path: Path, async_s
     """Reading the new file back fails: `latest` and older checkpoints stay as they were."""
     ckpt = two_checkpoints(tmp_path, durable=False)
     before = snapshot(tmp_path)
-    C._inject_fault("read", errno.EIO)  # the save writes only; the check reads its header
-    try:
-        ckpt.save(3, filled(3), async_save=async_save)
-        error = os_error(ckpt.wait) if async_save else None
-    except OSError as e:
-        error = e
-    finally:
-        C._clear_faults()
-    assert error is not None and error.errno == errno.EIO
+    # The save writes only; the check reads its header.
+    error = save_3_with_eio(ckpt, "read", 0, async_save)
     assert error.filename == str(ckpt.path(3))
     assert ckpt.steps() == [1, 2, 3] and pointer(tmp_path).strip() == name(2)
     assert {k: v for k, v in snapshot(tmp_path).items() if k != name(3)} == before
