@@ -19,7 +19,7 @@ def _model() -> nn.Module:
 
 def _linear(i: int, o: int) -> nn.Linear:
     """Made inside hooks: the same weights for ours and torch's model."""
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only (whatever accelerator)
         torch.manual_seed(1)
         return nn.Linear(i, o)
 
