@@ -136,8 +136,9 @@ fuzz: $(FUZZ_BIN)
 
 # Against another torch, in a venv of its own (.venv-compat-<version>, a build dir of its own):
 # PyPI's torch wheel, a CUDA build of several GB downloaded once and kept in pip's cache. It
-# builds with no CUDA toolkit and runs the whole suite (CUDA tests skip without a GPU), then
-# checks that the main build's extension refuses this torch with a clear ImportError.
+# builds with no CUDA toolkit, checks that the main build's extension refuses this torch with a
+# clear ImportError, builds the test accelerator against it and runs the whole suite (CUDA tests
+# skip without a GPU).
 COMPAT_TORCH ?= 2.11.0
 COMPAT_VENV  := .venv-compat-$(COMPAT_TORCH)
 COMPAT_PY    := $(COMPAT_VENV)/bin/python
@@ -149,7 +150,11 @@ compat: build
 	$(COMPAT_PY) -m pip --disable-pip-version-check install -q --no-build-isolation --no-deps \
 	  -C build-dir=build/compat-$(COMPAT_TORCH) --force-reinstall .
 	$(COMPAT_PY) tools/check_torch_pin.py $(abspath $(PY))
-	$(COMPAT_PY) -m pytest tests -p no:cacheprovider -q $(PYTEST_ARGS)
+	$(COMPAT_VENV)/bin/cmake -S tests/accel -B build/accel-compat-$(COMPAT_TORCH) -G Ninja \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(COMPAT_VENV))/bin/ninja -DPython_EXECUTABLE=$(abspath $(COMPAT_PY)) > /dev/null
+	$(COMPAT_VENV)/bin/cmake --build build/accel-compat-$(COMPAT_TORCH)
+	ZEROCKPT_TEST_ACCEL=$(abspath build/accel-compat-$(COMPAT_TORCH))/libzerockpt_test_accel.so \
+	  $(COMPAT_PY) -m pytest tests -p no:cacheprovider -q $(PYTEST_ARGS)
 
 # On a machine with a GPU, a CUDA torch and no network (the borrowed H200): build, CUDA tests,
 # GPU bench; results under $$OUT (tools/gpu_check.sh).

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import torch
 
-LIBRARY = Path(__file__).resolve().parents[2] / "build" / "accel" / "libzerockpt_test_accel.so"
+# make test-accel builds it here; make compat points ZEROCKPT_TEST_ACCEL at a build for its torch.
+LIBRARY = Path(
+    os.environ.get("ZEROCKPT_TEST_ACCEL")
+    or Path(__file__).resolve().parents[2] / "build" / "accel" / "libzerockpt_test_accel.so"
+)
 DEVICE_TYPES = ["zpu", "cuda"]
 _zpu_loaded: bool | None = None
 _zpu_why_not = ""
