@@ -55,10 +55,10 @@ def load_extension() -> None:
         raise _mismatch(built, running)
     try:
         importlib.import_module("zerockpt._C")
-    except ImportError as exc:
-        if "undefined symbol" in str(exc) or "version" in str(exc).lower():
-            raise _link_failure(built, running, exc) from exc
+    except ModuleNotFoundError:  # never built: Python's own message says so
         raise
+    except ImportError as exc:  # found but does not load: it does not link with this torch
+        raise _link_failure(built, running, exc) from exc
 
 
 load_extension()
