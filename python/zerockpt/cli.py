@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import io
 import json
-import math
 import os
 import re
 import shutil
@@ -58,7 +56,6 @@ _DCP_RANK_FILE_RE = re.compile(r"__[0-9]+_[0-9]+\.safetensors")
 _DCP_OWN_KEY = "zerockpt.dcp"  # marks a rank file written by zerockpt.dcp.Writer
 _ZIP_MAGIC = b"PK\x03\x04"
 _PROGRESS_AUTO_BYTES = 1e9  # without --progress/--no-progress: show it for larger sources
-_ITEM_VALUE_MAX_BYTES = 64 << 10  # DCP non-tensor items larger than this are not decoded
 
 
 class CommandError(Exception):
@@ -362,158 +359,14 @@ def _header_metadata(file: str) -> dict[str, str]:
         return f.metadata()
 
 
-def _read_dcp_metadata(directory: str) -> Any:
-    """The decoded ``.metadata.json`` of a zerockpt.dcp checkpoint (DCP's ``Metadata``)."""
-    import zerockpt.dcp
-
-    reader = zerockpt.dcp.Reader(directory)
-    return reader.read_metadata()
-
-
-def _dcp_file(directory: str, name: str) -> str:
-    """The path of a file that a DCP checkpoint's metadata names; FormatError if not plain."""
-    if "/" in name or name in ("", ".", ".."):
-        raise zerockpt.FormatError(f"{directory}: invalid file name {name!r} in the metadata")
-    return os.path.join(directory, name)
-
-
-def _decode_item(raw: bytes) -> tuple[str, object, bool]:
-    """(type name, value, readable) of a DCP non-tensor item's ``torch.save`` bytes."""
-    try:
-        value = torch.load(io.BytesIO(raw), weights_only=True)
-    except Exception:  # see _load_torch: torch.load fails in many ways; only shown as such
-        return "?", None, False
-    return type(value).__name__, value, True
-
-
-def _jsonable(value: object) -> bool:
-    if value is None or isinstance(value, bool | int | str):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return all(_jsonable(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
-    return False
-
-
 def _dcp_report(directory: str) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
     """The report of a zerockpt.dcp checkpoint directory, and a function that verifies it."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    metadata = _read_dcp_metadata(directory)
-    locations: dict[str, list[Any]] = {}
-    for index, location in metadata.storage_data.items():
-        locations.setdefault(index.fqn, []).append(location)
-    files = sorted({location.file for chunks in locations.values() for location in chunks})
-    opened: dict[str, zerockpt.TensorFile] = {}
-
-    def open_file(name: str) -> zerockpt.TensorFile:
-        if name not in opened:
-            opened[name] = zerockpt.open(_dcp_file(directory, name))
-        return opened[name]
-
-    try:
-        tensors: list[dict[str, Any]] = []
-        items: list[dict[str, Any]] = []
-        total = 0
-        for fqn, md in metadata.state_dict_metadata.items():
-            where = locations.get(fqn, [])
-            if isinstance(md, BytesStorageMetadata):
-                item: dict[str, Any] = {"name": fqn, "nbytes": None}
-                if where:
-                    item["file"] = where[0].file
-                    info = open_file(where[0].file).info(where[0].name)
-                    item["nbytes"] = info.nbytes
-                    if info.nbytes <= _ITEM_VALUE_MAX_BYTES:
-                        raw = open_file(where[0].file)[where[0].name].numpy().tobytes()
-                        type_name, value, readable = _decode_item(raw)
-                        item["type"] = type_name
-                        if readable:
-                            item["repr"] = repr(value)
-                            if _jsonable(value):
-                                item["value"] = value
-                items.append(item)
-                continue
-            dtype = md.properties.dtype
-            nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
-            total += nbytes
-            tensors.append(
-                {
-                    "name": fqn,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "shape": list(md.size),
-                    "nbytes": nbytes,
-                    "chunks": len(md.chunks),
-                    "files": sorted({location.file for location in where}),
-                }
-            )
-        headers = [open_file(name).metadata() for name in files]
-    finally:
-        for f in opened.values():
-            f.close()
-    storage_meta = metadata.storage_meta
-    report: dict[str, Any] = {
-        "path": directory,
-        "kind": "dcp",
-        "files": [os.path.join(directory, name) for name in files],
-        "file_bytes": sum(os.path.getsize(os.path.join(directory, name)) for name in files),
-        "tensors": tensors,
-        "total_bytes": total,
-        "metadata": {},
-        "zerockpt": {
-            "dcp_version": metadata.version,
-            "save_id": None if storage_meta is None else storage_meta.save_id,
-            "rank_files": len(files),
-        },
-        "items": items,
-        "checksums": {
-            "stored": bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers),
-            "verified": None,
-            "failed": [],
-        },
-    }
+    import zerockpt.dcp
 
     def verify() -> tuple[str, ...]:
-        return _verify_dcp(directory, metadata)[1]
+        return zerockpt.dcp.verify(directory).failed
 
-    return report, verify
-
-
-def _verify_dcp(directory: str, metadata: Any) -> tuple[bool, tuple[str, ...], int]:
-    """Checks a zerockpt.dcp checkpoint's files: structure, then checksums.
-
-    Returns:
-        (every file stores checksums, names of the tensors that fail, tensors checked).
-
-    Raises:
-        FormatError: A file the metadata names is malformed or lacks a tensor it should hold.
-        OSError: A file is missing or unreadable.
-    """
-    by_file: dict[str, list[str]] = {}
-    for location in metadata.storage_data.values():
-        by_file.setdefault(location.file, []).append(location.name)
-    stored_fqns = {index.fqn for index in metadata.storage_data}
-    missing = [fqn for fqn in metadata.state_dict_metadata if fqn not in stored_fqns]
-    if missing:
-        raise zerockpt.FormatError(
-            f"{directory}: the metadata stores no data for {_names(missing)}"
-        )
-    has_checksums = True
-    failed: list[str] = []
-    checked = 0
-    for name in sorted(by_file):
-        file = _dcp_file(directory, name)
-        with zerockpt.open(file) as f:
-            absent = [stored for stored in by_file[name] if stored not in f]
-        if absent:
-            raise zerockpt.FormatError(f"{file}: does not hold {_names(absent)}")
-        result = zerockpt.verify(file)
-        has_checksums = has_checksums and result.has_checksums
-        failed.extend(result.failed)
-        checked += result.tensors
-    return has_checksums, tuple(failed), checked
+    return zerockpt.dcp.describe(directory), verify
 
 
 def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
@@ -654,10 +507,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"{args.path}: a torch.save checkpoint, which stores no zerockpt checksums"
         )
     if kind == "dcp":
-        has_checksums, failed, checked = _verify_dcp(path, _read_dcp_metadata(path))
+        from zerockpt import dcp
+
+        result = dcp.verify(path)
     else:
         result = zerockpt.verify(path)
-        has_checksums, failed, checked = result.has_checksums, result.failed, result.tensors
+    has_checksums, failed, checked = result.has_checksums, result.failed, result.tensors
     ok = not failed and (has_checksums or not args.require_checksums)
     if args.json:
         document = {

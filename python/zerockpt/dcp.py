@@ -53,9 +53,10 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from zerockpt import _C
+from zerockpt import _C, sharded
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
-from zerockpt.serialization import PathLike, _fspath, _threads
+from zerockpt.serialization import PathLike, VerifyResult, _fspath, _threads
+from zerockpt.serialization import verify as verify_file
 from zerockpt.structure import flatten, unflatten
 
 __all__ = [
@@ -66,8 +67,10 @@ __all__ = [
     "Reader",
     "Writer",
     "decode_metadata",
+    "describe",
     "encode_metadata",
     "to_file",
+    "verify",
 ]
 
 # The global metadata file of a checkpoint directory, committed last.
@@ -469,18 +472,27 @@ class Reader(StorageReader):
         return buffer.getvalue()
 
     def _open(self, name: str) -> Any:
-        if "/" in name or name in ("", ".", ".."):
-            raise _C.FormatError(f"{self.path}: invalid file name {name!r} in the metadata")
-        path = self.path / name
-        f = _C._File(str(path))
-        if self.verify:
-            f.verify(0, True)
-        return f
+        return _open_rank_file(self.path, name, verify=self.verify)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         """Whether ``checkpoint_id`` is a local path, which this reader takes (DCP hook)."""
         return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
+
+
+def _rank_file(directory: Path, name: str) -> Path:
+    """The path of a file that a checkpoint's metadata names; FormatError unless a plain name."""
+    if "/" in name or name in ("", ".", ".."):
+        raise _C.FormatError(f"{directory}: invalid file name {name!r} in the metadata")
+    return directory / name
+
+
+def _open_rank_file(directory: Path, name: str, *, verify: bool = False) -> _C._File:
+    """Opens (validates the header of) a file the metadata names; with ``verify``, checksums."""
+    f = _C._File(str(_rank_file(directory, name)))
+    if verify:
+        f.verify(0, True)
+    return f
 
 
 # --- metadata as JSON ------------------------------------------------------------------------
@@ -690,6 +702,176 @@ def decode_metadata(text: str, path: str) -> Metadata:
         storage_meta=storage_meta,
         version=version if isinstance(version, str) else None,
     )
+
+
+# --- inspection and verification (zerockpt inspect / verify) --------------------------------
+
+# Non-tensor items larger than this are not decoded by describe().
+_ITEM_VALUE_MAX_BYTES = 64 << 10
+
+
+def describe(checkpoint: PathLike) -> dict[str, Any]:
+    """Describes a checkpoint written by :class:`Writer`: what ``zerockpt inspect --json`` prints.
+
+    Only the metadata and the rank files' headers are read, and the bytes of small non-tensor
+    items, decoded with ``torch.load(weights_only=True)``; tensor bytes are not touched.
+
+    Args:
+        checkpoint: The checkpoint directory.
+
+    Returns:
+        A JSON-ready dict: ``path``, ``kind`` (``"dcp"``), ``files`` and ``file_bytes`` (the
+        rank files), ``tensors`` (name, dtype, shape, nbytes, chunks, files of each tensor),
+        ``total_bytes``, ``items`` (the non-tensor values: name, file, nbytes, and their
+        ``type``, ``repr`` and ``value`` when decoded), ``zerockpt`` (``dcp_version``,
+        ``save_id``, ``rank_files``) and ``checksums`` (``stored``; ``verified`` None).
+
+    Raises:
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``), its metadata is
+            malformed, or a rank file is not valid safetensors.
+        OSError: A file cannot be opened or read (errno and filename set).
+        TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
+    """
+    root = _fspath(checkpoint)
+    directory = Path(root)
+    metadata = Reader(directory).read_metadata()
+    locations: dict[str, list[_Location]] = defaultdict(list)
+    for index, location in metadata.storage_data.items():
+        locations[index.fqn].append(location)
+    files = sorted({location.file for chunks in locations.values() for location in chunks})
+    opened: dict[str, _C._File] = {}
+
+    def open_file(name: str) -> _C._File:
+        if name not in opened:
+            opened[name] = _open_rank_file(directory, name)
+        return opened[name]
+
+    tensors: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    total = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        where = locations.get(fqn, [])
+        if isinstance(md, BytesStorageMetadata):
+            item: dict[str, Any] = {"name": fqn, "nbytes": None}
+            if where:
+                item["file"] = where[0].file
+                _, _, begin, end, _ = open_file(where[0].file).info(where[0].name)
+                item["nbytes"] = end - begin
+                if end - begin <= _ITEM_VALUE_MAX_BYTES:
+                    stored = open_file(where[0].file).get_tensor(where[0].name)
+                    item.update(_decoded_item(stored.numpy().tobytes()))
+            items.append(item)
+            continue
+        dtype = md.properties.dtype
+        nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
+        total += nbytes
+        tensors.append(
+            {
+                "name": fqn,
+                "dtype": _dtype_name(dtype),
+                "shape": list(md.size),
+                "nbytes": nbytes,
+                "chunks": len(md.chunks),
+                "files": sorted({location.file for location in where}),
+            }
+        )
+    headers = [open_file(name).metadata() for name in files]
+    storage_meta = metadata.storage_meta
+    return {
+        "path": root,
+        "kind": "dcp",
+        "files": [os.path.join(root, name) for name in files],
+        "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
+        "tensors": tensors,
+        "total_bytes": total,
+        "metadata": {},
+        "zerockpt": {
+            "dcp_version": metadata.version,
+            "save_id": None if storage_meta is None else storage_meta.save_id,
+            "rank_files": len(files),
+        },
+        "items": items,
+        "checksums": {
+            "stored": bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers),
+            "verified": None,
+            "failed": [],
+        },
+    }
+
+
+def _decoded_item(raw: bytes) -> dict[str, Any]:
+    """``type``, and ``repr`` and ``value`` where readable, of a non-tensor item's bytes.
+
+    The bytes are DCP's ``torch.save`` of the value, read with ``torch.load(weights_only=True)``;
+    ``value`` is given only when it is plain JSON data.
+    """
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception:  # torch.load fails in many ways (refused, corrupt): shown as not decoded
+        return {"type": "?"}
+    decoded: dict[str, Any] = {"type": type(value).__name__, "repr": repr(value)}
+    if _jsonable(value):
+        decoded["value"] = value
+    return decoded
+
+
+def _jsonable(value: object) -> bool:
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_jsonable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
+    return False
+
+
+def verify(checkpoint: PathLike) -> VerifyResult:
+    """Checks a checkpoint written by :class:`Writer`: its structure, then every checksum.
+
+    Every tensor the metadata names must be in the rank file it names; then each rank file is
+    checked as :func:`zerockpt.verify` checks a file.
+
+    Args:
+        checkpoint: The checkpoint directory.
+
+    Returns:
+        A :class:`zerockpt.VerifyResult` for the whole checkpoint: ``has_checksums`` only if
+        every rank file stores them; ``tensors`` and ``failed`` over all rank files.
+
+    Raises:
+        FormatError: The checkpoint is incomplete or its metadata malformed, the metadata names
+            a tensor without stored data, or a rank file is malformed or lacks a tensor it
+            should hold.
+        OSError: A file is missing or unreadable (errno and filename set).
+        TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
+    """
+    directory = Path(_fspath(checkpoint))
+    metadata = Reader(directory).read_metadata()
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for location in metadata.storage_data.values():
+        by_file[location.file].append(location.name)
+    stored_fqns = {index.fqn for index in metadata.storage_data}
+    missing = [fqn for fqn in metadata.state_dict_metadata if fqn not in stored_fqns]
+    if missing:
+        raise _C.FormatError(
+            f"{directory}: the metadata stores no data for {sharded._names(missing)}"
+        )
+    has_checksums = True
+    failed: list[str] = []
+    checked = 0
+    for name in sorted(by_file):
+        f = _open_rank_file(directory, name)
+        held = set(f.keys())
+        absent = [stored for stored in by_file[name] if stored not in held]
+        if absent:
+            raise _C.FormatError(f"{f.path}: does not hold {sharded._names(absent)}")
+        result = verify_file(f.path)
+        has_checksums = has_checksums and result.has_checksums
+        failed.extend(result.failed)
+        checked += result.tensors
+    return VerifyResult(str(directory), has_checksums, checked, tuple(failed))
 
 
 # --- conversion to ordinary files ------------------------------------------------------------
