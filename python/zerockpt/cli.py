@@ -8,7 +8,9 @@
     zerockpt bench ...            (provided by zerockpt.bench)
 
 ``PATH`` is a zerockpt or safetensors file, a Hugging Face sharded directory (or its
-``model.safetensors.index.json``), or a directory written by :class:`zerockpt.dcp.Writer`.
+``model.safetensors.index.json``), a directory written by :class:`zerockpt.dcp.Writer`, or, with
+``--trust``, one written by torch's own ``torch.distributed.checkpoint`` ``FileSystemWriter``
+(``.metadata`` + ``*.distcp``; its metadata is a pickle, so it is read only when trusted).
 ``convert`` also reads and writes ``torch.save`` checkpoints (``.pt``, ``.pth``, ``.bin``),
 loaded with ``torch.load(weights_only=True)``: nothing is ever unpickled beyond plain data.
 
@@ -52,6 +54,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 """Destination names written with ``torch.save``; any other name gets a zerockpt file."""
 
 _DCP_METADATA = ".metadata.json"  # zerockpt.dcp.METADATA_FILE, without importing DCP eagerly
+_NATIVE_DCP_METADATA = ".metadata"  # torch's FileSystemWriter (pickled)
+_NATIVE_DCP_SUFFIX = ".distcp"
+_NATIVE_DCP_FORMAT = "torch.distributed.checkpoint"  # zerockpt.dcp.NATIVE_FORMAT
 _DCP_RANK_FILE_RE = re.compile(r"__[0-9]+_[0-9]+\.safetensors")
 _DCP_OWN_KEY = "zerockpt.dcp"  # marks a rank file written by zerockpt.dcp.Writer
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -233,7 +238,8 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
 
     Args:
         path: A zerockpt/safetensors file; a sharded directory or its index file (a name ending
-            in ``.json``); a zerockpt.dcp checkpoint directory or its ``.metadata.json``; a
+            in ``.json``); a DCP checkpoint directory (zerockpt.dcp's or torch's own layout) or
+            its ``.metadata.json`` / ``.metadata``; a
             directory holding ``model.safetensors``; or a ``torch.save`` file.
 
     Returns:
@@ -251,13 +257,18 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
             return "sharded", path
         if os.path.exists(os.path.join(path, sharded.SINGLE_FILE_NAME)):
             return "file", os.path.join(path, sharded.SINGLE_FILE_NAME)
-        if any(_DCP_RANK_FILE_RE.fullmatch(name) for name in os.listdir(path)):
-            return "dcp", path  # without .metadata.json: reading it says it is incomplete
+        if os.path.exists(os.path.join(path, _NATIVE_DCP_METADATA)):
+            return "dcp", path  # torch's own layout: zerockpt.dcp tells it apart
+        if any(
+            _DCP_RANK_FILE_RE.fullmatch(name) or name.endswith(_NATIVE_DCP_SUFFIX)
+            for name in os.listdir(path)
+        ):
+            return "dcp", path  # without its metadata: reading it says it is incomplete
         raise CommandError(
             f"{path}: a directory that holds no checkpoint (neither {sharded.INDEX_NAME}, "
-            f"{_DCP_METADATA} nor {sharded.SINGLE_FILE_NAME})"
+            f"{_DCP_METADATA}, {_NATIVE_DCP_METADATA} nor {sharded.SINGLE_FILE_NAME})"
         )
-    if os.path.basename(path) == _DCP_METADATA:
+    if os.path.basename(path) in (_DCP_METADATA, _NATIVE_DCP_METADATA):
         return "dcp", os.path.dirname(path) or "."
     if path.endswith(".json"):
         return "sharded", path
@@ -359,14 +370,16 @@ def _header_metadata(file: str) -> dict[str, str]:
         return f.metadata()
 
 
-def _dcp_report(directory: str) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
-    """The report of a zerockpt.dcp checkpoint directory, and a function that verifies it."""
+def _dcp_report(
+    directory: str, trusted: bool
+) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
+    """The report of a DCP checkpoint directory, and a function that verifies it."""
     import zerockpt.dcp
 
     def verify() -> tuple[str, ...]:
-        return zerockpt.dcp.verify(directory).failed
+        return zerockpt.dcp.verify(directory, trusted=trusted).failed
 
-    return zerockpt.dcp.describe(directory), verify
+    return zerockpt.dcp.describe(directory, trusted=trusted), verify
 
 
 def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
@@ -383,6 +396,9 @@ def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
 def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
     kind = report["kind"]
     titles = {"file": "safetensors file", "sharded": "sharded checkpoint", "dcp": "DCP checkpoint"}
+    native = report.get("format") == _NATIVE_DCP_FORMAT
+    if native:
+        titles["dcp"] = "torch DCP checkpoint (FileSystemWriter)"
     files = report["files"]
     where = "" if kind == "file" else f", {len(files)} files"
     _emit(
@@ -428,8 +444,8 @@ def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
                     value = value[:67] + "..."
                 _emit(f"  {i['name'].ljust(width)}  {value}", out)
         _emit(
-            f"zerockpt.dcp: DCP metadata version {own['dcp_version']}, "
-            f"{own['rank_files']} rank files",
+            f"{'torch.distributed.checkpoint' if native else 'zerockpt.dcp'}: DCP metadata "
+            f"version {own['dcp_version']}, {own['rank_files']} rank files",
             out,
         )
     else:
@@ -482,7 +498,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"{args.path}: a torch.save checkpoint, not safetensors (convert it with "
             f"'{PROG} convert {args.path} OUT.safetensors')"
         )
-    report, verify = _dcp_report(path) if kind == "dcp" else _file_report(path, kind)
+    report, verify = _dcp_report(path, args.trust) if kind == "dcp" else _file_report(path, kind)
     report["path"] = args.path
     if args.verify and report["checksums"]["stored"]:
         failed = list(verify())
@@ -509,7 +525,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if kind == "dcp":
         from zerockpt import dcp
 
-        result = dcp.verify(path)
+        result = dcp.verify(path, trusted=args.trust)
     else:
         result = zerockpt.verify(path)
     has_checksums, failed, checked = result.has_checksums, result.failed, result.tensors
@@ -700,7 +716,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     )
     try:
         if src_kind == "dcp":
-            count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
+            count, nbytes = _convert_dcp(
+                src, target, dst_kind, args.max_shard_size, show, args.trust
+            )
         else:
             state = _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
             count, nbytes = _tensor_stats(state)
@@ -723,13 +741,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert_dcp(
-    src: str, dst: str, dst_kind: str, max_shard_size: int | None, progress: bool
+    src: str, dst: str, dst_kind: str, max_shard_size: int | None, progress: bool, trusted: bool
 ) -> tuple[int, int]:
-    """A zerockpt.dcp checkpoint -> ``dst``; returns (tensors, bytes) written."""
+    """A DCP checkpoint -> ``dst``; returns (tensors, bytes) written."""
     import zerockpt.dcp
 
     if dst_kind != "torch":
-        zerockpt.dcp.to_file(src, dst, max_shard_size=max_shard_size, progress=progress)
+        zerockpt.dcp.to_file(
+            src, dst, max_shard_size=max_shard_size, progress=progress, trusted=trusted
+        )
         with zerockpt.open(dst) as f:
             stored = [f.info(name) for name in f]
         kept = [info for info in stored if info.alias_of is None]
@@ -742,7 +762,7 @@ def _convert_dcp(
     )
     os.close(fd)
     try:
-        zerockpt.dcp.to_file(src, scratch, durable=False, progress=progress)
+        zerockpt.dcp.to_file(src, scratch, durable=False, progress=progress, trusted=trusted)
         state = zerockpt.load(scratch)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -834,9 +854,19 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
         )
         return sub
 
+    def add_trust(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--trust",
+            action="store_true",
+            help="read a checkpoint in torch's native DCP format (.metadata + *.distcp, from "
+            "torch.distributed.checkpoint's FileSystemWriter), whose metadata is a pickle that "
+            "can run code: only for checkpoints from a source you trust",
+        )
+
     paths = (
         "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
-        f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+        f"{sharded.INDEX_NAME}) or its index file, a zerockpt.dcp checkpoint directory, or "
+        "(with --trust) a torch.distributed.checkpoint directory."
     )
     inspect = add(
         "inspect",
@@ -849,13 +879,15 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     inspect.add_argument(
         "--verify", action="store_true", help="also check every tensor's CRC-32C (exit 1 if bad)"
     )
+    add_trust(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
     convert = add(
         "convert",
         "convert between torch.save and zerockpt checkpoints",
         "Convert SRC to DST. SRC: a torch.save checkpoint (loaded with weights_only=True), a "
-        "zerockpt/safetensors file, a sharded directory or a zerockpt.dcp directory. DST: a "
+        "zerockpt/safetensors file, a sharded directory, a zerockpt.dcp directory or (with "
+        "--trust) a torch.distributed.checkpoint directory. DST: a "
         "torch.save file when it ends in .pt, .pth or .bin; a sharded directory with "
         "--max-shard-size; else a zerockpt file. Nested training state (model, optimizer, "
         "step...) is kept.",
@@ -877,6 +909,7 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
         help="show a progress bar on stderr (default: when stderr is a terminal and SRC is "
         "larger than 1 GB)",
     )
+    add_trust(convert)
     convert.set_defaults(handler=_cmd_convert)
 
     verify = add(
@@ -893,6 +926,7 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="fail (exit 1) when the checkpoint stores no checksums",
     )
+    add_trust(verify)
     verify.set_defaults(handler=_cmd_verify)
 
     _add_bench_parser(subparsers, configure_bench)

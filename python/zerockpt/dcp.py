@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import stat
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -64,6 +66,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_FILE",
+    "NATIVE_FORMAT",
     "Reader",
     "Writer",
     "decode_metadata",
@@ -710,30 +713,38 @@ def decode_metadata(text: str, path: str) -> Metadata:
 _ITEM_VALUE_MAX_BYTES = 64 << 10
 
 
-def describe(checkpoint: PathLike) -> dict[str, Any]:
-    """Describes a checkpoint written by :class:`Writer`: what ``zerockpt inspect --json`` prints.
+def describe(checkpoint: PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """Describes a DCP checkpoint: what ``zerockpt inspect --json`` prints.
 
     Only the metadata and the rank files' headers are read, and the bytes of small non-tensor
-    items, decoded with ``torch.load(weights_only=True)``; tensor bytes are not touched.
+    items, decoded with ``torch.load(weights_only=True)``; tensor bytes are not touched. A
+    checkpoint written by torch's own ``FileSystemWriter`` is read only with ``trusted=True``
+    (see :func:`to_file`).
 
     Args:
         checkpoint: The checkpoint directory.
+        trusted: Read a checkpoint in torch's native format, whose metadata is a pickle.
 
     Returns:
-        A JSON-ready dict: ``path``, ``kind`` (``"dcp"``), ``files`` and ``file_bytes`` (the
-        rank files), ``tensors`` (name, dtype, shape, nbytes, chunks, files of each tensor),
-        ``total_bytes``, ``items`` (the non-tensor values: name, file, nbytes, and their
-        ``type``, ``repr`` and ``value`` when decoded), ``zerockpt`` (``dcp_version``,
-        ``save_id``, ``rank_files``) and ``checksums`` (``stored``; ``verified`` None).
+        A JSON-ready dict: ``path``, ``kind`` (``"dcp"``), ``format`` (``"zerockpt.dcp"``, or
+        ``"torch.distributed.checkpoint"`` for torch's own layout), ``files`` and
+        ``file_bytes`` (the rank files), ``tensors`` (name, dtype, shape, nbytes, chunks,
+        files of each tensor), ``total_bytes``, ``items`` (the non-tensor values: name, file,
+        nbytes, and their ``type``, ``repr`` and ``value`` when decoded), ``zerockpt``
+        (``dcp_version``, ``save_id``, ``rank_files``) and ``checksums`` (``stored``;
+        ``verified`` None).
 
     Raises:
         FormatError: The checkpoint is incomplete (no ``.metadata.json``), its metadata is
-            malformed, or a rank file is not valid safetensors.
+            malformed, or a rank file is not valid safetensors; or it is in torch's native
+            format and ``trusted`` is false.
         OSError: A file cannot be opened or read (errno and filename set).
         TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
     """
     root = _fspath(checkpoint)
     directory = Path(root)
+    if _is_native(directory):
+        return _describe_native(root, _read_native_metadata(directory, trusted))
     metadata = Reader(directory).read_metadata()
     locations: dict[str, list[_Location]] = defaultdict(list)
     for index, location in metadata.storage_data.items():
@@ -780,6 +791,7 @@ def describe(checkpoint: PathLike) -> dict[str, Any]:
     return {
         "path": root,
         "kind": "dcp",
+        "format": FORMAT,
         "files": [os.path.join(root, name) for name in files],
         "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
         "tensors": tensors,
@@ -827,14 +839,17 @@ def _jsonable(value: object) -> bool:
     return False
 
 
-def verify(checkpoint: PathLike) -> VerifyResult:
-    """Checks a checkpoint written by :class:`Writer`: its structure, then every checksum.
+def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
+    """Checks a DCP checkpoint: its structure, then every checksum.
 
     Every tensor the metadata names must be in the rank file it names; then each rank file is
-    checked as :func:`zerockpt.verify` checks a file.
+    checked as :func:`zerockpt.verify` checks a file. A checkpoint in torch's own layout
+    (read only with ``trusted=True``, see :func:`to_file`) stores no checksums: its structure
+    is checked (every item's bytes lie in an existing file, every tensor's chunks tile it).
 
     Args:
         checkpoint: The checkpoint directory.
+        trusted: Read a checkpoint in torch's native format, whose metadata is a pickle.
 
     Returns:
         A :class:`zerockpt.VerifyResult` for the whole checkpoint: ``has_checksums`` only if
@@ -843,11 +858,15 @@ def verify(checkpoint: PathLike) -> VerifyResult:
     Raises:
         FormatError: The checkpoint is incomplete or its metadata malformed, the metadata names
             a tensor without stored data, or a rank file is malformed or lacks a tensor it
-            should hold.
+            should hold; or the checkpoint is in torch's native format and ``trusted`` is
+            false.
         OSError: A file is missing or unreadable (errno and filename set).
         TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
     """
     directory = Path(_fspath(checkpoint))
+    if _is_native(directory):
+        metadata = _read_native_metadata(directory, trusted)  # checks the structure
+        return VerifyResult(str(directory), False, len(metadata.storage_data), ())
     metadata = Reader(directory).read_metadata()
     by_file: dict[str, list[str]] = defaultdict(list)
     for location in metadata.storage_data.values():
@@ -884,8 +903,16 @@ def to_file(
     max_shard_size: int | str | None = None,
     durable: bool = True,
     progress: bool = False,
+    trusted: bool = False,
 ) -> None:
-    """Converts a checkpoint written by :class:`Writer` into one zerockpt file (or HF shards).
+    """Converts a DCP checkpoint into one zerockpt file (or HF shards).
+
+    The checkpoint is one written by :class:`Writer` or, with ``trusted=True``, by torch's own
+    ``FileSystemWriter`` (``dcp.save(state, checkpoint_id=directory)``: a ``.metadata`` file
+    and ``*.distcp`` files). Torch's metadata is a pickle, which can run arbitrary code when
+    read, so such a checkpoint is read only when ``trusted`` says its source is trusted; it is
+    then read by torch's own reader and planner, as ``dcp_to_torch_save`` reads it, and the
+    full state is held in memory while it is written.
 
     The result is what :func:`zerockpt.load` returns for the full, unsharded state: the nested
     structure DCP flattened is rebuilt from its planner data, DTensor and sharded tensors are
@@ -902,31 +929,55 @@ def to_file(
             :func:`zerockpt.save`) instead of one file.
         durable: fsync what is written.
         progress: Show a progress bar of the bytes written (needs tqdm).
+        trusted: Read a checkpoint in torch's native format (its pickled metadata, and its
+            non-tensor values with ``torch.load(weights_only=False)``). Only for checkpoints
+            from a trusted source.
 
-    Nothing in the metadata is trusted: each tensor's chunks must have its dtype and rank, lie
-    inside it, not overlap and cover it exactly (at most 16384 chunks per tensor); each stored
-    tensor may serve one storage entry only; and a non-tensor item's tensors may not need more
-    bytes than were stored for it. So the output never holds more bytes than the rank files.
+    Nothing in zerockpt.dcp metadata is trusted: each tensor's chunks must have its dtype and
+    rank, lie inside it, not overlap and cover it exactly (at most 16384 chunks per tensor);
+    each stored tensor may serve one storage entry only; and a non-tensor item's tensors may
+    not need more bytes than were stored for it. So the output never holds more bytes than the
+    rank files.
 
     Raises:
-        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, a rank
-            file does not hold what the metadata says, or a check above fails (the message
-            names the tensor). Nothing is written then.
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``, or no ``.metadata``
+            beside ``*.distcp`` files) or malformed, a rank file does not hold what the
+            metadata says, or a check above fails (the message names the tensor or file); or
+            it is in torch's native format and ``trusted`` is false. Nothing is written then.
         OSError: A file cannot be read or written (errno and filename set).
-        pickle.UnpicklingError: A non-tensor value needs more than ``torch.load`` allows with
-            ``weights_only=True``.
+        pickle.UnpicklingError: A non-tensor value of a zerockpt.dcp checkpoint needs more than
+            ``torch.load`` allows with ``weights_only=True``.
         TypeError: ``checkpoint`` or ``destination`` is not a str or ``os.PathLike``,
             ``max_shard_size`` is neither an int nor a str, or a value cannot be stored (see
             :func:`zerockpt.save`).
         ValueError: ``max_shard_size`` is not a positive size.
         ImportError: ``progress=True`` and tqdm is not installed.
     """
-    from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
-
     from zerockpt.serialization import save
 
-    reader = Reader(checkpoint)
-    metadata = reader.read_metadata()
+    directory = Path(_fspath(checkpoint))
+    dest = Path(_fspath(destination))
+    native = _is_native(directory)
+    metadata = (
+        _read_native_metadata(directory, trusted) if native else Reader(directory).read_metadata()
+    )
+    scratch_dir = dest if max_shard_size is not None else dest.parent
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    if native:
+        state = _load_native(directory, metadata)
+    else:
+        state = _assemble_state(directory, metadata, scratch_dir)
+    if max_shard_size is None:
+        save(state, dest, durable=durable, progress=progress)
+    else:
+        save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
+
+
+def _assemble_state(directory: Path, metadata: Metadata, scratch_dir: Path) -> Any:
+    """The full state of a zerockpt.dcp checkpoint, checked as :func:`to_file` says."""
+    from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
+
+    reader = Reader(directory)
     storage: dict[MetadataIndex, _Location] = metadata.storage_data
     by_fqn: dict[str, list[tuple[MetadataIndex, _Location]]] = defaultdict(list)
     # Each stored tensor is used once, so the output never holds more bytes than are stored.
@@ -949,9 +1000,6 @@ def to_file(
         tensor: torch.Tensor = files[location.file].get_tensor(location.name)
         return tensor
 
-    dest = Path(_fspath(destination))
-    scratch_dir = dest if max_shard_size is not None else dest.parent
-    scratch_dir.mkdir(parents=True, exist_ok=True)
     flat: dict[str, Any] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         pieces = by_fqn.get(fqn)
@@ -973,11 +1021,7 @@ def to_file(
             continue
         flat[fqn] = _assemble(md, chunks, scratch_dir)
     mappings = metadata.planner_data
-    state = unflatten_state_dict(flat, mappings) if mappings else flat
-    if max_shard_size is None:
-        save(state, dest, durable=durable, progress=progress)
-    else:
-        save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
+    return unflatten_state_dict(flat, mappings) if mappings else flat
 
 
 # More chunks per tensor than any real checkpoint has; bounds the overlap check's cost.
@@ -992,8 +1036,8 @@ def _check_tiling(
 ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """The chunks of ``fqn`` as (offsets, stored tensor), checked to tile ``md.size`` exactly.
 
-    Each chunk has the metadata's dtype and rank and lies inside the tensor; no two overlap;
-    together they cover every element. FormatError naming the tensor otherwise.
+    Each chunk has the metadata's dtype (and :func:`_check_boxes` holds). FormatError naming
+    the tensor otherwise.
     """
     where = f"{path}: tensor {fqn!r}"
     size = tuple(md.size)
@@ -1002,9 +1046,24 @@ def _check_tiling(
     chunks: list[tuple[tuple[int, ...], torch.Tensor]] = []
     for index, chunk in pieces:
         offsets = tuple(index.offset) if index.offset is not None else (0,) * len(size)
-        lengths = tuple(chunk.shape)
         if chunk.dtype != md.properties.dtype:
             raise _C.FormatError(f"{where}: a chunk is {chunk.dtype}, not {md.properties.dtype}")
+        chunks.append((offsets, chunk))
+    _check_boxes(where, size, [(offsets, tuple(chunk.shape)) for offsets, chunk in chunks])
+    return chunks
+
+
+def _check_boxes(
+    where: str, size: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> None:
+    """The chunks ``(offsets, lengths)`` of a tensor of ``size`` tile it exactly.
+
+    Each chunk has the tensor's rank and lies inside it; no two overlap; together they cover
+    every element (at most 16384 chunks). FormatError starting with ``where`` otherwise.
+    """
+    if len(boxes) > _MAX_CHUNKS:
+        raise _C.FormatError(f"{where}: {len(boxes)} chunks, more than {_MAX_CHUNKS}")
+    for offsets, lengths in boxes:
         if (
             len(offsets) != len(size)
             or len(lengths) != len(size)
@@ -1014,17 +1073,15 @@ def _check_tiling(
                 f"{where}: the chunk at {list(offsets)} of shape {list(lengths)} does not lie "
                 f"inside its size {list(size)}"
             )
-        chunks.append((offsets, chunk))
-    covered = sum(chunk.numel() for _, chunk in chunks)
+    covered = sum(math.prod(lengths) for _, lengths in boxes)
     numel = math.prod(size)
     if covered != numel:
         raise _C.FormatError(f"{where}: the chunks hold {covered} elements, the tensor {numel}")
     # Equal volumes and no overlap: an exact tiling. Sweep along dimension 0; each chunk is
     # compared (vectorised) with the earlier ones it may meet there.
-    boxes = [(o, tuple(c.shape)) for o, c in chunks if c.numel() > 0]
-    boxes.sort()
+    boxes = sorted((o, n) for o, n in boxes if math.prod(n) > 0)
     if len(size) == 0:
-        return chunks  # a scalar: one non-empty chunk, since the volumes agree
+        return  # a scalar: one non-empty chunk, since the volumes agree
     lo = torch.tensor([o for o, _ in boxes], dtype=torch.int64).reshape(len(boxes), len(size))
     hi = lo + torch.tensor([n for _, n in boxes], dtype=torch.int64).reshape(lo.shape)
     active = torch.zeros(0, dtype=torch.int64)
@@ -1038,7 +1095,6 @@ def _check_tiling(
                 f"(sizes {boxes[j][1]} and {boxes[i][1]})"
             )
         active = torch.cat([active, torch.tensor([i])])
-    return chunks
 
 
 def _check_unpickled_size(value: Any, stored_bytes: int, where: str) -> None:
@@ -1075,3 +1131,222 @@ def _assemble(
             target = target.narrow(dim, offset, length)
         target.copy_(chunk)
     return full
+
+
+# --- torch's native DCP checkpoints (FileSystemWriter) --------------------------------------
+
+# torch's FileSystemWriter layout: pickled global metadata, and data files of this suffix.
+_NATIVE_METADATA = ".metadata"
+_NATIVE_SUFFIX = ".distcp"
+# describe()'s "format" of such a checkpoint.
+NATIVE_FORMAT = "torch.distributed.checkpoint"
+
+
+def _is_native(directory: Path) -> bool:
+    """Whether ``directory`` holds torch's own DCP layout (not zerockpt.dcp's)."""
+    if (directory / METADATA_FILE).exists():
+        return False
+    if (directory / _NATIVE_METADATA).exists():
+        return True
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False  # reading it as a zerockpt.dcp checkpoint reports the problem
+    return any(name.endswith(_NATIVE_SUFFIX) for name in names)
+
+
+def _read_native_metadata(directory: Path, trusted: bool) -> Metadata:
+    """The unpickled ``.metadata`` of a native checkpoint, its structure checked.
+
+    FormatError if the checkpoint is incomplete, ``trusted`` is false (the pickle is not
+    read then), the metadata is not DCP's, or :func:`_check_native` fails.
+    """
+    path = directory / _NATIVE_METADATA
+    if not path.exists():
+        raise _C.FormatError(
+            f"{directory}: {_NATIVE_SUFFIX} files without {_NATIVE_METADATA}: not a complete "
+            "torch DCP checkpoint (the save did not finish)"
+        )
+    if not trusted:
+        raise _C.FormatError(
+            f"{directory}: a checkpoint in torch's native DCP format ({_NATIVE_METADATA} and "
+            f"{_NATIVE_SUFFIX} files, written by torch.distributed.checkpoint's "
+            f"FileSystemWriter); its metadata is a pickle, which can run arbitrary code when "
+            "read: pass --trust (trusted=True in Python) to read it, only if you trust its "
+            "source"
+        )
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise _C.FormatError(f"{path}: not a regular file")
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except OSError:
+        raise
+    except Exception as e:  # unpickling fails in many ways: truncated, unknown classes...
+        raise _C.FormatError(
+            f"{path}: not torch DCP metadata ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from e
+    if (
+        not isinstance(metadata, Metadata)
+        or not isinstance(metadata.state_dict_metadata, dict)
+        or not isinstance(metadata.storage_data, dict)
+    ):
+        raise _C.FormatError(f"{path}: not torch DCP metadata (a {type(metadata).__name__})")
+    _check_native(directory, metadata)
+    return metadata
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_native(directory: Path, metadata: Metadata) -> None:
+    """Every item's bytes lie in an existing file, and every tensor's chunks tile it.
+
+    A tensor chunk stored without transforms (compression) has at least its own bytes, so
+    no tensor takes more memory than its files hold. FormatError naming the file and item,
+    or the tensor, otherwise; FileNotFoundError naming a missing file.
+    """
+    where = directory / _NATIVE_METADATA
+    storage = metadata.storage_data
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", index)
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(name, str) or not _int(offset) or not _int(length):
+            raise _C.FormatError(f"{where}: the storage entry of {fqn!r} is malformed: {info!r}")
+        assert isinstance(offset, int) and isinstance(length, int)
+        if name not in sizes:
+            file = _rank_file(directory, name)
+            mode = os.stat(file)  # FileNotFoundError names a missing file
+            if not stat.S_ISREG(mode.st_mode):
+                raise _C.FormatError(f"{file}: not a regular file")
+            sizes[name] = mode.st_size
+        if offset + length > sizes[name]:
+            raise _C.FormatError(
+                f"{directory / name}: {sizes[name]} bytes, but the metadata stores {fqn!r} at "
+                f"bytes {offset} to {offset + length} (the file is truncated)"
+            )
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            if MetadataIndex(fqn) not in storage:
+                raise _C.FormatError(f"{where}: no stored data for {fqn!r}")
+            continue
+        if not isinstance(md, TensorStorageMetadata) or not isinstance(
+            md.properties.dtype, torch.dtype
+        ):
+            raise _C.FormatError(f"{where}: the entry of {fqn!r} is malformed: {md!r:.200}")
+        tensor = f"{where}: tensor {fqn!r}"
+        _check_boxes(
+            tensor, tuple(md.size), [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+        )
+        element_size = torch.empty((), dtype=md.properties.dtype).element_size()
+        for chunk in md.chunks:
+            info = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if info is None:
+                raise _C.FormatError(
+                    f"{tensor}: no stored data for its chunk at {list(chunk.offsets)}"
+                )
+            needed = math.prod(chunk.sizes) * element_size
+            if not getattr(info, "transform_descriptors", None) and info.length < needed:
+                raise _C.FormatError(
+                    f"{directory / info.relative_path}: {info.length} bytes stored for the chunk "
+                    f"of {fqn!r} at {list(chunk.offsets)}, which needs {needed}"
+                )
+
+
+class _NativeReader(FileSystemReader):
+    """torch's reader, one item at a time: a failure names the file, the item and its bytes."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            try:
+                super().read_data(dataclasses.replace(plan, items=[item]), planner).wait()
+            except OSError:
+                raise
+            except Exception as e:  # torch.load and the planner fail in many ways
+                file = Path(self.path) / info.relative_path
+                raise _C.FormatError(
+                    f"{file}: cannot read {item.storage_index.fqn!r} (bytes {info.offset} to "
+                    f"{info.offset + info.length}): {type(e).__name__}: "
+                    f"{' '.join(str(e).split())}"
+                ) from e
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+
+def _load_native(directory: Path, metadata: Metadata) -> Any:
+    """The full state of a native checkpoint, as torch's ``dcp_to_torch_save`` loads it.
+
+    torch's planner rebuilds the nested state from the metadata and its reader fills it; the
+    steps ``dcp.load`` takes, without a process group.
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    state: dict[str, Any] = {}
+    planner = _EmptyStateDictLoadPlanner()  # type: ignore[no-untyped-call]
+    reader = _NativeReader(str(directory))
+    planner.set_up_planner(state, metadata, True)
+    reader.set_up_storage_reader(metadata, True)
+    plan = reader.prepare_local_plan(planner.create_local_plan())
+    plan = reader.prepare_global_plan(planner.create_global_plan([plan]))[0]
+    reader.read_data(planner.finish_plan(plan), planner).wait()
+    return state
+
+
+def _describe_native(root: str, metadata: Metadata) -> dict[str, Any]:
+    """:func:`describe` of a native checkpoint whose metadata :func:`_check_native` passed."""
+    directory = Path(root)
+    by_fqn: dict[str, list[Any]] = defaultdict(list)
+    for index, info in metadata.storage_data.items():
+        by_fqn[index.fqn].append(info)
+    files = sorted({info.relative_path for info in metadata.storage_data.values()})
+    tensors: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    total = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        where = by_fqn[fqn]
+        if isinstance(md, BytesStorageMetadata):
+            info = where[0]
+            item: dict[str, Any] = {"name": fqn, "nbytes": info.length, "file": info.relative_path}
+            if info.length <= _ITEM_VALUE_MAX_BYTES and not getattr(
+                info, "transform_descriptors", None
+            ):
+                with open(directory / info.relative_path, "rb") as f:
+                    f.seek(info.offset)
+                    item.update(_decoded_item(f.read(info.length)))
+            items.append(item)
+            continue
+        dtype = md.properties.dtype
+        nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
+        total += nbytes
+        tensors.append(
+            {
+                "name": fqn,
+                "dtype": _dtype_name(dtype),
+                "shape": list(md.size),
+                "nbytes": nbytes,
+                "chunks": len(md.chunks),
+                "files": sorted({info.relative_path for info in where}),
+            }
+        )
+    storage_meta = metadata.storage_meta
+    return {
+        "path": root,
+        "kind": "dcp",
+        "format": NATIVE_FORMAT,
+        "files": [os.path.join(root, name) for name in files],
+        "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
+        "tensors": tensors,
+        "total_bytes": total,
+        "metadata": {},
+        "zerockpt": {
+            "dcp_version": metadata.version,
+            "save_id": None if storage_meta is None else storage_meta.save_id,
+            "rank_files": len(files),
+        },
+        "items": items,
+        "checksums": {"stored": False, "verified": None, "failed": []},
+    }
