@@ -29,6 +29,7 @@ import zerockpt.cli
 import zerockpt.dcp
 from conftest import assert_same_state, forkserver_context
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -405,6 +406,31 @@ def test_metadata_that_does_not_match_the_files(
     ckpt = copy_of(native, tmp_path)
     rewrite_metadata(ckpt, change)
     expect_failure(ckpt, tmp_path, capsys, *words)
+
+
+def test_zerockpt_reader_names_the_native_format(native: Path) -> None:
+    with pytest.raises(zerockpt.FormatError, match=r"torch's native DCP format.*FileSystemReader"):
+        zerockpt.dcp.Reader(native).read_metadata()
+
+
+def test_safetensors_serialization_fails_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FileSystemWriter's SAFETENSORS serialization, which torch's own reader (and so
+    dcp_to_torch_save) cannot read either: one line naming the file and the item."""
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    ckpt = save_native(
+        {"a": torch.arange(4.0)},
+        tmp_path / "ckpt",
+        serialization_format=SerializationFormat.SAFETENSORS,
+    )
+    with pytest.raises(CheckpointException):  # torch's own conversion fails too
+        oracle(ckpt, tmp_path)
+    dst = tmp_path / "out.safetensors"
+    status, out, err = run_cli(capsys, "convert", "--trust", ckpt, dst)
+    assert status == 1 and out == "" and err.count("\n") == 1
+    assert f"{data_file(ckpt)}: cannot read 'a' " in err and not dst.exists()
 
 
 # --- two ranks (gloo): sharded tensors ------------------------------------------------------

@@ -347,6 +347,13 @@ class Reader(StorageReader):
         try:
             text = read_small_file(str(path), MAX_JSON_BYTES, "DCP metadata").decode("utf-8")
         except FileNotFoundError:
+            if rank is None and _is_native(self.path):
+                raise _C.FormatError(
+                    f"{self.path}: a checkpoint in torch's native DCP format "
+                    f"({_NATIVE_METADATA} and {_NATIVE_SUFFIX} files), not zerockpt.dcp's: read "
+                    "it with torch's FileSystemReader, or convert it with "
+                    "zerockpt.dcp.to_file(..., trusted=True) if you trust its source"
+                ) from None
             raise _C.FormatError(
                 f"{self.path}: no {name}: not a complete zerockpt.dcp checkpoint (the save did "
                 "not finish, or another writer made it)"
@@ -459,8 +466,7 @@ class Reader(StorageReader):
         try:
             value = torch.load(io.BytesIO(raw), weights_only=True)
         except Exception as e:  # torch.load fails in many ways: refused, or corrupt bytes
-            lines = str(e).splitlines() or [type(e).__name__]
-            why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+            why = _torch_load_error(e)
             where = f"{self.path / location.file}: item {item.storage_index.fqn!r}"
             # The refusal is pickle's UnpicklingError, raised again with the item named (this
             # package imports no pickle module); anything else means the bytes are corrupt.
@@ -481,6 +487,16 @@ class Reader(StorageReader):
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         """Whether ``checkpoint_id`` is a local path, which this reader takes (DCP hook)."""
         return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
+
+
+def _torch_load_error(e: Exception) -> str:
+    """Why ``torch.load`` failed, on one line (its refusals come with a page of advice)."""
+    text = " ".join(str(e).split())
+    _, refused, reason = text.partition("WeightsUnpickler error:")
+    if refused:
+        reason = reason.split(" Check the documentation")[0].strip().split(". ")[0]
+        return f"WeightsUnpickler error: {reason}"
+    return text or type(e).__name__
 
 
 def _rank_file(directory: Path, name: str) -> Path:
@@ -1269,8 +1285,7 @@ class _NativeReader(FileSystemReader):
                 file = Path(self.path) / info.relative_path
                 raise _C.FormatError(
                     f"{file}: cannot read {item.storage_index.fqn!r} (bytes {info.offset} to "
-                    f"{info.offset + info.length}): {type(e).__name__}: "
-                    f"{' '.join(str(e).split())}"
+                    f"{info.offset + info.length}): {type(e).__name__}: {_torch_load_error(e)}"
                 ) from e
         future: Future[None] = Future()
         future.set_result(None)
