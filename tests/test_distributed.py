@@ -18,6 +18,7 @@ errors.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -183,7 +184,8 @@ def _phase_ckpt_train(rank: int, world_size: int, root: Path) -> dict[str, Any]:
         for step in range(1, 5):
             _train(model, optim, range(step - 1, step), rank)
             full[step] = _full(model, optim)
-            ckpt.save(step, {"app": _AppState(model, optim)}, async_save=step > 2)
+            state = {"app": _AppState(model, optim), "meta": {"step": torch.tensor(step)}}
+            ckpt.save(step, state, async_save=step > 2)
             if step > 2:
                 # The snapshot is taken: changing the parameters now does not reach the files.
                 with torch.no_grad():
@@ -197,42 +199,64 @@ def _phase_ckpt_train(rank: int, world_size: int, root: Path) -> dict[str, Any]:
     return {"full": full, "seen": seen}
 
 
+class _Guard:
+    """A DCP Stateful holding the saved step; on one rank, it refuses to load one step (as an
+    application's own check might): DCP does not see that failure, which is this rank's only."""
+
+    def __init__(self, refuse: int | None) -> None:
+        self.step = torch.tensor(-1)
+        self.refuse = refuse
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["step"]) == self.refuse:
+            raise ValueError(f"this rank refuses step {self.refuse}")
+        self.step = state["step"]
+
+
 def _phase_ckpt_resume(rank: int, world_size: int, root: Path) -> dict[str, Any]:
     """load_latest from each prepared copy of the checkpoints; what each rank got."""
     out = {}
     for variant in sorted(os.listdir(root / "variants")):
         model, optim = _job(world_size, seed=123)
+        guard = _Guard(4 if variant == "refused" and rank == 1 else None)
         ckpt = zerockpt.DistributedCheckpointer(root / "variants" / variant)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            step = ckpt.load_latest({"app": _AppState(model, optim)})
+            step = ckpt.load_latest({"app": _AppState(model, optim), "meta": guard})
         out[variant] = {
             "step": step,
+            "meta": int(guard.step),
             "full": _full(model, optim),
             "warnings": [str(w.message) for w in caught if "zerockpt" in str(w.message)],
         }
     return out
 
 
-_BALLAST = 1 << 22  # float32 elements per rank in the killed save: 16 MiB to write
+_BALLAST = 1 << 22  # float32 elements per rank: 16 MiB, written in more than one system call
 
 
 def _kill_during_write(directory: Path) -> None:
-    """Arms this process to SIGKILL itself while its next rank file is being written: once its
-    temporary file appears (else, at the latest, when the write returns)."""
-    real = zerockpt.dcp._C.save
+    """Arms this process to SIGKILL itself in the middle of writing its next rank file.
+
+    Every write system call after the first one fails with EINTR, which the writer retries:
+    the write stalls, its temporary file partly written (and locked), until a watcher sees that
+    file, and rank 0's file committed (so that rank 0's save has not already removed the
+    temporary file as a dead writer's), and kills the process."""
 
     def watch() -> None:
-        while not any(n.endswith(".zerockpt-tmp") for n in os.listdir(directory)):
-            time.sleep(0.0005)
+        while not (
+            directory.is_dir()
+            and temp_leftovers(directory)
+            and (directory / "__0_0.safetensors").exists()
+        ):
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def save(*args: Any, **kwargs: Any) -> Any:
-        threading.Thread(target=watch, daemon=True).start()
-        real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    zerockpt.dcp._C.save = save  # type: ignore[attr-defined]
+    threading.Thread(target=watch, daemon=True).start()
+    zerockpt._C._inject_fault("write", errno.EINTR, 1)
 
 
 def _ballast(world_size: int, fill: float) -> Any:
@@ -441,22 +465,24 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_resume_agrees_across_ranks(trained: dict[str, Any], tmp_path: Path) -> None:
-    """Fresh ranks: the newest step; past an incomplete one (latest naming it); past one corrupt
-    on rank 1 only (both ranks skip it); nothing in an empty directory."""
+    """Fresh ranks: the newest step; past an incomplete one (latest naming it); past a corrupt
+    one; past one that only rank 1 fails to load (both ranks skip it); nothing in an empty
+    directory."""
     src = trained["root"] / "ckpts"
     variants = tmp_path / "variants"
     _copy(src, variants / "intact")
     incomplete = _copy(src, variants / "incomplete")
     (incomplete / "step_00000004" / ".metadata.json").unlink()
     corrupt = _copy(src, variants / "corrupt")
-    # A data byte of rank 1's shard of a weight, which only rank 1 reads (only a verified
-    # read notices).
+    # A data byte of rank 1's shard of a weight (only a verified read notices). Every rank
+    # that reads from the file fails: rank 1, and rank 0 for items DCP deduplicated into it.
     rank1 = corrupt / "step_00000004" / "__1_0.safetensors"
     n, header, _ = read_header(rank1)
     name = f"app.model.0.weight@{DIM[1] // 2},0"
     raw = bytearray(rank1.read_bytes())
     raw[8 + n + header[name]["data_offsets"][0]] ^= 0x01
     rank1.write_bytes(bytes(raw))
+    _copy(src, variants / "refused")
     (variants / "empty").mkdir()
     reports = run_ok("ckpt_resume", 2, tmp_path)
     full = trained["reports"][0]["full"]
@@ -470,8 +496,13 @@ def test_resume_agrees_across_ranks(trained: dict[str, Any], tmp_path: Path) -> 
         assert_same_full(report["corrupt"]["full"], full[3])
         [skipped] = report["corrupt"]["warnings"]
         assert "step_00000004" in skipped and "rank 1: ChecksumError" in skipped
+        assert report["refused"]["step"] == 3 and report["refused"]["meta"] == 3
+        assert_same_full(report["refused"]["full"], full[3])
+        [skipped] = report["refused"]["warnings"]
+        assert "step_00000004: rank 1: ValueError: this rank refuses step 4" in skipped
         assert "rank 0" not in skipped
         assert report["empty"]["step"] is None
+        assert report["intact"]["meta"] == 4
 
 
 def test_sigkill_of_a_rank_mid_save_keeps_the_previous_step(tmp_path: Path) -> None:
@@ -484,6 +515,8 @@ def test_sigkill_of_a_rank_mid_save_keeps_the_previous_step(tmp_path: Path) -> N
     assert (directory / "step_00000001" / ".metadata.json").is_file()
     step2 = directory / "step_00000002"
     assert not (step2 / ".metadata.json").exists()
+    # Rank 1 died writing its file: its temporary file is left, and no metadata.
+    assert not (step2 / "__1_0.safetensors").exists()
     assert any(n.startswith(".__1_0.safetensors.") for n in temp_leftovers(step2))
 
     after = run_ok("ckpt_after_kill", 2, tmp_path)
@@ -491,7 +524,8 @@ def test_sigkill_of_a_rank_mid_save_keeps_the_previous_step(tmp_path: Path) -> N
         assert report["step"] == 1
         assert_same_full(report["full"], reports[0]["saved"])
         assert report["ballast"]
-        assert not any("skipping" in w for w in report["warnings"])
+        [note] = report["warnings"]  # no checkpoint failed to load; the killed one is noted
+        assert "step_00000002: incomplete" in note
         assert report["after"] == ([2], 2)
     assert sorted(os.listdir(directory)) == ["latest", "step_00000002"]
     assert temp_leftovers(step2) == []

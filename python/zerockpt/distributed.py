@@ -358,7 +358,12 @@ class DistributedCheckpointer:
             code = getattr(error, "errno", None) if isinstance(error, OSError) else None
             file = getattr(error, "filename", None) if isinstance(error, OSError) else None
             summary = (code, None if file is None else str(file), f"{type(error).__name__}: {error}")
-        outcomes = self._gather(summary)
+        try:
+            outcomes = self._gather(summary)
+        except _FAILURES:
+            if error is not None:  # the failure itself, not that of telling the others (gone?)
+                raise error from None
+            raise
         if error is not None:
             raise error
         for rank, outcome in enumerate(outcomes):
