@@ -118,9 +118,7 @@ def _app_state(model: nn.Module, optim: Any) -> dict[str, Any]:
 def _set_app_state(model: nn.Module, optim: Any, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(
-        model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 # --- phases: what each rank runs --------------------------------------------------------------
@@ -156,8 +154,10 @@ def _phase_fsdp_load(rank: int, world_size: int, root: Path) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     model, optim = _load_fsdp(world_size, root, sharded=world_size > 1)
-    local = {n: p.to_local().shape if isinstance(p, DTensor) else p.shape
-             for n, p in model.named_parameters()}
+    local = {
+        n: p.to_local().shape if isinstance(p, DTensor) else p.shape
+        for n, p in model.named_parameters()
+    }
     return {"loaded": _full(model, optim), "local_shapes": local}
 
 

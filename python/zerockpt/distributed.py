@@ -13,8 +13,10 @@ from types import TracebackType
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from zerockpt import _C
 from zerockpt.checkpoint import _check_step, _file_name, _pointer_step, _retired, _step_of
@@ -100,10 +102,7 @@ class DistributedCheckpointer:
             self._group = process_group or dist.new_group(backend="gloo")
         self._rank = dist.get_rank(self._group) if self._distributed else 0
         self._pending: Future[BaseException | None] | None = None
-        if self._rank == 0:
-            error = _attempt(lambda: self._directory.mkdir(parents=True, exist_ok=True))
-        else:
-            error = None
+        error = self._on_rank0(lambda: self._directory.mkdir(parents=True, exist_ok=True))
         self._agree(error, "create the directory")
 
     @property
@@ -147,7 +146,7 @@ class DistributedCheckpointer:
         return step if step is not None and self._complete(step) else None
 
     def save(self, step: int, state: dict[str, Any], *, async_save: bool = False) -> None:
-        """Saves ``state`` as the checkpoint for ``step`` (collective), then points ``latest`` at it.
+        """Saves ``state`` as the step's checkpoint (collective), then points ``latest`` at it.
 
         Args:
             step: A non-negative int, the same on every rank; saving a step again replaces its
@@ -159,7 +158,8 @@ class DistributedCheckpointer:
                 the files, ``latest`` and retention are written in the background.
 
         Raises:
-            CheckpointException: The save failed on some rank (raised on every rank).
+            torch.distributed.checkpoint.api.CheckpointException: The save failed on some
+                rank (raised on every rank).
             OSError: Rank 0 could not write ``latest`` or remove old steps (raised on every
                 rank; the checkpoint itself is complete), or the previous background save
                 failed (then this one was not started).
@@ -167,13 +167,16 @@ class DistributedCheckpointer:
         """
         path = self.path(step)
         self.wait()
-        writer = Writer(path, durable=self._durable, checksums=self._checksums, threads=self._threads)
+        writer = Writer(
+            path, durable=self._durable, checksums=self._checksums, threads=self._threads
+        )
         kwargs: dict[str, Any] = {"process_group": self._group, "no_dist": not self._distributed}
         if not async_save:
-            dcp.save(state, storage_writer=writer, **kwargs)
+            dcp_save(state, storage_writer=writer, **kwargs)
             self._agree(self._commit(step), f"commit step {step}")
             return
-        saving = dcp.async_save(state, storage_writer=writer, **kwargs)
+        response = dcp_async_save(state, storage_writer=writer, **kwargs)
+        saving = response if isinstance(response, Future) else response.upload_completion
         pending: Future[BaseException | None] = Future()
 
         def committed(future: Future[Any]) -> None:  # on DCP's thread, once the save is done
@@ -200,12 +203,15 @@ class DistributedCheckpointer:
             verify: Check the CRC-32C of every file a rank reads from before copying from it.
 
         Raises:
-            CheckpointException: The load failed on some rank (raised on every rank), e.g. the
-                checkpoint is incomplete or corrupt (the message names the file).
+            torch.distributed.checkpoint.api.CheckpointException: The load failed on some
+                rank (raised on every rank), e.g. the checkpoint is incomplete or corrupt (the
+                message names the file).
             ValueError: ``step`` is not a non-negative int.
         """
         reader = Reader(self.path(step), verify=verify, threads=self._threads)
-        dcp.load(state, storage_reader=reader, process_group=self._group, no_dist=not self._distributed)
+        dcp_load(
+            state, storage_reader=reader, process_group=self._group, no_dist=not self._distributed
+        )
 
     def load_latest(self, state: dict[str, Any], *, verify: bool = True) -> int | None:
         """Loads the newest checkpoint that loads, on every rank alike, to resume training from.
@@ -231,10 +237,7 @@ class DistributedCheckpointer:
             self._pending.result()  # its error stays for the next save() or wait()
         order: list[int] = []
         notes: list[str] = []
-        if self._rank == 0:
-            error = _attempt(lambda: order.extend(self._candidates(notes)))
-        else:
-            error = None
+        error = self._on_rank0(lambda: order.extend(self._candidates(notes)))
         order, notes = self._share((order, notes))
         self._agree(error, "list the checkpoints")
         for note in notes:
@@ -317,8 +320,6 @@ class DistributedCheckpointer:
         """Rank 0, once every rank's files and the metadata are committed: points ``latest`` at
         ``step``, then removes older checkpoints beyond ``keep_last`` and incomplete ones below
         ``step``. Returns the error instead of raising it (the caller shares it)."""
-        if self._rank != 0:
-            return None
 
         def commit() -> None:
             pointer = str(self._directory / self.POINTER)
@@ -329,7 +330,7 @@ class DistributedCheckpointer:
             for old in sorted(_retired(complete, step, self._keep_last) + stale):
                 self._remove(old)
 
-        return _attempt(commit)
+        return self._on_rank0(commit)
 
     def _remove(self, step: int) -> None:
         """Removes a step's directory: its metadata first, so that it is never seen complete
@@ -337,6 +338,10 @@ class DistributedCheckpointer:
         path = self.path(step)
         (path / METADATA_FILE).unlink(missing_ok=True)
         shutil.rmtree(path)
+
+    def _on_rank0(self, action: Callable[[], Any]) -> BaseException | None:
+        """Runs ``action`` on rank 0 only; returns its error (to be shared) instead of raising."""
+        return _attempt(action) if self._rank == 0 else None
 
     def _gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (plain data: it is pickled)."""
@@ -357,7 +362,11 @@ class DistributedCheckpointer:
         if error is not None:
             code = getattr(error, "errno", None) if isinstance(error, OSError) else None
             file = getattr(error, "filename", None) if isinstance(error, OSError) else None
-            summary = (code, None if file is None else str(file), f"{type(error).__name__}: {error}")
+            summary = (
+                code,
+                None if file is None else str(file),
+                f"{type(error).__name__}: {error}",
+            )
         try:
             outcomes = self._gather(summary)
         except _FAILURES:
@@ -380,10 +389,10 @@ def _describe(error: BaseException, rank: int) -> str:
     """One line per failed rank: ``rank <r>: <type>: <message>`` (DCP's own report of a
     CheckpointException also holds each rank's traceback)."""
     if isinstance(error, CheckpointException):
-        failures = error.failures.items()
+        failures = [(r, e) for r, (e, _) in error.failures.items()]
     else:
-        failures = [(rank, (error, None))]  # type: ignore[list-item]
-    return "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in failures)
+        failures = [(rank, error)]
+    return "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in failures)
 
 
 def _attempt(action: Callable[[], Any]) -> BaseException | None:
