@@ -19,6 +19,7 @@ errors.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import socket
@@ -268,7 +269,7 @@ def _ballast(world_size: int, fill: float) -> Any:
     return DTensor.from_local(torch.full((_BALLAST,), fill), mesh, [Shard(0)])
 
 
-def _phase_ckpt_kill(rank: int, world_size: int, root: Path) -> dict[str, Any]:
+def _phase_ckpt_kill(rank: int, world_size: int, root: Path, *, async_save: bool) -> dict[str, Any]:
     """Step 1 saved; rank 1 is SIGKILLed in the middle of step 2's save; rank 0 reports."""
     model, optim = _job(world_size, seed=0)
     ckpt = zerockpt.DistributedCheckpointer(root / "kill", keep_last=1)
@@ -278,8 +279,10 @@ def _phase_ckpt_kill(rank: int, world_size: int, root: Path) -> dict[str, Any]:
     _train(model, optim, range(1, 2), rank)
     if rank == 1:
         _kill_during_write(ckpt.path(2))
+    state = {"app": _AppState(model, optim), "ballast": _ballast(world_size, 2.0)}
     try:
-        ckpt.save(2, {"app": _AppState(model, optim), "ballast": _ballast(world_size, 2.0)})
+        ckpt.save(2, state, async_save=async_save)
+        ckpt.wait()  # an async save's error: the background save's on every rank still alive
         error = None
     except BaseException as e:  # CheckpointException or gloo's error: a peer is gone
         error = f"{type(e).__name__}: {e}"
@@ -312,7 +315,8 @@ PHASES: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     "fsdp_load": _phase_fsdp_load,
     "ckpt_train": _phase_ckpt_train,
     "ckpt_resume": _phase_ckpt_resume,
-    "ckpt_kill": _phase_ckpt_kill,
+    "ckpt_kill_sync": functools.partial(_phase_ckpt_kill, async_save=False),
+    "ckpt_kill_async": functools.partial(_phase_ckpt_kill, async_save=True),
     "ckpt_after_kill": _phase_ckpt_after_kill,
 }
 
@@ -505,8 +509,9 @@ def test_resume_agrees_across_ranks(trained: dict[str, Any], tmp_path: Path) -> 
         assert report["intact"]["meta"] == 4
 
 
-def test_sigkill_of_a_rank_mid_save_keeps_the_previous_step(tmp_path: Path) -> None:
-    codes, reports = run_ranks("ckpt_kill", 2, tmp_path)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_of_a_rank_mid_save_keeps_the_previous_step(tmp_path: Path, mode: str) -> None:
+    codes, reports = run_ranks(f"ckpt_kill_{mode}", 2, tmp_path)
     assert codes[1] == -signal.SIGKILL and reports[1] is None
     assert reports[0] is not None and "failed" not in reports[0]
     assert reports[0]["error"] is not None, "rank 0's save survived the loss of rank 1"

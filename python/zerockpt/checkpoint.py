@@ -306,6 +306,13 @@ def _pointer_step(pointer: str, suffix: str = _FILE_SUFFIX) -> int | None:
     return _step_of(text, suffix)
 
 
+def _check_keep_last(keep_last: int | None) -> None:
+    if keep_last is not None and (
+        not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
+    ):
+        raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+
+
 def _retired(steps: list[int], step: int, keep_last: int | None) -> list[int]:
     """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
     if keep_last is None:
@@ -368,10 +375,7 @@ class Checkpointer:
         checksums: bool = True,
         threads: int | None = None,
     ) -> None:
-        if keep_last is not None and (
-            not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
-        ):
-            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        _check_keep_last(keep_last)
         self._directory = Path(_fspath(directory))
         self._directory.mkdir(parents=True, exist_ok=True)
         self._keep_last = keep_last

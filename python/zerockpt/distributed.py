@@ -19,7 +19,14 @@ from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_asyn
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from zerockpt import _C
-from zerockpt.checkpoint import _check_step, _file_name, _pointer_step, _retired, _step_of
+from zerockpt.checkpoint import (
+    _check_keep_last,
+    _check_step,
+    _file_name,
+    _pointer_step,
+    _retired,
+    _step_of,
+)
 from zerockpt.dcp import METADATA_FILE, Reader, Writer
 from zerockpt.serialization import PathLike, _fspath, _threads
 
@@ -86,10 +93,7 @@ class DistributedCheckpointer:
         threads: int | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if keep_last is not None and (
-            not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
-        ):
-            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        _check_keep_last(keep_last)
         self._directory = Path(_fspath(directory))
         self._keep_last = keep_last
         self._durable = bool(durable)
