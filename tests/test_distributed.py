@@ -244,15 +244,20 @@ def _kill_during_write(directory: Path) -> None:
 
     Every write system call after the first one fails with EINTR, which the writer retries:
     the write stalls, its temporary file partly written (and locked), until a watcher sees that
-    file, and rank 0's file committed (so that rank 0's save has not already removed the
+    file, and rank 0's new file committed (so that rank 0's save has not already removed the
     temporary file as a dead writer's), and kills the process."""
+    rank0 = directory / "__0_0.safetensors"
+
+    def inode() -> int | None:
+        try:
+            return rank0.stat().st_ino
+        except FileNotFoundError:
+            return None
+
+    old = inode()
 
     def watch() -> None:
-        while not (
-            directory.is_dir()
-            and temp_leftovers(directory)
-            and (directory / "__0_0.safetensors").exists()
-        ):
+        while not (directory.is_dir() and temp_leftovers(directory) and inode() not in (None, old)):
             time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -277,6 +282,18 @@ def _phase_ckpt_kill(rank: int, world_size: int, root: Path, *, async_save: bool
     ckpt.save(1, {"app": _AppState(model, optim), "ballast": _ballast(world_size, 1.0)})
     saved = _full(model, optim)
     _train(model, optim, range(1, 2), rank)
+    # First, rank 1's disk is full: every rank raises, and latest stays.
+    if rank == 1:
+        zerockpt._C._inject_fault("write", errno.ENOSPC, 0)
+    try:
+        ckpt.save(2, {"app": _AppState(model, optim)}, async_save=async_save)
+        ckpt.wait()
+        full_disk = None
+    except BaseException as e:  # CheckpointException
+        full_disk = f"{type(e).__name__}: {e}"
+    zerockpt._C._clear_faults()
+    full_disk_after = (ckpt.steps(), ckpt.latest_step())
+    # Then rank 1 is killed in the middle of writing its file.
     if rank == 1:
         _kill_during_write(ckpt.path(2))
     state = {"app": _AppState(model, optim), "ballast": _ballast(world_size, 2.0)}
@@ -286,7 +303,7 @@ def _phase_ckpt_kill(rank: int, world_size: int, root: Path, *, async_save: bool
         error = None
     except BaseException as e:  # CheckpointException or gloo's error: a peer is gone
         error = f"{type(e).__name__}: {e}"
-    return {"saved": saved, "error": error}
+    return {"saved": saved, "error": error, "full_disk": full_disk, "after": full_disk_after}
 
 
 def _phase_ckpt_after_kill(rank: int, world_size: int, root: Path) -> dict[str, Any]:
@@ -515,6 +532,11 @@ def test_sigkill_of_a_rank_mid_save_keeps_the_previous_step(tmp_path: Path, mode
     assert codes[1] == -signal.SIGKILL and reports[1] is None
     assert reports[0] is not None and "failed" not in reports[0]
     assert reports[0]["error"] is not None, "rank 0's save survived the loss of rank 1"
+    # Before, rank 1's full disk failed step 2 on both ranks (rank 1 died later: its report is
+    # gone, but rank 0 raised rank 1's error).
+    assert reports[0]["full_disk"].startswith("CheckpointException")
+    assert "No space left on device" in reports[0]["full_disk"]
+    assert reports[0]["after"] == ([1], 1)
     directory = tmp_path / "kill"
     assert (directory / "latest").read_text() == "step_00000001\n"
     assert (directory / "step_00000001" / ".metadata.json").is_file()
