@@ -61,7 +61,8 @@ class DistributedCheckpointer:
     is collective: every rank of the group calls it, in the same order, with the same step
     (the constructor too: it creates the group it uses). Without an initialized default
     process group it works in one process. The error of a failed save is raised on every rank
-    by the next :meth:`save`, :meth:`wait` or :meth:`close`.
+    by the next :meth:`save`, :meth:`wait` or :meth:`close`. One group should own the
+    directory (not a :class:`Checkpointer` too).
 
     Args:
         directory: Where the checkpoints go (on a file system every rank sees); created if
@@ -137,7 +138,7 @@ class DistributedCheckpointer:
         Raises:
             OSError: The directory cannot be read.
         """
-        return [s for s in self._step_dirs() if (self.path(s) / METADATA_FILE).is_file()]
+        return [s for s in self._step_dirs() if self._complete(s)]
 
     def latest_step(self) -> int | None:
         """Reads which step the ``latest`` file names.
