@@ -7,10 +7,12 @@ Multi-process on CPU with gloo (ranks fork from a forkserver that has imported t
   load it (``dcp.load`` through ``Reader``, ``set_state_dict``) on 1 rank (an unsharded model),
   2 ranks (resuming: N - k more steps end bitwise equal, parameters and optimizer state, to N
   uninterrupted steps) and 3 ranks (uneven shards, one empty).
-- DistributedCheckpointer on 2 ranks: sync and async saves, ``latest`` and retention; fresh
-  processes resume from it, agreeing across ranks when the newest step is incomplete or
-  corrupt on one rank only; SIGKILL of a rank in the middle of a save leaves the previous step
-  loadable on every rank, and the next save cleans up after the killed one.
+- DistributedCheckpointer on 2 ranks: sync and async saves (the snapshot taken when save
+  returns), ``latest`` and retention; fresh processes resume from it, agreeing across ranks
+  when the newest step is incomplete, corrupt, or refused by one rank only; a full disk on one
+  rank fails the save on every rank; SIGKILL of a rank in the middle of writing its file (sync
+  and async) leaves the previous step loadable on every rank, and the next save cleans up
+  after the killed one.
 
 Single process (no process group): the checkpointer's layout, pointer, retention, skipping and
 errors.
