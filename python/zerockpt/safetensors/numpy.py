@@ -1,7 +1,8 @@
 """``safetensors.numpy`` on zerockpt: dicts of numpy arrays <-> safetensors files and bytes.
 
 Arrays are written through :mod:`zerockpt.safetensors.torch` (big-endian arrays are stored
-little-endian, as safetensors does) and come back as numpy arrays.
+little-endian, as safetensors does; arrays sharing memory are stored as copies, as
+safetensors.numpy stores them) and come back as numpy arrays.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def save(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
     """The safetensors bytes of a dict of arrays."""
-    return st_torch.save(_to_torch(tensors), metadata=metadata)
+    return st_torch._save(_to_torch(tensors), metadata, copy_shared=True)
 
 
 def save_file(
@@ -46,7 +47,7 @@ def save_file(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Saves a dict of arrays into ``filename`` (atomic and durable, as zerockpt saves)."""
-    st_torch.save_file(_to_torch(tensors), filename, metadata=metadata)
+    st_torch._save_file(_to_torch(tensors), filename, metadata, copy_shared=True)
 
 
 def load(data: bytes) -> dict[str, np.ndarray]:

@@ -144,8 +144,12 @@ def _remove_duplicate_names(
     return to_remove
 
 
-def _check_savable(tensors: Any) -> None:
-    """Refuses what safetensors' writer refuses, with its exception types and messages."""
+def _check_savable(tensors: Any, copy_shared: bool = False) -> dict[str, torch.Tensor]:
+    """Refuses what safetensors' writer refuses, with its exception types and messages.
+
+    With ``copy_shared`` (numpy's writer, which stores arrays as given), tensors sharing memory
+    are stored as copies instead of refused. Returns the tensors to store.
+    """
     if not isinstance(tensors, dict):
         raise ValueError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
     sparse = []
@@ -163,7 +167,12 @@ def _check_savable(tensors: Any) -> None:
             "aware this might make a much larger file than needed."
         )
     shared = [group for group in _find_shared_tensors(tensors) if len(group) > 1]
-    if shared:
+    if shared and copy_shared:
+        tensors = dict(tensors)
+        for group in shared:
+            for name in sorted(group)[1:]:
+                tensors[name] = tensors[name].clone()
+    elif shared:
         raise RuntimeError(
             f"Some tensors share memory, this will lead to duplicate memory on disk and potential "
             f"differences when loading them again: {shared}. A potential way to correctly save "
@@ -177,13 +186,14 @@ def _check_savable(tensors: Any) -> None:
             )
         if tensor.device.type == "meta":
             raise RuntimeError(f"Cannot copy out of meta tensor `{name}`; no data!")
+    return tensors
 
 
 def _prepare(
-    tensors: Any, metadata: Mapping[str, str] | None
+    tensors: Any, metadata: Mapping[str, str] | None, copy_shared: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, dict[str, str]]:
     """The checked tensors in safetensors' file order, the metadata, zerockpt's own entries."""
-    _check_savable(tensors)
+    tensors = _check_savable(tensors, copy_shared)
     # safetensors' layout: larger elements first (alignment), then by name; so the bytes do
     # not depend on the dict's order and offset order is the same as safetensors'.
     ordered = dict(sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0])))
@@ -215,7 +225,13 @@ def save_file(
         TypeError: ``metadata`` is not a dict of str to str.
         OSError: The file could not be written; ``filename`` is untouched.
     """
-    flat, metadata, own = _prepare(tensors, metadata)
+    _save_file(tensors, filename, metadata, copy_shared=False)
+
+
+def _save_file(
+    tensors: Any, filename: Any, metadata: dict[str, str] | None, *, copy_shared: bool
+) -> None:
+    flat, metadata, own = _prepare(tensors, metadata, copy_shared)
     if not isinstance(filename, str | os.PathLike):
         raise TypeError(f"filename must be a str or os.PathLike, got {type(filename).__name__}")
     _C.save(flat, os.fspath(filename), metadata, True, None, 0, own, False, None, 0)
@@ -223,7 +239,11 @@ def save_file(
 
 def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """The safetensors bytes of a dict of tensors (rules as :func:`save_file`)."""
-    flat, metadata, own = _prepare(tensors, metadata)
+    return _save(tensors, metadata, copy_shared=False)
+
+
+def _save(tensors: Any, metadata: dict[str, str] | None, *, copy_shared: bool) -> bytes:
+    flat, metadata, own = _prepare(tensors, metadata, copy_shared)
     try:
         from zerockpt import save_bytes  # type: ignore[attr-defined]
     except ImportError:
