@@ -74,7 +74,8 @@ def parse_device(device: Any) -> _torch.device:
 
     Raises:
         SafetensorError: ``device`` is not one of those (safetensors' message).
-        RuntimeError: An index is given and torch has no accelerator.
+        RuntimeError: The device is not available, or an index is given and torch has no
+            accelerator.
     """
     if device is None:
         return _torch.device("cpu")
@@ -96,6 +97,10 @@ def parse_device(device: Any) -> _torch.device:
         raise SafetensorError(f"device {device!r} is invalid")
     if dev.type == "meta":
         raise SafetensorError(f"device {device} is invalid")
+    backend = getattr(_torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "cpu" and callable(available) and not available():
+        raise RuntimeError(f"device {device} is not available (torch.{dev.type}.is_available())")
     return dev
 
 

@@ -185,7 +185,8 @@ def _check_savable(tensors: Any, copy_shared: bool = False) -> dict[str, torch.T
                 "Call `.contiguous()` on it before saving."
             )
         if tensor.device.type == "meta":
-            raise RuntimeError(f"Cannot copy out of meta tensor `{name}`; no data!")
+            # What torch (so safetensors) raises copying out of a meta tensor.
+            raise NotImplementedError(f"Cannot copy out of meta tensor `{name}`; no data!")
     return tensors
 
 
@@ -221,7 +222,8 @@ def save_file(
     Raises:
         ValueError: ``tensors`` is not a dict, holds a non-tensor, a sparse or a non-contiguous
             tensor.
-        RuntimeError: Tensors share memory (use :func:`save_model`), or a tensor is on meta.
+        RuntimeError: Tensors share memory (use :func:`save_model`); NotImplementedError (a
+            RuntimeError), a tensor is on the meta device.
         TypeError: ``metadata`` is not a dict of str to str.
         OSError: The file could not be written; ``filename`` is untouched.
     """
