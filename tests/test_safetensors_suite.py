@@ -25,5 +25,10 @@ def test_safetensors_own_tests_pass_against_zerockpt(tmp_path: Path) -> None:
     summary = output.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
     # Every test file was collected and ran (an import failure would show as an error).
-    for name in ("test_pt_comparison.py", "test_simple.py", "test_pt_model.py", "test_threadable.py"):
+    for name in (
+        "test_pt_comparison.py",
+        "test_simple.py",
+        "test_pt_model.py",
+        "test_threadable.py",
+    ):
         assert (tmp_path / name).exists()

@@ -1,7 +1,7 @@
 """The safetensors API on zerockpt: switching is one import line.
 
->>> from zerockpt.safetensors import safe_open                # was: from safetensors import safe_open
->>> from zerockpt.safetensors.torch import save_file, load_file   # was: from safetensors.torch ...
+>>> from zerockpt.safetensors import safe_open  # was: from safetensors import ...
+>>> from zerockpt.safetensors.torch import save_file, load_file  # was: safetensors.torch
 
 Also reachable as ``zerockpt.safetensors.save_file`` etc. (``from zerockpt import safetensors
 as st``). Same names, signatures, return values and exceptions as safetensors 0.8
@@ -36,7 +36,6 @@ from typing import Any
 import torch as _torch  # not "torch": the submodule zerockpt.safetensors.torch takes that name
 
 from zerockpt import _C, _slice
-from zerockpt.serialization import _load_device
 
 __version__ = "0.8.0"
 
@@ -154,7 +153,7 @@ def _header_has_metadata(handle: _C._File) -> bool:
         return False
 
 
-class safe_open:  # noqa: N801  (safetensors' name)
+class safe_open:
     """Opens a safetensors file lazily, as ``safetensors.safe_open``.
 
     >>> with safe_open("model.safetensors", framework="pt", device="cpu") as f:
@@ -253,10 +252,26 @@ class safe_open:  # noqa: N801  (safetensors' name)
 _SPEC_DTYPES: dict[str, _torch.dtype] = {
     name: value
     for name in (
-        "bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-        "float16", "bfloat16", "float32", "float64", "complex64", "float8_e4m3fn",
-        "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-    )  # fmt: skip
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "complex64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    )
     if isinstance(value := getattr(_torch, name, None), _torch.dtype)
 }
 
@@ -307,11 +322,17 @@ def _spec_tensors(tensor_dict: Any) -> dict[str, _torch.Tensor]:
     return {name: spec.tensor() for name, spec in tensor_dict.items()}
 
 
-def serialize(tensor_dict: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
+def _dict(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    return None if metadata is None else dict(metadata)
+
+
+def serialize(
+    tensor_dict: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None
+) -> bytes:
     """The safetensors bytes of tensors in raw memory (see :class:`TensorSpec`)."""
     from zerockpt.safetensors import torch as st_torch
 
-    return st_torch.save(_spec_tensors(tensor_dict), metadata=metadata)
+    return st_torch.save(_spec_tensors(tensor_dict), metadata=_dict(metadata))
 
 
 def serialize_file(
@@ -322,7 +343,7 @@ def serialize_file(
     """Writes tensors in raw memory (see :class:`TensorSpec`) into ``filename``."""
     from zerockpt.safetensors import torch as st_torch
 
-    st_torch.save_file(_spec_tensors(tensor_dict), filename, metadata=metadata)
+    st_torch.save_file(_spec_tensors(tensor_dict), filename, metadata=_dict(metadata))
 
 
 def deserialize(data: bytes) -> list[tuple[str, dict[str, Any]]]:

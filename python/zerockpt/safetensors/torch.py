@@ -1,4 +1,4 @@
-"""``safetensors.torch`` on zerockpt: ``from zerockpt.safetensors.torch import save_file, load_file``.
+"""``safetensors.torch`` on zerockpt: ``from zerockpt.safetensors.torch import save_file``.
 
 Same signatures, results and exceptions as safetensors 0.8's ``safetensors.torch``; see
 :mod:`zerockpt.safetensors` for what differs (atomic, durable saves; zerockpt's own metadata
@@ -103,7 +103,7 @@ def _find_shared_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[set[str
         if ptr != 0 and size != 0:
             by_storage.setdefault((tensor.device, ptr, size), set()).add(name)
     # sorted() of sets orders by inclusion, as safetensors does, so groups come out in its order.
-    groups = sorted(by_storage.values())  # type: ignore[type-var]
+    groups = sorted(by_storage.values())
     return [run for group in groups for run in _split_overlapping(group, state_dict)]
 
 
@@ -187,7 +187,8 @@ def _check_savable(tensors: Any, copy_shared: bool = False) -> dict[str, torch.T
         if tensor.device.type == "meta":
             # What torch (so safetensors) raises copying out of a meta tensor.
             raise NotImplementedError(f"Cannot copy out of meta tensor `{name}`; no data!")
-    return tensors
+    out: dict[str, torch.Tensor] = tensors
+    return out
 
 
 def _prepare(
@@ -345,7 +346,11 @@ def _deserialize(data: bytes) -> list[tuple[str, dict[str, Any]]]:
     for name in _offset_order(header):
         entry = header[name]
         begin, end = entry["data_offsets"]
-        info = {"dtype": entry["dtype"], "shape": entry["shape"], "data": data[start + begin : start + end]}
+        info = {
+            "dtype": entry["dtype"],
+            "shape": entry["shape"],
+            "data": data[start + begin : start + end],
+        }
         out.append((name, info))
     return out
 
