@@ -244,6 +244,29 @@ def test_device_like_safetensors(slice_file: Path, device: Any) -> None:
         assert ours == theirs
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", 0])
+def test_cuda_device_like_safetensors(slice_file: Path, device: Any) -> None:
+    with (
+        zst.safe_open(slice_file, framework="pt", device=device) as ours,
+        safetensors.safe_open(slice_file, framework="pt", device=device) as theirs,
+    ):
+        for name in ("a", "h", "s"):
+            mine, oracle = ours.get_tensor(name), theirs.get_tensor(name)
+            assert mine.device == oracle.device and torch.equal(mine, oracle)
+        mine, oracle = ours.get_slice("a")[1:, ::2], theirs.get_slice("a")[1:, ::2]
+        assert mine.device == oracle.device and torch.equal(mine, oracle)
+    loaded, expected = zstt.load_file(slice_file, device=device), st.load_file(slice_file, device)
+    assert list(loaded) == list(expected)
+    assert all(v.device == expected[k].device and torch.equal(v, expected[k])
+               for k, v in loaded.items())  # fmt: skip
+    model = TiedLM().to("cuda")
+    path = slice_file.with_name("tied.safetensors")
+    st.save_model(TiedLM(), path)
+    assert zstt.load_model(model, path, device=device) == (set(), [])
+    assert model.lm_head.weight.device.type == "cuda"
+
+
 def test_closed_handle_and_missing_file(slice_file: Path) -> None:
     for opener, error in ((zst.safe_open, zst.SafetensorError),):
         f = opener(slice_file, framework="pt")

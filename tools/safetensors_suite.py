@@ -56,9 +56,11 @@ EXCLUDED: dict[str, str] = {
         "remove this entry once it is"
     ),
     "test_simple.py::ReadmeTestCase::test_numpy_slice": (
-        "framework='np' slices: safetensors' numpy slicer refuses out-of-range slices and index "
-        "lists with its own messages; zerockpt.safetensors slices every framework with torch's "
-        "indexing (safetensors' own behaviour for framework='pt', tested by test_torch_slice)"
+        "framework='np' slices: safetensors' numpy slicer refuses out-of-range slice bounds, "
+        "None and index lists with its own messages (and fails on negative bounds with "
+        "OverflowError, on reversed ranges with SystemError); zerockpt.safetensors slices every "
+        "framework with torch's indexing, safetensors' own behaviour for framework='pt' "
+        "(test_torch_slice)"
     ),
 }
 
