@@ -145,6 +145,19 @@ def _drop_cache(path: Path) -> None:
         os.close(fd)
 
 
+def _read_ahead_bytes(path: Path) -> int:
+    """The kernel's read-ahead window of the block device holding ``path`` (128 KiB if unknown):
+    a fault on a mapped page reads up to that much around it."""
+    dev = os.stat(path).st_dev
+    base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    for queue in (base / "queue", base / ".." / "queue"):
+        try:
+            return int((queue / "read_ahead_kb").read_text()) * 1024
+        except (OSError, ValueError):
+            continue
+    return 128 * 1024
+
+
 def test_get_slice_reads_only_the_pages_it_selects(tmp_path: Path) -> None:
     """Two rows of a 256 MiB tensor in a cold file: a few pages come into the page cache, not
     the tensor. A control read of 32 MiB of the same file shows the measurement sees reads."""
@@ -159,8 +172,12 @@ def test_get_slice_reads_only_the_pages_it_selects(tmp_path: Path) -> None:
         part = f.get_slice("w")[30000:30002].clone()
     assert torch.equal(part[:, 0], torch.tensor([30000.0, 30001.0]))
     sliced = _resident_bytes(path)
-    # 8 KiB selected; the kernel's read-around of a mapped fault brings in up to a few MiB.
-    assert sliced <= 16 << 20, f"a 2-row slice brought {sliced} bytes into the page cache"
+    # 8 KiB selected; the kernel reads up to its read-ahead window around a mapped fault (8 MiB
+    # on the test machines' virtual disk), plus the header's pages.
+    bound = max(4 << 20, 2 * _read_ahead_bytes(path) + (1 << 20))
+    if bound > 64 << 20:
+        pytest.skip(f"read-ahead of {bound} bytes here: too coarse to measure a slice")
+    assert sliced <= bound, f"a 2-row slice brought {sliced} bytes into the page cache"
     with zst.safe_open(path, framework="pt") as g:
         control = g.get_slice("w")[:8192].sum()  # 32 MiB
     assert control.item() == cols * sum(range(8192))
@@ -312,18 +329,21 @@ def test_files_are_interchangeable(tmp_path: Path) -> None:
                for k, v in zstt.load(st.save(tensors)).items())  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 @pytest.mark.parametrize(
     "bad",
     [
         "notadict",
         {"t": {"some": "thing"}},
         {"t": torch.zeros(3, 4).t()},
-        {"t": torch.sparse_coo_tensor(size=(2, 3))},
+        "sparse",
         "shared",
         {"t": torch.zeros(2, device="meta")},
     ],
 )
 def test_save_refuses_what_safetensors_refuses(tmp_path: Path, bad: Any) -> None:
+    if bad == "sparse":
+        bad = {"t": torch.sparse_coo_tensor(size=(2, 3))}
     if bad == "shared":
         base = torch.zeros(6)
         bad = {"a": base, "b": base[2:]}
