@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerockpt import _C, _progress, sharded
+from zerockpt import _C, _progress, _slice, sharded
 from zerockpt.structure import (
     STRUCTURE_KEY,
     encode_metadata,
@@ -684,6 +684,24 @@ class TensorFile(Mapping[str, torch.Tensor]):
             OSError: With ``mmap=False``, the bytes cannot be read (errno and filename set).
         """
         return self._handle(name).get_tensor(name, mmap)
+
+    def get_slice(self, name: str) -> _slice.TensorSlice:
+        """A lazily sliced tensor, as safetensors' ``get_slice``: ``f.get_slice("w")[0:2]``.
+
+        Args:
+            name: A tensor name.
+
+        Returns:
+            A :class:`zerockpt._slice.TensorSlice` with ``get_shape()``, ``get_dtype()`` (the
+            file's name, e.g. ``"BF16"``) and indexing as torch indexes the whole tensor; only
+            the pages holding the selected elements are read, when the result is first used.
+
+        Raises:
+            KeyError: There is no tensor ``name``.
+            ValueError: The file is closed.
+            TypeError: The stored dtype has no torch equivalent.
+        """
+        return _slice.get_slice(self._handle(name), name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get_tensor(name)
