@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from zerockpt import _C, sharded
+from zerockpt import _C
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 from zerockpt.serialization import PathLike, VerifyResult, _fspath, _threads
 from zerockpt.serialization import verify as verify_file
@@ -855,6 +855,12 @@ def _jsonable(value: object) -> bool:
     return False
 
 
+def _listed(names: list[str], limit: int = 10) -> str:
+    """``"a, b and 3 more"``: names for a message, at most ``limit`` of them."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
     """Checks a DCP checkpoint: its structure, then every checksum.
 
@@ -890,9 +896,7 @@ def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
     stored_fqns = {index.fqn for index in metadata.storage_data}
     missing = [fqn for fqn in metadata.state_dict_metadata if fqn not in stored_fqns]
     if missing:
-        raise _C.FormatError(
-            f"{directory}: the metadata stores no data for {sharded._names(missing)}"
-        )
+        raise _C.FormatError(f"{directory}: the metadata stores no data for {_listed(missing)}")
     has_checksums = True
     failed: list[str] = []
     checked = 0
@@ -901,7 +905,7 @@ def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
         held = set(f.keys())
         absent = [stored for stored in by_file[name] if stored not in held]
         if absent:
-            raise _C.FormatError(f"{f.path}: does not hold {sharded._names(absent)}")
+            raise _C.FormatError(f"{f.path}: does not hold {_listed(absent)}")
         result = verify_file(f.path)
         has_checksums = has_checksums and result.has_checksums
         failed.extend(result.failed)
