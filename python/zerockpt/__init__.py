@@ -22,8 +22,10 @@ from zerockpt.serialization import (
     TensorInfo,
     VerifyResult,
     load,
+    load_bytes,
     open,
     save,
+    save_bytes,
     verify,
 )
 
@@ -36,11 +38,13 @@ __all__ = [
     "TensorInfo",
     "VerifyResult",
     "load",
+    "load_bytes",
     "load_state_dict",
     "open",
     "release_snapshot_buffer",
     "save",
     "save_async",
+    "save_bytes",
     "state_dict",
     "verify",
 ]

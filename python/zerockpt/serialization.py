@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerockpt import _C, _progress, sharded
+from zerockpt import _C, _fileobj, _progress, sharded
 from zerockpt.structure import (
     STRUCTURE_KEY,
     encode_metadata,
@@ -228,6 +228,21 @@ def save(
             power loss.
     """
     flat, metadata, own = _prepare_save(tensors, metadata)
+    if _fileobj.is_file_object(path):
+        _fileobj.save(
+            flat,
+            metadata,
+            own,
+            path,
+            durable=bool(durable),
+            direct_io=direct_io,
+            threads=_threads(threads),
+            checksums=bool(checksums),
+            max_shard_size=max_shard_size,
+            progress=progress,
+            staging_bytes=_staging_bytes(staging_bytes),
+        )
+        return
     where = _fspath(path)
     staging = _staging_bytes(staging_bytes)
     description = _progress.label("Saving", where)
@@ -386,6 +401,17 @@ def load(
     """
     to = _load_device(device)
     staging = _staging_bytes(staging_bytes)
+    if _fileobj.is_file_object(path):
+        loaded, own, name = _fileobj.load(
+            path,
+            device=to,
+            mmap=bool(mmap),
+            threads=_threads(threads),
+            verify=bool(verify),
+            progress=progress,
+            staging_bytes=staging,
+        )
+        return _rebuild(loaded, own, name)
     target = sharded.resolve(_fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
@@ -420,6 +446,102 @@ def load(
         if verify and not has_checksums:
             _warn_unverified(where)
     return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
+
+
+def save_bytes(
+    obj: SaveInput,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    threads: int | None = None,
+    checksums: bool = True,
+    progress: bool = False,
+    staging_bytes: int | None = None,
+) -> bytes:
+    """Serializes what :func:`save` takes into the bytes of a safetensors file, in memory.
+
+    The same bytes ``save`` writes to a file, written by several threads straight from tensor
+    memory into the returned ``bytes`` (no other copy); ``safetensors.torch.load`` reads them
+    (a flat dict of tensors; nested state needs :func:`load_bytes`).
+
+    >>> data = zerockpt.save_bytes({"w": torch.ones(2)}, metadata={"step": "7"})
+    >>> zerockpt.load_bytes(data)["w"]
+    tensor([1., 1.])
+
+    Args:
+        obj: A mapping of names to tensors, a module or nested training state (see
+            :func:`save`).
+        metadata: Extra ``str -> str`` entries for the header's ``__metadata__``.
+        threads: Copying threads; default ``min(cpu_count, 8)``.
+        checksums: Store each tensor's CRC-32C (see :func:`save`).
+        progress: Show a progress bar (needs tqdm).
+        staging_bytes: Pinned host memory for copying accelerator tensors (see :func:`save`).
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        TypeError, ValueError: As :func:`save` raises them for ``obj`` and ``metadata``.
+    """
+    flat, metadata, own = _prepare_save(obj, metadata)
+    return _fileobj.save_bytes(
+        flat,
+        metadata,
+        own,
+        threads=_threads(threads),
+        checksums=bool(checksums),
+        progress=progress,
+        staging_bytes=_staging_bytes(staging_bytes),
+    )
+
+
+def load_bytes(
+    data: bytes | bytearray | memoryview,
+    device: str | torch.device | int = "cpu",
+    *,
+    threads: int | None = None,
+    verify: bool = False,
+    progress: bool = False,
+    staging_bytes: int | None = None,
+) -> Any:
+    """Loads a safetensors file held in memory (from :func:`save_bytes`, ``safetensors.torch.save``
+    or any writer), as :func:`load` loads a path.
+
+    The bytes are validated as a file's are and copied once into anonymous memory that the
+    returned CPU tensors view (freed with the last of them): ``data`` may change or go away
+    afterwards. All of ``data`` must be the one file.
+
+    >>> zerockpt.load_bytes(safetensors.torch.save({"w": torch.zeros(3)}))["w"]
+    tensor([0., 0., 0.])
+
+    Args:
+        data: The file's bytes: ``bytes``, ``bytearray``, ``memoryview`` or any contiguous
+            buffer.
+        device: Where the tensors go, as for :func:`load`.
+        threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
+        verify: Check each tensor against its stored CRC-32C (see :func:`load`).
+        progress: Show a progress bar (needs tqdm).
+        staging_bytes: Pinned host memory for copying to an accelerator (see :func:`load`).
+
+    Returns:
+        What :func:`load` returns for the same file: a dict of names to tensors, or the nested
+        structure that was saved.
+
+    Raises:
+        FormatError: ``data`` is not a valid safetensors file (the message names ``<bytes>``
+            and the key or offset at fault); ChecksumError with ``verify``.
+        TypeError: ``data`` is not a buffer, or a stored dtype has no torch equivalent.
+        ValueError, RuntimeError: As :func:`load` raises them for ``device`` and ``threads``.
+    """
+    loaded, own, name = _fileobj.load(
+        data,
+        device=_load_device(device),
+        mmap=True,
+        threads=_threads(threads),
+        verify=bool(verify),
+        progress=progress,
+        staging_bytes=_staging_bytes(staging_bytes),
+    )
+    return _rebuild(loaded, own, name)
 
 
 def _rebuild(tensors: dict[str, torch.Tensor], own: Mapping[str, str], where: str) -> Any:
