@@ -268,10 +268,9 @@ class AtomicFileSink : public FdSink {
 
 // The chunks of `plan`, by the options' threads (one, in order, for a sequential sink), then
 // the final header. `direct`: pad writes to whole pages (O_DIRECT).
-void write_chunks(WriteSink& sink, const std::string& path, const Plan& plan,
-                  const Layout& layout, const std::vector<TensorSpec>& specs,
-                  const std::vector<WriteSource>& sources, const WriteOptions& options,
-                  bool direct) {
+void write_chunks(WriteSink& sink, const std::string& path, const Plan& plan, const Layout& layout,
+                  const std::vector<TensorSpec>& specs, const std::vector<WriteSource>& sources,
+                  const WriteOptions& options, bool direct) {
   unsigned threads = sink.sequential() ? 1 : options.threads ? options.threads : default_threads();
   size_t chunks = static_cast<size_t>((plan.file_size + kChunkBytes - 1) / kChunkBytes);
   bool checksums = layout.checksum_offset != Layout::kNoChecksums;
@@ -302,8 +301,7 @@ void write_chunks(WriteSink& sink, const std::string& path, const Plan& plan,
       }
     } give_back{stager, slot};
     if (direct || checksums) {
-      write_chunk_assembled(sink, plan, layout, sources, start, end, buffer, direct,
-                            chunk_pieces);
+      write_chunk_assembled(sink, plan, layout, sources, start, end, buffer, direct, chunk_pieces);
     } else {
       write_chunk_zero_copy(sink, plan, layout, sources, start, end, buffer);
     }

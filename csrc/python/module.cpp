@@ -302,9 +302,9 @@ class PythonSink : public WriteSink {
     while (done < size) {
       // Bounded views: some writers (raw files) take at most about 2 GiB per call.
       uint64_t n = std::min<uint64_t>(size - done, 1ull << 30);
-      auto view = py::reinterpret_steal<py::object>(PyMemoryView_FromMemory(
-          reinterpret_cast<char*>(const_cast<uint8_t*>(src + done)), static_cast<Py_ssize_t>(n),
-          PyBUF_READ));
+      auto view = py::reinterpret_steal<py::object>(
+          PyMemoryView_FromMemory(reinterpret_cast<char*>(const_cast<uint8_t*>(src + done)),
+                                  static_cast<Py_ssize_t>(n), PyBUF_READ));
       if (!view) throw py::error_already_set();
       py::object written;
       try {
@@ -382,15 +382,49 @@ uint64_t save_fd(py::dict tensors, int fd, uint64_t base, const std::string& nam
                       [&](uint64_t) { return std::make_unique<FdSink>(fd, base, name); });
 }
 
-// Saves through `write` (and `rewrite_prefix`), in order, on this thread. Releases GIL but
-// for the calls of `write`.
+// A sink that keeps only the final header: the checksums of a first pass over the tensors.
+class ChecksumSink : public WriteSink {
+ public:
+  void write(const uint8_t*, uint64_t, uint64_t) override {}
+  void rewrite_prefix(const std::string& prefix) override { prefix_ = prefix; }
+  const std::string& prefix() const { return prefix_; }
+
+ private:
+  std::string prefix_;
+};
+
+// Saves through `write`, in order, on this thread. With checksums, `rewrite_prefix(bytes)`
+// (which seeks back) completes the header at the end; without it (None: the object cannot
+// seek back) a first pass over the tensors computes them, and the header goes out complete.
+// Releases GIL but for the calls of `write` and `rewrite_prefix`.
 uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_prefix,
                      const std::string& name, py::object metadata, py::object own_metadata,
                      bool checksums, std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
-  return save_to_sink(tensors, name, metadata, 1, own_metadata, checksums, std::move(progress),
-                      staging_bytes, [&](uint64_t) {
-                        return std::make_unique<PythonSink>(write, rewrite_prefix, name);
-                      });
+  uint64_t size = 0;
+  interruptible(std::move(progress), [&](Progress* counter) {
+    SaveArgs args = save_args(tensors, metadata, false, false, 0, own_metadata, checksums, counter,
+                              staging_bytes);
+    for (const auto& [entry, t] : args.entries) {
+      if (!t.device().is_cpu()) init_device(t.device());
+    }
+    PythonSink sink(write, rewrite_prefix, name);
+    const bool first_pass = checksums && rewrite_prefix.is_none();
+    {
+      // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only,
+      // and the sink takes the GIL for its own calls.
+      py::gil_scoped_release no_gil;
+      SavePlan plan = plan_save(args.entries, name, args.metadata, args.options, args.own);
+      if (first_pass) {
+        ChecksumSink first;
+        save_tensors_to(plan, first, name, args.options);
+        plan.layout.prefix = first.prefix();
+        plan.layout.checksum_offset = Layout::kNoChecksums;  // nothing left to fill in
+      }
+      args.options.threads = 1;
+      size = save_tensors_to(std::move(plan), sink, name, args.options);
+    }
+  });
+  return size;
 }
 
 // The file as a new bytes object, written into it without the GIL (nothing else refers to it
@@ -580,9 +614,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
         py::arg("verify") = false, py::arg("progress") = nullptr, py::arg("device") = py::none(),
         py::arg("staging_bytes") = 0);
-  m.def("load_fd", &load_fd, py::arg("fd"), py::arg("base"), py::arg("name"),
-        py::arg("exact_size"), py::arg("mmap"), py::arg("threads"), py::arg("verify"),
-        py::arg("progress"), py::arg("device"), py::arg("staging_bytes"));
+  m.def("load_fd", &load_fd, py::arg("fd"), py::arg("base"), py::arg("name"), py::arg("exact_size"),
+        py::arg("mmap"), py::arg("threads"), py::arg("verify"), py::arg("progress"),
+        py::arg("device"), py::arg("staging_bytes"));
   m.def("save_fd", &save_fd, py::arg("tensors"), py::arg("fd"), py::arg("base"), py::arg("name"),
         py::arg("metadata"), py::arg("threads"), py::arg("own_metadata"), py::arg("checksums"),
         py::arg("progress"), py::arg("staging_bytes"));

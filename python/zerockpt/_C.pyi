@@ -144,7 +144,7 @@ def save_fd(
 def save_stream(
     tensors: dict[str, torch.Tensor],
     write: Callable[[memoryview], int | None],
-    rewrite_prefix: Callable[[bytes], None],
+    rewrite_prefix: Callable[[bytes], None] | None,
     name: str,
     metadata: Mapping[str, str] | None,
     own_metadata: dict[str, str] | None,

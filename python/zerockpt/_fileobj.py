@@ -18,7 +18,7 @@ import os
 import stat
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -84,7 +84,7 @@ def _regular_fd(f: Any) -> int | None:
             return None
     except (OSError, ValueError):
         return None
-    return fd
+    return int(fd)
 
 
 def _appending(f: Any, fd: int) -> bool:
@@ -95,17 +95,6 @@ def _appending(f: Any, fd: int) -> bool:
         return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
     except (ImportError, OSError):
         return "a" in getattr(f, "mode", "")
-
-
-def _write_all(f: Any, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = f.write(view)
-        if n is None:
-            return
-        if n <= 0:
-            raise OSError(f"{describe(f)}: write() returned {n}")
-        view = view[n:]
 
 
 def save(
@@ -144,25 +133,26 @@ def save(
         if durable:
             os.fsync(fd)
         return
-    seekable = fd is None and callable(getattr(f, "seekable", None)) and f.seekable()
-    if checksums and not seekable:
-        raise ValueError(
-            f"{name}: checksums=True needs a seekable file object not in append mode (the header, "
-            "written first, is completed once the tensors are written); pass checksums=False"
-        )
-    base = f.tell() if seekable else 0
+    # Only a BytesIO is sure to seek back and overwrite in place (a GzipFile says it seeks but
+    # cannot go back; an append-mode file writes at the end): others get their checksums from
+    # a first pass over the tensors, so that the header goes out complete.
+    rewrite: Callable[[bytes], None] | None = None
+    if isinstance(f, io.BytesIO):
+        base = f.tell()
 
-    def rewrite_prefix(prefix: bytes) -> None:
-        end = f.tell()
-        f.seek(base)
-        _write_all(f, prefix)
-        f.seek(end)
+        def rewrite_prefix(prefix: bytes) -> None:
+            end = f.tell()
+            f.seek(base)
+            f.write(prefix)
+            f.seek(end)
+
+        rewrite = rewrite_prefix
 
     _progress.run(
         progress,
         _progress.label("Saving", name),
         lambda counter: _C.save_stream(
-            flat, f.write, rewrite_prefix, name, metadata, own, checksums, counter, staging_bytes
+            flat, f.write, rewrite, name, metadata, own, checksums, counter, staging_bytes
         ),
     )
     flush = getattr(f, "flush", None)
@@ -199,7 +189,7 @@ def _anonymous_fd() -> int:
         return int(memfd_create("zerockpt", os.MFD_CLOEXEC))
     fd, path = tempfile.mkstemp(prefix="zerockpt-")
     os.unlink(path)
-    return fd
+    return int(fd)
 
 
 def _copy_in(fd: int, data: memoryview) -> None:
@@ -240,8 +230,7 @@ def _stream_into(f: Any, fd: int, name: str) -> None:
     got = _read_exact(f, n, head)
     if got < n:
         raise _C.FormatError(
-            f"{name}: the stream ended at offset {8 + got}, inside the {n}-byte header "
-            "(truncated?)"
+            f"{name}: the stream ended at offset {8 + got}, inside the {n}-byte header (truncated?)"
         )
     prefix = b"".join(head)
     size = _C.image_size(prefix, name)

@@ -411,7 +411,7 @@ def load(
             progress=progress,
             staging_bytes=staging,
         )
-        return _rebuild(loaded, own, name)
+        return _rebuild(loaded, own, name)  # type: ignore[no-any-return]
     target = sharded.resolve(_fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
@@ -503,8 +503,9 @@ def load_bytes(
     progress: bool = False,
     staging_bytes: int | None = None,
 ) -> Any:
-    """Loads a safetensors file held in memory (from :func:`save_bytes`, ``safetensors.torch.save``
-    or any writer), as :func:`load` loads a path.
+    """Loads a safetensors file held in memory, as :func:`load` loads a path.
+
+    ``data`` may come from :func:`save_bytes`, ``safetensors.torch.save`` or any writer.
 
     The bytes are validated as a file's are and copied once into anonymous memory that the
     returned CPU tensors view (freed with the last of them): ``data`` may change or go away
