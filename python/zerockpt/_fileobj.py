@@ -62,10 +62,11 @@ def _check_binary(f: Any, mode: str) -> None:
             f"{describe(f)} is a text-mode file object; safetensors files are binary: open it "
             f"with {'rb' if mode == 'read' else 'wb'!r}"
         )
-    able = getattr(f, f"{mode}able", None)
+    able = getattr(f, "readable" if mode == "read" else "writable", None)
     if not callable(getattr(f, mode, None)) or (callable(able) and not able()):
         raise io.UnsupportedOperation(
-            f"{describe(f)} is not {mode}able (open it with {'rb' if mode == 'read' else 'wb'!r})"
+            f"{describe(f)} is not {'readable' if mode == 'read' else 'writable'} (open it with "
+            f"{'rb' if mode == 'read' else 'wb'!r})"
         )
 
 
@@ -226,7 +227,7 @@ def _stream_into(f: Any, fd: int, name: str) -> None:
         raise _C.FormatError(
             f"{name}: the stream ended after {got} bytes, too few to hold a safetensors header"
         )
-    n = _C.header_length(head[0], name)
+    n = _C.header_length(b"".join(head), name)
     got = _read_exact(f, n, head)
     if got < n:
         raise _C.FormatError(
