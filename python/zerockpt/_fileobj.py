@@ -19,16 +19,19 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
 from zerockpt import _C, _progress
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 _COPY_CHUNK = 8 << 20  # bytes read or written per call when copying a stream
 
 
-def is_file_object(obj: object) -> bool:
+def is_file_object(obj: object) -> TypeIs[IO[bytes]]:
     """True for what save/load take as a file object rather than a path.
 
     Raises:

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ from zerockpt.structure import (
 )
 
 PathLike = str | os.PathLike[str]
+# What save() and load() take as a destination or source: a path or a binary file object.
+FileLike = PathLike | IO[bytes]
 # What save() and save_async() take.
 SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
 
@@ -135,7 +137,7 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
 
 def save(
     tensors: SaveInput,
-    path: PathLike,
+    path: FileLike,
     *,
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
@@ -191,7 +193,12 @@ def save(
         tensors: Names to tensors (CPU or accelerator), any dtype the safetensors format names,
             any strides; an ``nn.Module``, saved as its state dict; or nested training state
             as above.
-        path: Destination file. Its directory must exist.
+        path: Destination file (its directory must exist), or a binary file object: the file
+            is written at its position, which is left just after it (as ``torch.save``); an
+            ``open(..., "wb")`` file by parallel ``pwrite``, anything else through ``write``
+            in order, straight from tensor memory (checksums from a first pass over the
+            tensors unless it is a ``BytesIO``). Atomicity is then the caller's; ``durable``
+            fsyncs a real file; ``max_shard_size`` and ``direct_io=True`` need a path.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
         durable: fsync the file and its directory before returning, so the checkpoint survives
@@ -215,13 +222,13 @@ def save(
     Raises:
         ImportError: ``progress=True`` and tqdm is not installed.
         TypeError: An object, key or dtype or layout cannot be stored (the message names its
-            path or key), ``metadata`` is not a mapping of str to str, or ``path`` is not a str
-            or ``os.PathLike``.
+            path or key), ``metadata`` is not a mapping of str to str, ``path`` is not a str,
+            ``os.PathLike`` or file object, or a text-mode file object.
         ValueError: Tensors are different but overlapping views of one storage, a tensor is on
             the meta device, metadata uses a reserved key, containers are nested too deeply,
             ``staging_bytes`` is under 8 MiB, ``threads`` is not a positive int,
-            ``max_shard_size`` is not a size, or ``path`` is an existing file while
-            ``max_shard_size`` is given.
+            ``max_shard_size`` is not a size, ``path`` is an existing file while
+            ``max_shard_size`` is given, or a file object is closed or not writable.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
@@ -330,7 +337,7 @@ def _check_utf8(text: str, what: str) -> None:
 
 
 def load(
-    path: PathLike,
+    path: FileLike,
     *,
     device: str | torch.device | int = "cpu",
     mmap: bool = True,
@@ -362,7 +369,10 @@ def load(
     Args:
         path: A safetensors file, from zerockpt or any other writer; an index file (a name
             ending in ``.json``, e.g. ``model.safetensors.index.json``); or a directory holding
-            ``model.safetensors.index.json`` (preferred) or ``model.safetensors``.
+            ``model.safetensors.index.json`` (preferred) or ``model.safetensors``. Or a binary
+            file object: the file that starts at its position is read, and the object is left
+            just after it (as ``torch.load``); an ``open(..., "rb")`` file is mapped or read
+            from its descriptor, anything else read once into anonymous memory.
         device: Where the tensors go: ``"cpu"`` (default), or an accelerator such as
             ``"cuda"``, ``"cuda:1"``, ``torch.device("cuda", 0)`` or a device index.
         mmap: For the CPU: map the file (default) or read it eagerly into fresh memory with
@@ -391,10 +401,10 @@ def load(
             or an index is malformed or does not match its shards (the message names it).
         OSError: The file, or a shard an index lists, cannot be opened or read (errno and
             filename set); a directory holds neither an index nor ``model.safetensors``.
-        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str or
-            ``os.PathLike``.
-        ValueError: ``device`` is the meta device, ``threads`` is not a positive int, or
-            ``staging_bytes`` is under 8 MiB.
+        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str,
+            ``os.PathLike`` or file object (bytes: see :func:`load_bytes`), or a text-mode one.
+        ValueError: ``device`` is the meta device, ``threads`` is not a positive int,
+            ``staging_bytes`` is under 8 MiB, or a file object is closed or not readable.
         RuntimeError: ``device`` is not available (AssertionError where torch is not built
             for it, as torch itself raises).
         ImportError: ``progress=True`` and tqdm is not installed.
