@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import pickle
 import random
 import struct
 import threading
@@ -547,3 +548,36 @@ def test_accelerator_through_bytes_and_file_objects(tmp_path: Path, device: torc
     stream = io.BytesIO(data)
     loaded = zerockpt.load(stream, device=device)
     assert_dicts_bitwise_equal({k: v.cpu() for k, v in loaded.items()}, state)
+
+
+@pytest.mark.parametrize("kind", ["bytesio", "file"])
+def test_in_one_stream_with_pickle_and_torch_save(tmp_path: Path, kind: str) -> None:
+    """torch.save/torch.load write and read from the position (what follows a torch archive is
+    not supported by torch.load); zerockpt does the same and also leaves the position just
+    after its file, so it interleaves with pickle and precedes a torch archive."""
+    a, b = small_state(), {"x": torch.randn(5), "y": torch.arange(4)}
+    f: Any = io.BytesIO() if kind == "bytesio" else open(tmp_path / "mixed", "w+b")  # noqa: SIM115
+    with f:
+        pickle.dump({"epoch": 3}, f)
+        zerockpt.save(a, f)
+        pickle.dump("between", f)
+        zerockpt.save(b, f, checksums=False)
+        torch.save(b, f)
+        f.seek(0)
+        assert pickle.load(f) == {"epoch": 3}
+        assert_loaded(zerockpt.load(f, verify=True), a)
+        assert pickle.load(f) == "between"
+        assert_dicts_bitwise_equal(zerockpt.load(f), b)
+        assert_dicts_bitwise_equal(torch.load(f), b)
+
+
+def test_progress_bar_with_file_objects(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    state = small_state()
+    sink = WriteOnly()
+    zerockpt.save(state, sink, progress=True)
+    assert_loaded(zerockpt.load(ReadOnly(b"".join(sink.chunks)), progress=True), state)
+    assert_loaded(
+        zerockpt.load_bytes(zerockpt.save_bytes(state, progress=True), progress=True), state
+    )
+    assert "Saving <WriteOnly>" in capsys.readouterr().err
