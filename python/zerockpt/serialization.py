@@ -9,12 +9,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
-from zerockpt import _C, _progress, _slice, sharded
+from zerockpt import _C, _fileobj, _progress, _slice, sharded
 from zerockpt.structure import (
     STRUCTURE_KEY,
     encode_metadata,
@@ -26,6 +26,8 @@ from zerockpt.structure import (
 )
 
 PathLike = str | os.PathLike[str]
+# What save() and load() take as a destination or source: a path or a binary file object.
+FileLike = PathLike | IO[bytes]
 # What save() and save_async() take.
 SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
 
@@ -135,7 +137,7 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
 
 def save(
     tensors: SaveInput,
-    path: PathLike,
+    path: FileLike,
     *,
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
@@ -191,7 +193,12 @@ def save(
         tensors: Names to tensors (CPU or accelerator), any dtype the safetensors format names,
             any strides; an ``nn.Module``, saved as its state dict; or nested training state
             as above.
-        path: Destination file. Its directory must exist.
+        path: Destination file (its directory must exist), or a binary file object: the file
+            is written at its position, which is left just after it (as ``torch.save``); an
+            ``open(..., "wb")`` file by parallel ``pwrite``, anything else through ``write``
+            in order, straight from tensor memory (checksums from a first pass over the
+            tensors unless it is a ``BytesIO``). Atomicity is then the caller's; ``durable``
+            fsyncs a real file; ``max_shard_size`` and ``direct_io=True`` need a path.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
         durable: fsync the file and its directory before returning, so the checkpoint survives
@@ -215,19 +222,34 @@ def save(
     Raises:
         ImportError: ``progress=True`` and tqdm is not installed.
         TypeError: An object, key or dtype or layout cannot be stored (the message names its
-            path or key), ``metadata`` is not a mapping of str to str, or ``path`` is not a str
-            or ``os.PathLike``.
+            path or key), ``metadata`` is not a mapping of str to str, ``path`` is not a str,
+            ``os.PathLike`` or file object, or a text-mode file object.
         ValueError: Tensors are different but overlapping views of one storage, a tensor is on
             the meta device, metadata uses a reserved key, containers are nested too deeply,
             ``staging_bytes`` is under 8 MiB, ``threads`` is not a positive int,
-            ``max_shard_size`` is not a size, or ``path`` is an existing file while
-            ``max_shard_size`` is given.
+            ``max_shard_size`` is not a size, ``path`` is an existing file while
+            ``max_shard_size`` is given, or a file object is closed or not writable.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
             power loss.
     """
     flat, metadata, own = _prepare_save(tensors, metadata)
+    if _fileobj.is_file_object(path):
+        _fileobj.save(
+            flat,
+            metadata,
+            own,
+            path,
+            durable=bool(durable),
+            direct_io=direct_io,
+            threads=_threads(threads),
+            checksums=bool(checksums),
+            max_shard_size=max_shard_size,
+            progress=progress,
+            staging_bytes=_staging_bytes(staging_bytes),
+        )
+        return
     where = _fspath(path)
     staging = _staging_bytes(staging_bytes)
     description = _progress.label("Saving", where)
@@ -315,7 +337,7 @@ def _check_utf8(text: str, what: str) -> None:
 
 
 def load(
-    path: PathLike,
+    path: FileLike,
     *,
     device: str | torch.device | int = "cpu",
     mmap: bool = True,
@@ -347,7 +369,10 @@ def load(
     Args:
         path: A safetensors file, from zerockpt or any other writer; an index file (a name
             ending in ``.json``, e.g. ``model.safetensors.index.json``); or a directory holding
-            ``model.safetensors.index.json`` (preferred) or ``model.safetensors``.
+            ``model.safetensors.index.json`` (preferred) or ``model.safetensors``. Or a binary
+            file object: the file that starts at its position is read, and the object is left
+            just after it (as ``torch.load``); an ``open(..., "rb")`` file is mapped or read
+            from its descriptor, anything else read once into anonymous memory.
         device: Where the tensors go: ``"cpu"`` (default), or an accelerator such as
             ``"cuda"``, ``"cuda:1"``, ``torch.device("cuda", 0)`` or a device index.
         mmap: For the CPU: map the file (default) or read it eagerly into fresh memory with
@@ -376,16 +401,27 @@ def load(
             or an index is malformed or does not match its shards (the message names it).
         OSError: The file, or a shard an index lists, cannot be opened or read (errno and
             filename set); a directory holds neither an index nor ``model.safetensors``.
-        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str or
-            ``os.PathLike``.
-        ValueError: ``device`` is the meta device, ``threads`` is not a positive int, or
-            ``staging_bytes`` is under 8 MiB.
+        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str,
+            ``os.PathLike`` or file object (bytes: see :func:`load_bytes`), or a text-mode one.
+        ValueError: ``device`` is the meta device, ``threads`` is not a positive int,
+            ``staging_bytes`` is under 8 MiB, or a file object is closed or not readable.
         RuntimeError: ``device`` is not available (AssertionError where torch is not built
             for it, as torch itself raises).
         ImportError: ``progress=True`` and tqdm is not installed.
     """
     to = _load_device(device)
     staging = _staging_bytes(staging_bytes)
+    if _fileobj.is_file_object(path):
+        loaded, own, name = _fileobj.load(
+            path,
+            device=to,
+            mmap=bool(mmap),
+            threads=_threads(threads),
+            verify=bool(verify),
+            progress=progress,
+            staging_bytes=staging,
+        )
+        return _rebuild(loaded, own, name)  # type: ignore[no-any-return]
     target = sharded.resolve(_fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
@@ -420,6 +456,103 @@ def load(
         if verify and not has_checksums:
             _warn_unverified(where)
     return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
+
+
+def save_bytes(
+    obj: SaveInput,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    threads: int | None = None,
+    checksums: bool = True,
+    progress: bool = False,
+    staging_bytes: int | None = None,
+) -> bytes:
+    """Serializes what :func:`save` takes into the bytes of a safetensors file, in memory.
+
+    The same bytes ``save`` writes to a file, written by several threads straight from tensor
+    memory into the returned ``bytes`` (no other copy); ``safetensors.torch.load`` reads them
+    (a flat dict of tensors; nested state needs :func:`load_bytes`).
+
+    >>> data = zerockpt.save_bytes({"w": torch.ones(2)}, metadata={"step": "7"})
+    >>> zerockpt.load_bytes(data)["w"]
+    tensor([1., 1.])
+
+    Args:
+        obj: A mapping of names to tensors, a module or nested training state (see
+            :func:`save`).
+        metadata: Extra ``str -> str`` entries for the header's ``__metadata__``.
+        threads: Copying threads; default ``min(cpu_count, 8)``.
+        checksums: Store each tensor's CRC-32C (see :func:`save`).
+        progress: Show a progress bar (needs tqdm).
+        staging_bytes: Pinned host memory for copying accelerator tensors (see :func:`save`).
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        TypeError, ValueError: As :func:`save` raises them for ``obj`` and ``metadata``.
+    """
+    flat, metadata, own = _prepare_save(obj, metadata)
+    return _fileobj.save_bytes(
+        flat,
+        metadata,
+        own,
+        threads=_threads(threads),
+        checksums=bool(checksums),
+        progress=progress,
+        staging_bytes=_staging_bytes(staging_bytes),
+    )
+
+
+def load_bytes(
+    data: bytes | bytearray | memoryview,
+    device: str | torch.device | int = "cpu",
+    *,
+    threads: int | None = None,
+    verify: bool = False,
+    progress: bool = False,
+    staging_bytes: int | None = None,
+) -> Any:
+    """Loads a safetensors file held in memory, as :func:`load` loads a path.
+
+    ``data`` may come from :func:`save_bytes`, ``safetensors.torch.save`` or any writer.
+
+    The bytes are validated as a file's are and copied once into anonymous memory that the
+    returned CPU tensors view (freed with the last of them): ``data`` may change or go away
+    afterwards. All of ``data`` must be the one file.
+
+    >>> zerockpt.load_bytes(safetensors.torch.save({"w": torch.zeros(3)}))["w"]
+    tensor([0., 0., 0.])
+
+    Args:
+        data: The file's bytes: ``bytes``, ``bytearray``, ``memoryview`` or any contiguous
+            buffer.
+        device: Where the tensors go, as for :func:`load`.
+        threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
+        verify: Check each tensor against its stored CRC-32C (see :func:`load`).
+        progress: Show a progress bar (needs tqdm).
+        staging_bytes: Pinned host memory for copying to an accelerator (see :func:`load`).
+
+    Returns:
+        What :func:`load` returns for the same file: a dict of names to tensors, or the nested
+        structure that was saved.
+
+    Raises:
+        FormatError: ``data`` is not a valid safetensors file (the message names ``<bytes>``
+            and the key or offset at fault); ChecksumError with ``verify``.
+        TypeError: ``data`` is not a buffer, or a stored dtype has no torch equivalent.
+        ValueError, RuntimeError: As :func:`load` raises them for ``device`` and ``threads``.
+    """
+    loaded, own, name = _fileobj.load(
+        data,
+        device=_load_device(device),
+        mmap=True,
+        threads=_threads(threads),
+        verify=bool(verify),
+        progress=progress,
+        staging_bytes=_staging_bytes(staging_bytes),
+    )
+    return _rebuild(loaded, own, name)
 
 
 def _rebuild(tensors: dict[str, torch.Tensor], own: Mapping[str, str], where: str) -> Any:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from zerockpt import _C
+import zerockpt
+from zerockpt import _C, _fileobj
 from zerockpt.module_state import load_state_dict as _load_state_dict
 from zerockpt.module_state import state_dict as _state_dict
 from zerockpt.safetensors import (
@@ -31,7 +31,7 @@ from zerockpt.safetensors import (
     parse_device,
     safe_open,
 )
-from zerockpt.serialization import _load_device, _prepare_save
+from zerockpt.serialization import _load_device, _prepare_save, _staging_bytes, _threads
 
 __all__ = [
     "load",
@@ -247,32 +247,16 @@ def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
 
 def _save(tensors: Any, metadata: dict[str, str] | None, *, copy_shared: bool) -> bytes:
     flat, metadata, own = _prepare(tensors, metadata, copy_shared)
-    try:
-        from zerockpt import save_bytes  # type: ignore[attr-defined]
-    except ImportError:
-        return _save_bytes_via_file(flat, metadata, own)
-    return save_bytes(flat, metadata=metadata)  # type: ignore[no-any-return]
-
-
-def _save_bytes_via_file(
-    flat: dict[str, torch.Tensor], metadata: dict[str, str] | None, own: dict[str, str]
-) -> bytes:
-    # TEMPORARY fallback until zerockpt.save_bytes (helper h5) is merged: through a temp file.
-    with tempfile.TemporaryDirectory(prefix="zerockpt-st-") as d:
-        path = os.path.join(d, "bytes.safetensors")
-        _C.save(flat, path, metadata, False, None, 0, own, False, None, 0)
-        with open(path, "rb") as f:
-            return f.read()
-
-
-def _load_bytes_via_file(data: bytes) -> dict[str, torch.Tensor]:
-    # TEMPORARY fallback until zerockpt.load_bytes (helper h5) is merged: through a temp file.
-    with tempfile.TemporaryDirectory(prefix="zerockpt-st-") as d:
-        path = os.path.join(d, "bytes.safetensors")
-        with open(path, "wb") as f:
-            f.write(data)
-        tensors, _, _ = _C.load(path, True, 0, False, None, None, 0)
-        return tensors
+    # As save_file: no checksums, and the caller's metadata keys recorded in ``own``.
+    return _fileobj.save_bytes(
+        flat,
+        metadata,
+        own,
+        threads=_threads(None),
+        checksums=False,
+        progress=False,
+        staging_bytes=_staging_bytes(None),
+    )
 
 
 def _header(data: bytes) -> dict[str, Any]:
@@ -326,11 +310,7 @@ def load(data: bytes) -> dict[str, torch.Tensor]:
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     try:
-        from zerockpt import load_bytes  # type: ignore[attr-defined]
-    except ImportError:
-        load_bytes = _load_bytes_via_file
-    try:
-        tensors = load_bytes(data)
+        tensors = zerockpt.load_bytes(data)
     except _C.FormatError as e:
         raise SafetensorError(f"Error while deserializing: {e}") from e
     return {name: tensors[name] for name in _offset_order(_header(data))}
