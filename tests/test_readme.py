@@ -415,6 +415,9 @@ def _save(row: Row) -> None:
 def _load(row: Row) -> None:
     _torch_and_zerockpt_files(names()["state"])
     assert_same(run(row.new), run(row.old))
+    if "weights_only" in row.new:  # the README says so below the table
+        with pytest.raises(ValueError, match="weights_only"):
+            zerockpt.load("ckpt.safetensors", weights_only=False)
 
 
 @check('zerockpt.load_state_dict(model, "model.safetensors", strict=False)')
