@@ -14,9 +14,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zerockpt import _C
+from zerockpt import _C, _args, _state
+from zerockpt._args import PathLike
 from zerockpt._smallfile import MAX_POINTER_BYTES, read_small_file
-from zerockpt.serialization import PathLike, SaveInput, _fspath, _prepare_save, _threads, load
+from zerockpt._state import SaveInput
+from zerockpt.serialization import load
 
 # How long one wait on the C++ side may block before Python gets a chance to handle signals
 # (KeyboardInterrupt) and check the timeout.
@@ -147,30 +149,15 @@ def _track(pending: PendingSave) -> PendingSave:
 def _start(
     flat: dict[str, Any],
     path: str,
-    metadata: dict[str, str] | None,
+    options: _C.SaveOptions,
     own: dict[str, str],
-    durable: bool,
-    direct_io: bool | None,
-    threads: int,
-    checksums: bool,
     write_files: list[tuple[str, str]],
     remove_files: list[str],
 ) -> PendingSave:
     previous = _last
     if previous is not None:
         previous._wait(None)  # the C++ side would wait too, but without seeing Ctrl-C
-    handle = _C.save_async(
-        flat,
-        path,
-        metadata,
-        durable,
-        direct_io,
-        threads,
-        own,
-        checksums,
-        write_files,
-        remove_files,
-    )
+    handle = _C.save_async(flat, path, options, own, write_files, remove_files)
     return _track(PendingSave(handle, path))
 
 
@@ -224,19 +211,16 @@ def save_async(
             before anything is copied.
         MemoryError: The snapshot buffer cannot be allocated.
     """
-    flat, metadata, own = _prepare_save(obj, metadata)
-    return _start(
-        flat,
-        _fspath(path),
-        metadata,
-        own,
-        bool(durable),
-        direct_io,
-        _threads(threads),
-        bool(checksums),
-        [],
-        [],
+    flat, metadata, own = _state.prepare_save(obj, metadata)
+    where = _args.fspath(path)
+    options = _args.save_options(
+        metadata=metadata,
+        durable=durable,
+        direct_io=direct_io,
+        threads=_args.threads(threads),
+        checksums=checksums,
     )
+    return _start(flat, where, options, own, [], [])
 
 
 def release_snapshot_buffer() -> None:
@@ -354,12 +338,12 @@ class Checkpointer:
             not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
         ):
             raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
-        self._directory = Path(_fspath(directory))
+        self._directory = Path(_args.fspath(directory))
         self._directory.mkdir(parents=True, exist_ok=True)
         self._keep_last = keep_last
         self._durable = bool(durable)
         self._checksums = bool(checksums)
-        self._threads = _threads(threads)
+        self._threads = _args.threads(threads)
         self._pending: PendingSave | None = None
 
     @property
@@ -436,24 +420,16 @@ class Checkpointer:
         """
         path = self.path(step)
         self.wait()
-        flat, meta, own = _prepare_save(state, metadata)
+        flat, meta, own = _state.prepare_save(state, metadata)
+        options = _args.save_options(
+            metadata=meta, durable=self._durable, threads=self._threads, checksums=self._checksums
+        )
         write_files = [(str(self._directory / self.POINTER), path.name + "\n")]
         remove_files = [str(self.path(s)) for s in self._to_remove(step)]
         if async_save:
-            self._pending = _start(
-                flat,
-                str(path),
-                meta,
-                own,
-                self._durable,
-                None,
-                self._threads,
-                self._checksums,
-                write_files,
-                remove_files,
-            )
+            self._pending = _start(flat, str(path), options, own, write_files, remove_files)
             return self._pending
-        _C.save(flat, str(path), meta, self._durable, None, self._threads, own, self._checksums)
+        _C.save(flat, str(path), options, own)
         # `latest` and retention only once the committed file reopens and its header checks
         # (the structure was checked by the loader's decoder before the save).
         _C.after_commit(write_files, remove_files, self._durable, str(path))

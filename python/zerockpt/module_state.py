@@ -18,17 +18,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zerockpt import _C, _progress, sharded
-from zerockpt.serialization import (
-    PathLike,
-    _fspath,
-    _rebuild,
-    _staging_bytes,
-    _threads,
-    _warn_unverified,
-    decode_state_dict_metadata,
-    load,
-)
+from zerockpt import _C, _args, _progress, _state, sharded
+from zerockpt._args import PathLike
+from zerockpt.serialization import load
 from zerockpt.structure import STRUCTURE_KEY
 
 _STATE_DICT_POSITIONAL_WARNING = (
@@ -117,14 +109,14 @@ def _load_sharded(
 ) -> Mapping[str, Any]:
     """The state dict a sharded checkpoint describes (views of the shards' mappings)."""
     tensors, unchecked = sharded.load_shards(
-        index, mmap=True, threads=_threads(threads), verify=bool(verify)
+        index, mmap=True, threads=_args.threads(threads), verify=bool(verify)
     )
     if verify and unchecked:
         sharded.warn_unverified(index, unchecked, stacklevel=3)  # the caller of load_state_dict
     own = index.own_metadata()
     if STRUCTURE_KEY in own:  # nested training state: its flat names, as from a single file
         return tensors
-    out: Mapping[str, Any] = _rebuild(tensors, own, index.path)
+    out: Mapping[str, Any] = _state.rebuild(tensors, own, index.path)
     return out
 
 
@@ -202,22 +194,24 @@ def load_state_dict(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")
-    staging = _staging_bytes(staging_bytes)
+    staging = _args.staging_bytes(staging_bytes)
     file: _C._File | None = None
     mapping: Mapping[str, Any] | None = None
     if isinstance(source, str | os.PathLike):
-        target = sharded.resolve(_fspath(source))
+        target = sharded.resolve(_args.fspath(source))
         if isinstance(target, sharded.ShardIndex):
             mapping = _load_sharded(target, threads, verify)
             metadata = getattr(mapping, "_metadata", None)
         else:
             file = _C._File(target)
             if verify:
-                has_checksums, _ = file.verify(_threads(threads), True)
+                has_checksums, _ = file.verify(_args.threads(threads), True)
                 if not has_checksums:
-                    _warn_unverified(file.path)
+                    _state.warn_unverified(file.path)
             stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
-            metadata = None if stored is None else decode_state_dict_metadata(stored, file.path)
+            metadata = (
+                None if stored is None else _state.decode_state_dict_metadata(stored, file.path)
+            )
     elif isinstance(source, Mapping):
         if verify:
             raise ValueError("verify=True needs a file to check: source is a mapping of tensors")
@@ -240,7 +234,7 @@ def load_state_dict(
         mapping = copied
     if progress:
         if file is not None:
-            total = sharded.stored_bytes(file)
+            total = _progress.stored_bytes(file)
             description = _progress.label("Loading", file.path)
         else:
             assert mapping is not None
@@ -253,11 +247,12 @@ def load_state_dict(
     else:
         total, description = 0, ""
     source_mapping = mapping
+    options = _args.load_options(threads=_args.threads(threads), staging_bytes=staging)
     result = _progress.run(
         progress,
         description,
         lambda counter: _C.load_state_dict(
-            module, source_mapping, metadata, assign, file, _threads(threads), counter, staging
+            module, source_mapping, metadata, assign, file, options, counter
         ),
         total=total,
     )
