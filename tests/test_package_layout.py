@@ -13,7 +13,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 import zerockpt
 
 PACKAGE_DIR = Path(zerockpt.__file__).resolve().parent

@@ -24,7 +24,8 @@ _T = TypeVar("_T")
 POLL_SECONDS = 0.1
 
 
-def _tqdm() -> Any:
+def tqdm_class() -> Any:
+    """tqdm.auto.tqdm; ImportError saying what to install when it is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -92,7 +93,7 @@ def run(
     counter = _C.Progress(total)
     if not enabled:
         return work(counter)
-    tqdm = _tqdm()
+    tqdm = tqdm_class()
     with tqdm(
         desc=description,
         total=total or None,

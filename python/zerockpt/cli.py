@@ -15,6 +15,7 @@ loaded with ``torch.load(weights_only=True)``: nothing is ever unpickled beyond 
 Exit status: 0 when everything is fine, 1 when a command fails (a bad or corrupted checkpoint, a
 missing file, a destination that exists), 2 for a bad command line. Failures print one line,
 ``zerockpt: error: <message>``, on stderr; ``--debug`` raises the exception instead (traceback).
+Any other exception is a bug in zerockpt: its traceback is printed, with a request to report it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import stat
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
@@ -39,7 +41,7 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 import zerockpt
-from zerockpt import _C, sharded
+from zerockpt import _C, _progress, sharded
 from zerockpt.structure import STRUCTURE_KEY
 
 __all__ = ["build_parser", "main"]
@@ -65,8 +67,8 @@ class CommandError(Exception):
     """A failure that the command line reports as one line (exit status 1)."""
 
 
-class UsageError(Exception):
-    """A bad command line (exit status 2)."""
+class UsageError(ValueError):
+    """A bad command line or option, of any command, ``bench`` included (exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,6 +171,19 @@ def _describe(error: BaseException) -> str:
         text = f"{' -> '.join(where)}: {error.strerror}" if where else error.strerror
         return _one_line(text)
     return _one_line(str(error)) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _refused_data() -> Iterator[None]:
+    """Runs a zerockpt call on the data of the user's checkpoint: the TypeError or ValueError
+    it raises for data it cannot store or represent (an object that is not a tensor, a dtype
+    torch lacks, overlapping views) is that checkpoint's fault, reported as one line."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if isinstance(e, zerockpt.FormatError | UsageError):
+            raise
+        raise CommandError(_one_line(str(e)) or type(e).__name__) from e
 
 
 def _error_line(message: str, stream: TextIO | None = None) -> None:
@@ -832,6 +847,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if args.progress is not None
         else sys.stderr.isatty() and source_bytes > _PROGRESS_AUTO_BYTES
     )
+    if show:
+        try:
+            _progress.tqdm_class()
+        except ImportError as e:  # the bar needs tqdm: say what to install, in one line
+            raise CommandError(str(e)) from e
     start = time.perf_counter()
     # A file that a sharded checkpoint replaces stays until the new one is complete.
     target = (
@@ -847,12 +867,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if src_kind == "dcp":
             count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
         else:
-            state = _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
+            with _refused_data():
+                state = (
+                    _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
+                )
             count, nbytes = _tensor_stats(state)
             if dst_kind == "torch":
                 _torch_save(state, target)
             else:
-                zerockpt.save(state, target, max_shard_size=args.max_shard_size, progress=show)
+                with _refused_data():
+                    zerockpt.save(state, target, max_shard_size=args.max_shard_size, progress=show)
             del state
         if swap:
             _swap_in_directory(target, args.dst)
@@ -1049,16 +1073,20 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-# Errors reported as one line (the rest are bugs, and keep their traceback).
-_EXPECTED_ERRORS = (
-    CommandError,
-    OSError,
-    ImportError,  # --progress without tqdm
-    ValueError,  # zerockpt.FormatError and ChecksumError included
-    TypeError,
-    RuntimeError,
-    EOFError,
-)
+# Errors reported as one line: the command line's own, zerockpt's (a bad or corrupted file;
+# ChecksumError is a FormatError) and the system's. Anything else is a bug, see _report_bug.
+_EXPECTED_ERRORS = (CommandError, zerockpt.FormatError, OSError)
+
+BUG_REPORT = "this is a bug in zerockpt; please report it with the traceback above"
+
+
+def _report_bug(error: BaseException) -> None:
+    """Prints the traceback of an unexpected error (escaped, as it may quote names from a
+    file), then asks for a report."""
+    for chunk in traceback.format_exception(error):
+        for line in chunk.rstrip("\n").split("\n"):
+            _emit(line, sys.stderr)
+    _error_line(BUG_REPORT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1107,5 +1135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _error_line(_describe(e))
+        return EXIT_FAILURE
+    except Exception as e:
+        if args.debug:
+            raise
+        _report_bug(e)
         return EXIT_FAILURE
     return int(status)
