@@ -127,11 +127,12 @@ def rebuild(tensors: dict[str, torch.Tensor], own: Mapping[str, str], where: str
     return out
 
 
-def warn_unverified(path: str) -> None:
-    """Warns the caller of ``load`` or ``load_state_dict`` that ``verify`` checked nothing."""
+def warn_unverified(path: str, stacklevel: int = 3) -> None:
+    """Warns that ``verify`` checked nothing in ``path``; the default ``stacklevel`` names the
+    caller of the function that calls this."""
     warnings.warn(
         f"{path}: the file stores no checksums (not written by zerockpt, or with "
         "checksums=False); nothing was verified",
         UserWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )

@@ -971,47 +971,38 @@ def _max_shard_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
-    """The ``zerockpt`` argument parser.
+# Where the commands that read a checkpoint accept it.
+_PATHS_HELP = (
+    "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
+    f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+)
 
-    Args:
-        configure_bench: Import ``zerockpt.bench`` to set up the ``bench`` subcommand's own
-            arguments (only needed to run it or show its help).
 
-    Returns:
-        The parser; parsed arguments carry ``handler(args) -> int`` and ``debug``.
-    """
-    parser = _Parser(
-        prog=PROG,
-        description="Inspect, convert and verify zerockpt / safetensors checkpoints.",
-        epilog="Exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.",
+def _add_command(
+    subparsers: Any, name: str, help_text: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand's parser, which also takes ``--debug`` after the command."""
+    sub: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help_text, description=description
     )
-    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
-    parser.add_argument("--version", action="version", version=f"{PROG} {zerockpt.__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = subparsers.add_parser(
-            name, help=help_text, description=description
-        )
-        # Accepted after the command too; SUPPRESS keeps a --debug given before it.
-        sub.add_argument(
-            "--debug",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="raise errors with their traceback",
-        )
-        return sub
-
-    paths = (
-        "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
-        f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+    # Accepted after the command too; SUPPRESS keeps a --debug given before it.
+    sub.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="raise errors with their traceback",
     )
-    inspect = add(
+    return sub
+
+
+def _add_inspect(subparsers: Any) -> None:
+    """Adds ``inspect``."""
+    inspect = _add_command(
+        subparsers,
         "inspect",
         "show a checkpoint's tensors, metadata, aliases and checksums",
         "Show a checkpoint's tensors (name, dtype, shape, size), totals, metadata, tied tensors "
-        "and whether checksums are stored. " + paths,
+        "and whether checksums are stored. " + _PATHS_HELP,
     )
     inspect.add_argument("path", metavar="PATH")
     inspect.add_argument("--json", action="store_true", help="print one JSON document")
@@ -1020,7 +1011,11 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     )
     inspect.set_defaults(handler=_cmd_inspect)
 
-    convert = add(
+
+def _add_convert(subparsers: Any) -> None:
+    """Adds ``convert``."""
+    convert = _add_command(
+        subparsers,
         "convert",
         "convert between torch.save and zerockpt checkpoints",
         "Convert SRC to DST. SRC: a torch.save checkpoint (loaded with weights_only=True), a "
@@ -1048,12 +1043,16 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     )
     convert.set_defaults(handler=_cmd_convert)
 
-    verify = add(
+
+def _add_verify(subparsers: Any) -> None:
+    """Adds ``verify``."""
+    verify = _add_command(
+        subparsers,
         "verify",
         "check a checkpoint's structure and CRC-32C checksums",
         "Check a checkpoint's structure and every tensor's CRC-32C checksum. Exit status 0 when "
         "everything matches (or no checksums are stored), 1 listing the tensors that fail. "
-        + paths,
+        + _PATHS_HELP,
     )
     verify.add_argument("path", metavar="PATH")
     verify.add_argument("--json", action="store_true", help="print one JSON document")
@@ -1064,6 +1063,29 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     )
     verify.set_defaults(handler=_cmd_verify)
 
+
+def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
+    """The ``zerockpt`` argument parser.
+
+    Args:
+        configure_bench: Import ``zerockpt.bench`` to set up the ``bench`` subcommand's own
+            arguments (only needed to run it or show its help).
+
+    Returns:
+        The parser; parsed arguments carry ``handler(args) -> int`` and ``debug``.
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="Inspect, convert and verify zerockpt / safetensors checkpoints.",
+        epilog="Exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.",
+    )
+    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
+    parser.add_argument("--version", action="version", version=f"{PROG} {zerockpt.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_inspect(subparsers)
+    _add_convert(subparsers)
+    _add_verify(subparsers)
     _add_bench_parser(subparsers, configure_bench)
     return parser
 
