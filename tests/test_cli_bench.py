@@ -370,7 +370,7 @@ def test_a_bug_in_bench_asks_for_a_report(
         raise RuntimeError("internal")
 
     monkeypatch.setattr(bench, "measure", broken)
-    status, out, err = _run([*TINY, "--dir", str(tmp_path)], capsys)
+    status, _, err = _run([*TINY, "--dir", str(tmp_path)], capsys)
     assert status == 1
     assert err.splitlines()[-1] == f"zerockpt: error: {cli.BUG_REPORT}"
     assert "RuntimeError: internal" in err

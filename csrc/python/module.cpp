@@ -224,7 +224,8 @@ void bind_async(py::module_& m) {
       },
       py::arg("tensors"));
   m.def("save_async", &save_async_binding, py::arg("tensors"), py::arg("path"), py::arg("options"),
-        py::arg("own_metadata") = py::none(), py::arg("write_files") = std::vector<std::pair<std::string, std::string>>(),
+        py::arg("own_metadata") = py::none(),
+        py::arg("write_files") = std::vector<std::pair<std::string, std::string>>(),
         py::arg("remove_files") = std::vector<std::string>());
   // Releases GIL.
   m.def(
@@ -453,8 +454,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("default_threads", &default_threads);
   m.def("state_dict",
         static_cast<py::object (*)(py::handle, py::object, py::str, py::object)>(&state_dict),
-        py::arg("module"), py::arg("destination"), py::arg("prefix"),
-        py::arg("keep_vars"));
+        py::arg("module"), py::arg("destination"), py::arg("prefix"), py::arg("keep_vars"));
   // `options`: threads and staging_bytes (a file is read straight into the parameters).
   m.def(
       "load_state_dict",
@@ -465,8 +465,8 @@ PYBIND11_MODULE(_C, m) {
                                std::move(assign), std::move(file), options.threads,
                                std::move(progress), options.staging_bytes);
       },
-      py::arg("module"), py::arg("source"), py::arg("metadata"), py::arg("assign"),
-      py::arg("file"), py::arg("options"), py::arg("progress") = nullptr);
+      py::arg("module"), py::arg("source"), py::arg("metadata"), py::arg("assign"), py::arg("file"),
+      py::arg("options"), py::arg("progress") = nullptr);
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("RESERVED_PREFIX") = kReservedPrefix;
   m.attr("STATE_DICT_METADATA_KEY") = kStateDictMetadataKey;

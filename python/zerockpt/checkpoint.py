@@ -189,6 +189,10 @@ def save_async(
     When the interpreter exits, it waits for the save in flight to finish; a failure that was
     never asked for is printed on stderr then.
 
+    :func:`save`'s ``progress`` and ``staging_bytes`` do not apply: this returns once the
+    snapshot is taken, before the bytes a progress bar would count are written, and the
+    snapshot is one buffer of the whole state rather than a bounded pool of staging chunks.
+
     >>> pending = zerockpt.save_async({"model": model.state_dict(), "step": 7}, "ckpt.safetensors")
     >>> optimizer.step()  # safe: the snapshot is already taken
     >>> pending.result()  # raises if the write failed

@@ -278,7 +278,7 @@ def load(
         )
         if verify and not has_checksums:
             _state.warn_unverified(where)
-    return _state.rebuild(tensors, own, where)
+    return _state.rebuild(tensors, own, where)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
