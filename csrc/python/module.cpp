@@ -65,6 +65,10 @@ NamedTensors named_tensors_from_dict(py::dict tensors) {
 Metadata metadata_from_dict(const py::object& metadata) {
   Metadata out;
   if (metadata.is_none()) return out;
+  if (!PyDict_Check(metadata.ptr())) {
+    throw py::type_error("metadata must be a dict of str to str or None, got " +
+                         std::string(Py_TYPE(metadata.ptr())->tp_name));
+  }
   for (auto item : py::reinterpret_borrow<py::dict>(metadata)) {
     if (!PyUnicode_Check(item.first.ptr()) || !PyUnicode_Check(item.second.ptr())) {
       throw py::type_error("metadata must map str to str, got " + key_repr(item.first.ptr()) +
@@ -108,7 +112,7 @@ void bind_options(py::module_& m) {
       .def_readwrite("direct_io", &SaveOptions::direct_io)
       .def_readwrite("threads", &SaveOptions::threads)
       .def_readwrite("checksums", &SaveOptions::checksums)
-      // A dict of str to str (None: none); other types are a TypeError naming the entry.
+      // A dict of str to str (None: none); anything else is a TypeError naming the entry.
       .def_property(
           "metadata", [](const SaveOptions& o) { return metadata_to_dict(o.metadata); },
           [](SaveOptions& o, const py::object& metadata) {
@@ -148,7 +152,8 @@ SaveArgs save_args(py::dict tensors, const SaveOptions& options, py::object own_
 // Requires GIL for conversion; releases GIL for the write, taking it between chunks to check
 // for Ctrl-C. `own` holds zerockpt's reserved metadata entries (each key must start with
 // kReservedPrefix).
-void save_binding(py::dict tensors, const std::string& path, const SaveOptions& options,
+// `options` is a copy: another thread may change the Python object while the GIL is released.
+void save_binding(py::dict tensors, const std::string& path, SaveOptions options,
                   py::object own_metadata, std::shared_ptr<Progress> progress) {
   interruptible(std::move(progress), [&](Progress* counter) {
     SaveArgs args = save_args(tensors, options, own_metadata, counter);
@@ -167,7 +172,7 @@ void save_binding(py::dict tensors, const std::string& path, const SaveOptions& 
 // counter would count are written; no staging_bytes: the snapshot is one buffer of the whole
 // state, not a bounded pool of chunks.
 std::shared_ptr<PendingSave> save_async_binding(
-    py::dict tensors, const std::string& path, const SaveOptions& options, py::object own_metadata,
+    py::dict tensors, const std::string& path, SaveOptions options, py::object own_metadata,
     std::vector<std::pair<std::string, std::string>> write_files,
     std::vector<std::string> remove_files) {
   SaveArgs args = save_args(tensors, options, own_metadata);
@@ -266,7 +271,7 @@ void bind_async(py::module_& m) {
 // (kReservedPrefix keys) and whether the file stores checksums. With a device other than the
 // CPU (or the CPU while the staging testing aid is on), the tensors are new tensors there,
 // filled through staging.
-py::tuple load_binding(const std::string& path, const LoadOptions& options,
+py::tuple load_binding(const std::string& path, LoadOptions options,
                        std::shared_ptr<Progress> progress) {
   NamedTensors loaded;
   Metadata own;

@@ -865,7 +865,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     )
     try:
         if src_kind == "dcp":
-            count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
+            with _refused_data():
+                count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
         else:
             with _refused_data():
                 state = (
