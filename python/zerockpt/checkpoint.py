@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import sys
 import threading
 import time
@@ -14,9 +13,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zerockpt import _C, _args, _state
+from zerockpt import _C, _args, _state, _steps
 from zerockpt._args import PathLike
-from zerockpt._smallfile import MAX_POINTER_BYTES, read_small_file
 from zerockpt._state import SaveInput
 from zerockpt.serialization import load
 
@@ -268,28 +266,6 @@ atexit.register(_finish_pending_saves)
 os.register_at_fork(after_in_child=_forget_parent_saves)
 
 
-_STEP_FILE = re.compile(r"step_([0-9]+)\.safetensors")
-
-
-def _step_of(name: str) -> int | None:
-    """The step of a checkpoint file name, exactly as :meth:`Checkpointer.path` spells it."""
-    match = _STEP_FILE.fullmatch(name)
-    if match is None:
-        return None
-    step = int(match.group(1))
-    return step if name == _file_name(step) else None
-
-
-def _file_name(step: int) -> str:
-    return f"step_{step:08d}.safetensors"
-
-
-def _check_step(step: int) -> int:
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    return step
-
-
 class Checkpointer:
     """Step-numbered checkpoints in one directory, for training loops.
 
@@ -338,10 +314,7 @@ class Checkpointer:
         checksums: bool = True,
         threads: int | None = None,
     ) -> None:
-        if keep_last is not None and (
-            not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
-        ):
-            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        _steps.check_keep_last(keep_last)
         self._directory = Path(_args.fspath(directory))
         self._directory.mkdir(parents=True, exist_ok=True)
         self._keep_last = keep_last
@@ -367,7 +340,7 @@ class Checkpointer:
         Raises:
             ValueError: ``step`` is not a non-negative int.
         """
-        return self._directory / _file_name(_check_step(step))
+        return self._directory / _steps.file_name(_steps.check_step(step))
 
     def steps(self) -> list[int]:
         """Lists the steps that have a checkpoint file in the directory.
@@ -380,7 +353,7 @@ class Checkpointer:
         """
         found = []
         for entry in os.scandir(self._directory):
-            step = _step_of(entry.name)
+            step = _steps.step_of(entry.name)
             if step is not None and entry.is_file():
                 found.append(step)
         return sorted(found)
@@ -541,16 +514,8 @@ class Checkpointer:
         return f"Checkpointer({str(self._directory)!r}, keep_last={self._keep_last})"
 
     def _pointer_step(self) -> int | None:
-        where = str(self._directory / self.POINTER)
-        try:
-            text = read_small_file(where, MAX_POINTER_BYTES, "pointer").decode("utf-8").strip()
-        except (OSError, ValueError):  # FormatError, UnicodeDecodeError: not a pointer
-            return None
-        return _step_of(text)
+        return _steps.pointer_step(str(self._directory / self.POINTER))
 
     def _to_remove(self, step: int) -> list[int]:
         """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
-        if self._keep_last is None:
-            return []
-        others = sorted((s for s in self.steps() if s != step), reverse=True)
-        return others[self._keep_last - 1 :]
+        return _steps.retired(self.steps(), step, self._keep_last)
