@@ -55,9 +55,10 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from zerockpt import _C
+from zerockpt import _C, _args
+from zerockpt._args import PathLike
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
-from zerockpt.serialization import PathLike, VerifyResult, _fspath, _threads
+from zerockpt.serialization import VerifyResult
 from zerockpt.serialization import verify as verify_file
 from zerockpt.structure import flatten, unflatten
 
@@ -162,10 +163,10 @@ class Writer(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = Path(_fspath(path))
+        self.path = Path(_args.fspath(path))
         self.durable = bool(durable)
         self.checksums = bool(checksums)
-        self.threads = _threads(threads)
+        self.threads = _args.threads(threads)
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = False
         self.rank: int | None = None
@@ -174,7 +175,7 @@ class Writer(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Starts a new save (DCP hook): a given ``checkpoint_id`` becomes the directory."""
         if checkpoint_id:
-            self.path = Path(_fspath(checkpoint_id))
+            self.path = Path(_args.fspath(checkpoint_id))
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -250,12 +251,13 @@ class Writer(StorageWriter):
         path = str(self.path / file_name)
         own = {}  # marks the file as a DCP rank file for tools
         own["zerockpt.dcp"] = json.dumps({"save_id": self.save_id})
+        options = _args.save_options(
+            durable=self.durable, threads=self.threads, checksums=self.checksums
+        )
         if all(t.device.type == "cpu" for t in tensors.values()):
-            _C.save(tensors, path, None, self.durable, None, self.threads, own, self.checksums)
+            _C.save(tensors, path, options, own)
         else:  # through pinned host memory: the snapshot path of save_async
-            _C.save_async(
-                tensors, path, None, self.durable, None, self.threads, own, self.checksums
-            ).result()
+            _C.save_async(tensors, path, options, own).result()
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -318,10 +320,10 @@ class Reader(StorageReader):
         allow_pickle: bool = False,
     ) -> None:
         super().__init__()
-        self.path = Path(_fspath(path))
+        self.path = Path(_args.fspath(path))
         self.allow_pickle = bool(allow_pickle)
         self.verify = bool(verify)
-        self.threads = _threads(threads) or _C.default_threads()
+        self.threads = _args.threads(threads) or _C.default_threads()
         self.storage_data: dict[MetadataIndex, _Location] = {}
         self.metadata: Metadata | None = None
         self.rank: int | None = None
@@ -332,7 +334,7 @@ class Reader(StorageReader):
         """Starts a new load (DCP hook): a given ``checkpoint_id`` becomes the directory."""
         self.storage_data = {}
         if checkpoint_id:
-            self.path = Path(_fspath(checkpoint_id))
+            self.path = Path(_args.fspath(checkpoint_id))
         self.load_id = uuid.uuid4().hex
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -757,7 +759,7 @@ def describe(checkpoint: PathLike, *, trusted: bool = False) -> dict[str, Any]:
         OSError: A file cannot be opened or read (errno and filename set).
         TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
     """
-    root = _fspath(checkpoint)
+    root = _args.fspath(checkpoint)
     directory = Path(root)
     if _is_native(directory):
         return _describe_native(root, _read_native_metadata(directory, trusted))
@@ -885,7 +887,7 @@ def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
         OSError: A file is missing or unreadable (errno and filename set).
         TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
     """
-    directory = Path(_fspath(checkpoint))
+    directory = Path(_args.fspath(checkpoint))
     if _is_native(directory):
         metadata = _read_native_metadata(directory, trusted)  # checks the structure
         return VerifyResult(str(directory), False, len(metadata.storage_data), ())
@@ -975,8 +977,8 @@ def to_file(
     """
     from zerockpt.serialization import save
 
-    directory = Path(_fspath(checkpoint))
-    dest = Path(_fspath(destination))
+    directory = Path(_args.fspath(checkpoint))
+    dest = Path(_args.fspath(destination))
     native = _is_native(directory)
     metadata = (
         _read_native_metadata(directory, trusted) if native else Reader(directory).read_metadata()
