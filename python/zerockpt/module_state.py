@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zerockpt import _C, _progress, sharded
+from zerockpt import _C, _progress, _torchfile, sharded
 from zerockpt.serialization import (
     PathLike,
     _fspath,
@@ -211,7 +211,8 @@ def load_state_dict(
             mapping = _load_sharded(target, threads, verify)
             metadata = getattr(mapping, "_metadata", None)
         else:
-            file = _C._File(target)
+            with _torchfile.explained(target):
+                file = _C._File(target)
             if verify:
                 has_checksums, _ = file.verify(_threads(threads), True)
                 if not has_checksums:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerockpt import _C, _progress, sharded
+from zerockpt import _C, _progress, _torchfile, sharded
 from zerockpt.structure import (
     STRUCTURE_KEY,
     encode_metadata,
@@ -410,13 +410,14 @@ def load(
             sharded.warn_unverified(index, unchecked, stacklevel=2)
     else:
         where = target
-        tensors, own, has_checksums = _progress.run(
-            progress,
-            _progress.label("Loading", where),
-            lambda counter: _C.load(
-                where, bool(mmap), _threads(threads), bool(verify), counter, to, staging
-            ),
-        )
+        with _torchfile.explained(where):
+            tensors, own, has_checksums = _progress.run(
+                progress,
+                _progress.label("Loading", where),
+                lambda counter: _C.load(
+                    where, bool(mmap), _threads(threads), bool(verify), counter, to, staging
+                ),
+            )
         if verify and not has_checksums:
             _warn_unverified(where)
     return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
@@ -525,7 +526,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
             position = {shard: i for i, shard in enumerate(target.shards)}
             self._shard_of = {name: position[s] for name, s in target.weight_map.items()}
         else:
-            file = _C._File(target)
+            with _torchfile.explained(target):
+                file = _C._File(target)
             self._files = [file]
             self._path = file.path
             self._keys = file.keys()

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from zerockpt import _C
+from zerockpt import _C, _torchfile
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -384,9 +384,10 @@ def load_shards(
         workers, per_shard = 1, threads
 
     def load_one(shard: str) -> tuple[dict[str, torch.Tensor], bool]:
-        tensors, own, has_checksums = _C.load(
-            index.shard_path(shard), mmap, per_shard, verify, progress, device, staging_bytes
-        )
+        with _torchfile.explained(index.shard_path(shard)):
+            tensors, own, has_checksums = _C.load(
+                index.shard_path(shard), mmap, per_shard, verify, progress, device, staging_bytes
+            )
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
 
@@ -407,7 +408,8 @@ def open_shards(index: ShardIndex) -> list[_C._File]:
     workers, _ = thread_budget(0, len(index.shards))
 
     def open_one(shard: str) -> _C._File:
-        f = _C._File(index.shard_path(shard))
+        with _torchfile.explained(index.shard_path(shard)):
+            f = _C._File(index.shard_path(shard))
         check_shard(index, shard, f.keys(), f.metadata())
         return f
 
