@@ -10,6 +10,9 @@ private memory mapping.
 torch.Size([2, 3])
 """
 
+import importlib
+from typing import Any
+
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 # A clear ImportError when the installed torch is not the one _C was built for, then loads _C.
@@ -45,3 +48,17 @@ __all__ = [
     "verify",
 ]
 __version__ = "0.1.0"
+
+# Submodules imported on first use, so that ``import zerockpt`` stays free of
+# torch.distributed.checkpoint: ``zerockpt.dcp.Writer`` works without ``import zerockpt.dcp``.
+_LAZY_SUBMODULES = ("dcp",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

@@ -8,10 +8,16 @@ file's first bytes and, for a zip archive, its list of member names are read.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import stat
+import sys
+import warnings
 import zipfile
 from collections.abc import Iterator
+from typing import Any
+
+import torch
 
 from zerockpt import _C
 
@@ -131,3 +137,68 @@ def explained(path: str) -> Iterator[None]:
         if kind is None:
             raise
         raise _C.FormatError(describe(path, kind)) from e
+
+
+# Globals that plain training state pickles and that ``zerockpt convert`` lets
+# ``torch.load(weights_only=True)`` build (torch allows few by default): numpy arrays, dtypes and
+# scalars (numpy RNG state, Hugging Face Trainer's rng_state.pth), argparse.Namespace and
+# Lightning's AttributeDict (hyperparameters). Each is plain data that zerockpt stores without
+# pickle; anything else stays refused by torch.load.
+_DATA_GLOBALS = frozenset(
+    {
+        "argparse.Namespace",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "lightning.fabric.utilities.data.AttributeDict",
+        "lightning_fabric.utilities.data.AttributeDict",
+        "pytorch_lightning.utilities.parsing.AttributeDict",
+    }
+)
+
+
+def _resolve_global(name: str) -> object | None:
+    """The object a pickled global names, if it is plain data to allow (and importable)."""
+    module_name, _, attribute = name.rpartition(".")
+    numpy_dtype_class = module_name == "numpy.dtypes"  # e.g. numpy.dtypes.UInt32DType
+    if name not in _DATA_GLOBALS and not numpy_dtype_class:
+        return None
+    try:
+        with warnings.catch_warnings():  # numpy 2 warns on its numpy.core alias
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = importlib.import_module(module_name)
+    except ImportError:
+        return None  # torch.load then names it as unsupported
+    value = getattr(module, attribute, None)
+    if numpy_dtype_class:
+        np = sys.modules.get("numpy")
+        if np is None or not (isinstance(value, type) and issubclass(value, np.dtype)):
+            return None
+    return value
+
+
+def data_globals(path: str) -> list[Any]:
+    """The plain-data globals (see ``_DATA_GLOBALS``) a ``torch.save`` file references.
+
+    For ``torch.serialization.safe_globals`` around ``torch.load(path, weights_only=True)``.
+    Reading the list disassembles the pickle; it runs nothing.
+    """
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError):  # legacy format, or one torch.load reports
+        return []
+    found = [value for value in map(_resolve_global, names) if value is not None]
+    np = sys.modules.get("numpy")
+    if np is not None and np.dtype in found:
+        # A dtype's class (numpy.dtypes.Float32DType...) is built while unpickling, not named
+        # as a global: allow all of them with numpy.dtype itself.
+        dtypes = importlib.import_module("numpy.dtypes")
+        found += [
+            value
+            for value in vars(dtypes).values()
+            if isinstance(value, type) and issubclass(value, np.dtype)
+        ]
+    return found

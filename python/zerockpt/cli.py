@@ -686,18 +686,19 @@ def _load_torch(path: str) -> Any:
     with open(path, "rb") as f:
         zipped = f.read(4) == _torchfile.ZIP_MAGIC  # only the zip format can be mapped
     try:
-        return torch.load(path, weights_only=True, mmap=zipped, map_location="cpu")
+        with torch.serialization.safe_globals(_torchfile.data_globals(path)):
+            return torch.load(path, weights_only=True, mmap=zipped, map_location="cpu")
     except Exception as e:
         # torch.load reports a file it cannot read with pickle's UnpicklingError (an object
         # weights_only refuses; this package never imports pickle), RuntimeError (a bad zip
         # archive), EOFError and more: any of them means this file cannot be converted.
         # --debug shows the original exception as the cause.
         text = str(e)
-        refused = next(
-            (line.strip() for line in text.splitlines() if "WeightsUnpickler error:" in line), None
-        )
-        if refused is not None:
-            detail = refused.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        _, marker, after = text.partition("WeightsUnpickler error:")
+        if marker:
+            # The reason follows the marker, on its line or (newer torch) on the next ones.
+            detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
+            detail = detail.split(". ")[0]
             raise CommandError(
                 f"{path}: torch.load(weights_only=True) refuses it ({detail}); zerockpt converts "
                 "only checkpoints of tensors and plain Python data"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerockpt import _C, _progress, _torchfile, sharded
+from zerockpt import _C, _destination, _progress, _torchfile, sharded
 from zerockpt.structure import (
     STRUCTURE_KEY,
     encode_metadata,
@@ -145,6 +145,7 @@ def save(
     max_shard_size: int | str | None = None,
     progress: bool = False,
     staging_bytes: int | None = None,
+    makedirs: bool = False,
 ) -> None:
     """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
 
@@ -191,7 +192,7 @@ def save(
         tensors: Names to tensors (CPU or accelerator), any dtype the safetensors format names,
             any strides; an ``nn.Module``, saved as its state dict; or nested training state
             as above.
-        path: Destination file. Its directory must exist.
+        path: Destination file. Its directory must exist, unless ``makedirs``.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
         durable: fsync the file and its directory before returning, so the checkpoint survives
@@ -211,6 +212,8 @@ def save(
             chunks (KeyboardInterrupt): nothing is committed.
         staging_bytes: Pinned host memory for copying accelerator tensors, in 8 MiB chunks;
             default 256 MiB (less when the tensors are smaller). Unused for CPU tensors.
+        makedirs: Create the missing directories above ``path`` (fsynced when ``durable``).
+            A sharded save always creates its directory and those above it.
 
     Raises:
         ImportError: ``progress=True`` and tqdm is not installed.
@@ -222,6 +225,8 @@ def save(
             ``staging_bytes`` is under 8 MiB, ``threads`` is not a positive int,
             ``max_shard_size`` is not a size, or ``path`` is an existing file while
             ``max_shard_size`` is given.
+        FileNotFoundError: The directory to write into does not exist (``filename`` is that
+            directory) and ``makedirs`` is false.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
@@ -252,6 +257,7 @@ def save(
             total=_progress.unique_nbytes(flat.values()),
         )
         return
+    _destination.make_parent(where, makedirs=bool(makedirs), durable=bool(durable))
     _progress.run(
         progress,
         description,
@@ -314,15 +320,52 @@ def _check_utf8(text: str, what: str) -> None:
         ) from None
 
 
+def _torch_load_device(
+    device: str | torch.device | int | None, map_location: object
+) -> str | torch.device | int:
+    """``device``, or torch.load's ``map_location`` in its place; TypeError/ValueError if both
+    disagree or ``map_location`` is not one device."""
+    if map_location is None:
+        return "cpu" if device is None else device
+    if not isinstance(map_location, str | torch.device):
+        raise TypeError(
+            "map_location: zerockpt.load takes only a str or torch.device (the device every "
+            f"tensor goes to), got {type(map_location).__name__}. A safetensors file records no "
+            "device to remap from: pass the target device (map_location='cuda:0'), or move "
+            "tensors after loading"
+        )
+    if device is not None and torch.device(device) != torch.device(map_location):
+        raise ValueError(
+            f"device={device!r} and map_location={map_location!r} disagree; map_location is "
+            "torch.load's name for device: give one of them"
+        )
+    return map_location
+
+
+def _check_weights_only(weights_only: bool | None) -> None:
+    """torch.load's ``weights_only``: True is what zerockpt always does; False cannot be."""
+    if weights_only is None or weights_only is True:
+        return
+    if weights_only is not False:
+        raise TypeError(f"weights_only must be a bool, got {type(weights_only).__name__}")
+    raise ValueError(
+        "weights_only=False: zerockpt never unpickles, so there is no unrestricted mode to "
+        "turn on; files hold tensors and a JSON description of the structure. Load a "
+        "torch.save checkpoint with torch.load, or convert it once with 'zerockpt convert'"
+    )
+
+
 def load(
     path: PathLike,
     *,
-    device: str | torch.device | int = "cpu",
+    device: str | torch.device | int | None = None,
     mmap: bool = True,
     threads: int | None = None,
     verify: bool = False,
     progress: bool = False,
     staging_bytes: int | None = None,
+    map_location: str | torch.device | None = None,
+    weights_only: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loads every tensor of a safetensors file or sharded checkpoint, in the order they were saved.
 
@@ -361,6 +404,11 @@ def load(
             so its bar is full at once.
         staging_bytes: Pinned host memory for copying to an accelerator, in 8 MiB chunks;
             default 256 MiB (less for smaller files).
+        map_location: torch.load's name for ``device``: a str or ``torch.device`` (not a dict
+            or callable: the file records no device to remap from).
+        weights_only: Accepted for torch.load habits: True changes nothing, since nothing is
+            ever unpickled; False is refused (ValueError), as zerockpt has no mode that runs
+            a file's code.
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
@@ -376,15 +424,17 @@ def load(
             or an index is malformed or does not match its shards (the message names it).
         OSError: The file, or a shard an index lists, cannot be opened or read (errno and
             filename set); a directory holds neither an index nor ``model.safetensors``.
-        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str or
-            ``os.PathLike``.
-        ValueError: ``device`` is the meta device, ``threads`` is not a positive int, or
-            ``staging_bytes`` is under 8 MiB.
+        TypeError: A stored dtype has no torch equivalent, ``path`` is not a str or
+            ``os.PathLike``, or ``map_location`` is not a str or ``torch.device``.
+        ValueError: ``device`` is the meta device, ``threads`` is not a positive int,
+            ``staging_bytes`` is under 8 MiB, ``device`` and ``map_location`` disagree, or
+            ``weights_only=False`` (TypeError if it is not a bool).
         RuntimeError: ``device`` is not available (AssertionError where torch is not built
             for it, as torch itself raises).
         ImportError: ``progress=True`` and tqdm is not installed.
     """
-    to = _load_device(device)
+    _check_weights_only(weights_only)
+    to = _load_device(_torch_load_device(device, map_location))
     staging = _staging_bytes(staging_bytes)
     target = sharded.resolve(_fspath(path))
     where: str

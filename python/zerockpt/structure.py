@@ -454,9 +454,9 @@ def _build_torch_value(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]
         dtype = getattr(torch, body, None) if body.isidentifier() else None
         if isinstance(dtype, torch.dtype):
             return dtype
-    if len(node) == 1 and kind == "size" and isinstance(body, list):
-        if all(type(n) is int for n in body):
-            return torch.Size(body)
+    sizes = body if kind == "size" and isinstance(body, list) else None
+    if len(node) == 1 and sizes is not None and all(type(n) is int and n >= 0 for n in sizes):
+        return torch.Size(sizes)
     if len(node) == 1 and kind == "device" and isinstance(body, str):
         try:
             return torch.device(body)
