@@ -687,6 +687,11 @@ def _load_torch(path: str) -> Any:
         zipped = f.read(4) == _torchfile.ZIP_MAGIC  # only the zip format can be mapped
     try:
         with torch.serialization.safe_globals(_torchfile.data_globals(path)):
+            if path.endswith(".safetensors"):
+                # A torch.save file under this name: torch.load would read the path as
+                # safetensors, so it gets the open file (which cannot be mapped).
+                with open(path, "rb") as f:
+                    return torch.load(f, weights_only=True, map_location="cpu")
             return torch.load(path, weights_only=True, mmap=zipped, map_location="cpu")
     except Exception as e:
         # torch.load reports a file it cannot read with pickle's UnpicklingError (an object
