@@ -212,8 +212,8 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
         if isinstance(value, torch.Tensor):
             return {"tensor": store(value, path)}
         if np is not None and (type(value) is np.ndarray or isinstance(value, np.generic)):
-            tensor, node = _numpy_storage(np, value, _where(path))
-            return {"numpy": store(tensor, path), **node}
+            tensor, described = _numpy_storage(np, value, _where(path))
+            return {"numpy": store(tensor, path), **described}
         if value is None or isinstance(value, bool | str):
             return value
         if isinstance(value, int):
@@ -337,18 +337,20 @@ def _build(node: Any, depth: int, tensors: Mapping[str, torch.Tensor], path: str
         factory = node["default"]
         if factory is not None and factory not in _DEFAULT_FACTORIES:
             raise _invalid(path, f"defaultdict factory {factory!r:.60} is not a builtin type")
-        out = defaultdict(None if factory is None else _DEFAULT_FACTORIES[factory])
-        return _build_items(body, depth, tensors, path, out)
+        default: defaultdict[Any, Any] = defaultdict(
+            None if factory is None else _DEFAULT_FACTORIES[factory]
+        )
+        return _build_items(body, depth, tensors, path, default)
     if kind == "dict" and isinstance(body, list) and set(node) <= {"dict", "ordered", "metadata"}:
         # A container with _metadata is an OrderedDict, as state_dict() returns: a plain dict
         # cannot carry the attribute.
         ordered = node.get("ordered") is True or "metadata" in node
-        out = _build_items(body, depth, tensors, path, OrderedDict() if ordered else {})
+        out: Any = _build_items(body, depth, tensors, path, OrderedDict() if ordered else {})
         if "metadata" in node:
             meta = node["metadata"]
             if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
                 raise _invalid(path, "a _metadata that is not an object of objects")
-            out._metadata = OrderedDict(meta)  # type: ignore[attr-defined]
+            out._metadata = OrderedDict(meta)
         return out
     raise _invalid(path, f"unexpected node {node!r:.60}")
 
