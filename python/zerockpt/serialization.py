@@ -164,11 +164,15 @@ def save(
     from the file behaves as ``load_state_dict`` of the state dict itself.
 
     Anything else is saved as nested training state, e.g. ``{"model": model.state_dict(),
-    "optim": optimizer.state_dict(), "step": 1000, "rng": torch.get_rng_state()}``: dicts and
-    OrderedDicts (str or int keys), lists and tuples, with tensor leaves (stored as tensors
-    named by their path, e.g. ``optim/state/0/exp_avg``) and None, bool, int, float and str
-    leaves (kept in the metadata). :func:`load` rebuilds the same structure. Nothing is
-    pickled: any other object is a TypeError naming its path.
+    "optim": optimizer.state_dict(), "step": 1000, "rng": torch.get_rng_state()}``: dicts,
+    OrderedDicts and defaultdicts (str or int keys; a defaultdict's factory is kept if it is
+    None or a builtin type, else TypeError), lists, tuples, sets, frozensets and
+    argparse.Namespace, with tensor leaves (stored as tensors named by their path, e.g.
+    ``optim/state/0/exp_avg``), numpy arrays and scalars of numeric dtypes, bytes and
+    bytearray (stored as tensors too), and None, bool, int, float, str, torch.dtype,
+    torch.Size and torch.device leaves (kept in the metadata). :func:`load` rebuilds the same
+    structure, each value with its type. Nothing is pickled: any other object is a TypeError
+    naming its path.
 
     With ``max_shard_size``, ``path`` is a directory (created if missing) that receives a
     sharded checkpoint in the Hugging Face layout, as transformers' ``save_pretrained`` writes
