@@ -125,6 +125,11 @@ def test_numpy_scalars_keep_their_type(tmp_path: Path) -> None:
     assert [type(x) for x in loaded["s"]] == [type(x) for x in scalars]
 
 
+def test_numpy_strings_are_stored_as_the_str_and_bytes_they_are(tmp_path: Path) -> None:
+    loaded = round_trip(tmp_path, {"s": np.str_("label"), "b": np.bytes_(b"raw")})
+    assert_same_value({"s": "label", "b": b"raw"}, loaded)
+
+
 def test_numpy_arrays_are_snapshots(tmp_path: Path) -> None:
     array = np.arange(8, dtype=np.float32)
     pending = zerockpt.save_async({"a": array}, tmp_path / "a.safetensors")

@@ -211,7 +211,10 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
     def walk(value: object, path: tuple[str | int, ...]) -> Any:
         if isinstance(value, torch.Tensor):
             return {"tensor": store(value, path)}
-        if np is not None and (type(value) is np.ndarray or isinstance(value, np.generic)):
+        if np is not None and (
+            type(value) is np.ndarray
+            or (isinstance(value, np.generic) and not isinstance(value, str | bytes))
+        ):  # numpy.str_ and numpy.bytes_ are stored as the str and bytes they are
             tensor, described = _numpy_storage(np, value, _where(path))
             return {"numpy": store(tensor, path), **described}
         if value is None or isinstance(value, bool | str):
@@ -221,9 +224,9 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
             return value if value in _INT64 else {"int": hex(value)}
         if isinstance(value, float):
             return float(value) if math.isfinite(value) else {"float": repr(float(value))}
-        if type(value) in (bytes, bytearray):
-            kind = type(value).__name__
-            return {kind: store(_bytes_tensor(value), path)}  # type: ignore[arg-type]
+        if isinstance(value, bytes | bytearray):
+            kind = "bytearray" if isinstance(value, bytearray) else "bytes"
+            return {kind: store(_bytes_tensor(value), path)}
         if isinstance(value, torch.dtype):
             return {"dtype": str(value).removeprefix("torch.")}
         if isinstance(value, torch.device):
