@@ -468,6 +468,12 @@ def test_convert_lightning_checkpoint(tmp_path: Path) -> None:
     assert loaded["hyper_parameters"]["args"].batch_size == 32
 
 
+def test_convert_legacy_format_with_numpy(tmp_path: Path) -> None:
+    state = {"numpy": np.random.get_state(), "args": argparse.Namespace(lr=0.1), "f": np.float32(2)}
+    torch.save(state, tmp_path / "rng_state.pth", _use_new_zipfile_serialization=False)
+    convert_and_compare(tmp_path / "rng_state.pth")
+
+
 def test_convert_refuses_what_it_cannot_store(tmp_path: Path, capsys: Any) -> None:
     torch.save({"w": torch.ones(1), "x": np.array([None], dtype=object)}, tmp_path / "o.pt")
     assert cli.main(["convert", str(tmp_path / "o.pt"), str(tmp_path / "o.safetensors")]) == 1

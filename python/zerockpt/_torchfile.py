@@ -188,7 +188,9 @@ def data_globals(path: str) -> list[Any]:
     """
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, OSError):  # legacy format, or one torch.load reports
+    except ValueError:  # the legacy format, which torch does not list: numpy and argparse
+        names = [n for n in sorted(_DATA_GLOBALS) if n.partition(".")[0] in ("numpy", "argparse")]
+    except (RuntimeError, OSError):  # a broken archive: torch.load reports it
         return []
     found = [value for value in map(_resolve_global, names) if value is not None]
     np = sys.modules.get("numpy")
