@@ -11,7 +11,7 @@ torch.Size([2, 3])
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
@@ -30,9 +30,13 @@ from zerockpt.serialization import (
     verify,
 )
 
+if TYPE_CHECKING:
+    from zerockpt.distributed import DistributedCheckpointer
+
 __all__ = [
     "Checkpointer",
     "ChecksumError",
+    "DistributedCheckpointer",
     "FormatError",
     "PendingSave",
     "TensorFile",
@@ -49,16 +53,20 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Submodules imported on first use, so that ``import zerockpt`` stays free of
-# torch.distributed.checkpoint: ``zerockpt.dcp.Writer`` works without ``import zerockpt.dcp``.
-_LAZY_SUBMODULES = ("dcp",)
+# Imported on first use, so that ``import zerockpt`` stays free of torch.distributed.checkpoint:
+# ``zerockpt.dcp.Writer`` works without ``import zerockpt.dcp``.
+_LAZY_SUBMODULES = ("dcp", "distributed")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "DistributedCheckpointer":
+        from zerockpt.distributed import DistributedCheckpointer
+
+        return DistributedCheckpointer
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_SUBMODULES})
+    return sorted({*globals(), *_LAZY_SUBMODULES, "DistributedCheckpointer"})
