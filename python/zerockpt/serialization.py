@@ -9,7 +9,18 @@ from typing import IO, Any
 
 import torch
 
-from zerockpt import _C, _args, _fileobj, _parallel, _progress, _slice, _state, sharded
+from zerockpt import (
+    _C,
+    _args,
+    _destination,
+    _fileobj,
+    _parallel,
+    _progress,
+    _slice,
+    _state,
+    _torchfile,
+    sharded,
+)
 from zerockpt._args import PathLike
 from zerockpt._state import SaveInput
 
@@ -52,6 +63,7 @@ def save(
     max_shard_size: int | str | None = None,
     progress: bool = False,
     staging_bytes: int | None = None,
+    makedirs: bool = False,
 ) -> None:
     """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
 
@@ -70,11 +82,15 @@ def save(
     from the file behaves as ``load_state_dict`` of the state dict itself.
 
     Anything else is saved as nested training state, e.g. ``{"model": model.state_dict(),
-    "optim": optimizer.state_dict(), "step": 1000, "rng": torch.get_rng_state()}``: dicts and
-    OrderedDicts (str or int keys), lists and tuples, with tensor leaves (stored as tensors
-    named by their path, e.g. ``optim/state/0/exp_avg``) and None, bool, int, float and str
-    leaves (kept in the metadata). :func:`load` rebuilds the same structure. Nothing is
-    pickled: any other object is a TypeError naming its path.
+    "optim": optimizer.state_dict(), "step": 1000, "rng": torch.get_rng_state()}``: dicts,
+    OrderedDicts and defaultdicts (str or int keys; a defaultdict's factory is kept if it is
+    None or a builtin type, else TypeError), lists, tuples, sets, frozensets and
+    argparse.Namespace, with tensor leaves (stored as tensors named by their path, e.g.
+    ``optim/state/0/exp_avg``), numpy arrays and scalars of numeric dtypes, bytes and
+    bytearray (stored as tensors too), and None, bool, int, float, str, torch.dtype,
+    torch.Size and torch.device leaves (kept in the metadata). :func:`load` rebuilds the same
+    structure, each value with its type. Nothing is pickled: any other object is a TypeError
+    naming its path.
 
     With ``max_shard_size``, ``path`` is a directory (created if missing) that receives a
     sharded checkpoint in the Hugging Face layout, as transformers' ``save_pretrained`` writes
@@ -98,12 +114,13 @@ def save(
         tensors: Names to tensors (CPU or accelerator), any dtype the safetensors format names,
             any strides; an ``nn.Module``, saved as its state dict; or nested training state
             as above.
-        path: Destination file (its directory must exist), or a binary file object: the file
-            is written at its position, which is left just after it (as ``torch.save``); an
-            ``open(..., "wb")`` file by parallel ``pwrite``, anything else through ``write``
-            in order, straight from tensor memory (checksums from a first pass over the
-            tensors unless it is a ``BytesIO``). Atomicity is then the caller's; ``durable``
-            fsyncs a real file; ``max_shard_size`` and ``direct_io=True`` need a path.
+        path: Destination file (its directory must exist, unless ``makedirs``), or a binary
+            file object: the file is written at its position, which is left just after it (as
+            ``torch.save``); an ``open(..., "wb")`` file by parallel ``pwrite``, anything else
+            through ``write`` in order, straight from tensor memory (checksums from a first
+            pass over the tensors unless it is a ``BytesIO``). Atomicity is then the caller's;
+            ``durable`` fsyncs a real file; ``max_shard_size`` and ``direct_io=True`` need a
+            path.
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
             with ``zerockpt.`` are reserved.
         durable: fsync the file and its directory before returning, so the checkpoint survives
@@ -123,6 +140,8 @@ def save(
             chunks (KeyboardInterrupt): nothing is committed.
         staging_bytes: Pinned host memory for copying accelerator tensors, in 8 MiB chunks;
             default 256 MiB (less when the tensors are smaller). Unused for CPU tensors.
+        makedirs: Create the missing directories above ``path`` (fsynced when ``durable``).
+            A sharded save always creates its directory and those above it.
 
     Raises:
         ImportError: ``progress=True`` and tqdm is not installed.
@@ -134,6 +153,8 @@ def save(
             ``staging_bytes`` is under 8 MiB, ``threads`` is not a positive int,
             ``max_shard_size`` is not a size, ``path`` is an existing file while
             ``max_shard_size`` is given, or a file object is closed or not writable.
+        FileNotFoundError: The directory to write into does not exist (``filename`` is that
+            directory) and ``makedirs`` is false.
         OSError: The file could not be written (errno and filename set); ``path`` is untouched.
             One exception: with ``durable=True``, if only the final fsync of the directory
             fails, the new file is already in place (renamed) but its rename may not survive a
@@ -155,7 +176,6 @@ def save(
             staging_bytes=_args.staging_bytes(staging_bytes),
         )
         return
-    flat, metadata, own = _state.prepare_save(tensors, metadata)
     where = _args.fspath(path)
     staging = _args.staging_bytes(staging_bytes)
     # A bad size raises before any bar is drawn.
@@ -177,20 +197,58 @@ def save(
             total=_progress.unique_nbytes(flat.values()),
         )
         return
+    _destination.make_parent(where, makedirs=bool(makedirs), durable=bool(durable))
     _progress.run(
         progress, description, lambda counter: _C.save(flat, where, options, own, counter)
+    )
+
+
+def _torch_load_device(
+    device: str | torch.device | int | None, map_location: object
+) -> str | torch.device | int:
+    """``device``, or torch.load's ``map_location`` in its place; TypeError/ValueError if both
+    disagree or ``map_location`` is not one device."""
+    if map_location is None:
+        return "cpu" if device is None else device
+    if not isinstance(map_location, str | torch.device):
+        raise TypeError(
+            "map_location: zerockpt.load takes only a str or torch.device (the device every "
+            f"tensor goes to), got {type(map_location).__name__}. A safetensors file records no "
+            "device to remap from: pass the target device (map_location='cuda:0'), or move "
+            "tensors after loading"
+        )
+    if device is not None and torch.device(device) != torch.device(map_location):
+        raise ValueError(
+            f"device={device!r} and map_location={map_location!r} disagree; map_location is "
+            "torch.load's name for device: give one of them"
+        )
+    return map_location
+
+
+def _check_weights_only(weights_only: bool | None) -> None:
+    """torch.load's ``weights_only``: True is what zerockpt always does; False cannot be."""
+    if weights_only is None or weights_only is True:
+        return
+    if weights_only is not False:
+        raise TypeError(f"weights_only must be a bool, got {type(weights_only).__name__}")
+    raise ValueError(
+        "weights_only=False: zerockpt never unpickles, so there is no unrestricted mode to "
+        "turn on; files hold tensors and a JSON description of the structure. Load a "
+        "torch.save checkpoint with torch.load, or convert it once with 'zerockpt convert'"
     )
 
 
 def load(
     path: FileLike,
     *,
-    device: str | torch.device | int = "cpu",
+    device: str | torch.device | int | None = None,
     mmap: bool = True,
     threads: int | None = None,
     verify: bool = False,
     progress: bool = False,
     staging_bytes: int | None = None,
+    map_location: str | torch.device | None = None,
+    weights_only: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loads every tensor of a safetensors file or sharded checkpoint, in the order they were saved.
 
@@ -232,6 +290,11 @@ def load(
             so its bar is full at once.
         staging_bytes: Pinned host memory for copying to an accelerator, in 8 MiB chunks;
             default 256 MiB (less for smaller files).
+        map_location: torch.load's name for ``device``: a str or ``torch.device`` (not a dict
+            or callable: the file records no device to remap from).
+        weights_only: Accepted for torch.load habits: True changes nothing, since nothing is
+            ever unpickled; False is refused (ValueError), as zerockpt has no mode that runs
+            a file's code.
 
     Returns:
         A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
@@ -247,15 +310,19 @@ def load(
             or an index is malformed or does not match its shards (the message names it).
         OSError: The file, or a shard an index lists, cannot be opened or read (errno and
             filename set); a directory holds neither an index nor ``model.safetensors``.
-        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a str,
-            ``os.PathLike`` or file object (bytes: see :func:`load_bytes`), or a text-mode one.
+        TypeError: A stored dtype has no torch equivalent, ``path`` is not a str,
+            ``os.PathLike`` or file object (bytes: see :func:`load_bytes`) or is a text-mode
+            one, or ``map_location`` is not a str or ``torch.device``.
         ValueError: ``device`` is the meta device, ``threads`` is not a positive int,
-            ``staging_bytes`` is under 8 MiB, or a file object is closed or not readable.
+            ``staging_bytes`` is under 8 MiB, a file object is closed or not readable,
+            ``device`` and ``map_location`` disagree, or ``weights_only=False`` (TypeError if
+            it is not a bool).
         RuntimeError: ``device`` is not available (AssertionError where torch is not built
             for it, as torch itself raises).
         ImportError: ``progress=True`` and tqdm is not installed.
     """
-    to = _args.load_device(device)
+    _check_weights_only(weights_only)
+    to = _args.load_device(_torch_load_device(device, map_location))
     staging = _args.staging_bytes(staging_bytes)
     if _fileobj.is_file_object(path):
         loaded, own, name = _fileobj.load(
@@ -299,11 +366,12 @@ def load(
             device=to,
             staging_bytes=staging,
         )
-        tensors, own, has_checksums = _progress.run(
-            progress,
-            _progress.label("Loading", where),
-            lambda counter: _C.load(where, options, counter),
-        )
+        with _torchfile.explained(where):
+            tensors, own, has_checksums = _progress.run(
+                progress,
+                _progress.label("Loading", where),
+                lambda counter: _C.load(where, options, counter),
+            )
         if verify and not has_checksums:
             _state.warn_unverified(where)
     return _state.rebuild(tensors, own, where)  # type: ignore[no-any-return]
@@ -488,7 +556,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
             position = {shard: i for i, shard in enumerate(target.shards)}
             self._shard_of = {name: position[s] for name, s in target.weight_map.items()}
         else:
-            file = _C._File(target)
+            with _torchfile.explained(target):
+                file = _C._File(target)
             self._files = [file]
             self._path = file.path
             self._keys = file.keys()
