@@ -393,7 +393,7 @@ void AtomicFile::commit(bool durable) {
 }
 
 std::shared_ptr<uint8_t> allocate_pages(uint64_t size) {
-  uint64_t len = std::max<uint64_t>((size + 4095) / 4096 * 4096, 4096);
+  uint64_t len = std::max<uint64_t>(round_up(size, kPageBytes), kPageBytes);
   void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
   return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p),
@@ -433,7 +433,7 @@ StagingBuffer::StagingBuffer(uint64_t size) : data_(nullptr), size_(size) {
     }
   }
   void* p = nullptr;
-  if (::posix_memalign(&p, 4096, size) != 0) {
+  if (::posix_memalign(&p, kPageBytes, size) != 0) {
     std::lock_guard<std::mutex> lock(pool.mu);
     pool.live_buffers -= 1;
     pool.live_bytes -= size;

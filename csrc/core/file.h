@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "core/align.h"
+
 namespace zerockpt {
 
 class FileDescriptor {

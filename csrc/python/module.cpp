@@ -1,5 +1,6 @@
 // The private extension module zerockpt._C. Converts Python arguments to C++ values with the
 // GIL held, runs the torch layer without it, and converts results back.
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/device_lazy_init.h>
 #include <torch/csrc/utils/pybind.h>
@@ -16,8 +17,10 @@
 #include "python/state_dict.h"
 #include "torch/async_save.h"
 #include "torch/device_staging.h"
+#include "torch/dtypes.h"
 #include "torch/load_into.h"
 #include "torch/tensor_io.h"
+#include "torch/tensor_views.h"
 #include "zerockpt/errors.h"
 
 namespace py = pybind11;
@@ -272,6 +275,32 @@ void bind_progress(py::module_& m) {
       .def("cancel", &Progress::cancel);
 }
 
+// Facts about tensors from the one table or computation that save and load use too.
+void bind_tensor_facts(py::module_& m) {
+  // Requires GIL. The torch dtype of a format dtype name ("F32"), from the one dtype table;
+  // None where torch has none (or the format defines no such name).
+  m.def(
+      "torch_dtype",
+      [](const std::string& format_dtype) -> py::object {
+        std::optional<Dtype> dtype = parse_dtype(format_dtype);
+        std::optional<c10::ScalarType> scalar = dtype ? to_scalar_type(*dtype) : std::nullopt;
+        if (!scalar) return py::none();
+        return py::reinterpret_borrow<py::object>(
+            reinterpret_cast<PyObject*>(torch::getTHPDtype(*scalar)));
+      },
+      py::arg("format_dtype"));
+  // Requires GIL (no I/O). (alias_of, group) per tensor, as find_memory_sharing computes them:
+  // the first earlier tensor it is the same view of (or -1), and the first tensor of its group
+  // of views with overlapping bytes.
+  m.def(
+      "memory_sharing",
+      [](const std::vector<at::Tensor>& tensors) {
+        MemorySharing sharing = find_memory_sharing(tensors);
+        return py::make_tuple(sharing.alias_of, sharing.group);
+      },
+      py::arg("tensors"));
+}
+
 void bind_file(py::module_& m) {
   py::class_<CheckpointFile, std::shared_ptr<CheckpointFile>>(m, "_File")
       // Releases GIL: opening reads and validates the header.
@@ -403,6 +432,7 @@ PYBIND11_MODULE(_C, m) {
   register_errors(m);
   bind_progress(m);
   bind_file(m);
+  bind_tensor_facts(m);
   bind_async(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
         py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),

@@ -120,7 +120,7 @@ LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, b
       result.missing_keys.push_back(item.key());
       continue;
     }
-    std::vector<int64_t> shape(record->shape.begin(), record->shape.end());
+    std::vector<int64_t> shape = torch_sizes(*record, path);
     if (c10::IntArrayRef(shape) != item.value().sizes()) {
       errors.push_back("size mismatch for " + item.key() + ": copying a param with shape " +
                        shape_str(shape) + " from checkpoint, the shape in current model is " +

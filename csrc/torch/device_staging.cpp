@@ -23,15 +23,12 @@
 namespace zerockpt {
 namespace {
 
-constexpr uint64_t kPage = 4096;
 // Slabs of one batch start at multiples of this in the buffer, so any dtype can view them.
 constexpr uint64_t kSlabAlign = 64;
 
 std::atomic<bool> g_stage_host{false};
 std::mutex g_stats_mu;
 StagingStats g_last_stats;
-
-uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
 // Copies in flight that read or write a buffer: one event per device stream they ran on.
 using Pending = std::vector<c10::Event>;
@@ -320,10 +317,10 @@ struct Batch {
 
 HostPages::HostPages(uint64_t size, bool pinned) {
   if (pinned) {
-    pinned_ = at::empty({static_cast<int64_t>(size + kPage)},
+    pinned_ = at::empty({static_cast<int64_t>(size + kPageBytes)},
                         at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     auto base = reinterpret_cast<uintptr_t>(pinned_.data_ptr());
-    offset_ = round_up(base, kPage) - base;
+    offset_ = round_up(base, kPageBytes) - base;
     data_ = static_cast<uint8_t*>(pinned_.data_ptr()) + offset_;
   } else {
     pages_ = allocate_pages(size);

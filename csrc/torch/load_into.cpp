@@ -14,20 +14,6 @@
 namespace zerockpt {
 namespace {
 
-// [begin, end) of the bytes a CPU view can touch; empty for empty tensors.
-std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
-  if (t.numel() == 0) return {0, 0};
-  auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
-}
-
-bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.const_data_ptr() == b.const_data_ptr() && a.dtype() == b.dtype() &&
-         a.sizes() == b.sizes() && a.strides() == b.strides();
-}
-
 void throw_no_torch_dtype(const CheckpointFile& file, const TensorRecord& r) {
   throw DtypeError(file.file().path() + ": tensor " + quote(r.name) + " has dtype " +
                    dtype_name(r.dtype) + ", which has no torch equivalent");
@@ -38,6 +24,7 @@ void throw_no_torch_dtype(const CheckpointFile& file, const TensorRecord& r) {
 void check_torch_dtypes(const CheckpointFile& file) {
   for (const TensorRecord& r : file.file().header().tensors) {
     if (!to_scalar_type(r.dtype)) throw_no_torch_dtype(file, r);
+    torch_sizes(r, file.file().path());  // an F4 shape torch cannot hold
   }
 }
 

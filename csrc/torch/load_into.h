@@ -14,8 +14,8 @@
 
 namespace zerockpt {
 
-// Throws DtypeError naming the first tensor of `file` whose dtype has no torch equivalent, so
-// that a load can fail before it changes anything.
+// Throws DtypeError naming the first tensor of `file` whose dtype (or F4 shape) has no torch
+// equivalent, so that a load can fail before it changes anything.
 void check_torch_dtypes(const CheckpointFile& file);
 
 class LoadPlan {

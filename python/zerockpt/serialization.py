@@ -29,29 +29,6 @@ PathLike = str | os.PathLike[str]
 # What save() and save_async() take.
 SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
 
-# Format dtype names -> torch dtypes (the safetensors table, plus F8_E8M0).
-_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
-
 
 def _fspath(path: PathLike) -> str:
     if not isinstance(path, str | os.PathLike):
@@ -620,7 +597,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
             ValueError: The file is closed.
         """
         fmt, shape, begin, end, alias_of = self._handle(name).info(name)
-        return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
+        return TensorInfo(_C.torch_dtype(fmt), fmt, tuple(shape), (begin, end), alias_of)
 
     def verify(self, *, threads: int | None = None, progress: bool = False) -> VerifyResult:
         """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`.

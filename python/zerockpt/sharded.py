@@ -429,24 +429,6 @@ def warn_unverified(index: ShardIndex, unchecked: Sequence[str], stacklevel: int
 # Writing
 
 
-def _view_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _storage_extent(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage id, first byte, end byte) of a view within its storage; None if it has none."""
-    try:
-        if t.layout != torch.strided or t.numel() == 0:
-            return None
-        item = t.element_size()
-        begin = int(t.storage_offset()) * item
-        last = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride(), strict=True))
-        storage_id: int = t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None  # no storage (fake, functional...): the save reports it, naming the key
-    return storage_id, begin, begin + (last + 1) * item
-
-
 def plan_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
     """Splits names into shards of at most ``limit`` stored bytes, greedily in the given order.
 
@@ -463,48 +445,18 @@ def plan_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[st
         The names of each shard; at least one (possibly empty) shard.
     """
     names = list(tensors)
-    parent = list(range(len(names)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    by_storage: dict[int, list[tuple[int, int, int]]] = {}
-    for i, name in enumerate(names):
-        extent = _storage_extent(tensors[name])
-        if extent is not None:
-            by_storage.setdefault(extent[0], []).append((extent[1], extent[2], i))
-    for views in by_storage.values():
-        views.sort()
-        end, owner = -1, -1
-        for begin, stop, i in views:
-            if begin < end:  # overlaps an earlier view of this storage
-                a, b = root(owner), root(i)
-                parent[max(a, b)] = min(a, b)
-            if stop > end:
-                end, owner = stop, i
-
+    views = [tensors[name] for name in names]
+    alias_of, group = _C.memory_sharing(views)
     groups: dict[int, list[int]] = {}
     for i in range(len(names)):
-        groups.setdefault(root(i), []).append(i)
+        groups.setdefault(group[i], []).append(i)
 
     shards: list[list[int]] = []
     current: list[int] = []
     size = 0
     for members in groups.values():  # ordered by each group's first name
-        seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
-        nbytes = 0
-        for i in members:
-            t = tensors[names[i]]
-            extent = _storage_extent(t)
-            if extent is not None and len(members) > 1:
-                key = (extent[0], extent[1], tuple(t.shape), tuple(t.stride()), t.dtype)
-                if key in seen:
-                    continue  # an alias: stored once
-                seen.add(key)
-            nbytes += _view_bytes(t)
+        # Aliases are stored once.
+        nbytes = sum(views[i].numel() * views[i].element_size() for i in members if alias_of[i] < 0)
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
