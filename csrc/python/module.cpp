@@ -289,6 +289,19 @@ void bind_tensor_facts(py::module_& m) {
             reinterpret_cast<PyObject*>(torch::getTHPDtype(*scalar)));
       },
       py::arg("format_dtype"));
+  // Requires GIL. torch's "Error(s) in loading state_dict for ..." text, or b"" if none. Bytes
+  // in and out: keys may hold lone surrogates, which the caller encodes (and the result
+  // decodes) with surrogatepass.
+  m.def(
+      "load_state_dict_message",
+      [](const std::string& module_name, const std::vector<std::string>& missing_keys,
+         const std::vector<std::string>& unexpected_keys, const std::vector<std::string>& errors,
+         bool strict) {
+        return py::bytes(
+            load_state_dict_message(module_name, missing_keys, unexpected_keys, errors, strict));
+      },
+      py::arg("module_name"), py::arg("missing_keys"), py::arg("unexpected_keys"),
+      py::arg("errors"), py::arg("strict"));
   // Requires GIL (no I/O). (alias_of, group) per tensor, as find_memory_sharing computes them:
   // the first earlier tensor it is the same view of (or -1), and the first tensor of its group
   // of views with overlapping bytes.
@@ -368,6 +381,30 @@ void bind_file(py::module_& m) {
           py::arg("name"), py::arg("mmap") = true);
 }
 
+// The staging directory of a sharded save (core/file.h), and the directory operations around it.
+void bind_staging(py::module_& m) {
+  py::class_<StagingDirectory>(m, "_StagingDirectory")
+      // Releases GIL: creating it removes stale ones and creates and locks the directory.
+      .def(py::init([](const std::string& parent, const std::string& name) {
+             py::gil_scoped_release no_gil;
+             return std::make_unique<StagingDirectory>(parent, name);
+           }),
+           py::arg("parent"), py::arg("name"))
+      .def_property_readonly("path", &StagingDirectory::path)
+      .def("file", &StagingDirectory::file, py::arg("name"))
+      // Releases GIL: renames and fsyncs. Ctrl-C is seen only once it returns, so a commit
+      // is never stopped half way (new shards under an old index).
+      .def("commit", &StagingDirectory::commit, py::arg("names"), py::arg("durable"),
+           py::call_guard<py::gil_scoped_release>())
+      // Releases GIL.
+      .def("close", &StagingDirectory::remove, py::call_guard<py::gil_scoped_release>());
+  // Releases GIL.
+  m.def("make_directories", &make_directories, py::arg("path"), py::arg("durable"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("_remove_stale_staging_directories", &remove_stale_staging_directories,
+        py::arg("directory"), py::call_guard<py::gil_scoped_release>());
+}
+
 // Private hooks for the tests of error paths and resource accounting.
 void bind_testing_aids(py::module_& m) {
   static const std::pair<const char*, FaultOp> kOps[] = {{"write", FaultOp::kWrite},
@@ -433,6 +470,7 @@ PYBIND11_MODULE(_C, m) {
   bind_progress(m);
   bind_file(m);
   bind_tensor_facts(m);
+  bind_staging(m);
   bind_async(m);
   m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
         py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),

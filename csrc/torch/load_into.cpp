@@ -146,4 +146,60 @@ NamedTensors load_to_device(CheckpointFile& file, const c10::Device& device, uns
   return out;
 }
 
+namespace {
+
+std::string size_repr(c10::IntArrayRef sizes) {
+  std::string out = "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "])";
+}
+
+std::string join_quoted(const std::vector<std::string>& keys) {
+  std::string out;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (i) out += ", ";
+    out += '"' + keys[i] + '"';
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string size_mismatch_message(const std::string& key, c10::IntArrayRef checkpoint,
+                                  c10::IntArrayRef model) {
+  return "size mismatch for " + key + ": copying a param with shape " + size_repr(checkpoint) +
+         " from checkpoint, the shape in current model is " + size_repr(model) + ".";
+}
+
+std::string copy_error_message(const std::string& action, const std::string& key,
+                               c10::IntArrayRef model, c10::IntArrayRef checkpoint,
+                               const std::string& args_repr) {
+  return "While " + action + " the parameter named \"" + key +
+         "\", whose dimensions in the model are " + size_repr(model) +
+         " and whose dimensions in the checkpoint are " + size_repr(checkpoint) +
+         ", an exception occurred : " + args_repr + ".";
+}
+
+std::string load_state_dict_message(const std::string& module_name,
+                                    const std::vector<std::string>& missing_keys,
+                                    const std::vector<std::string>& unexpected_keys,
+                                    const std::vector<std::string>& errors, bool strict,
+                                    const std::string& source) {
+  std::vector<std::string> all;
+  if (strict && !missing_keys.empty()) {
+    all.push_back("Missing key(s) in state_dict: " + join_quoted(missing_keys) + ". ");
+  }
+  if (strict && !unexpected_keys.empty()) {
+    all.push_back("Unexpected key(s) in state_dict: " + join_quoted(unexpected_keys) + ". ");
+  }
+  all.insert(all.end(), errors.begin(), errors.end());
+  if (all.empty()) return "";
+  std::string message = "Error(s) in loading state_dict for " + module_name + source + ":\n\t";
+  for (size_t i = 0; i < all.size(); ++i) message += (i ? "\n\t" : "") + all[i];
+  return message;
+}
+
 }  // namespace zerockpt

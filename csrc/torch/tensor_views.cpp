@@ -167,7 +167,8 @@ void share_within_storage(const std::vector<at::Tensor>& tensors, const std::vec
       for (size_t back = pos; back-- > 0 && ext[order[back]] == ext[k];) {
         if (same_view(tensors[idx[order[back]]], tensors[i])) {
           const size_t earlier = idx[order[back]];
-          target = out.alias_of[earlier] >= 0 ? out.alias_of[earlier] : static_cast<int64_t>(earlier);
+          target =
+              out.alias_of[earlier] >= 0 ? out.alias_of[earlier] : static_cast<int64_t>(earlier);
           break;
         }
       }

@@ -49,7 +49,9 @@ def unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     views = list(tensors)
     alias_of, _ = _C.memory_sharing(views)
     with torch._C.DisableTorchFunction():
-        return sum(t.numel() * t.element_size() for t, a in zip(views, alias_of) if a < 0)
+        return sum(
+            t.numel() * t.element_size() for t, a in zip(views, alias_of, strict=True) if a < 0
+        )
 
 
 def run(

@@ -451,7 +451,8 @@ class TensorInfo:
     Attributes:
         dtype: The torch dtype, or None if torch has none for ``format_dtype``.
         format_dtype: The dtype as the file names it, e.g. ``"F32"``.
-        shape: The tensor's shape.
+        shape: The shape the header records: the tensor's, except for ``F4`` (two values per
+            ``float4_e2m1fn_x2`` element), whose last dimension is twice the loaded tensor's.
         data_offsets: Byte range ``(begin, end)`` in the data region, as in the header.
         alias_of: The stored tensor this name is an alias of, if it was saved as one (then
             ``data_offsets`` are that tensor's).
