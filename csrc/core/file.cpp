@@ -467,8 +467,6 @@ void make_directories(const std::string& path, bool durable) {
   }
 }
 
-void fsync_directory(const std::string& path) { sync_directory(path, path); }
-
 size_t remove_stale_staging_directories(const std::string& dir) {
   DIR* d = ::opendir(dir.c_str());
   if (!d) return 0;  // the save itself reports an unusable directory

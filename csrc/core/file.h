@@ -1,6 +1,8 @@
 // POSIX file primitives with errors that name the user-visible path: full-length positional
 // and vectored reads/writes (EINTR and short transfers retried), a read-only private mapping,
-// and AtomicFile (temporary file beside the destination, renamed over it on commit).
+// AtomicFile (temporary file beside the destination, renamed over it on commit) and
+// StagingDirectory (several files staged together, renamed into place on commit): the one
+// atomic-commit protocol, flock-marked so that a later save removes a dead writer's leftovers.
 // Functions are thread-safe on distinct ranges of one descriptor; classes are not shared.
 #pragma once
 
@@ -129,10 +131,6 @@ size_t remove_stale_temp_files(const std::string& dir);
 // parent of each directory it created, so the new entries survive a crash. IoError naming
 // `path` on failure (ENOTDIR where a component is a file).
 void make_directories(const std::string& path, bool durable);
-
-// fsync(2) of a directory, so renames and creations in it reach the disk. IoError naming
-// `path` if it cannot be opened or synced.
-void fsync_directory(const std::string& path);
 
 // The suffix that marks our staging directories.
 extern const char* const kStagingSuffix;
