@@ -184,15 +184,31 @@ def test_sigint_stops_the_call_within_a_chunk_and_commits_nothing(
 _OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
 
 
-def _wait_until_in_openat(native_id: int, timeout: float = 60.0) -> None:
+def _wait_until_blocked_in_openat(native_id: int, timeout: float = 60.0) -> None:
+    """Waits until the thread sits in one openat call (same arguments) for 0.3 s: blocked,
+    not passing through one of its many short opens."""
     path = f"/proc/self/task/{native_id}/syscall"
     deadline = time.monotonic() + timeout
+    since, seen = 0.0, ""
     while time.monotonic() < deadline:
         with open(path) as f:
-            if f.read().split(" ", 1)[0] == str(_OPENAT):
-                return
+            state = f.read()
+        if state.split(" ", 1)[0] != str(_OPENAT) or state != seen:
+            since, seen = time.monotonic(), state
+        elif time.monotonic() - since > 0.3:
+            return
         time.sleep(0.01)
     raise AssertionError("the commit never blocked in open")
+
+
+def _open_writer_end(fifo: str, done: threading.Event) -> None:
+    """Opens the FIFO for writing once a reader has it open (never blocking), then closes it."""
+    while not done.is_set():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.01)
 
 
 @pytest.mark.skipif(
@@ -214,17 +230,16 @@ def test_sigint_during_the_commit_of_a_sharded_save_waits_for_its_end(
     after_commit = zerockpt._C.after_commit  # writes the index, just before the commit
     helpers: list[threading.Thread] = []
     errors: list[BaseException] = []
+    done = threading.Event()
 
     def release(fifo: str, real: str, writer_end: str) -> None:
         try:
-            _wait_until_in_openat(main_native_id)
+            _wait_until_blocked_in_openat(main_native_id)
             signal.pthread_kill(main.ident or 0, signal.SIGINT)  # inside the commit
             os.rename(real, fifo)  # the real shard back under its staged name
-            os.close(os.open(writer_end, os.O_WRONLY))  # lets the blocked open return
         except BaseException as e:  # reported by the test's thread
             errors.append(e)
-            with contextlib.suppress(OSError):
-                os.close(os.open(writer_end, os.O_WRONLY | os.O_NONBLOCK))
+        _open_writer_end(writer_end, done)  # lets the blocked open return
 
     def stage_then_block(*args: Any) -> None:
         after_commit(*args)
@@ -240,11 +255,14 @@ def test_sigint_during_the_commit_of_a_sharded_save_waits_for_its_end(
         helpers.append(helper)
 
     monkeypatch.setattr(zerockpt._C, "after_commit", stage_then_block)
-    with _sigint_raises_interrupted(), pytest.raises(_Interrupted):
-        zerockpt.save(new, directory, max_shard_size="4KB")
+    try:
+        with _sigint_raises_interrupted(), pytest.raises(_Interrupted):
+            zerockpt.save(new, directory, max_shard_size="4KB")
+    finally:
+        done.set()
+        for helper in helpers:
+            helper.join()
     monkeypatch.undo()
-    for helper in helpers:
-        helper.join()
     assert not errors, errors
     assert len(helpers) == 1
     loaded = zerockpt.load(directory)  # all new: the index and every shard
