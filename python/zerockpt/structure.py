@@ -179,19 +179,111 @@ def _default_factory(value: defaultdict[Any, Any], where: str) -> str | None:
 
 def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
     """Tensor leaves by name, and the JSON structure; TypeError naming any unsupported leaf."""
-    tensors: dict[str, torch.Tensor] = {}
-    np = _numpy()
+    if not isinstance(obj, dict | list | tuple):
+        raise TypeError(
+            f"can only save a mapping of tensors, a module, or a dict, list or tuple of "
+            f"training state, got {type(obj).__name__}"
+        )
+    flattener = _Flattener()
+    root = flattener.walk(obj, ())
+    text = json.dumps({"version": STRUCTURE_VERSION, "root": root}, allow_nan=False)
+    return flattener.tensors, text
 
-    def store(tensor: torch.Tensor, path: tuple[str | int, ...]) -> str:
+
+_NOT_A_LEAF = object()
+
+
+class _Flattener:
+    """One :func:`flatten`: the tensors stored so far, and the walk that builds the nodes."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.np = _numpy()
+
+    def walk(self, value: object, path: tuple[str | int, ...]) -> Any:
+        """The JSON node of ``value`` at ``path``."""
+        node = self.leaf(value, path)
+        if node is not _NOT_A_LEAF:
+            return node
+        if len(path) >= MAX_DEPTH:
+            raise ValueError(f"{_where(path)}: containers nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, Mapping):
+            return self.mapping(value, path)
+        if type(value) in (list, tuple, set, frozenset):
+            kind = type(value).__name__
+            sequence: Any = value
+            return {kind: [self.walk(v, (*path, i)) for i, v in enumerate(sequence)]}
+        if type(value) is argparse.Namespace:
+            return {"namespace": self.items_of(vars(value), path, keys="str")}
+        raise TypeError(
+            f"{_where(path)} is a {type(value).__module__}.{type(value).__qualname__}, which "
+            "zerockpt cannot save (supported: tensors, numpy arrays, dict, OrderedDict, "
+            "defaultdict, list, tuple, set, frozenset, argparse.Namespace, None, bool, int, "
+            "float, str, bytes, torch.dtype, torch.Size, torch.device); nothing is pickled"
+        )
+
+    def leaf(self, value: object, path: tuple[str | int, ...]) -> Any:
+        """The node of a value that holds no other values, or ``_NOT_A_LEAF``."""
+        if isinstance(value, torch.Tensor):
+            return {"tensor": self.store(value, path)}
+        np = self.np
+        if np is not None and (
+            type(value) is np.ndarray
+            or (isinstance(value, np.generic) and not isinstance(value, str | bytes))
+        ):  # numpy.str_ and numpy.bytes_ are stored as the str and bytes they are
+            tensor, described = _numpy_storage(np, value, _where(path))
+            return {"numpy": self.store(tensor, path), **described}
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int):
+            value = int(value)  # IntEnum and friends: their value
+            return value if value in _INT64 else {"int": hex(value)}
+        if isinstance(value, float):
+            return float(value) if math.isfinite(value) else {"float": repr(float(value))}
+        if isinstance(value, bytes | bytearray):
+            kind = "bytearray" if isinstance(value, bytearray) else "bytes"
+            return {kind: self.store(_bytes_tensor(value), path)}
+        if isinstance(value, torch.dtype):
+            return {"dtype": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {"device": str(value)}
+        if isinstance(value, torch.Size):
+            return {"size": [int(n) for n in value]}
+        return _NOT_A_LEAF
+
+    def mapping(self, value: Mapping[Any, Any], path: tuple[str | int, ...]) -> Any:
+        """The node of a dict, OrderedDict or defaultdict (with a state dict's ``_metadata``)."""
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"{_where(path)} is a {type(value).__name__}; only dict, OrderedDict and "
+                "defaultdict mappings can be saved"
+            )
+        if isinstance(value, defaultdict):
+            factory = _default_factory(value, _where(path))
+            return {"dict": self.items_of(value, path), "default": factory}
+        node: dict[str, Any] = {"dict": self.items_of(value, path)}
+        if isinstance(value, OrderedDict):
+            node["ordered"] = True
+        metadata = instance_metadata(value)
+        if metadata is not None:
+            try:
+                node["metadata"] = encode_metadata(metadata)
+            except TypeError as e:
+                raise TypeError(f"{_where(path)}._metadata {e}") from None
+        return node
+
+    def store(self, tensor: torch.Tensor, path: tuple[str | int, ...]) -> str:
+        """Records ``tensor`` under the name its path gives, and returns that name."""
         name = "/".join(_segment(k) for k in path)
         if name == RESERVED_NAME:
             name = "~3" + name
-        tensors[name] = tensor
+        self.tensors[name] = tensor
         return name
 
     def items_of(
-        value: Mapping[Any, Any], path: tuple[str | int, ...], keys: str = "str and int"
+        self, value: Mapping[Any, Any], path: tuple[str | int, ...], keys: str = "str and int"
     ) -> list[Any]:
+        """``[key, node]`` pairs of a mapping whose keys are of the ``keys`` types."""
         items = []
         counts: dict[int, int] = {}
         for k, v in mapping_items(value):
@@ -205,76 +297,8 @@ def flatten(obj: object) -> tuple[dict[str, torch.Tensor], str]:
                     f"{_where(path)} has more than {MAX_SHARED_HASH} int keys with the hash "
                     f"of {k!r}, which would make loading it quadratic"
                 )
-            items.append([k, walk(v, (*path, k))])
+            items.append([k, self.walk(v, (*path, k))])
         return items
-
-    def walk(value: object, path: tuple[str | int, ...]) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {"tensor": store(value, path)}
-        if np is not None and (
-            type(value) is np.ndarray
-            or (isinstance(value, np.generic) and not isinstance(value, str | bytes))
-        ):  # numpy.str_ and numpy.bytes_ are stored as the str and bytes they are
-            tensor, described = _numpy_storage(np, value, _where(path))
-            return {"numpy": store(tensor, path), **described}
-        if value is None or isinstance(value, bool | str):
-            return value
-        if isinstance(value, int):
-            value = int(value)  # IntEnum and friends: their value
-            return value if value in _INT64 else {"int": hex(value)}
-        if isinstance(value, float):
-            return float(value) if math.isfinite(value) else {"float": repr(float(value))}
-        if isinstance(value, bytes | bytearray):
-            kind = "bytearray" if isinstance(value, bytearray) else "bytes"
-            return {kind: store(_bytes_tensor(value), path)}
-        if isinstance(value, torch.dtype):
-            return {"dtype": str(value).removeprefix("torch.")}
-        if isinstance(value, torch.device):
-            return {"device": str(value)}
-        if isinstance(value, torch.Size):
-            return {"size": [int(n) for n in value]}
-        if len(path) >= MAX_DEPTH:
-            raise ValueError(f"{_where(path)}: containers nested deeper than {MAX_DEPTH} levels")
-        if isinstance(value, Mapping):
-            if not isinstance(value, dict):
-                raise TypeError(
-                    f"{_where(path)} is a {type(value).__name__}; only dict, OrderedDict and "
-                    "defaultdict mappings can be saved"
-                )
-            if isinstance(value, defaultdict):
-                factory = _default_factory(value, _where(path))
-                return {"dict": items_of(value, path), "default": factory}
-            node: dict[str, Any] = {"dict": items_of(value, path)}
-            if isinstance(value, OrderedDict):
-                node["ordered"] = True
-            metadata = instance_metadata(value)
-            if metadata is not None:
-                try:
-                    node["metadata"] = encode_metadata(metadata)
-                except TypeError as e:
-                    raise TypeError(f"{_where(path)}._metadata {e}") from None
-            return node
-        if type(value) in (list, tuple, set, frozenset):
-            kind = type(value).__name__
-            sequence: Any = value
-            return {kind: [walk(v, (*path, i)) for i, v in enumerate(sequence)]}
-        if type(value) is argparse.Namespace:
-            return {"namespace": items_of(vars(value), path, keys="str")}
-        raise TypeError(
-            f"{_where(path)} is a {type(value).__module__}.{type(value).__qualname__}, which "
-            "zerockpt cannot save (supported: tensors, numpy arrays, dict, OrderedDict, "
-            "defaultdict, list, tuple, set, frozenset, argparse.Namespace, None, bool, int, "
-            "float, str, bytes, torch.dtype, torch.Size, torch.device); nothing is pickled"
-        )
-
-    if not isinstance(obj, dict | list | tuple):
-        raise TypeError(
-            f"can only save a mapping of tensors, a module, or a dict, list or tuple of "
-            f"training state, got {type(obj).__name__}"
-        )
-    root = walk(obj, ())
-    text = json.dumps({"version": STRUCTURE_VERSION, "root": root}, allow_nan=False)
-    return tensors, text
 
 
 def unflatten(tensors: Mapping[str, torch.Tensor], text: str, path: str) -> Any:
