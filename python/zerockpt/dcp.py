@@ -633,7 +633,24 @@ def decode_metadata(text: str, path: str) -> Metadata:
             f"{path}: metadata format_version {doc.get('format_version')!r} is not supported "
             f"(this zerockpt reads {FORMAT_VERSION})"
         )
-    entries = doc.get("state_dict_metadata")
+    try:
+        planner_data = unflatten({}, json.dumps(doc.get("planner_data")), path)
+    except _C.FormatError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise _C.FormatError(f"{path}: planner_data is not valid: {e}") from None
+    version = doc.get("version")
+    return Metadata(
+        state_dict_metadata=_decode_items(doc.get("state_dict_metadata"), path),
+        planner_data=planner_data,
+        storage_data=_decode_storage_data(doc.get("storage_data"), path),
+        storage_meta=_decode_storage_meta(doc.get("storage_meta"), path),
+        version=version if isinstance(version, str) else None,
+    )
+
+
+def _decode_items(entries: Any, path: str) -> dict[str, Any]:
+    """``state_dict_metadata``: each item's tensor (or bytes) storage metadata."""
     if not isinstance(entries, dict):
         raise _C.FormatError(f"{path}: state_dict_metadata must be an object")
     sdm: dict[str, Any] = {}
@@ -669,7 +686,11 @@ def decode_metadata(text: str, path: str) -> Metadata:
                 for o, s in chunks
             ],
         )
-    storage_list = doc.get("storage_data")
+    return sdm
+
+
+def _decode_storage_data(storage_list: Any, path: str) -> dict[MetadataIndex, _Location]:
+    """``storage_data``: where (file, tensor name) each item's chunk is stored."""
     if not isinstance(storage_list, list):
         raise _C.FormatError(f"{path}: storage_data must be a list")
     storage: dict[MetadataIndex, _Location] = {}
@@ -687,33 +708,23 @@ def decode_metadata(text: str, path: str) -> Metadata:
                 index=index,
             )
         ] = _Location(_str(file, f"{where} file", path), _str(name, f"{where} name", path))
-    try:
-        planner_data = unflatten({}, json.dumps(doc.get("planner_data")), path)
-    except _C.FormatError:
-        raise
-    except (TypeError, ValueError, KeyError) as e:
-        raise _C.FormatError(f"{path}: planner_data is not valid: {e}") from None
-    meta = doc.get("storage_meta")
-    storage_meta = None
-    if meta is not None:
-        if not isinstance(meta, dict):
-            raise _C.FormatError(f"{path}: storage_meta must be an object or null")
-        for key in ("checkpoint_id", "save_id"):
-            if not isinstance(meta.get(key), str | None):
-                raise _C.FormatError(f"{path}: storage_meta.{key} must be a string or null")
-        modules = meta.get("modules", [])
-        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-            raise _C.FormatError(f"{path}: storage_meta.modules must be a list of strings")
-        storage_meta = StorageMeta(
-            checkpoint_id=meta.get("checkpoint_id"), save_id=meta.get("save_id"), modules=modules
-        )
-    version = doc.get("version")
-    return Metadata(
-        state_dict_metadata=sdm,
-        planner_data=planner_data,
-        storage_data=storage,
-        storage_meta=storage_meta,
-        version=version if isinstance(version, str) else None,
+    return storage
+
+
+def _decode_storage_meta(meta: Any, path: str) -> StorageMeta | None:
+    """``storage_meta`` (checkpoint and save ids, modules), or None."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise _C.FormatError(f"{path}: storage_meta must be an object or null")
+    for key in ("checkpoint_id", "save_id"):
+        if not isinstance(meta.get(key), str | None):
+            raise _C.FormatError(f"{path}: storage_meta.{key} must be a string or null")
+    modules = meta.get("modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise _C.FormatError(f"{path}: storage_meta.modules must be a list of strings")
+    return StorageMeta(
+        checkpoint_id=meta.get("checkpoint_id"), save_id=meta.get("save_id"), modules=modules
     )
 
 
