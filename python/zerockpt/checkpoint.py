@@ -24,18 +24,22 @@ _WAIT_SLICE = 0.1
 
 
 class PendingSave:
-    """A save running in the background, returned by :func:`save_async`.
+    """A save running in the background, from :func:`save_async` or :meth:`Checkpointer.save`.
 
-    Like :class:`concurrent.futures.Future`: :meth:`done` polls, :meth:`result` waits and
-    raises the save's error, :meth:`exception` waits and returns it. A save whose error nobody
-    asked for is reported on stderr when the interpreter exits.
-
-    Made by :func:`save_async` and :meth:`Checkpointer.save`, not by users.
+    Like :class:`concurrent.futures.Future`: :meth:`done` polls, :meth:`result` waits and raises
+    the save's error, :meth:`exception` waits and returns it. An error nobody asked for is
+    printed on stderr when the interpreter exits.
 
     Args:
         handle: The C++ save in flight, or None for a save that completed before this was
             created.
         path: The destination file.
+
+    Example:
+        >>> pending = zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors")
+        >>> pending.result()
+        >>> pending.done(), pending.path
+        (True, 'model.safetensors')
     """
 
     def __init__(self, handle: _C._PendingSave | None, path: str) -> None:
@@ -58,7 +62,7 @@ class PendingSave:
         return self._handle is None or self._handle.done()
 
     def result(self, timeout: float | None = None) -> None:
-        """Waits until the file is written and durable (if asked for).
+        """Waits until the file is written (and durable, if asked for).
 
         Args:
             timeout: Seconds to wait at most; None waits as long as it takes.
@@ -79,8 +83,7 @@ class PendingSave:
             timeout: Seconds to wait at most; None waits as long as it takes.
 
         Returns:
-            The error that failed the save (e.g. an ``OSError`` with errno and filename set), or
-            None if it succeeded.
+            The error that failed the save (e.g. an ``OSError``), or None if it succeeded.
 
         Raises:
             TimeoutError: The save is still running after ``timeout`` seconds.
@@ -186,34 +189,20 @@ def save_async(
 ) -> PendingSave:
     """Saves like :func:`save`, blocking only while the tensors are copied.
 
-    The tensors are copied into a snapshot buffer (pinned host memory when some live on a GPU,
-    copied on each device's current stream), then a background C++ thread checksums the
-    snapshot and writes the file, without the GIL. So the caller may change the tensors (take
-    the next optimizer step) as soon as this returns: the file holds their values at the time
-    of the call. The file appears atomically at ``path`` once complete, as with :func:`save`.
-
-    One save runs at a time per process: a second ``save_async`` first waits for the one in
-    flight to be written. The snapshot buffer is kept and reused by later saves (it grows to
-    the largest state saved; :func:`release_snapshot_buffer` frees it), so memory stays
-    bounded by one copy of the state and steady-state copies do not pay for fresh pages.
-    Files of 64 MiB or more are written with O_DIRECT straight from the snapshot, which keeps
-    the page cache (and the kernel time it costs) out of the training process's way.
-
-    When the interpreter exits, it waits for the save in flight to finish; a failure that was
-    never asked for is printed on stderr then.
-
-    >>> pending = zerockpt.save_async({"model": model.state_dict(), "step": 7}, "ckpt.safetensors")
-    >>> optimizer.step()  # safe: the snapshot is already taken
-    >>> pending.result()  # raises if the write failed
+    The tensors are copied into a snapshot buffer that is kept for the next save (see
+    :func:`release_snapshot_buffer`); a background thread then writes the file. The caller may
+    change the tensors as soon as this returns. One save runs at a time per process: a second
+    call first waits for the one in flight. Interpreter exit waits for it too. See
+    docs/design.md, "Asynchronous saves".
 
     Args:
-        obj: What :func:`save` takes: a mapping of names to tensors, a module, or nested
-            training state. Tensors may also be on CUDA (or another accelerator).
-        path: Destination file. Its directory must exist.
+        obj: What :func:`save` takes: names to tensors, a module, or nested training state, on
+            any device.
+        path: The destination file; its directory must exist.
         metadata: Extra ``str -> str`` header entries, as for :func:`save`.
         durable: fsync the file and its directory before the save counts as done.
-        direct_io: True or False forces O_DIRECT on or off; None chooses by size as above.
-        threads: Threads that copy, checksum and write; default ``min(cpu_count, 8)``.
+        direct_io: Force O_DIRECT on or off; None chooses by size.
+        threads: Threads that copy, checksum and write; None: the default.
         checksums: Store each tensor's CRC-32C, as for :func:`save`.
 
     Returns:
@@ -223,6 +212,15 @@ def save_async(
         TypeError, ValueError: As :func:`save`, for input that cannot be stored; raised here,
             before anything is copied.
         MemoryError: The snapshot buffer cannot be allocated.
+
+    Example:
+        >>> weights = {"w": torch.ones(2)}
+        >>> pending = zerockpt.save_async(weights, "model.safetensors")
+        >>> weights["w"].add_(1)  # safe: the snapshot is already taken
+        tensor([2., 2.])
+        >>> pending.result()  # raises if the write failed
+        >>> zerockpt.load("model.safetensors")["w"]
+        tensor([1., 1.])
     """
     flat, metadata, own = _prepare_save(obj, metadata)
     return _start(
@@ -242,8 +240,12 @@ def save_async(
 def release_snapshot_buffer() -> None:
     """Waits for the save in flight, then frees the buffer :func:`save_async` keeps for reuse.
 
-    The next ``save_async`` allocates a new one (and pays for its fresh pages). This raises
-    nothing: the error of a failed save stays with its :class:`PendingSave`.
+    The next ``save_async`` allocates a new one. This raises nothing: the error of a failed save
+    stays with its :class:`PendingSave`.
+
+    Example:
+        >>> zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors").result()
+        >>> zerockpt.release_snapshot_buffer()
     """
     previous = _last
     if previous is not None:
@@ -305,38 +307,35 @@ def _check_step(step: int) -> int:
 class Checkpointer:
     """Step-numbered checkpoints in one directory, for training loops.
 
-    Each :meth:`save` writes ``step_<step>.safetensors`` (atomically, as :func:`save` does),
-    reopens it and checks its header as a load does, then updates the text file ``latest``
-    (atomically too) to name it, then removes older checkpoints beyond ``keep_last``: a save
-    that fails at any point removes nothing. With ``async_save=True`` all of that happens in
-    the background after the state is snapshotted (see :func:`save_async`). :meth:`load_latest`
-    resumes from the newest checkpoint that loads and verifies, skipping (with a warning) any
-    that fail.
-
-    >>> ckpt = zerockpt.Checkpointer("checkpoints", keep_last=3)
-    >>> found = ckpt.load_latest()
-    >>> if found is not None:
-    ...     step, state = found
-    ...     model.load_state_dict(state["model"])
-    ...     optimizer.load_state_dict(state["optim"])
-    >>> ckpt.save(step, {"model": model.state_dict(), "optim": optimizer.state_dict()},
-    ...           async_save=True)
-
-    One process should own a directory (in data-parallel training, rank 0). The error of a
-    failed background save is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`.
+    :meth:`save` writes ``step_<step>.safetensors``, checks that it reopens, then points the file
+    ``latest`` at it and removes checkpoints beyond ``keep_last``; a save that fails removes
+    nothing. :meth:`load_latest` resumes from the newest checkpoint that loads and verifies. One
+    process should own a directory (in data-parallel training, rank 0). The error of a failed
+    background save is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`.
 
     Args:
         directory: Where the checkpoints go; created if missing.
-        keep_last: How many checkpoints to keep (the one just saved and the highest-numbered
+        keep_last: How many checkpoints to keep (the newest one and the highest-numbered
             others); None keeps all.
         durable: fsync each checkpoint (and ``latest``) before it counts as saved.
         checksums: Store CRC-32C checksums, which :meth:`load_latest` verifies.
-        threads: Threads for copying, checksumming and writing; default ``min(cpu_count, 8)``.
+        threads: Threads for copying, checksumming and writing; None: the default.
 
     Raises:
         TypeError: ``directory`` is not a str or ``os.PathLike``.
         ValueError: ``keep_last`` or ``threads`` is neither a positive int nor None.
         OSError: The directory cannot be created.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with zerockpt.Checkpointer("checkpoints", keep_last=2) as ckpt:
+        ...     for step in range(3):
+        ...         _ = ckpt.save(step, {"model": model.state_dict()}, async_save=True)
+        >>> ckpt.steps()
+        [1, 2]
+        >>> step, state = ckpt.load_latest()
+        >>> step, list(state["model"])
+        (2, ['weight', 'bias'])
     """
 
     POINTER = "latest"
@@ -420,17 +419,16 @@ class Checkpointer:
         Args:
             step: A non-negative int; saving a step again replaces its checkpoint.
             state: What :func:`save` takes, e.g. ``{"model": ..., "optim": ..., "step": ...}``.
-            async_save: Return once the state is snapshotted (see :func:`save_async`);
-                ``latest`` and retention are then updated in the background, after the
-                checkpoint is complete.
+            async_save: Return once the state is snapshotted (see :func:`save_async`); ``latest``
+                and retention are then updated in the background, after the checkpoint is complete.
             metadata: Extra ``str -> str`` header entries.
 
         Returns:
             A :class:`PendingSave`, already done unless ``async_save``.
 
         Raises:
-            OSError: This save failed, or the previous background save did (then this one was
-                not started).
+            OSError: This save failed, or the previous background save did (then this one was not
+                started).
             TypeError, ValueError: ``state`` cannot be stored (as for :func:`save`); also
                 ValueError for a ``step`` that is not a non-negative int.
         """
@@ -470,8 +468,8 @@ class Checkpointer:
 
         Args:
             step: The step to load.
-            verify: Check every tensor's bytes against its stored CRC-32C before returning (a
-                file without checksums loads unchecked, with a warning).
+            verify: Check every tensor against its stored CRC-32C first (a file without checksums
+                loads unchecked, with a warning).
             mmap: Return zero-copy views of a private mapping of the file; False reads it into
                 fresh memory.
 
@@ -491,16 +489,13 @@ class Checkpointer:
     def load_latest(self, *, verify: bool = True, mmap: bool = True) -> tuple[int, Any] | None:
         """Loads the newest checkpoint that loads (and verifies), to resume training from.
 
-        The one ``latest`` names is tried first, then the others from the highest step down.
-        One whose load raises any ``Exception`` (it cannot be opened, is truncated or
-        malformed, holds a dtype torch cannot represent, fails its checksums with ``verify``,
-        runs out of memory, ...) is skipped with a warning naming it, the error type and
-        message; ``KeyboardInterrupt`` is not caught. A background save of this checkpointer is
-        waited for first; its error, if any, is left for the next :meth:`save`, :meth:`wait`
-        or :meth:`close`.
+        The one ``latest`` names is tried first, then the others from the highest step down. One
+        whose load raises any ``Exception`` is skipped with a warning naming it and the error
+        (``KeyboardInterrupt`` is not caught). A background save of this checkpointer is waited for
+        first; its error is left for the next :meth:`save`, :meth:`wait` or :meth:`close`.
 
         Args:
-            verify: Check each checkpoint's bytes against its stored CRC-32C before taking it.
+            verify: Check each checkpoint against its stored CRC-32C before taking it.
             mmap: Return zero-copy views of a private mapping of the file; False reads it into
                 fresh memory.
 
