@@ -185,7 +185,7 @@ def read_index(path: str) -> ShardIndex:
             file name (empty, ``.``, ``..``, or holding ``/``, ``\\`` or NUL), ``metadata`` is
             not an object, ``metadata.total_size`` is not a non-negative number, or a
             ``zerockpt.*`` metadata entry is not a str; the file is not a regular file (a
-            FIFO, a device), or is over 256 MiB. The message names the file.
+            FIFO, a device), or is over ``MAX_INDEX_BYTES``. The message names the file.
         IsADirectoryError: The path is a directory.
         OSError: The file cannot be read (errno and filename set).
     """
