@@ -476,13 +476,18 @@ def test_stub_signatures_match_the_extension() -> None:
 
 # --- examples -----------------------------------------------------------------------------------
 
-# Every public function and class shows one use in an Example: section, which runs here as a
-# doctest in an empty directory (so it cannot go stale); module docstrings' examples run too.
+# Every public function, class and method users call (not properties, not torch's protocol
+# hooks) shows one use in an Example: section, which runs here as a doctest in an empty
+# directory, so it cannot go stale; module docstrings' examples run too.
 EXAMPLE_OBJECTS = [
     *PUBLIC_FUNCTIONS,
     *PUBLIC_CLASSES,
     *[(f"{name} (module)", module) for name, module in PUBLIC_MODULES.items()],
-    *[(where, member) for where, _, _, member in PUBLIC_METHODS if ">>>" in _own_doc(member)],
+    *[
+        (where, member)
+        for where, cls, name, member in PUBLIC_METHODS
+        if not isinstance(member, property) and not _is_protocol_hook(cls, name)
+    ],
 ]
 
 
@@ -490,8 +495,10 @@ EXAMPLE_OBJECTS = [
 def test_docstring_example_runs(
     where: str, obj: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if isinstance(obj, classmethod | staticmethod):
+        obj = obj.__func__
     doc = _own_doc(obj) if not isinstance(obj, types.ModuleType) else (obj.__doc__ or "")
-    if not isinstance(obj, types.ModuleType | property):
+    if not isinstance(obj, types.ModuleType):
         sections = _sections(doc, where)
         assert "Example" in sections, f"{where}: no Example: section"
         assert ">>>" in "\n".join(sections["Example"]), f"{where}: Example: has no >>> lines"

@@ -58,6 +58,12 @@ class PendingSave:
 
         Returns:
             True once the file is written (or the save failed).
+
+        Example:
+            >>> pending = zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors")
+            >>> pending.result()
+            >>> pending.done()
+            True
         """
         return self._handle is None or self._handle.done()
 
@@ -71,6 +77,9 @@ class PendingSave:
             TimeoutError: The save is still running after ``timeout`` seconds.
             OSError: The file could not be written (errno and filename set); nothing was left at
                 the destination, and a file already there is unchanged.
+
+        Example:
+            >>> zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors").result(timeout=60)
         """
         error = self.exception(timeout)
         if error is not None:
@@ -87,6 +96,11 @@ class PendingSave:
 
         Raises:
             TimeoutError: The save is still running after ``timeout`` seconds.
+
+        Example:
+            >>> pending = zerockpt.save_async({"w": torch.ones(2)}, "no/such/dir/model.safetensors")
+            >>> type(pending.exception())
+            <class 'FileNotFoundError'>
         """
         self._wait(timeout)
         self._settle()
@@ -377,6 +391,10 @@ class Checkpointer:
 
         Raises:
             ValueError: ``step`` is not a non-negative int.
+
+        Example:
+            >>> zerockpt.Checkpointer("checkpoints").path(1000).name
+            'step_00001000.safetensors'
         """
         return self._directory / _file_name(_check_step(step))
 
@@ -388,6 +406,13 @@ class Checkpointer:
 
         Raises:
             OSError: The directory cannot be read.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> for step in (10, 20):
+            ...     _ = ckpt.save(step, {"w": torch.ones(2)})
+            >>> ckpt.steps()
+            [10, 20]
         """
         found = []
         for entry in os.scandir(self._directory):
@@ -402,6 +427,12 @@ class Checkpointer:
         Returns:
             That step, or None if ``latest`` is missing, unreadable or malformed, or names a
             checkpoint whose file does not exist.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> _ = ckpt.save(7, {"w": torch.ones(2)})
+            >>> ckpt.latest_step()
+            7
         """
         step = self._pointer_step()
         return step if step is not None and self.path(step).is_file() else None
@@ -431,6 +462,13 @@ class Checkpointer:
                 started).
             TypeError, ValueError: ``state`` cannot be stored (as for :func:`save`); also
                 ValueError for a ``step`` that is not a non-negative int.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints", keep_last=2)
+            >>> pending = ckpt.save(1, {"w": torch.ones(2), "step": 1}, async_save=True)
+            >>> pending.result()
+            >>> ckpt.steps()
+            [1]
         """
         path = self.path(step)
         self.wait()
@@ -458,7 +496,16 @@ class Checkpointer:
         return PendingSave(None, str(path))
 
     def wait(self) -> None:
-        """Waits for the background save, if any; raises its error (once)."""
+        """Waits for the background save, if any; raises its error (once).
+
+        Raises:
+            OSError: The background save failed (errno and filename set).
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> _ = ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+            >>> ckpt.wait()  # raises if that save failed
+        """
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -483,6 +530,12 @@ class Checkpointer:
             FormatError: The file is not valid safetensors.
             OSError: The file cannot be opened or read (errno and filename set).
             TypeError: A stored dtype has no torch equivalent.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> _ = ckpt.save(3, {"w": torch.ones(2), "step": 3})
+            >>> ckpt.load(3)["step"]
+            3
         """
         return load(self.path(step), verify=verify, mmap=mmap)
 
@@ -504,6 +557,14 @@ class Checkpointer:
 
         Raises:
             OSError: The directory cannot be read.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> ckpt.load_latest() is None  # nothing saved yet
+            True
+            >>> _ = ckpt.save(5, {"w": torch.ones(2)})
+            >>> ckpt.load_latest()
+            (5, {'w': tensor([1., 1.])})
         """
         pending = self._pending
         if pending is not None:
@@ -533,7 +594,15 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
-        """Waits for the background save, if any (raising its error)."""
+        """Waits for the background save, if any (raising its error).
+
+        Raises:
+            OSError: The background save failed (errno and filename set).
+
+        Example:
+            >>> with zerockpt.Checkpointer("checkpoints") as ckpt:  # close() on leaving the block
+            ...     _ = ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+        """
         self.wait()
 
     def __enter__(self) -> Checkpointer:

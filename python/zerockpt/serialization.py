@@ -520,6 +520,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
         Returns:
             The names in saved order (sharded: the index's order), aliases included.
+
+        Example:
+            >>> zerockpt.save({"b": torch.ones(1), "a": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").keys()
+            ['b', 'a']
         """
         return list(self._keys)
 
@@ -535,6 +540,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
         Raises:
             KeyError: There is no tensor ``name``.
             ValueError: The file is closed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").file_of("w")
+            'model.safetensors'
         """
         handle = self._handle(name)
         handle.info(name)  # KeyError for a name a single file does not hold
@@ -549,6 +559,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
         Raises:
             ValueError: The file is closed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors", metadata={"epoch": "3"})
+            >>> zerockpt.open("model.safetensors").metadata()["epoch"]
+            '3'
         """
         files = self._handles()
         return files[0].metadata() if files else {}
@@ -566,6 +581,12 @@ class TensorFile(Mapping[str, torch.Tensor]):
         Raises:
             KeyError: There is no tensor ``name``.
             ValueError: The file is closed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2, 3)}, "model.safetensors")
+            >>> info = zerockpt.open("model.safetensors").info("w")
+            >>> info.dtype, info.shape, info.nbytes
+            (torch.float32, (2, 3), 24)
         """
         fmt, shape, begin, end, alias_of = self._handle(name).info(name)
         return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
@@ -585,6 +606,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
             FormatError: A file's checksum metadata is malformed.
             OSError: A file cannot be read (errno and filename set).
             ImportError: ``progress=True`` and tqdm is not installed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").verify().ok
+            True
         """
         files = self._handles()
         workers, per_file = sharded.thread_budget(_threads(threads), len(files))
@@ -626,6 +652,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
             ValueError: The file is closed.
             TypeError: The stored dtype has no torch equivalent.
             OSError: With ``mmap=False``, the bytes cannot be read (errno and filename set).
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").get_tensor("w", mmap=False)
+            tensor([1., 1.])
         """
         return self._handle(name).get_tensor(name, mmap)
 
@@ -648,7 +679,16 @@ class TensorFile(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def close(self) -> None:
-        """Releases the file(s); tensors already taken from them stay valid."""
+        """Releases the file(s); tensors already taken from them stay valid.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> f = zerockpt.open("model.safetensors")
+            >>> w = f["w"]
+            >>> f.close()
+            >>> w  # still valid
+            tensor([1., 1.])
+        """
         self._files = None
 
     def __enter__(self) -> TensorFile:
