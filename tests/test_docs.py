@@ -55,13 +55,31 @@ def test_architecture_names_no_missing_file() -> None:
     assert not gone, f"docs/architecture.md names files that do not exist: {gone}"
 
 
-def test_docs_link_each_other_and_the_readme_links_them() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "docs/architecture.md" in readme
-    assert "docs/design.md" in readme
-    for doc in ("architecture.md", "design.md"):
-        for link in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]+)?\)", (DOCS / doc).read_text()):
-            assert (DOCS / link).resolve().is_file(), f"docs/{doc} links to missing {link}"
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_links_between_the_docs_resolve() -> None:
+    """The README links both maintainer docs; links among README.md and docs/*.md reach an
+    existing file and, with ``#anchor``, an existing heading."""
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    assert "(docs/architecture.md" in text
+    assert "(docs/design.md" in text
+    for page in [readme, *sorted(DOCS.glob("*.md"))]:
+        for target, anchor in re.findall(
+            r"\]\(([\w./-]+\.md)(?:#([\w-]+))?\)", page.read_text(encoding="utf-8")
+        ):
+            linked = (page.parent / target).resolve()
+            where = f"{page.relative_to(ROOT)} -> {target}"
+            assert linked.is_file(), f"{where}: no such file"
+            if anchor:
+                assert anchor in _anchors(linked), f"{where}: no heading #{anchor}"
 
 
 # --- design.md's constants ----------------------------------------------------------------------
