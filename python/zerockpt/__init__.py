@@ -10,6 +10,8 @@ private memory mapping.
 torch.Size([2, 3])
 """
 
+from typing import TYPE_CHECKING
+
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 # A clear ImportError when the installed torch is not the one _C was built for, then loads _C.
@@ -27,9 +29,13 @@ from zerockpt.serialization import (
     verify,
 )
 
+if TYPE_CHECKING:
+    from zerockpt.distributed import DistributedCheckpointer
+
 __all__ = [
     "Checkpointer",
     "ChecksumError",
+    "DistributedCheckpointer",
     "FormatError",
     "PendingSave",
     "TensorFile",
@@ -45,3 +51,12 @@ __all__ = [
     "verify",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # torch.distributed.checkpoint is imported on first use, not by `import zerockpt`.
+    if name == "DistributedCheckpointer":
+        from zerockpt.distributed import DistributedCheckpointer
+
+        return DistributedCheckpointer
+    raise AttributeError(f"module 'zerockpt' has no attribute {name!r}")

@@ -296,20 +296,45 @@ atexit.register(_finish_pending_saves)
 os.register_at_fork(after_in_child=_forget_parent_saves)
 
 
-_STEP_FILE = re.compile(r"step_([0-9]+)\.safetensors")
+_STEP_NAME = re.compile(r"step_([0-9]+)(.*)", re.DOTALL)
+_FILE_SUFFIX = ".safetensors"
 
 
-def _step_of(name: str) -> int | None:
-    """The step of a checkpoint file name, exactly as :meth:`Checkpointer.path` spells it."""
-    match = _STEP_FILE.fullmatch(name)
-    if match is None:
+def _step_of(name: str, suffix: str = _FILE_SUFFIX) -> int | None:
+    """The step of a checkpoint name, exactly as :func:`_file_name` spells it with ``suffix``."""
+    match = _STEP_NAME.fullmatch(name)
+    if match is None or match.group(2) != suffix:
         return None
     step = int(match.group(1))
-    return step if name == _file_name(step) else None
+    return step if name == _file_name(step, suffix) else None
 
 
-def _file_name(step: int) -> str:
-    return f"step_{step:08d}.safetensors"
+def _file_name(step: int, suffix: str = _FILE_SUFFIX) -> str:
+    return f"step_{step:08d}{suffix}"
+
+
+def _pointer_step(pointer: str, suffix: str = _FILE_SUFFIX) -> int | None:
+    """The step the pointer file names, or None if it is missing, unreadable or malformed."""
+    try:
+        text = read_small_file(pointer, MAX_POINTER_BYTES, "pointer").decode("utf-8").strip()
+    except (OSError, ValueError):  # FormatError, UnicodeDecodeError: not a pointer
+        return None
+    return _step_of(text, suffix)
+
+
+def _check_keep_last(keep_last: int | None) -> None:
+    if keep_last is not None and (
+        not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
+    ):
+        raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+
+
+def _retired(steps: list[int], step: int, keep_last: int | None) -> list[int]:
+    """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
+    if keep_last is None:
+        return []
+    others = sorted((s for s in steps if s != step), reverse=True)
+    return others[keep_last - 1 :]
 
 
 def _check_step(step: int) -> int:
@@ -363,10 +388,7 @@ class Checkpointer:
         checksums: bool = True,
         threads: int | None = None,
     ) -> None:
-        if keep_last is not None and (
-            not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
-        ):
-            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        _check_keep_last(keep_last)
         self._directory = Path(_fspath(directory))
         self._directory.mkdir(parents=True, exist_ok=True)
         self._keep_last = keep_last
@@ -625,16 +647,8 @@ class Checkpointer:
         return f"Checkpointer({str(self._directory)!r}, keep_last={self._keep_last})"
 
     def _pointer_step(self) -> int | None:
-        where = str(self._directory / self.POINTER)
-        try:
-            text = read_small_file(where, MAX_POINTER_BYTES, "pointer").decode("utf-8").strip()
-        except (OSError, ValueError):  # FormatError, UnicodeDecodeError: not a pointer
-            return None
-        return _step_of(text)
+        return _pointer_step(str(self._directory / self.POINTER))
 
     def _to_remove(self, step: int) -> list[int]:
         """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
-        if self._keep_last is None:
-            return []
-        others = sorted((s for s in self.steps() if s != step), reverse=True)
-        return others[self._keep_last - 1 :]
+        return _retired(self.steps(), step, self._keep_last)
