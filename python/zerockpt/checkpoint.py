@@ -206,8 +206,9 @@ def save_async(
     The tensors are copied into a snapshot buffer that is kept for the next save (see
     :func:`release_snapshot_buffer`); a background thread then writes the file. The caller may
     change the tensors as soon as this returns. One save runs at a time per process: a second
-    call first waits for the one in flight. Interpreter exit waits for it too. See
-    docs/design.md, "Asynchronous saves".
+    call first waits for the one in flight. Interpreter exit waits for it too. Unlike
+    :func:`save`, it takes no ``progress`` or ``staging_bytes``: it returns before the bytes are
+    written, and the snapshot is one buffer. See docs/design.md, "Asynchronous saves".
 
     Args:
         obj: What :func:`save` takes: names to tensors, a module, or nested training state, on
