@@ -95,6 +95,44 @@ def test_load(
     _check_loaded(loaded, datasets[dataset])
 
 
+# --- in memory: a file's bytes in, no file ----------------------------------------------------
+
+LOAD_BYTES_METHODS: dict[str, Callable[[bytes], dict[str, torch.Tensor]]] = {
+    "safetensors.torch.load": lambda data: safetensors.torch.load(data),
+    "zerockpt.load_bytes": lambda data: zerockpt.load_bytes(data),
+}
+
+
+@pytest.fixture(scope="module")
+def file_bytes(
+    datasets: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, bytes]:
+    """input -> the bytes of its file, written by safetensors (which both methods read)."""
+    return {name: safetensors.torch.save(safetensors_view(sd)) for name, sd in datasets.items()}
+
+
+@pytest.mark.parametrize("method", list(LOAD_BYTES_METHODS))
+@pytest.mark.parametrize("dataset", ["gpt2", "small"])
+def test_load_bytes(
+    benchmark: BenchmarkFixture,
+    datasets: dict[str, dict[str, torch.Tensor]],
+    file_bytes: dict[str, bytes],
+    dataset: str,
+    method: str,
+) -> None:
+    """One loader turning the bytes of one file into independent tensors."""
+    benchmark.group = f"load bytes {dataset}"
+    benchmark.extra_info["bytes"] = total_nbytes(datasets[dataset])
+    loaded = benchmark.pedantic(
+        LOAD_BYTES_METHODS[method],
+        args=(file_bytes[dataset],),
+        rounds=LOAD_ROUNDS,
+        warmup_rounds=1,
+        iterations=1,
+    )
+    _check_loaded(loaded, datasets[dataset])
+
+
 # --- load + touch every byte ------------------------------------------------------------------
 
 

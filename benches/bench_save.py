@@ -6,6 +6,7 @@ dirty data (``os.sync``) so that no round pays for another's writeback.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 from collections.abc import Callable
@@ -109,6 +110,42 @@ def test_save(
     )
     _record(benchmark, total_nbytes(sd))
     assert path.stat().st_size >= total_nbytes(sd)
+
+
+# --- in memory: bytes out, no file -------------------------------------------------------------
+
+SAVE_BYTES_METHODS: dict[str, Callable[[dict[str, torch.Tensor]], bytes]] = {
+    "safetensors.torch.save": lambda sd: safetensors.torch.save(sd),
+    "zerockpt.save_bytes": lambda sd: zerockpt.save_bytes(sd),
+    "zerockpt.save_bytes checksums=False": lambda sd: zerockpt.save_bytes(sd, checksums=False),
+    "torch.save BytesIO": lambda sd: _torch_save_bytes(sd),
+}
+
+
+def _torch_save_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    out = io.BytesIO()
+    torch.save(sd, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("method", list(SAVE_BYTES_METHODS))
+@pytest.mark.parametrize("dataset", ["gpt2", "small"])
+def test_save_bytes(
+    benchmark: BenchmarkFixture,
+    datasets: dict[str, dict[str, torch.Tensor]],
+    rounds: dict[str, int],
+    dataset: str,
+    method: str,
+) -> None:
+    """One serializer turning one input into the bytes of a file, in memory."""
+    sd = datasets[dataset]
+    arg = safetensors_view(sd) if method.startswith("safetensors") else sd
+    benchmark.group = f"save bytes {dataset}"
+    data = benchmark.pedantic(
+        SAVE_BYTES_METHODS[method], args=(arg,), rounds=rounds[dataset], warmup_rounds=1
+    )
+    _record(benchmark, total_nbytes(sd))
+    assert len(data) >= total_nbytes(sd)
 
 
 # --- raw limits: the same tensor bytes, concatenated, written without any format -------------

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -256,11 +257,34 @@ void stage(Stage&& run) {
   }
 }
 
+// The input read as the start of a longer stream (file objects, through the descriptor): the
+// file ends where its header says, within the input, its tensors tile that region, and an exact
+// open of the whole input (`exact`, if it succeeded) ends at the input's end.
+void check_open_ended(size_t size, const Header* exact) {
+  try {
+    zerockpt::SafetensorsFile file(g_memfd, 0, "stream", /*exact_size=*/false);
+    const Header& h = file.header();
+    require(file.image_end() <= size, "an open-ended file ends within the input");
+    check_header(h, file.image_end());
+    if (exact) require(file.image_end() == size, "an exact file ends at the input's end");
+  } catch (const zerockpt::Error&) {
+    require(exact == nullptr, "what opens exactly opens open-ended");
+  }
+}
+
 void run_one(const uint8_t* data, size_t size) {
-  zerockpt::SafetensorsFile file(g_path);
+  std::optional<zerockpt::SafetensorsFile> opened;
+  try {
+    opened.emplace(g_path);
+  } catch (const zerockpt::Error&) {
+    check_open_ended(size, nullptr);
+    throw;
+  }
+  zerockpt::SafetensorsFile& file = *opened;
   require(file.file_size() == size, "file_size is the input size");
   const Header& h = file.header();
   check_header(h, size);
+  check_open_ended(size, &h);
   stage([&] { check_aliases(h); });
   if (h.data_size > kMaxReadBytes) return;
   std::vector<uint8_t> buf = read_data(file, data);

@@ -183,7 +183,7 @@ uint64_t tensor_nbytes(Dtype dtype, const std::vector<uint64_t>& shape, const st
 }
 
 Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
-                    const std::string& path) {
+                    const std::string& path, bool exact_size) {
   Header h;
   h.data_start = 8 + json_size;
   h.data_size = file_size - h.data_start;
@@ -217,6 +217,11 @@ Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
     if (!r.at_end()) r.fail("unexpected data after the header object");
   } catch (const JsonSyntaxError& e) {
     format_error(path, header_context(e));
+  }
+  if (!exact_size) {
+    uint64_t extent = 0;
+    for (const auto& t : h.tensors) extent = std::max(extent, t.end);
+    if (extent <= h.data_size) h.data_size = extent;  // else validate_offsets names the tensor
   }
   validate_offsets(h, path);
   return h;

@@ -43,9 +43,11 @@ struct Header {
 uint64_t checked_header_size(const uint8_t prefix[8], uint64_t file_size, const std::string& path);
 
 // Parses and validates the JSON of `json_size` bytes for a file of `file_size` bytes; throws
-// FormatError naming `path` (and the tensor and byte offset at fault) on any violation.
+// FormatError naming `path` (and the tensor and byte offset at fault) on any violation. With
+// `exact_size` false the data region ends where its last tensor does (data_size), and bytes
+// after it up to `file_size` are not the file's: a stream holding more than one file.
 Header parse_header(const char* json, uint64_t json_size, uint64_t file_size,
-                    const std::string& path);
+                    const std::string& path, bool exact_size = true);
 
 // Byte size of a tensor of `shape` and `dtype`; throws FormatError naming `name` on overflow
 // or on a sub-byte dtype whose size is not a whole number of bytes.

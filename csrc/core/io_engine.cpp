@@ -97,13 +97,13 @@ const uint8_t* segment_bytes(const Layout& layout, const std::vector<WriteSource
 // Zero-copy: pwritev straight from tensor memory (or the staged buffer); fill() sources go
 // through staging. Without checksums only: the bytes are read twice (CRC, then the kernel's
 // copy), and another thread may change tensor memory in between.
-void write_chunk_zero_copy(int fd, const std::string& path, const Plan& plan, const Layout& layout,
+void write_chunk_zero_copy(WriteSink& sink, const Plan& plan, const Layout& layout,
                            const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
                            const uint8_t* staged) {
   std::vector<iovec> iov;
   uint64_t iov_start = start;
   auto flush = [&](uint64_t next_offset) {
-    if (!iov.empty()) pwritev_full(fd, iov, iov_start, path);
+    if (!iov.empty()) sink.writev(iov, iov_start);
     iov.clear();
     iov_start = next_offset;
   };
@@ -120,7 +120,7 @@ void write_chunk_zero_copy(int fd, const std::string& path, const Plan& plan, co
     for (uint64_t pos = lo; pos < hi; pos += staging.size()) {
       uint64_t n = std::min(staging.size(), hi - pos);
       sources[s.source].fill(pos - s.file_offset, n, staging.data());
-      pwrite_full(fd, staging.data(), n, pos, path);
+      sink.write(staging.data(), n, pos);
     }
     iov_start = hi;
   });
@@ -131,7 +131,7 @@ void write_chunk_zero_copy(int fd, const std::string& path, const Plan& plan, co
 // buffer), checksums the pieces there and writes that buffer: each CRC describes the very bytes
 // written, even if another thread changes tensor memory meanwhile. For O_DIRECT (`direct`), the
 // write is padded to whole pages.
-void write_chunk_assembled(int fd, const std::string& path, const Plan& plan, const Layout& layout,
+void write_chunk_assembled(WriteSink& sink, const Plan& plan, const Layout& layout,
                            const std::vector<WriteSource>& sources, uint64_t start, uint64_t end,
                            uint8_t* staged, bool direct, std::vector<Piece>* pieces) {
   std::optional<StagingBuffer> own;
@@ -153,7 +153,7 @@ void write_chunk_assembled(int fd, const std::string& path, const Plan& plan, co
     std::memset(buf + len, 0, padded - len);
     len = padded;
   }
-  pwrite_full(fd, buf, len, start, path);
+  sink.write(buf, len, start);
 }
 
 // The staged pieces of each chunk that has any; `slot[k]` is chunk k's index in that list.
@@ -248,23 +248,37 @@ void expect_progress(Progress* progress, uint64_t bytes, const std::string& what
   progress->expect(bytes);
 }
 
-void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
-                const std::vector<WriteSource>& sources, const WriteOptions& options) {
-  Plan plan = make_plan(layout, specs);
-  bool want_direct =
-      options.direct_io == DirectIo::kOn || (options.direct_io == DirectIo::kAuto &&
-                                             options.durable && plan.file_size >= kDirectMinBytes);
-  AtomicFile file(path, want_direct);
-  unsigned threads = options.threads ? options.threads : default_threads();
+namespace {
+
+// An AtomicFile's sink: with O_DIRECT, the final header goes out from page-aligned memory.
+class AtomicFileSink : public FdSink {
+ public:
+  AtomicFileSink(const AtomicFile& file, const std::string& path)
+      : FdSink(file.fd(), 0, path), direct_(file.direct()) {}
+  void rewrite_prefix(const std::string& prefix) override {
+    if (!direct_) return FdSink::rewrite_prefix(prefix);
+    StagingBuffer aligned(prefix.size());
+    std::memcpy(aligned.data(), prefix.data(), prefix.size());
+    write(aligned.data(), prefix.size(), 0);
+  }
+
+ private:
+  bool direct_;
+};
+
+// The chunks of `plan`, by the options' threads (one, in order, for a sequential sink), then
+// the final header. `direct`: pad writes to whole pages (O_DIRECT).
+void write_chunks(WriteSink& sink, const std::string& path, const Plan& plan, const Layout& layout,
+                  const std::vector<TensorSpec>& specs, const std::vector<WriteSource>& sources,
+                  const WriteOptions& options, bool direct) {
+  unsigned threads = sink.sequential() ? 1 : options.threads ? options.threads : default_threads();
   size_t chunks = static_cast<size_t>((plan.file_size + kChunkBytes - 1) / kChunkBytes);
-  bool direct = file.direct();
   bool checksums = layout.checksum_offset != Layout::kNoChecksums;
   std::vector<std::vector<Piece>> pieces(checksums ? chunks : 0);
   const uint64_t prefix_size = layout.prefix.size();
   Progress* progress = options.progress;
   const std::string what = "writing " + path;
   expect_progress(progress, plan.file_size - prefix_size, what);
-  file.preallocate(plan.file_size);
   std::vector<size_t> staged_slot;
   std::vector<StagedChunk> staged = staged_chunks(plan, sources, chunks, &staged_slot);
   ChunkStager* stager = staged.empty() ? nullptr : options.stager;
@@ -287,10 +301,9 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
       }
     } give_back{stager, slot};
     if (direct || checksums) {
-      write_chunk_assembled(file.fd(), path, plan, layout, sources, start, end, buffer, direct,
-                            chunk_pieces);
+      write_chunk_assembled(sink, plan, layout, sources, start, end, buffer, direct, chunk_pieces);
     } else {
-      write_chunk_zero_copy(file.fd(), path, plan, layout, sources, start, end, buffer);
+      write_chunk_zero_copy(sink, plan, layout, sources, start, end, buffer);
     }
     // Tensor bytes only: the header is not the user's data.
     if (progress && end > prefix_size) progress->add(end - std::max(start, prefix_size));
@@ -298,17 +311,52 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   if (checksums) {
     // The header went out with placeholder digits; now that every byte is checksummed, the
     // real header replaces it (before the commit, so no reader ever sees the placeholder).
-    std::string prefix = checksummed_prefix(layout, specs, pieces);
-    if (direct) {
-      StagingBuffer aligned(prefix.size());
-      std::memcpy(aligned.data(), prefix.data(), prefix.size());
-      pwrite_full(file.fd(), aligned.data(), prefix.size(), 0, path);
-    } else {
-      pwrite_full(file.fd(), prefix.data(), prefix.size(), 0, path);
-    }
+    sink.rewrite_prefix(checksummed_prefix(layout, specs, pieces));
   }
+}
+
+}  // namespace
+
+void WriteSink::writev(std::vector<iovec>& iov, uint64_t offset) {
+  for (const iovec& v : iov) {
+    write(static_cast<const uint8_t*>(v.iov_base), v.iov_len, offset);
+    offset += v.iov_len;
+  }
+}
+
+void FdSink::write(const uint8_t* src, uint64_t size, uint64_t offset) {
+  pwrite_full(fd_, src, size, base_ + offset, name_);
+}
+
+void FdSink::writev(std::vector<iovec>& iov, uint64_t offset) {
+  pwritev_full(fd_, iov, base_ + offset, name_);
+}
+
+void MemorySink::write(const uint8_t* src, uint64_t size, uint64_t offset) {
+  std::memcpy(dst_ + offset, src, size);
+}
+
+void write_planned(WriteSink& sink, const std::string& name, const Layout& layout,
+                   const std::vector<TensorSpec>& specs, const std::vector<WriteSource>& sources,
+                   const WriteOptions& options) {
+  write_chunks(sink, name, make_plan(layout, specs), layout, specs, sources, options, false);
+  if (options.progress) options.progress->check("writing " + name);
+}
+
+void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
+                const std::vector<WriteSource>& sources, const WriteOptions& options) {
+  Plan plan = make_plan(layout, specs);
+  bool want_direct =
+      options.direct_io == DirectIo::kOn || (options.direct_io == DirectIo::kAuto &&
+                                             options.durable && plan.file_size >= kDirectMinBytes);
+  AtomicFile file(path, want_direct);
+  bool direct = file.direct();
+  file.preallocate(plan.file_size);
+  AtomicFileSink sink(file, path);
+  write_chunks(sink, path, plan, layout, specs, sources, options, direct);
   if (direct && plan.file_size % kPage != 0) file.truncate(plan.file_size);
-  if (progress) progress->check(what);  // the last moment to stop with nothing committed
+  // The last moment to stop with nothing committed.
+  if (options.progress) options.progress->check("writing " + path);
   file.commit(options.durable);
 }
 

@@ -4,12 +4,15 @@
 // How a write and a read proceed, and why: docs/design.md ("The save path", "Checksums").
 #pragma once
 
+#include <sys/uio.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/header.h"
@@ -146,6 +149,55 @@ struct WriteOptions {
 constexpr uint64_t kDirectMinBytes = 64ull << 20;
 // Bytes one thread stages or writes per task; bounds staging memory to threads * kChunkBytes.
 constexpr uint64_t kChunkBytes = 8ull << 20;
+
+// Where write_planned() puts the bytes of a file. Offsets are relative to the file's start.
+class WriteSink {
+ public:
+  virtual ~WriteSink() = default;
+  // Writes src[0, size) at `offset`. Positional sinks take calls from several threads at once
+  // (disjoint ranges); sequential ones one call at a time, at increasing, contiguous offsets.
+  virtual void write(const uint8_t* src, uint64_t size, uint64_t offset) = 0;
+  // Writes all of `iov` (which it may modify) from `offset`; by default, one write() each.
+  virtual void writev(std::vector<iovec>& iov, uint64_t offset);
+  // True if writes must come in file order from one thread (a stream).
+  virtual bool sequential() const { return false; }
+  // Writes the final header (checksums filled in) over the placeholder written first, once
+  // every other byte is written; a sequential sink must seek back to do it.
+  virtual void rewrite_prefix(const std::string& prefix) {
+    write(reinterpret_cast<const uint8_t*>(prefix.data()), prefix.size(), 0);
+  }
+};
+
+// Writes prefix + tensor bytes into `sink` (no file of its own: no atomicity, no fsync), as
+// write_file() does; `name` names the destination in errors and progress. `sources[i]`
+// matches `specs[i]`, placed at `layout.begin[i]`. A sequential sink gets the chunks in order
+// on the calling thread.
+void write_planned(WriteSink& sink, const std::string& name, const Layout& layout,
+                   const std::vector<TensorSpec>& specs, const std::vector<WriteSource>& sources,
+                   const WriteOptions& options);
+
+// The sink of an open file descriptor: pwrite at `base` + offset.
+class FdSink : public WriteSink {
+ public:
+  FdSink(int fd, uint64_t base, std::string name) : fd_(fd), base_(base), name_(std::move(name)) {}
+  void write(const uint8_t* src, uint64_t size, uint64_t offset) override;
+  void writev(std::vector<iovec>& iov, uint64_t offset) override;
+
+ private:
+  int fd_;
+  uint64_t base_;
+  std::string name_;
+};
+
+// The sink of a buffer of the whole file's size: memcpy at `offset`.
+class MemorySink : public WriteSink {
+ public:
+  explicit MemorySink(uint8_t* dst) : dst_(dst) {}
+  void write(const uint8_t* src, uint64_t size, uint64_t offset) override;
+
+ private:
+  uint8_t* dst_;
+};
 
 // Writes prefix + tensor bytes to `path` through an AtomicFile. `sources[i]` matches
 // `specs[i]`, placed at `layout.begin[i]`. If the layout has a checksum placeholder, the

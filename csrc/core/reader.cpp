@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 
@@ -15,6 +16,17 @@ SafetensorsFile::SafetensorsFile(std::string path) : path_(std::move(path)) {
   // O_NONBLOCK: a FIFO given as the path is refused below instead of waiting for a writer.
   fd_ = FileDescriptor(::open(path_.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
   if (fd_.get() < 0) throw_errno(path_, "cannot open");
+  read_header(0, true);
+}
+
+SafetensorsFile::SafetensorsFile(int fd, uint64_t base, std::string name, bool exact_size)
+    : path_(std::move(name)) {
+  fd_ = FileDescriptor(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (fd_.get() < 0) throw_errno(path_, "cannot duplicate the file descriptor");
+  read_header(base, exact_size);
+}
+
+void SafetensorsFile::read_header(uint64_t base, bool exact_size) {
   struct stat st{};
   if (::fstat(fd_.get(), &st) != 0) throw_errno(path_, "cannot stat");
   if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, path_, "cannot load a directory");
@@ -24,16 +36,20 @@ SafetensorsFile::SafetensorsFile(std::string path) : path_(std::move(path)) {
                       "at offsets)");
   }
   file_size_ = static_cast<uint64_t>(st.st_size);
-  if (file_size_ < 8) {
-    throw FormatError(path_ + ": file is " + std::to_string(file_size_) +
-                      " bytes, too small to hold a safetensors header");
+  // What follows `base` is the safetensors file: its sizes and offsets are relative to it.
+  uint64_t size = file_size_ - std::min(base, file_size_);
+  if (size < 8) {
+    std::string at = base ? " from offset " + std::to_string(base) : "";
+    throw FormatError(path_ + ": file is " + std::to_string(size) + " bytes" + at +
+                      ", too small to hold a safetensors header");
   }
   uint8_t prefix[8];
-  pread_full(fd_.get(), prefix, 8, 0, path_);
-  uint64_t n = checked_header_size(prefix, file_size_, path_);
+  pread_full(fd_.get(), prefix, 8, base, path_);
+  uint64_t n = checked_header_size(prefix, size, path_);
   std::string json(n, '\0');  // n is bounded by kMaxHeaderSize and by the file size
-  pread_full(fd_.get(), json.data(), n, 8, path_);
-  header_ = parse_header(json.data(), n, file_size_, path_);
+  pread_full(fd_.get(), json.data(), n, base + 8, path_);
+  header_ = parse_header(json.data(), n, size, path_, exact_size);
+  header_.data_start += base;  // every reader adds tensor offsets to it
 }
 
 std::shared_ptr<Mapping> SafetensorsFile::mapping() {

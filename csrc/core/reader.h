@@ -23,7 +23,13 @@ class SafetensorsFile {
  public:
   // Opens and validates; throws IoError (missing, directory, unreadable) or FormatError.
   explicit SafetensorsFile(std::string path);
+  // The file that starts at offset `base` of the open regular file `fd` (duplicated: the
+  // caller keeps its own), named `name` in messages. With `exact_size` false the file may be
+  // followed by other bytes (parse_header); image_end() is where it ends.
+  SafetensorsFile(int fd, uint64_t base, std::string name, bool exact_size);
   const std::string& path() const { return path_; }
+  // Offset of the end of the data region in the descriptor's file.
+  uint64_t image_end() const { return header_.data_start + header_.data_size; }
   const Header& header() const { return header_; }
   uint64_t file_size() const { return file_size_; }
   int fd() const { return fd_.get(); }
@@ -40,6 +46,9 @@ class SafetensorsFile {
   void raise_on_failure(const VerifyResult& result) const;
 
  private:
+  // Stats the open fd_ and reads the header that starts at `base`.
+  void read_header(uint64_t base, bool exact_size);
+
   std::string path_;
   FileDescriptor fd_;
   uint64_t file_size_ = 0;

@@ -4,6 +4,9 @@
 #include <torch/csrc/utils/device_lazy_init.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <memory>
 #include <optional>
 
 #include "core/crc32c.h"
@@ -233,31 +236,232 @@ void bind_async(py::module_& m) {
       "Waits for the save in flight, then frees save_async's snapshot buffer.");
 }
 
-// Releases GIL for open, parse and reads (taking it between chunks to check for Ctrl-C);
-// requires it to build the dicts. Returns the tensors, the metadata entries zerockpt reserves
-// (kReservedPrefix keys) and whether the file stores checksums. With `device`, the tensors are
-// new tensors there, filled through staging.
-py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
-               std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
-               uint64_t staging_bytes) {
+// Releases GIL for open (`open_file()`), parse and reads (taking it between chunks to check
+// for Ctrl-C); requires it to build the dicts. Returns the tensors, the metadata entries
+// zerockpt reserves (kReservedPrefix keys), whether the file stores checksums and the offset
+// where the file ends. With `device`, the tensors are new tensors there, filled through staging.
+template <typename Open>
+py::tuple load_file(Open open_file, bool mmap, unsigned threads, bool verify,
+                    std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
+                    uint64_t staging_bytes) {
   NamedTensors loaded;
   Metadata own;
   bool has_checksums = false;
+  uint64_t end = 0;
   if (device && !device->is_cpu()) init_device(*device);
   interruptible(std::move(progress), [&](Progress* counter) {
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
-    CheckpointFile file(path);
+    CheckpointFile file = open_file();
     loaded = device ? load_to_device(file, *device, threads, verify, staging_bytes, counter)
                     : file.load_all(mmap, threads, verify, counter);
     for (const auto& [key, value] : file.file().header().metadata) {
       if (key.rfind(kReservedPrefix, 0) == 0) own.emplace_back(key, value);
       if (key == kChecksumKey) has_checksums = true;
     }
+    end = file.file().image_end();
   });
   py::dict own_dict;
   for (const auto& [key, value] : own) own_dict[py::str(key)] = py::str(value);
-  return py::make_tuple(tensors_to_dict(loaded), own_dict, has_checksums);
+  return py::make_tuple(tensors_to_dict(loaded), own_dict, has_checksums, end);
+}
+
+// load_file() of the file `path` (the last item of the result dropped).
+py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
+               std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
+               uint64_t staging_bytes) {
+  py::tuple out = load_file([&] { return CheckpointFile(path); }, mmap, threads, verify,
+                            std::move(progress), device, staging_bytes);
+  return py::make_tuple(out[0], out[1], out[2]);
+}
+
+// load_file() of the file at offset `base` of the open regular file `fd` (see SafetensorsFile).
+py::tuple load_fd(int fd, uint64_t base, const std::string& name, bool exact_size, bool mmap,
+                  unsigned threads, bool verify, std::shared_ptr<Progress> progress,
+                  std::optional<c10::Device> device, uint64_t staging_bytes) {
+  return load_file(
+      [&] { return CheckpointFile(std::make_shared<SafetensorsFile>(fd, base, name, exact_size)); },
+      mmap, threads, verify, std::move(progress), device, staging_bytes);
+}
+
+// A sequential sink that hands each run of bytes to the Python callable `write` (a binary file
+// object's write) as a read-only memoryview of tensor or staging memory, released once write
+// returns, and that rewrites the header through `rewrite_prefix(bytes)`. Requires GIL to
+// construct and destroy; takes it for each call.
+class PythonSink : public WriteSink {
+ public:
+  PythonSink(py::object write, py::object rewrite_prefix, std::string name)
+      : write_(std::move(write)), rewrite_(std::move(rewrite_prefix)), name_(std::move(name)) {}
+  bool sequential() const override { return true; }
+  void write(const uint8_t* src, uint64_t size, uint64_t offset) override {
+    if (offset != next_) {
+      throw UsageError(name_ + ": out-of-order write at offset " + std::to_string(offset));
+    }
+    py::gil_scoped_acquire gil;
+    uint64_t done = 0;
+    while (done < size) {
+      // Bounded views: some writers (raw files) take at most about 2 GiB per call.
+      uint64_t n = std::min<uint64_t>(size - done, 1ull << 30);
+      auto view = py::reinterpret_steal<py::object>(
+          PyMemoryView_FromMemory(reinterpret_cast<char*>(const_cast<uint8_t*>(src + done)),
+                                  static_cast<Py_ssize_t>(n), PyBUF_READ));
+      if (!view) throw py::error_already_set();
+      py::object written;
+      try {
+        written = write_(view);
+      } catch (...) {
+        view.attr("release")();
+        throw;
+      }
+      // The memory is not the writer's to keep: a view it held on to now raises on access.
+      view.attr("release")();
+      // None: the writer took it all (torch.save ignores the result too); raw files may take
+      // less and say so.
+      uint64_t took = n;
+      if (!written.is_none()) {
+        auto count = written.cast<long long>();
+        if (count <= 0 || static_cast<uint64_t>(count) > n) {
+          throw IoError(EIO, name_,
+                        "write() returned " + std::to_string(count) + " for " + std::to_string(n) +
+                            " bytes at offset " + std::to_string(offset + done));
+        }
+        took = static_cast<uint64_t>(count);
+      }
+      done += took;
+    }
+    next_ += size;
+  }
+  void rewrite_prefix(const std::string& prefix) override {
+    py::gil_scoped_acquire gil;
+    rewrite_(py::bytes(prefix));
+  }
+
+ private:
+  py::object write_;
+  py::object rewrite_;
+  std::string name_;
+  uint64_t next_ = 0;
+};
+
+// save() into a sink rather than a file; returns the bytes written. `make_sink(size)` is called
+// with the GIL held once the plan (and so the size) is known. Releases GIL as save() does.
+template <typename MakeSink>
+uint64_t save_to_sink(py::dict tensors, const std::string& name, py::object metadata,
+                      unsigned threads, py::object own_metadata, bool checksums,
+                      std::shared_ptr<Progress> progress, uint64_t staging_bytes,
+                      MakeSink make_sink) {
+  uint64_t size = 0;
+  interruptible(std::move(progress), [&](Progress* counter) {
+    SaveArgs args = save_args(tensors, metadata, false, false, threads, own_metadata, checksums,
+                              counter, staging_bytes);
+    for (const auto& [entry, t] : args.entries) {
+      if (!t.device().is_cpu()) init_device(t.device());
+    }
+    SavePlan plan;
+    {
+      // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only.
+      py::gil_scoped_release no_gil;
+      plan = plan_save(args.entries, name, args.metadata, args.options, args.own);
+    }
+    std::unique_ptr<WriteSink> sink = make_sink(plan.layout.file_size());
+    {
+      // Safe without the GIL: as above; a Python sink takes it for its own calls.
+      py::gil_scoped_release no_gil;
+      size = save_tensors_to(std::move(plan), *sink, name, args.options);
+    }
+  });
+  return size;
+}
+
+// Saves at offset `base` of the open file `fd` (pwrite; no fsync, no rename). Releases GIL.
+uint64_t save_fd(py::dict tensors, int fd, uint64_t base, const std::string& name,
+                 py::object metadata, unsigned threads, py::object own_metadata, bool checksums,
+                 std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
+  return save_to_sink(tensors, name, metadata, threads, own_metadata, checksums,
+                      std::move(progress), staging_bytes,
+                      [&](uint64_t) { return std::make_unique<FdSink>(fd, base, name); });
+}
+
+// A sink that keeps only the final header: the checksums of a first pass over the tensors.
+class ChecksumSink : public WriteSink {
+ public:
+  void write(const uint8_t*, uint64_t, uint64_t) override {}
+  void rewrite_prefix(const std::string& prefix) override { prefix_ = prefix; }
+  const std::string& prefix() const { return prefix_; }
+
+ private:
+  std::string prefix_;
+};
+
+// Saves through `write`, in order, on this thread. With checksums, `rewrite_prefix(bytes)`
+// (which seeks back) completes the header at the end; without it (None: the object cannot
+// seek back) a first pass over the tensors computes them, and the header goes out complete.
+// Releases GIL but for the calls of `write` and `rewrite_prefix`.
+uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_prefix,
+                     const std::string& name, py::object metadata, py::object own_metadata,
+                     bool checksums, std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
+  uint64_t size = 0;
+  interruptible(std::move(progress), [&](Progress* counter) {
+    SaveArgs args = save_args(tensors, metadata, false, false, 0, own_metadata, checksums, counter,
+                              staging_bytes);
+    for (const auto& [entry, t] : args.entries) {
+      if (!t.device().is_cpu()) init_device(t.device());
+    }
+    PythonSink sink(write, rewrite_prefix, name);
+    const bool first_pass = checksums && rewrite_prefix.is_none();
+    {
+      // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only,
+      // and the sink takes the GIL for its own calls.
+      py::gil_scoped_release no_gil;
+      SavePlan plan = plan_save(args.entries, name, args.metadata, args.options, args.own);
+      if (first_pass) {
+        ChecksumSink first;
+        save_tensors_to(plan, first, name, args.options);
+        plan.layout.prefix = first.prefix();
+        plan.layout.checksum_offset = Layout::kNoChecksums;  // nothing left to fill in
+      }
+      args.options.threads = 1;
+      size = save_tensors_to(std::move(plan), sink, name, args.options);
+    }
+  });
+  return size;
+}
+
+// The file as a new bytes object, written into it without the GIL (nothing else refers to it
+// yet). Releases GIL as save() does.
+py::bytes save_bytes(py::dict tensors, py::object metadata, unsigned threads,
+                     py::object own_metadata, bool checksums, std::shared_ptr<Progress> progress,
+                     uint64_t staging_bytes) {
+  py::object out;
+  save_to_sink(tensors, "<bytes>", metadata, threads, own_metadata, checksums, std::move(progress),
+               staging_bytes, [&](uint64_t size) {
+                 out = py::reinterpret_steal<py::object>(
+                     PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size)));
+                 if (!out) throw py::error_already_set();
+                 auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out.ptr()));
+                 return std::make_unique<MemorySink>(dst);
+               });
+  return py::reinterpret_steal<py::bytes>(out.release());
+}
+
+// Requires GIL (no I/O). The size of the header that the 8-byte `prefix` announces; FormatError
+// naming `name` if no safetensors header can be that long.
+uint64_t header_length(const py::bytes& prefix, const std::string& name) {
+  std::string p = prefix;
+  if (p.size() != 8) throw py::value_error("the prefix is 8 bytes");
+  return checked_header_size(reinterpret_cast<const uint8_t*>(p.data()), UINT64_MAX, name);
+}
+
+// Requires GIL (parses the header: no I/O). The size of the whole file whose first bytes (the
+// prefix and the header it announces) are `head`, as the header describes it; FormatError
+// naming `name` if the header is invalid.
+uint64_t image_size(const py::bytes& head, const std::string& name) {
+  std::string h = head;
+  uint64_t n = h.size() < 8 ? 0 : header_length(py::bytes(h.substr(0, 8)), name);
+  if (h.size() != 8 + n) throw py::value_error("head must be the prefix and the whole header");
+  Header header = parse_header(h.data() + 8, n, UINT64_MAX, name, /*exact_size=*/false);
+  CheckpointFile::check_header(header, name);
+  return header.data_start + header.data_size;
 }
 
 void bind_progress(py::module_& m) {
@@ -410,6 +614,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
         py::arg("verify") = false, py::arg("progress") = nullptr, py::arg("device") = py::none(),
         py::arg("staging_bytes") = 0);
+  m.def("load_fd", &load_fd, py::arg("fd"), py::arg("base"), py::arg("name"), py::arg("exact_size"),
+        py::arg("mmap"), py::arg("threads"), py::arg("verify"), py::arg("progress"),
+        py::arg("device"), py::arg("staging_bytes"));
+  m.def("save_fd", &save_fd, py::arg("tensors"), py::arg("fd"), py::arg("base"), py::arg("name"),
+        py::arg("metadata"), py::arg("threads"), py::arg("own_metadata"), py::arg("checksums"),
+        py::arg("progress"), py::arg("staging_bytes"));
+  m.def("save_stream", &save_stream, py::arg("tensors"), py::arg("write"),
+        py::arg("rewrite_prefix"), py::arg("name"), py::arg("metadata"), py::arg("own_metadata"),
+        py::arg("checksums"), py::arg("progress"), py::arg("staging_bytes"));
+  m.def("save_bytes", &save_bytes, py::arg("tensors"), py::arg("metadata"), py::arg("threads"),
+        py::arg("own_metadata"), py::arg("checksums"), py::arg("progress"),
+        py::arg("staging_bytes"));
+  m.def("header_length", &header_length, py::arg("prefix"), py::arg("name"));
+  m.def("image_size", &image_size, py::arg("head"), py::arg("name"));
   m.def(
       "_crc32c",
       [](const py::bytes& data, uint32_t crc, bool portable) {

@@ -225,9 +225,13 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
   return plan;
 }
 
-void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
-                  const WriteOptions& options, const Metadata& own) {
-  SavePlan plan = plan_save(tensors, path, metadata, options, own);
+namespace {
+
+// write(plan, options) with device tensors (or all, with host staging on) brought to host
+// memory through a bounded pool of pinned chunks, copied ahead of the writers: never a host
+// copy of the whole state.
+template <typename Write>
+void write_staged(SavePlan& plan, const WriteOptions& options, Write write) {
   std::vector<at::Tensor> staged(plan.specs.size());
   bool any_staged = false;
   for (size_t i = 0; i < plan.specs.size(); ++i) {
@@ -238,16 +242,32 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
     any_staged = true;
   }
   if (!any_staged) {
-    write_file(path, plan.layout, plan.specs, plan.sources, options);
+    write(options);
     return;
   }
-  // Device tensors reach the file through a bounded pool of pinned chunks, copied ahead of the
-  // writers: never a host copy of the whole state.
   std::unique_ptr<ChunkStager> stager =
       make_device_stager(std::move(staged), options.staging_bytes);
   WriteOptions staged_options = options;
   staged_options.stager = stager.get();
-  write_file(path, plan.layout, plan.specs, plan.sources, staged_options);
+  write(staged_options);
+}
+
+}  // namespace
+
+void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
+                  const WriteOptions& options, const Metadata& own) {
+  SavePlan plan = plan_save(tensors, path, metadata, options, own);
+  write_staged(plan, options, [&](const WriteOptions& o) {
+    write_file(path, plan.layout, plan.specs, plan.sources, o);
+  });
+}
+
+uint64_t save_tensors_to(SavePlan plan, WriteSink& sink, const std::string& name,
+                         const WriteOptions& options) {
+  write_staged(plan, options, [&](const WriteOptions& o) {
+    write_planned(sink, name, plan.layout, plan.specs, plan.sources, o);
+  });
+  return plan.layout.file_size();
 }
 
 std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path) {
@@ -271,6 +291,10 @@ std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path)
 CheckpointFile::CheckpointFile(const std::string& path)
     : file_(std::make_shared<SafetensorsFile>(path)) {
   index_header(file_->header(), path);
+}
+
+CheckpointFile::CheckpointFile(std::shared_ptr<SafetensorsFile> file) : file_(std::move(file)) {
+  index_header(file_->header(), file_->path());
 }
 
 void CheckpointFile::check_header(const Header& header, const std::string& path) {

@@ -48,6 +48,11 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
 void save_tensors(const NamedTensors& tensors, const std::string& path, const Metadata& metadata,
                   const WriteOptions& options, const Metadata& own = {});
 
+// The same save into `sink` (write_planned: no atomic file, no fsync), with `name` for errors
+// and progress; `plan` from plan_save(). Returns the number of bytes written.
+uint64_t save_tensors_to(SavePlan plan, WriteSink& sink, const std::string& name,
+                         const WriteOptions& options);
+
 // The torch sizes of a stored tensor; FormatError naming it if they (or the contiguous strides
 // torch would compute) do not fit int64.
 std::vector<int64_t> torch_sizes(const TensorRecord& record, const std::string& path);
@@ -56,6 +61,8 @@ std::vector<int64_t> torch_sizes(const TensorRecord& record, const std::string& 
 class CheckpointFile {
  public:
   explicit CheckpointFile(const std::string& path);
+  // An already opened file (e.g. from a descriptor), named by its path() in errors.
+  explicit CheckpointFile(std::shared_ptr<SafetensorsFile> file);
   // Checks a header as opening a file holding it does (aliases, names); FormatError naming
   // `path`. The writer runs it on each planned header, so what it commits opens.
   static void check_header(const Header& header, const std::string& path);

@@ -1,6 +1,6 @@
 """Type stubs for zerockpt's private extension module. Use the zerockpt package instead."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -116,3 +116,50 @@ class _PendingSave:
     def done(self) -> bool: ...
     def wait(self, timeout: float | None) -> bool: ...
     def result(self) -> None: ...
+
+def load_fd(
+    fd: int,
+    base: int,
+    name: str,
+    exact_size: bool,
+    mmap: bool,
+    threads: int,
+    verify: bool,
+    progress: Progress | None,
+    device: torch.device | None,
+    staging_bytes: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, str], bool, int]: ...
+def save_fd(
+    tensors: dict[str, torch.Tensor],
+    fd: int,
+    base: int,
+    name: str,
+    metadata: Mapping[str, str] | None,
+    threads: int,
+    own_metadata: dict[str, str] | None,
+    checksums: bool,
+    progress: Progress | None,
+    staging_bytes: int,
+) -> int: ...
+def save_stream(
+    tensors: dict[str, torch.Tensor],
+    write: Callable[[memoryview], int | None],
+    rewrite_prefix: Callable[[bytes], None] | None,
+    name: str,
+    metadata: Mapping[str, str] | None,
+    own_metadata: dict[str, str] | None,
+    checksums: bool,
+    progress: Progress | None,
+    staging_bytes: int,
+) -> int: ...
+def save_bytes(
+    tensors: dict[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    threads: int,
+    own_metadata: dict[str, str] | None,
+    checksums: bool,
+    progress: Progress | None,
+    staging_bytes: int,
+) -> bytes: ...
+def header_length(prefix: bytes, name: str) -> int: ...
+def image_size(head: bytes, name: str) -> int: ...

@@ -24,8 +24,10 @@ from zerockpt.serialization import (
     TensorInfo,
     VerifyResult,
     load,
+    load_bytes,
     open,
     save,
+    save_bytes,
     verify,
 )
 
@@ -42,11 +44,13 @@ __all__ = [
     "TensorInfo",
     "VerifyResult",
     "load",
+    "load_bytes",
     "load_state_dict",
     "open",
     "release_snapshot_buffer",
     "save",
     "save_async",
+    "save_bytes",
     "state_dict",
     "verify",
 ]

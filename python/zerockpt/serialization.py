@@ -9,12 +9,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
-from zerockpt import _C, _progress, sharded
+from zerockpt import _C, _fileobj, _progress, _slice, sharded
 from zerockpt.structure import (
     STRUCTURE_KEY,
     encode_metadata,
@@ -26,6 +26,8 @@ from zerockpt.structure import (
 )
 
 PathLike = str | os.PathLike[str]
+# What save() and load() take as a destination or source: a path or a binary file object.
+FileLike = PathLike | IO[bytes]
 # What save() and save_async() take.
 SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
 
@@ -135,7 +137,7 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
 
 def save(
     tensors: SaveInput,
-    path: PathLike,
+    path: FileLike,
     *,
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
@@ -158,7 +160,8 @@ def save(
     Args:
         tensors: Names to tensors, an ``nn.Module``, or nested training state.
         path: The destination file (its directory must exist); with ``max_shard_size``, a
-            directory.
+            directory. Or a binary file object, written at its position and left just after the
+            file (as ``torch.save``); atomicity is then the caller's.
         metadata: Extra ``str -> str`` header entries; the ``zerockpt.`` prefix is reserved.
         durable: fsync the file and its directory before returning.
         direct_io: Force O_DIRECT on or off; None chooses by size.
@@ -172,11 +175,13 @@ def save(
 
     Raises:
         TypeError: An object, key, dtype or layout cannot be stored (the message names it),
-            ``metadata`` is not a mapping of str to str, or ``path`` is not a path.
+            ``metadata`` is not a mapping of str to str, or ``path`` is neither a path nor a
+            binary file object.
         ValueError: Different views of one storage overlap, a tensor is on the meta device, a
             metadata key is reserved, containers nest too deeply, ``threads``, ``staging_bytes``
-            or ``max_shard_size`` is invalid, or ``path`` is a file while ``max_shard_size`` is
-            given.
+            or ``max_shard_size`` is invalid, ``path`` is a file while ``max_shard_size`` is
+            given, or a file object is closed, not writable, or given with ``max_shard_size`` or
+            ``direct_io=True``.
         OSError: The file could not be written (errno and filename set); ``path`` is unchanged.
         ImportError: ``progress=True`` and tqdm is not installed.
 
@@ -186,6 +191,21 @@ def save(
         torch.Size([2, 3])
     """
     flat, metadata, own = _prepare_save(tensors, metadata)
+    if _fileobj.is_file_object(path):
+        _fileobj.save(
+            flat,
+            metadata,
+            own,
+            path,
+            durable=bool(durable),
+            direct_io=direct_io,
+            threads=_threads(threads),
+            checksums=bool(checksums),
+            max_shard_size=max_shard_size,
+            progress=progress,
+            staging_bytes=_staging_bytes(staging_bytes),
+        )
+        return
     where = _fspath(path)
     staging = _staging_bytes(staging_bytes)
     description = _progress.label("Saving", where)
@@ -273,7 +293,7 @@ def _check_utf8(text: str, what: str) -> None:
 
 
 def load(
-    path: PathLike,
+    path: FileLike,
     *,
     device: str | torch.device | int = "cpu",
     mmap: bool = True,
@@ -291,8 +311,9 @@ def load(
     rules and the device pipeline.
 
     Args:
-        path: A safetensors file from any writer; an index file (``*.json``); or a directory
-            holding ``model.safetensors.index.json`` or ``model.safetensors``.
+        path: A safetensors file from any writer; an index file (``*.json``); a directory
+            holding ``model.safetensors.index.json`` or ``model.safetensors``; or a binary file
+            object, read from its position and left just after the file (as ``torch.load``).
         device: Where the tensors go: ``"cpu"``, or an accelerator such as ``"cuda:1"``.
         mmap: For the CPU: map the file (default) or read it into fresh memory.
         threads: Reader threads; None: the default.
@@ -311,8 +332,10 @@ def load(
             match its shards (the message names the key or offset).
         OSError: A file cannot be opened or read (errno and filename set), or a directory holds
             no checkpoint.
-        TypeError: A stored dtype has no torch equivalent, or ``path`` is not a path.
-        ValueError: ``device`` is the meta device, or ``threads`` or ``staging_bytes`` is invalid.
+        TypeError: A stored dtype has no torch equivalent, or ``path`` is neither a path nor a
+            binary file object (bytes: see :func:`load_bytes`).
+        ValueError: ``device`` is the meta device, ``threads`` or ``staging_bytes`` is invalid,
+            or a file object is closed or not readable.
         RuntimeError: ``device`` is not available (AssertionError where torch is not built for
             it, as torch raises).
         ImportError: ``progress=True`` and tqdm is not installed.
@@ -324,6 +347,17 @@ def load(
     """
     to = _load_device(device)
     staging = _staging_bytes(staging_bytes)
+    if _fileobj.is_file_object(path):
+        loaded, own, name = _fileobj.load(
+            path,
+            device=to,
+            mmap=bool(mmap),
+            threads=_threads(threads),
+            verify=bool(verify),
+            progress=progress,
+            staging_bytes=staging,
+        )
+        return _rebuild(loaded, own, name)  # type: ignore[no-any-return]
     target = sharded.resolve(_fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
@@ -358,6 +392,103 @@ def load(
         if verify and not has_checksums:
             _warn_unverified(where)
     return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
+
+
+def save_bytes(
+    obj: SaveInput,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    threads: int | None = None,
+    checksums: bool = True,
+    progress: bool = False,
+    staging_bytes: int | None = None,
+) -> bytes:
+    """Serializes what :func:`save` takes into the bytes of a safetensors file, in memory.
+
+    The same bytes :func:`save` writes to a file, written straight from tensor memory into the
+    returned ``bytes``; ``safetensors.torch.load`` reads them (a flat dict of tensors; nested
+    state needs :func:`load_bytes`).
+
+    Args:
+        obj: Names to tensors, a module or nested training state (see :func:`save`).
+        metadata: Extra ``str -> str`` entries for the header's ``__metadata__``.
+        threads: Copying threads; None: the default.
+        checksums: Store each tensor's CRC-32C (see :func:`save`).
+        progress: Show a progress bar (needs tqdm).
+        staging_bytes: Pinned host memory for copying accelerator tensors (see :func:`save`).
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        TypeError, ValueError: As :func:`save` raises them for ``obj`` and ``metadata``.
+
+    Example:
+        >>> data = zerockpt.save_bytes({"w": torch.ones(2)}, metadata={"step": "7"})
+        >>> zerockpt.load_bytes(data)["w"]
+        tensor([1., 1.])
+    """
+    flat, metadata, own = _prepare_save(obj, metadata)
+    return _fileobj.save_bytes(
+        flat,
+        metadata,
+        own,
+        threads=_threads(threads),
+        checksums=bool(checksums),
+        progress=progress,
+        staging_bytes=_staging_bytes(staging_bytes),
+    )
+
+
+def load_bytes(
+    data: bytes | bytearray | memoryview,
+    device: str | torch.device | int = "cpu",
+    *,
+    threads: int | None = None,
+    verify: bool = False,
+    progress: bool = False,
+    staging_bytes: int | None = None,
+) -> Any:
+    """Loads a safetensors file held in memory, as :func:`load` loads a path.
+
+    ``data`` may come from :func:`save_bytes`, ``safetensors.torch.save`` or any writer; all of
+    it must be the one file. It is validated as a file is and copied once into memory that the
+    returned tensors view, so ``data`` may change or go away afterwards.
+
+    Args:
+        data: The file's bytes: ``bytes``, ``bytearray``, ``memoryview`` or any contiguous
+            buffer.
+        device: Where the tensors go, as for :func:`load`.
+        threads: Reader (and checksum) threads; None: the default.
+        verify: Check each tensor against its stored CRC-32C (see :func:`load`).
+        progress: Show a progress bar (needs tqdm).
+        staging_bytes: Pinned host memory for copying to an accelerator (see :func:`load`).
+
+    Returns:
+        What :func:`load` returns for the same file: a dict of names to tensors, or the nested
+        structure that was saved.
+
+    Raises:
+        FormatError: ``data`` is not a valid safetensors file (the message names ``<bytes>``
+            and the key or offset at fault); ChecksumError with ``verify``.
+        TypeError: ``data`` is not a buffer, or a stored dtype has no torch equivalent.
+        ValueError, RuntimeError: As :func:`load` raises them for ``device`` and ``threads``.
+
+    Example:
+        >>> data = zerockpt.save_bytes({"w": torch.zeros(3)})
+        >>> zerockpt.load_bytes(data)
+        {'w': tensor([0., 0., 0.])}
+    """
+    loaded, own, name = _fileobj.load(
+        data,
+        device=_load_device(device),
+        mmap=True,
+        threads=_threads(threads),
+        verify=bool(verify),
+        progress=progress,
+        staging_bytes=_staging_bytes(staging_bytes),
+    )
+    return _rebuild(loaded, own, name)
 
 
 def _rebuild(tensors: dict[str, torch.Tensor], own: Mapping[str, str], where: str) -> Any:
@@ -659,6 +790,30 @@ class TensorFile(Mapping[str, torch.Tensor]):
             tensor([1., 1.])
         """
         return self._handle(name).get_tensor(name, mmap)
+
+    def get_slice(self, name: str) -> _slice.TensorSlice:
+        """A lazily sliced tensor, as safetensors' ``get_slice``: ``f.get_slice("w")[0:2]``.
+
+        Args:
+            name: A tensor name.
+
+        Returns:
+            A :class:`zerockpt._slice.TensorSlice` with ``get_shape()``, ``get_dtype()`` (the
+            file's name, e.g. ``"BF16"``) and indexing as torch indexes the whole tensor; only
+            the pages holding the selected elements are read, when the result is first used.
+
+        Raises:
+            KeyError: There is no tensor ``name``.
+            ValueError: The file is closed.
+            TypeError: The stored dtype has no torch equivalent.
+
+        Example:
+            >>> zerockpt.save({"w": torch.arange(6.0).reshape(3, 2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").get_slice("w")[1:]
+            tensor([[2., 3.],
+                    [4., 5.]])
+        """
+        return _slice.get_slice(self._handle(name), name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get_tensor(name)

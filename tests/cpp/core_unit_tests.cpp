@@ -251,6 +251,18 @@ void test_header() {
   EXPECT_THROW(FormatError, [&] { parse("{\"\xff\":1}", 0); }, "UTF-8");
   EXPECT_THROW(FormatError, [&] { parse("[]", 0); }, "JSON object");
 
+  // A stream may hold more after the file: without exact_size the data ends with its last
+  // tensor, and only tensors past the bytes there are are truncated.
+  std::string two = "{" + entry("a", 0, 8) + "," + entry("b", 8, 16) + "}";
+  Header open_ended = parse_header(two.data(), two.size(), 8 + two.size() + 100, "s", false);
+  CHECK(open_ended.data_size == 16 && open_ended.data_start == 8 + two.size());
+  EXPECT_THROW(
+      FormatError, [&] { parse_header(two.data(), two.size(), 8 + two.size() + 12, "s", false); },
+      "'b'", "truncated");
+  std::string gap = "{" + entry("a", 0, 8) + "," + entry("b", 12, 20) + "}";
+  EXPECT_THROW(
+      FormatError, [&] { parse_header(gap.data(), gap.size(), UINT64_MAX, "s", false); }, "hole");
+
   uint8_t prefix[8] = {0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0};
   EXPECT_THROW(
       FormatError, [&] { checked_header_size(prefix, 1 << 20, "p.bin"); }, "p.bin", "exceeds");
