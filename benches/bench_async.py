@@ -28,8 +28,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 import zerockpt
 from conftest import GPT2_SCALE, report_ratio
-from models import gpt2_small_state_dict, total_nbytes, unique_tensors
+from models import gpt2_small_state_dict
 from pytest_benchmark.fixture import BenchmarkFixture
+from zerockpt.benchtools import total_nbytes, unique_tensors
 
 ROUNDS = 5
 
@@ -43,7 +44,7 @@ _BLOCKING: dict[str, float] = {}
 def train_state() -> dict[str, Any]:
     """GPT-2 small, one momentum buffer per parameter, a step counter: ~1 GB in all."""
     model = gpt2_small_state_dict(GPT2_SCALE)
-    params = unique_tensors(model)
+    params = list(unique_tensors(model).values())
     optim = {
         "state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(params)},
         "param_groups": [{"lr": 0.01, "momentum": 0.9, "params": list(range(len(params)))}],
@@ -52,7 +53,7 @@ def train_state() -> dict[str, Any]:
 
 
 def _state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
-    return unique_tensors(state["model"]) + [
+    return list(unique_tensors(state["model"]).values()) + [
         s["momentum_buffer"] for s in state["optim"]["state"].values()
     ]
 
@@ -123,7 +124,7 @@ def test_zerockpt_save_async(
     _record(benchmark, "zerockpt.save_async", _state_nbytes(train_state))
     loaded = zerockpt.load(path, verify=True)
     assert loaded["step"] == 1000
-    name = "h.0.mlp.c_fc.weight"
+    name = "transformer.h.0.mlp.c_fc.weight"
     assert torch.equal(loaded["model"][name], train_state["model"][name])
 
 

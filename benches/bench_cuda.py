@@ -60,6 +60,7 @@ import zerockpt
 from conftest import SMOKE, report_ratio
 from pytest_benchmark.fixture import BenchmarkFixture
 from torch import nn
+from zerockpt.benchtools import fsync_file
 
 COPY_CHUNK = 256 << 20  # bytes per raw pinned copy (and the pinned buffer's size)
 IO_CHUNK = 8 << 20  # bytes per raw pwrite / pread
@@ -93,17 +94,6 @@ def _byte_chunks(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 views of the tensors' bytes, at most COPY_CHUNK each."""
     flats = [t.detach().reshape(-1).view(torch.uint8) for t in tensors]
     return [f[i : i + COPY_CHUNK] for f in flats for i in range(0, f.numel(), COPY_CHUNK)]
-
-
-def _fsync(path: Path, drop: bool = False) -> None:
-    """fsyncs ``path``; with ``drop``, then evicts its (now clean) pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if drop:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 class Bench:
@@ -209,7 +199,7 @@ class Bench:
             if not path.exists():
                 SAVES[row.fmt](self, path)
             if cold:
-                _fsync(path, drop=True)
+                fsync_file(path, drop=True)
         torch.cuda.synchronize()
 
     def call(self, row: Row) -> object:
@@ -244,7 +234,7 @@ def _zerockpt_load_state_dict(b: Bench, p: Path) -> object:
 
 def _torch_save(b: Bench, p: Path) -> None:
     torch.save(b.sd, p)
-    _fsync(p)
+    fsync_file(p)
 
 
 def _torch_load(b: Bench, p: Path) -> object:
@@ -257,7 +247,7 @@ def _torch_load_mmap(b: Bench, p: Path) -> object:
 
 def _safetensors_save(b: Bench, p: Path) -> None:
     safetensors.torch.save_file(b.sd, p)
-    _fsync(p)
+    fsync_file(p)
 
 
 def _safetensors_load(b: Bench, p: Path) -> object:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 import zerockpt
-from models import safetensors_view, total_nbytes, unique_tensors
 from pytest_benchmark.fixture import BenchmarkFixture
+from zerockpt.benchtools import bits, read_every_byte, read_through, total_nbytes, unique_tensors
 
 LoadFn = Callable[[Path], dict[str, torch.Tensor]]
 
@@ -25,7 +25,7 @@ LOAD_ROUNDS = 5
 
 WRITERS: dict[str, Callable[[dict[str, torch.Tensor], Path], None]] = {
     "torch": lambda sd, p: torch.save(sd, p),
-    "safetensors": lambda sd, p: safetensors.torch.save_file(safetensors_view(sd), p),
+    "safetensors": lambda sd, p: safetensors.torch.save_file(unique_tensors(sd), p),
     "zerockpt": lambda sd, p: zerockpt.save(sd, p),
 }
 
@@ -37,14 +37,6 @@ LOAD_METHODS: dict[str, tuple[str, LoadFn]] = {
     "zerockpt.load mmap=True": ("zerockpt", lambda p: zerockpt.load(p)),
     "zerockpt.load mmap=False": ("zerockpt", lambda p: zerockpt.load(p, mmap=False)),
 }
-
-
-def _read_through(path: Path) -> None:
-    """Reads every byte of ``path`` once, leaving it in the page cache."""
-    buf = bytearray(16 << 20)
-    with path.open("rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +52,16 @@ def files(
             out[dataset, fmt] = path
     os.sync()  # no writeback of these files during the timings
     for path in out.values():
-        _read_through(path)
+        read_through(path)
     return out
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _check_loaded(loaded: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
     """Every name of ``loaded`` is in ``sd`` with the same bytes; only tied names may be missing."""
-    assert set(safetensors_view(sd)) <= set(loaded) <= set(sd)
+    assert set(unique_tensors(sd)) <= set(loaded) <= set(sd)
     for name, t in loaded.items():
         assert t.dtype == sd[name].dtype and t.shape == sd[name].shape, name
-        assert torch.equal(_bits(t), _bits(sd[name])), name
+        assert torch.equal(bits(t), bits(sd[name])), name
 
 
 @pytest.mark.parametrize("method", list(LOAD_METHODS))
@@ -136,18 +124,9 @@ def test_load_bytes(
 # --- load + touch every byte ------------------------------------------------------------------
 
 
-def _touch(tensors: Iterable[torch.Tensor]) -> int:
-    """Reads every byte of every tensor: the largest byte value, one uint8 max per tensor.
-
-    (A uint8 ``sum`` would also read every byte, but it runs at well under 1 GB/s here and
-    would hide the cost of loading; ``max`` runs at memory speed.)
-    """
-    return max((int(t.reshape(-1).view(torch.uint8).max()) for t in tensors), default=0)
-
-
 def _touch_loaded(load: LoadFn) -> Callable[[Path], int]:
     def run(path: Path) -> int:
-        return _touch(unique_tensors(load(path)))  # tied tensors once, for every method
+        return read_every_byte(load(path))  # tied tensors once, for every method
 
     return run
 
@@ -158,7 +137,7 @@ def _raw_mmap_touch(path: Path) -> int:
         (header_len,) = struct.unpack("<Q", f.read(8))
         mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
     data = torch.frombuffer(mm, dtype=torch.uint8)[8 + header_len :]
-    return _touch([data])
+    return read_every_byte({"data": data})
 
 
 TOUCH_METHODS: dict[str, tuple[str, Callable[[Path], int]]] = {
@@ -196,4 +175,4 @@ def test_load_touch_gpt2(
     checksum = benchmark.pedantic(
         run, args=(files["gpt2", fmt],), rounds=LOAD_ROUNDS, warmup_rounds=1, iterations=1
     )
-    assert checksum == _touch(unique_tensors(gpt2_sd))
+    assert checksum == read_every_byte(gpt2_sd)

@@ -18,8 +18,8 @@ import pytest
 import safetensors.torch
 import torch
 import zerockpt
-from models import safetensors_view, total_nbytes, unique_tensors
 from pytest_benchmark.fixture import BenchmarkFixture
+from zerockpt.benchtools import fsync_file, total_nbytes, unique_tensors
 
 SaveFn = Callable[[dict[str, torch.Tensor], Path], None]
 
@@ -27,22 +27,14 @@ BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers
 BOUNCE = 8 << 20  # bytes per O_DIRECT staging buffer
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _torch_save_fsync(sd: dict[str, torch.Tensor], path: Path) -> None:
     torch.save(sd, path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _safetensors_save_fsync(sd: dict[str, torch.Tensor], path: Path) -> None:
     safetensors.torch.save_file(sd, path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 SAVE_METHODS: dict[str, SaveFn] = {
@@ -96,7 +88,7 @@ def test_save(
     """One writer saving one input to a new file."""
     sd = datasets[dataset]
     # safetensors refuses tied tensors: give it the dict without the duplicate names.
-    arg = safetensors_view(sd) if method.startswith("safetensors") else sd
+    arg = unique_tensors(sd) if method.startswith("safetensors") else sd
     path = bench_dir / "out.bin"
     save = SAVE_METHODS[method]
     benchmark.group = f"save {dataset}"
@@ -153,7 +145,7 @@ def test_save_bytes(
 
 def _byte_arrays(sd: dict[str, torch.Tensor]) -> list[np.ndarray]:
     """Flat uint8 numpy views of each distinct tensor's bytes (no copy for contiguous ones)."""
-    return [t.contiguous().view(-1).view(torch.uint8).numpy() for t in unique_tensors(sd)]
+    return [t.contiguous().view(-1).view(torch.uint8).numpy() for t in unique_tensors(sd).values()]
 
 
 def _pieces(arrays: list[np.ndarray], lo: int, hi: int) -> list[tuple[int, np.ndarray]]:

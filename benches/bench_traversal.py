@@ -24,11 +24,10 @@ from models import (
     TinyTransformer,
     count_modules_and_tensors,
     gpt2_small_module,
-    safetensors_view,
-    total_nbytes,
 )
 from pytest_benchmark.fixture import BenchmarkFixture
 from torch import nn
+from zerockpt.benchtools import fsync_file, total_nbytes, unique_tensors
 
 ROUNDS = 5
 FILE_ROUNDS = 5
@@ -107,7 +106,7 @@ def gpt2_files(module_bench_dir: Path) -> tuple[nn.Module, dict[str, Path]]:
     }
     zerockpt.save(model, files["zerockpt"], durable=False)
     torch.save(sd, files["torch"])
-    safetensors.torch.save_file(safetensors_view(sd), files["safetensors"])
+    safetensors.torch.save_file(unique_tensors(sd), files["safetensors"])
     os.sync()
     for path in files.values():
         path.read_bytes()
@@ -116,7 +115,7 @@ def gpt2_files(module_bench_dir: Path) -> tuple[nn.Module, dict[str, Path]]:
 
 def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
     sd = safetensors.torch.load_file(path)
-    sd["lm_head.weight"] = sd["wte.weight"]  # safetensors stores the tied tensor once
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # safetensors stores the tied tensor once
     return sd
 
 
@@ -134,15 +133,6 @@ FILE_METHODS: dict[str, tuple[str, Callable[[nn.Module, Path], Any]]] = {
         lambda m, p: m.load_state_dict(_safetensors_state_dict(p)),
     ),
 }
-
-
-def _evict(path: Path) -> None:
-    """Drops the file's pages from the page cache (it is clean: written and synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _check_same(target: nn.Module, source: nn.Module) -> None:
@@ -167,7 +157,7 @@ def test_load_file_into_model(
 
     def setup() -> tuple[tuple[nn.Module, Path], dict[str, Any]]:
         if cache == "cold":
-            _evict(path)
+            fsync_file(path, drop=True)
         else:
             path.read_bytes() if SMOKE else None
         return (target, path), {}

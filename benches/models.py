@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from zerockpt import benchtools
 
-# GPT-2 small (124M parameters): the shapes of the Hugging Face checkpoint, whose linear layers
-# are Conv1D modules storing their weight as (in_features, out_features).
-VOCAB = 50257
-N_POSITIONS = 1024
+# GPT-2 small (124M parameters): the shapes of the Hugging Face checkpoint (zerockpt.benchtools
+# builds them, as `zerockpt bench` does), whose linear layers store their weight as
+# (in_features, out_features).
+VOCAB = benchtools.GPT2_VOCAB
+N_POSITIONS = benchtools.GPT2_POSITIONS
 D_MODEL = 768
 N_LAYER = 12
 
@@ -24,72 +26,8 @@ _SMALL_SHAPES: tuple[tuple[int, ...], ...] = (
 )
 
 
-def _param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-class Conv1D(nn.Module):
-    """GPT-2's linear layer: ``weight`` is (in_features, out_features)."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.weight = _param(n_in, n_out)
-        self.bias = _param(n_out)
-
-
-class LayerNorm(nn.Module):
-    """Just the parameters of a layer norm (the benchmarks never run the model)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.weight = _param(n)
-        self.bias = _param(n)
-
-
-class Attention(nn.Module):
-    """Self-attention parameters: fused qkv projection and output projection."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.c_attn = Conv1D(d, 3 * d)
-        self.c_proj = Conv1D(d, d)
-
-
-class MLP(nn.Module):
-    """Feed-forward parameters (4x expansion)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.c_fc = Conv1D(d, 4 * d)
-        self.c_proj = Conv1D(4 * d, d)
-
-
-class Block(nn.Module):
-    """One transformer block."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(d)
-        self.attn = Attention(d)
-        self.ln_2 = LayerNorm(d)
-        self.mlp = MLP(d)
-
-
-class GPT2(nn.Module):
-    """GPT-2-shaped parameters; ``lm_head.weight`` is the same Parameter as ``wte.weight``."""
-
-    def __init__(self, vocab: int, n_positions: int, d: int, n_layer: int) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d, _weight=torch.empty(vocab, d))
-        self.wpe = nn.Embedding(n_positions, d, _weight=torch.empty(n_positions, d))
-        self.h = nn.ModuleList(Block(d) for _ in range(n_layer))
-        self.ln_f = LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False, device="meta")
-        self.lm_head.weight = self.wte.weight  # tied
-
-
-def gpt2_small_module(scale: float = 1.0, seed: int = 0) -> GPT2:
-    """GPT-2 small (fp32, ~124M parameters, ~500 MB) with random weights.
+def gpt2_small_config(scale: float = 1.0) -> benchtools.ModelConfig:
+    """GPT-2 small (fp32, ~124M parameters, ~500 MB).
 
     ``scale`` < 1 shrinks the vocabulary, the positions and the number of blocks (d_model stays
     768) for smoke runs: ``scale=0.01`` gives a few MB.
@@ -99,16 +37,18 @@ def gpt2_small_module(scale: float = 1.0, seed: int = 0) -> GPT2:
     vocab = max(1, round(VOCAB * scale))
     n_positions = max(1, round(N_POSITIONS * scale))
     n_layer = max(1, round(N_LAYER * scale))
-    model = GPT2(vocab, n_positions, D_MODEL, n_layer)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():  # tied parameters are yielded once
-            p.normal_(0.0, 0.02, generator=gen)
-    return model
+    return benchtools.ModelConfig(vocab, n_positions, D_MODEL, n_layer)
+
+
+def gpt2_small_module(scale: float = 1.0, seed: int = 0) -> nn.Module:
+    """GPT-2 small (see :func:`gpt2_small_config`) as a module with random weights;
+    ``lm_head.weight`` is the same Parameter as ``transformer.wte.weight``."""
+    return benchtools.build_module(gpt2_small_config(scale), torch.float32, seed)
 
 
 def gpt2_small_state_dict(scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The state dict of :func:`gpt2_small_module`; ``lm_head.weight`` shares ``wte.weight``."""
+    """The state dict of :func:`gpt2_small_module`; ``lm_head.weight`` shares
+    ``transformer.wte.weight``'s memory."""
     return dict(gpt2_small_module(scale, seed).state_dict())
 
 
@@ -119,35 +59,6 @@ def many_small_tensors(n: int = 20000, seed: int = 0) -> dict[str, torch.Tensor]
     return {
         f"layers.{i}.param": torch.randn(shapes[i % len(shapes)], generator=gen) for i in range(n)
     }
-
-
-def _view_key(t: torch.Tensor) -> tuple[object, ...]:
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
-
-
-def safetensors_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``sd`` without the later names of tied tensors (same view of one storage).
-
-    ``safetensors.torch.save_file`` refuses tensors that share memory; this keeps the first name.
-    """
-    seen: set[tuple[object, ...]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        key = _view_key(t)
-        if key not in seen:
-            seen.add(key)
-            out[name] = t
-    return out
-
-
-def unique_tensors(sd: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The distinct tensors of ``sd`` (tied duplicates once), in order."""
-    return list(safetensors_view(sd).values())
-
-
-def total_nbytes(sd: dict[str, torch.Tensor]) -> int:
-    """Bytes of tensor data in ``sd``, counting tied tensors once."""
-    return sum(t.numel() * t.element_size() for t in unique_tensors(sd))
 
 
 # --- Traversal benchmarks: many modules, tiny tensors ----------------------------------------

@@ -747,6 +747,60 @@ def test_format_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
         cli.main(["verify", str(tmp_path / "bad.safetensors"), "--debug"])
 
 
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("internal state"), KeyError("k"), TypeError("bad call"), ValueError("v")],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_internal_error_prints_its_traceback_and_asks_for_a_report(
+    error: Exception,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception that is not the user's doing (here injected into the command's own code)
+    is a bug: not one user-error line, but the traceback and a request to report it."""
+    path = tmp_path / "m.safetensors"
+    zerockpt.save({"w": torch.ones(2)}, path)
+
+    def broken(*args: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(cli, "checkpoint_kind", broken)
+    for command in ("inspect", "verify"):
+        status, out, err = run_cli(capsys, command, path)
+        assert status == 1 and out == ""
+        lines = err.splitlines()
+        assert lines[0] == "Traceback (most recent call last):"
+        assert any(line.startswith(type(error).__name__) for line in lines), err
+        assert lines[-1] == f"zerockpt: error: {cli.BUG_REPORT}"
+        assert "bug in zerockpt" in lines[-1] and "report" in lines[-1]
+        with pytest.raises(type(error)):
+            cli.main(["--debug", command, str(path)])
+
+
+def test_a_user_mistake_is_one_line_not_a_bug_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """User mistakes (a missing file, a corrupted one, an existing destination, state that
+    cannot be stored) print one line and exit nonzero, without a traceback."""
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json}")
+    (tmp_path / "exists.safetensors").write_bytes(b"")
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    torch.save({"shape": torch.Size([2])}, tmp_path / "size.pt")
+    for argv in (
+        ["inspect", tmp_path / "missing.safetensors"],
+        ["verify", tmp_path / "bad.safetensors"],
+        ["convert", tmp_path / "m.pt", tmp_path / "exists.safetensors"],
+        ["convert", tmp_path / "size.pt", tmp_path / "out.safetensors"],
+    ):
+        status, out, err = run_cli(capsys, *argv)
+        assert status == 1 and out == "", argv
+        assert err.startswith("zerockpt: error: ") and err.count("\n") == 1, (argv, err)
+        assert "Traceback" not in err and cli.BUG_REPORT not in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_errors_from_a_shell(tmp_path: Path) -> None:
     missing = tmp_path / "missing.safetensors"
     proc = run_module("verify", missing, cwd=tmp_path)

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from zerockpt import bench
+from zerockpt import bench, benchtools, cli
+from zerockpt.cli import UsageError
 
 METHODS = ("zerockpt", "torch", "safetensors")
 TINY = ["--params", "2M", "--runs", "1"]
@@ -108,7 +109,7 @@ def test_build_state_dict(dtype: torch.dtype) -> None:
     assert all(t.dtype == dtype for t in sd.values())
     assert sd["lm_head.weight"] is sd["transformer.wte.weight"]
     assert sum(t.numel() for t in bench.unique_tensors(sd).values()) == config.n_params
-    assert bench.total_nbytes(sd) == config.n_params * sd["lm_head.weight"].element_size()
+    assert benchtools.total_nbytes(sd) == config.n_params * sd["lm_head.weight"].element_size()
     again = bench.build_state_dict(config, dtype)
     assert all(torch.equal(sd[k], again[k]) for k in sd)  # same seed, same values
     assert float(sd["transformer.wpe.weight"].abs().max()) <= 0.0201  # +-0.02, rounded
@@ -285,11 +286,10 @@ def test_mismatch_exits_1(
 def test_bad_option_exits_2(
     argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        bench.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    status, out, err = _run(argv, capsys)
+    assert status == 2 and out == ""
     assert words in err and "zerockpt bench" in err
+    assert err.startswith("zerockpt: error: ") and len(err.strip().splitlines()) == 1
 
 
 def test_missing_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -346,3 +346,32 @@ def test_without_safetensors(monkeypatch: pytest.MonkeyPatch) -> None:
     found, notes = bench.methods()
     assert [m.name for m in found] == ["zerockpt", "torch"]
     assert notes == ["safetensors is not installed: skipped (pip install safetensors)"]
+
+
+def test_errors_go_through_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench's errors are the command line's: one line (exit 2 for an option that cannot be
+    carried out), or with --debug the exception itself."""
+    nowhere = tmp_path / "nowhere"
+    status, out, err = _run([*TINY, "--dir", str(nowhere)], capsys)
+    assert status == 2 and out == ""
+    assert err == f"zerockpt: error: --dir {nowhere}: not a directory\n"
+    with pytest.raises(UsageError, match="not a directory"):
+        bench.main([*TINY, "--dir", str(nowhere), "--debug"])
+    with pytest.raises(UsageError, match="not a directory"):
+        cli.main(["--debug", "bench", *TINY, "--dir", str(nowhere)])
+
+
+def test_a_bug_in_bench_asks_for_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("internal")
+
+    monkeypatch.setattr(bench, "measure", broken)
+    status, _, err = _run([*TINY, "--dir", str(tmp_path)], capsys)
+    assert status == 1
+    assert err.splitlines()[-1] == f"zerockpt: error: {cli.BUG_REPORT}"
+    assert "RuntimeError: internal" in err
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is removed

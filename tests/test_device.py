@@ -32,6 +32,7 @@ from conftest import (
 )
 from torch import nn
 from zerockpt import _C
+from zerockpt._args import save_options
 
 pytestmark = pytest.mark.device
 
@@ -218,7 +219,13 @@ def test_failed_save_is_done_with_the_tensors_when_it_returns(
         _C._inject_fault("write", errno.EIO, after=0)
     try:
         with pytest.raises(KeyboardInterrupt if how == "cancel" else OSError):
-            _C.save(state, str(path), None, False, None, 2, None, True, progress, 16 * MiB)
+            _C.save(
+                state,
+                str(path),
+                save_options(durable=False, threads=2, staging_bytes=16 * MiB),
+                None,
+                progress,
+            )
     finally:
         _C._clear_faults()
     del state  # freed on the current stream, reusable there at once

@@ -27,6 +27,7 @@ from conftest import (
     temp_leftovers,
 )
 from zerockpt import _C
+from zerockpt._args import save_options
 
 CHUNK = _C.CHUNK_BYTES
 MiB = 1 << 20
@@ -210,7 +211,7 @@ def test_cancelled_save_commits_nothing(tmp_path: Path, staged: None) -> None:
     progress = _C.Progress()
     progress.cancel()
     with pytest.raises(KeyboardInterrupt):
-        _C.save(mixed_state(), str(tmp_path / "c"), None, True, None, 2, None, True, progress)
+        _C.save(mixed_state(), str(tmp_path / "c"), save_options(threads=2), None, progress)
     assert not (tmp_path / "c").exists() and temp_leftovers(tmp_path) == []
 
 
@@ -223,7 +224,8 @@ def test_cancel_while_staging_stops_the_producer(tmp_path: Path, staged: None) -
     timer = threading.Timer(0.05, progress.cancel)
     timer.start()
     try:
-        _C.save(state, str(tmp_path / "c"), None, False, None, 2, None, True, progress, CHUNK)
+        options = save_options(durable=False, threads=2, staging_bytes=CHUNK)
+        _C.save(state, str(tmp_path / "c"), options, None, progress)
         committed = True
     except KeyboardInterrupt:
         committed = False

@@ -31,6 +31,7 @@ import zerockpt.dcp
 from conftest import temp_leftovers
 from torch import nn
 from zerockpt import _C
+from zerockpt._args import save_options
 
 DELAY = 0.05  # seconds per chunk
 CHUNKS = 6  # of 8 MiB in each call's data: the signal comes after the first
@@ -219,7 +220,7 @@ def test_sigint_interrupts_a_wait_for_save_async_and_the_save_goes_on(
     state = {"w": torch.full((CHUNKS * _C.CHUNK_BYTES // 4,), 2.0)}
     _C._delay_chunks(DELAY)  # the background write: CHUNKS slowed chunks on one thread
     try:
-        handle = _C.save_async(state, str(path), None, True, None, 1)
+        handle = _C.save_async(state, str(path), save_options(threads=1))
         done_soon_after: list[bool] = []
 
         def interrupt() -> None:

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from zerockpt import FormatError
+from zerockpt._args import save_options
 from zerockpt.structure import flatten, is_flat_state_dict, unflatten
 
 
@@ -249,7 +250,8 @@ def test_reserved_header_name_is_escaped(tmp_path: Path) -> None:
 def test_writer_refuses_the_reserved_name_itself(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     with pytest.raises(ValueError, match=r"'__metadata__'.*reserved"):
-        zerockpt._C.save({"__metadata__": torch.ones(1)}, str(path), None, False, None, 0)
+        options = save_options(durable=False)
+        zerockpt._C.save({"__metadata__": torch.ones(1)}, str(path), options)
     assert not path.exists()
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from zerockpt import _C, _progress
+from zerockpt._args import load_options, save_options
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -54,11 +55,11 @@ def test_counter_counts_every_byte_written_read_and_checked(tmp_path: Path) -> N
     state = _state()
     path = str(tmp_path / "x.safetensors")
     saved = _C.Progress()
-    _C.save(state, path, None, True, None, 2, None, True, saved)
+    _C.save(state, path, save_options(threads=2), None, saved)
     assert saved.total == saved.done == _data_bytes(state)
 
     read = _C.Progress()
-    tensors, _, _ = _C.load(path, False, 2, False, read)
+    tensors, _, _ = _C.load(path, load_options(mmap=False, threads=2), read)
     assert read.total == read.done == _data_bytes(state)
     for name, t in state.items():
         assert_bitwise_equal(tensors[name], t)
@@ -68,13 +69,19 @@ def test_counter_counts_every_byte_written_read_and_checked(tmp_path: Path) -> N
     assert checked.total == checked.done == _data_bytes(state)
 
     mapped = _C.Progress()
-    _C.load(path, True, 2, False, mapped)  # nothing to read up front: done at once
+    _C.load(path, load_options(threads=2), mapped)  # nothing to read up front: done at once
     assert mapped.total == mapped.done == _data_bytes(state)
 
 
 def test_fixed_total_is_kept(tmp_path: Path) -> None:
     counter = _C.Progress(12345)
-    _C.save({"w": torch.ones(10)}, str(tmp_path / "w"), None, False, None, 1, None, True, counter)
+    _C.save(
+        {"w": torch.ones(10)},
+        str(tmp_path / "w"),
+        save_options(durable=False, threads=1),
+        None,
+        counter,
+    )
     assert (counter.total, counter.done) == (12345, 40)
 
 
@@ -86,7 +93,7 @@ def test_load_state_dict_counts_file_bytes(tmp_path: Path) -> None:
     fresh = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 8))  # fp32 last
     counter = _C.Progress()
     file = _C._File(str(path))
-    result = _C.load_state_dict(fresh, None, None, False, file, 2, counter)
+    result = _C.load_state_dict(fresh, None, None, False, file, load_options(threads=2), counter)
     assert result == ([], [], [])
     stored = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     assert counter.done == counter.total == stored
@@ -101,7 +108,7 @@ def test_cancelled_counter_stops_a_save_and_commits_nothing(tmp_path: Path) -> N
     counter = _C.Progress()
     counter.cancel()
     with pytest.raises(KeyboardInterrupt, match="cancelled while writing"):
-        _C.save(_state(), str(path), None, True, None, 2, None, True, counter)
+        _C.save(_state(), str(path), save_options(threads=2), None, counter)
     assert path.read_bytes() == before
     assert temp_leftovers(tmp_path) == []
 
@@ -112,7 +119,7 @@ def test_cancelled_counter_stops_reads_and_checks(tmp_path: Path) -> None:
     counter = _C.Progress()
     counter.cancel()
     with pytest.raises(KeyboardInterrupt, match="cancelled while reading"):
-        _C.load(path, False, 2, False, counter)
+        _C.load(path, load_options(mmap=False, threads=2), counter)
     with pytest.raises(KeyboardInterrupt, match="cancelled while checking"):
         _C._File(path).verify(2, False, counter)
 
@@ -130,7 +137,7 @@ def test_cancel_between_modules_of_a_load_state_dict() -> None:
 
     target[0].register_load_state_dict_post_hook(cancel_after_first)
     with pytest.raises(KeyboardInterrupt, match="cancelled"):
-        _C.load_state_dict(target, source, None, False, None, 1, counter)
+        _C.load_state_dict(target, source, None, False, None, load_options(threads=1), counter)
     assert torch.equal(target[0].weight, source["0.weight"])
     assert torch.equal(target[1].weight, untouched)
 
@@ -364,7 +371,7 @@ def test_a_bar_keeps_the_current_cuda_stream(tmp_path: Path) -> None:
 
 
 def test_run_returns_the_work_result_and_reraises_its_error() -> None:
-    # A counter either way: it also cancels calls on other threads (sharded.run_parallel).
+    # A counter either way: it also cancels calls on other threads (_parallel.run_parallel).
     assert _progress.run(False, "x", lambda counter: isinstance(counter, _C.Progress)) is True
     assert _progress.run(True, "x", lambda counter: isinstance(counter, _C.Progress)) is True
 

@@ -41,6 +41,7 @@ from conftest import (
     temp_leftovers,
 )
 from torch import nn
+from zerockpt._args import save_options
 
 C = zerockpt._C
 MiB = 1 << 20
@@ -428,8 +429,8 @@ def test_extension_holds_one_save_in_flight(tmp_path: Path, large: dict[str, tor
     # Below the Python layer (which waits for the previous save itself): the extension's second
     # save_async returns only once the first file is complete and in place.
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
-    h1 = C.save_async(large, str(first), None, True, None, 0)
-    h2 = C.save_async(small_tensors(2), str(second), None, False, None, 0)
+    h1 = C.save_async(large, str(first), save_options())
+    h2 = C.save_async(small_tensors(2), str(second), save_options(durable=False))
     assert zerockpt.verify(first).ok
     assert_dicts_bitwise_equal(zerockpt.load(first), large)
     h2.result()
@@ -923,7 +924,7 @@ def _child_saves(conn: Connection, parent: zerockpt.PendingSave, path: str, laye
         conn.send(("forked", parent.done(), in_flight()))
         tensors = {"c": torch.arange(5.0), "t": torch.ones(2, 3).t()}
         if layer == "extension":
-            C.save_async(tensors, path, None, False, None, 1).result()
+            C.save_async(tensors, path, save_options(durable=False, threads=1)).result()
         else:
             zerockpt.save_async(tensors, path, durable=False).result()
         conn.send(("saved", C.snapshot_stats()))

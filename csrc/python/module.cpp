@@ -20,8 +20,10 @@
 #include "torch/async_save.h"
 #include "torch/device_staging.h"
 #include "torch/load_into.h"
+#include "torch/options.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/errors.h"
+#include "zerockpt/zerockpt.h"
 
 namespace py = pybind11;
 
@@ -66,6 +68,10 @@ NamedTensors named_tensors_from_dict(py::dict tensors) {
 Metadata metadata_from_dict(const py::object& metadata) {
   Metadata out;
   if (metadata.is_none()) return out;
+  if (!PyDict_Check(metadata.ptr())) {
+    throw py::type_error("metadata must be a dict of str to str or None, got " +
+                         std::string(Py_TYPE(metadata.ptr())->tp_name));
+  }
   for (auto item : py::reinterpret_borrow<py::dict>(metadata)) {
     if (!PyUnicode_Check(item.first.ptr()) || !PyUnicode_Check(item.second.ptr())) {
       throw py::type_error("metadata must map str to str, got " + key_repr(item.first.ptr()) +
@@ -91,65 +97,93 @@ py::dict tensors_to_dict(const NamedTensors& tensors) {
   return out;
 }
 
+// Requires GIL.
+py::dict metadata_to_dict(const Metadata& metadata) {
+  py::dict out;
+  for (const auto& [key, value] : metadata) out[py::str(key)] = py::str(value);
+  return out;
+}
+
+// The public option structs, so that one object crosses the binding per call (built by the
+// package's _args.py) instead of a row of positional arguments. Requires GIL.
+void bind_options(py::module_& m) {
+  py::class_<SaveOptions>(m, "SaveOptions",
+                          "zerockpt::SaveOptions (zerockpt/zerockpt.h): how save and save_async "
+                          "write. Built by zerockpt._args.save_options.")
+      .def(py::init<>())
+      .def_readwrite("durable", &SaveOptions::durable)
+      .def_readwrite("direct_io", &SaveOptions::direct_io)
+      .def_readwrite("threads", &SaveOptions::threads)
+      .def_readwrite("checksums", &SaveOptions::checksums)
+      // A dict of str to str (None: none); anything else is a TypeError naming the entry.
+      .def_property(
+          "metadata", [](const SaveOptions& o) { return metadata_to_dict(o.metadata); },
+          [](SaveOptions& o, const py::object& metadata) {
+            o.metadata = metadata_from_dict(metadata);
+          })
+      .def_readwrite("staging_bytes", &SaveOptions::staging_bytes);
+  py::class_<LoadOptions>(m, "LoadOptions",
+                          "zerockpt::LoadOptions (zerockpt/zerockpt.h): how load reads. Built by "
+                          "zerockpt._args.load_options.")
+      .def(py::init<>())
+      .def_readwrite("mmap", &LoadOptions::mmap)
+      .def_readwrite("threads", &LoadOptions::threads)
+      .def_readwrite("verify", &LoadOptions::verify)
+      .def_readwrite("device", &LoadOptions::device)
+      .def_readwrite("staging_bytes", &LoadOptions::staging_bytes);
+}
+
 // The arguments of save and save_async as C++ values. Requires GIL.
 struct SaveArgs {
   NamedTensors entries;
-  Metadata metadata;
   Metadata own;
   WriteOptions options;
 };
 
-SaveArgs save_args(py::dict tensors, py::object metadata, bool durable,
-                   std::optional<bool> direct_io, unsigned threads, py::object own_metadata,
-                   bool checksums, Progress* progress = nullptr, uint64_t staging_bytes = 0) {
+SaveArgs save_args(py::dict tensors, const SaveOptions& options, py::object own_metadata,
+                   Progress* progress = nullptr) {
   SaveArgs args;
   args.entries = named_tensors_from_dict(tensors);
-  args.metadata = metadata_from_dict(metadata);
   args.own = metadata_from_dict(own_metadata);
   for (const auto& [key, value] : args.own) {
     if (key.rfind(kReservedPrefix, 0) != 0) throw py::value_error("not a reserved key: " + key);
   }
-  args.options.durable = durable;
-  args.options.direct_io = to_direct_io(direct_io);
-  args.options.threads = threads;
-  args.options.checksums = checksums;
-  args.options.progress = progress;
-  args.options.staging_bytes = staging_bytes;
+  args.options = write_options(options, progress);
   return args;
 }
 
 // Requires GIL for conversion; releases GIL for the write, taking it between chunks to check
 // for Ctrl-C. `own` holds zerockpt's reserved metadata entries (each key must start with
 // kReservedPrefix).
-void save(py::dict tensors, const std::string& path, py::object metadata, bool durable,
-          std::optional<bool> direct_io, unsigned threads, py::object own_metadata, bool checksums,
-          std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
+// `options` is a copy: another thread may change the Python object while the GIL is released.
+void save_binding(py::dict tensors, const std::string& path, SaveOptions options,
+                  py::object own_metadata, std::shared_ptr<Progress> progress) {
   interruptible(std::move(progress), [&](Progress* counter) {
-    SaveArgs args = save_args(tensors, metadata, durable, direct_io, threads, own_metadata,
-                              checksums, counter, staging_bytes);
+    SaveArgs args = save_args(tensors, options, own_metadata, counter);
     for (const auto& [name, t] : args.entries) {
       if (!t.device().is_cpu()) init_device(t.device());
     }
     // Safe without the GIL: entries hold references to the tensors, and nothing below touches
     // Python objects.
     py::gil_scoped_release no_gil;
-    save_tensors(args.entries, path, args.metadata, args.options, args.own);
+    save_tensors(args.entries, path, options.metadata, args.options, args.own);
   });
 }
 
 // Requires GIL for conversion; releases GIL while waiting for the save in flight and copying.
-std::shared_ptr<PendingSave> save_async(
-    py::dict tensors, const std::string& path, py::object metadata, bool durable,
-    std::optional<bool> direct_io, unsigned threads, py::object own_metadata, bool checksums,
+// No progress counter: the call returns once the snapshot is copied, before the bytes that a
+// counter would count are written; no staging_bytes: the snapshot is one buffer of the whole
+// state, not a bounded pool of chunks.
+std::shared_ptr<PendingSave> save_async_binding(
+    py::dict tensors, const std::string& path, SaveOptions options, py::object own_metadata,
     std::vector<std::pair<std::string, std::string>> write_files,
     std::vector<std::string> remove_files) {
-  SaveArgs args =
-      save_args(tensors, metadata, durable, direct_io, threads, own_metadata, checksums);
+  SaveArgs args = save_args(tensors, options, own_metadata);
   bool any_steps = !write_files.empty() || !remove_files.empty();
   AfterCommit after{any_steps ? path : "", std::move(write_files), std::move(remove_files)};
   // Safe without the GIL: as in save(); the background thread only reads the snapshot.
   py::gil_scoped_release no_gil;
-  return save_tensors_async(args.entries, path, args.metadata, args.options, args.own,
+  return save_tensors_async(args.entries, path, options.metadata, args.options, args.own,
                             std::move(after));
 }
 
@@ -197,9 +231,8 @@ void bind_async(py::module_& m) {
         for (const auto& [name, t] : named_tensors_from_dict(tensors)) check_savable(name, t);
       },
       py::arg("tensors"));
-  m.def("save_async", &save_async, py::arg("tensors"), py::arg("path"), py::arg("metadata"),
-        py::arg("durable"), py::arg("direct_io"), py::arg("threads"),
-        py::arg("own_metadata") = py::none(), py::arg("checksums") = true,
+  m.def("save_async", &save_async_binding, py::arg("tensors"), py::arg("path"), py::arg("options"),
+        py::arg("own_metadata") = py::none(),
         py::arg("write_files") = std::vector<std::pair<std::string, std::string>>(),
         py::arg("remove_files") = std::vector<std::string>());
   // Releases GIL.
@@ -239,49 +272,46 @@ void bind_async(py::module_& m) {
 // Releases GIL for open (`open_file()`), parse and reads (taking it between chunks to check
 // for Ctrl-C); requires it to build the dicts. Returns the tensors, the metadata entries
 // zerockpt reserves (kReservedPrefix keys), whether the file stores checksums and the offset
-// where the file ends. With `device`, the tensors are new tensors there, filled through staging.
+// where the file ends. With a device other than the CPU (or the CPU while the staging testing
+// aid is on), the tensors are new tensors there, filled through staging.
 template <typename Open>
-py::tuple load_file(Open open_file, bool mmap, unsigned threads, bool verify,
-                    std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
-                    uint64_t staging_bytes) {
+py::tuple load_file(Open open_file, const LoadOptions& options, std::shared_ptr<Progress> progress) {
   NamedTensors loaded;
   Metadata own;
   bool has_checksums = false;
   uint64_t end = 0;
-  if (device && !device->is_cpu()) init_device(*device);
+  const bool staged = !options.device.is_cpu() || stage_host_tensors();
+  if (!options.device.is_cpu()) init_device(options.device);
   interruptible(std::move(progress), [&](Progress* counter) {
     // Safe without the GIL: only C++ and ATen objects are created here.
     py::gil_scoped_release no_gil;
     CheckpointFile file = open_file();
-    loaded = device ? load_to_device(file, *device, threads, verify, staging_bytes, counter)
-                    : file.load_all(mmap, threads, verify, counter);
+    loaded = staged ? load_to_device(file, options.device, options.threads, options.verify,
+                                     options.staging_bytes, counter)
+                    : file.load_all(options.mmap, options.threads, options.verify, counter);
     for (const auto& [key, value] : file.file().header().metadata) {
       if (key.rfind(kReservedPrefix, 0) == 0) own.emplace_back(key, value);
       if (key == kChecksumKey) has_checksums = true;
     }
     end = file.file().image_end();
   });
-  py::dict own_dict;
-  for (const auto& [key, value] : own) own_dict[py::str(key)] = py::str(value);
-  return py::make_tuple(tensors_to_dict(loaded), own_dict, has_checksums, end);
+  return py::make_tuple(tensors_to_dict(loaded), metadata_to_dict(own), has_checksums, end);
 }
 
 // load_file() of the file `path` (the last item of the result dropped).
-py::tuple load(const std::string& path, bool mmap, unsigned threads, bool verify,
-               std::shared_ptr<Progress> progress, std::optional<c10::Device> device,
-               uint64_t staging_bytes) {
-  py::tuple out = load_file([&] { return CheckpointFile(path); }, mmap, threads, verify,
-                            std::move(progress), device, staging_bytes);
+// `options` is a copy: another thread may change the Python object while the GIL is released.
+py::tuple load_binding(const std::string& path, LoadOptions options,
+                       std::shared_ptr<Progress> progress) {
+  py::tuple out = load_file([&] { return CheckpointFile(path); }, options, std::move(progress));
   return py::make_tuple(out[0], out[1], out[2]);
 }
 
 // load_file() of the file at offset `base` of the open regular file `fd` (see SafetensorsFile).
-py::tuple load_fd(int fd, uint64_t base, const std::string& name, bool exact_size, bool mmap,
-                  unsigned threads, bool verify, std::shared_ptr<Progress> progress,
-                  std::optional<c10::Device> device, uint64_t staging_bytes) {
+py::tuple load_fd(int fd, uint64_t base, const std::string& name, bool exact_size,
+                  LoadOptions options, std::shared_ptr<Progress> progress) {
   return load_file(
       [&] { return CheckpointFile(std::make_shared<SafetensorsFile>(fd, base, name, exact_size)); },
-      mmap, threads, verify, std::move(progress), device, staging_bytes);
+      options, std::move(progress));
 }
 
 // A sequential sink that hands each run of bytes to the Python callable `write` (a binary file
@@ -346,14 +376,12 @@ class PythonSink : public WriteSink {
 // save() into a sink rather than a file; returns the bytes written. `make_sink(size)` is called
 // with the GIL held once the plan (and so the size) is known. Releases GIL as save() does.
 template <typename MakeSink>
-uint64_t save_to_sink(py::dict tensors, const std::string& name, py::object metadata,
-                      unsigned threads, py::object own_metadata, bool checksums,
-                      std::shared_ptr<Progress> progress, uint64_t staging_bytes,
+uint64_t save_to_sink(py::dict tensors, const std::string& name, const SaveOptions& options,
+                      py::object own_metadata, std::shared_ptr<Progress> progress,
                       MakeSink make_sink) {
   uint64_t size = 0;
   interruptible(std::move(progress), [&](Progress* counter) {
-    SaveArgs args = save_args(tensors, metadata, false, false, threads, own_metadata, checksums,
-                              counter, staging_bytes);
+    SaveArgs args = save_args(tensors, options, own_metadata, counter);
     for (const auto& [entry, t] : args.entries) {
       if (!t.device().is_cpu()) init_device(t.device());
     }
@@ -361,7 +389,7 @@ uint64_t save_to_sink(py::dict tensors, const std::string& name, py::object meta
     {
       // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only.
       py::gil_scoped_release no_gil;
-      plan = plan_save(args.entries, name, args.metadata, args.options, args.own);
+      plan = plan_save(args.entries, name, options.metadata, args.options, args.own);
     }
     std::unique_ptr<WriteSink> sink = make_sink(plan.layout.file_size());
     {
@@ -374,11 +402,13 @@ uint64_t save_to_sink(py::dict tensors, const std::string& name, py::object meta
 }
 
 // Saves at offset `base` of the open file `fd` (pwrite; no fsync, no rename). Releases GIL.
+// Only options' metadata, threads, checksums and staging_bytes apply (durability is the
+// caller's).
 uint64_t save_fd(py::dict tensors, int fd, uint64_t base, const std::string& name,
-                 py::object metadata, unsigned threads, py::object own_metadata, bool checksums,
-                 std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
-  return save_to_sink(tensors, name, metadata, threads, own_metadata, checksums,
-                      std::move(progress), staging_bytes,
+                 SaveOptions options, py::object own_metadata, std::shared_ptr<Progress> progress) {
+  options.durable = false;
+  options.direct_io = false;
+  return save_to_sink(tensors, name, options, own_metadata, std::move(progress),
                       [&](uint64_t) { return std::make_unique<FdSink>(fd, base, name); });
 }
 
@@ -398,22 +428,24 @@ class ChecksumSink : public WriteSink {
 // seek back) a first pass over the tensors computes them, and the header goes out complete.
 // Releases GIL but for the calls of `write` and `rewrite_prefix`.
 uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_prefix,
-                     const std::string& name, py::object metadata, py::object own_metadata,
-                     bool checksums, std::shared_ptr<Progress> progress, uint64_t staging_bytes) {
+                     const std::string& name, SaveOptions options, py::object own_metadata,
+                     std::shared_ptr<Progress> progress) {
   uint64_t size = 0;
+  options.durable = false;
+  options.direct_io = false;
+  options.threads = 0;
   interruptible(std::move(progress), [&](Progress* counter) {
-    SaveArgs args = save_args(tensors, metadata, false, false, 0, own_metadata, checksums, counter,
-                              staging_bytes);
+    SaveArgs args = save_args(tensors, options, own_metadata, counter);
     for (const auto& [entry, t] : args.entries) {
       if (!t.device().is_cpu()) init_device(t.device());
     }
     PythonSink sink(write, rewrite_prefix, name);
-    const bool first_pass = checksums && rewrite_prefix.is_none();
+    const bool first_pass = options.checksums && rewrite_prefix.is_none();
     {
       // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only,
       // and the sink takes the GIL for its own calls.
       py::gil_scoped_release no_gil;
-      SavePlan plan = plan_save(args.entries, name, args.metadata, args.options, args.own);
+      SavePlan plan = plan_save(args.entries, name, options.metadata, args.options, args.own);
       if (first_pass) {
         ChecksumSink first;
         save_tensors_to(plan, first, name, args.options);
@@ -429,12 +461,13 @@ uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_pref
 
 // The file as a new bytes object, written into it without the GIL (nothing else refers to it
 // yet). Releases GIL as save() does.
-py::bytes save_bytes(py::dict tensors, py::object metadata, unsigned threads,
-                     py::object own_metadata, bool checksums, std::shared_ptr<Progress> progress,
-                     uint64_t staging_bytes) {
+py::bytes save_bytes(py::dict tensors, SaveOptions options, py::object own_metadata,
+                     std::shared_ptr<Progress> progress) {
   py::object out;
-  save_to_sink(tensors, "<bytes>", metadata, threads, own_metadata, checksums, std::move(progress),
-               staging_bytes, [&](uint64_t size) {
+  options.durable = false;
+  options.direct_io = false;
+  save_to_sink(tensors, "<bytes>", options, own_metadata, std::move(progress),
+               [&](uint64_t size) {
                  out = py::reinterpret_steal<py::object>(
                      PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size)));
                  if (!out) throw py::error_already_set();
@@ -606,26 +639,21 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "zerockpt's private C++ core. Use the zerockpt package instead.";
   register_errors(m);
   bind_progress(m);
+  bind_options(m);
   bind_file(m);
   bind_async(m);
-  m.def("save", &save, py::arg("tensors"), py::arg("path"), py::arg("metadata"), py::arg("durable"),
-        py::arg("direct_io"), py::arg("threads"), py::arg("own_metadata") = py::none(),
-        py::arg("checksums") = true, py::arg("progress") = nullptr, py::arg("staging_bytes") = 0);
-  m.def("load", &load, py::arg("path"), py::arg("mmap"), py::arg("threads"),
-        py::arg("verify") = false, py::arg("progress") = nullptr, py::arg("device") = py::none(),
-        py::arg("staging_bytes") = 0);
+  m.def("save", &save_binding, py::arg("tensors"), py::arg("path"), py::arg("options"),
+        py::arg("own_metadata") = py::none(), py::arg("progress") = nullptr);
+  m.def("load", &load_binding, py::arg("path"), py::arg("options"), py::arg("progress") = nullptr);
   m.def("load_fd", &load_fd, py::arg("fd"), py::arg("base"), py::arg("name"), py::arg("exact_size"),
-        py::arg("mmap"), py::arg("threads"), py::arg("verify"), py::arg("progress"),
-        py::arg("device"), py::arg("staging_bytes"));
+        py::arg("options"), py::arg("progress") = nullptr);
   m.def("save_fd", &save_fd, py::arg("tensors"), py::arg("fd"), py::arg("base"), py::arg("name"),
-        py::arg("metadata"), py::arg("threads"), py::arg("own_metadata"), py::arg("checksums"),
-        py::arg("progress"), py::arg("staging_bytes"));
+        py::arg("options"), py::arg("own_metadata") = py::none(), py::arg("progress") = nullptr);
   m.def("save_stream", &save_stream, py::arg("tensors"), py::arg("write"),
-        py::arg("rewrite_prefix"), py::arg("name"), py::arg("metadata"), py::arg("own_metadata"),
-        py::arg("checksums"), py::arg("progress"), py::arg("staging_bytes"));
-  m.def("save_bytes", &save_bytes, py::arg("tensors"), py::arg("metadata"), py::arg("threads"),
-        py::arg("own_metadata"), py::arg("checksums"), py::arg("progress"),
-        py::arg("staging_bytes"));
+        py::arg("rewrite_prefix"), py::arg("name"), py::arg("options"),
+        py::arg("own_metadata") = py::none(), py::arg("progress") = nullptr);
+  m.def("save_bytes", &save_bytes, py::arg("tensors"), py::arg("options"),
+        py::arg("own_metadata") = py::none(), py::arg("progress") = nullptr);
   m.def("header_length", &header_length, py::arg("prefix"), py::arg("name"));
   m.def("image_size", &image_size, py::arg("head"), py::arg("name"));
   m.def(
@@ -644,11 +672,21 @@ PYBIND11_MODULE(_C, m) {
   bind_testing_aids(m);
   m.attr("CHECKSUM_KEY") = kChecksumKey;
   m.def("default_threads", &default_threads);
-  m.def("state_dict", &state_dict, py::arg("module"), py::arg("destination"), py::arg("prefix"),
-        py::arg("keep_vars"));
-  m.def("load_state_dict", &load_state_dict, py::arg("module"), py::arg("source"),
-        py::arg("metadata"), py::arg("assign"), py::arg("file"), py::arg("threads"),
-        py::arg("progress") = nullptr, py::arg("staging_bytes") = 0);
+  m.def("state_dict",
+        static_cast<py::object (*)(py::handle, py::object, py::str, py::object)>(&state_dict),
+        py::arg("module"), py::arg("destination"), py::arg("prefix"), py::arg("keep_vars"));
+  // `options`: threads and staging_bytes (a file is read straight into the parameters).
+  m.def(
+      "load_state_dict",
+      [](py::object module, py::object source, py::object metadata, py::object assign,
+         std::shared_ptr<CheckpointFile> file, const LoadOptions& options,
+         std::shared_ptr<Progress> progress) {
+        return load_state_dict(std::move(module), std::move(source), std::move(metadata),
+                               std::move(assign), std::move(file), options.threads,
+                               std::move(progress), options.staging_bytes);
+      },
+      py::arg("module"), py::arg("source"), py::arg("metadata"), py::arg("assign"), py::arg("file"),
+      py::arg("options"), py::arg("progress") = nullptr);
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("RESERVED_PREFIX") = kReservedPrefix;
   m.attr("STATE_DICT_METADATA_KEY") = kStateDictMetadataKey;

@@ -6,21 +6,24 @@
 #include "core/hash.h"
 #include "torch/async_save.h"
 #include "torch/load_into.h"
+#include "torch/options.h"
 #include "torch/tensor_io.h"
 #include "zerockpt/zerockpt.h"
 
 namespace zerockpt {
-namespace {
 
-WriteOptions write_options(const SaveOptions& options) {
+WriteOptions write_options(const SaveOptions& options, Progress* progress) {
   WriteOptions out;
   out.durable = options.durable;
   out.direct_io = to_direct_io(options.direct_io);
   out.threads = options.threads;
   out.checksums = options.checksums;
+  out.progress = progress;
   out.staging_bytes = options.staging_bytes;
   return out;
 }
+
+namespace {
 
 std::string join_quoted(const std::vector<std::string>& keys) {
   std::string out;

@@ -16,17 +16,33 @@ DEFAULT_STAGING_BYTES: int
 class FormatError(ValueError): ...
 class ChecksumError(FormatError): ...
 
+class SaveOptions:
+    """zerockpt::SaveOptions of the public C++ header; built by ``zerockpt._args``."""
+
+    durable: bool
+    direct_io: bool | None
+    threads: int
+    checksums: bool
+    metadata: Mapping[str, str] | None
+    staging_bytes: int
+    def __init__(self) -> None: ...
+
+class LoadOptions:
+    """zerockpt::LoadOptions of the public C++ header; built by ``zerockpt._args``."""
+
+    mmap: bool
+    threads: int
+    verify: bool
+    device: torch.device
+    staging_bytes: int
+    def __init__(self) -> None: ...
+
 def save(
     tensors: dict[str, torch.Tensor],
     path: str,
-    metadata: dict[str, str] | None,
-    durable: bool,
-    direct_io: bool | None,
-    threads: int,
+    options: SaveOptions,
     own_metadata: dict[str, str] | None = None,
-    checksums: bool = True,
     progress: Progress | None = None,
-    staging_bytes: int = 0,
 ) -> None: ...
 def check_savable(tensors: dict[str, torch.Tensor]) -> None: ...
 def check_destination(path: str) -> str: ...
@@ -34,12 +50,8 @@ def replace_file(staged: str, path: str) -> None: ...
 def save_async(
     tensors: dict[str, torch.Tensor],
     path: str,
-    metadata: dict[str, str] | None,
-    durable: bool,
-    direct_io: bool | None,
-    threads: int,
+    options: SaveOptions,
     own_metadata: dict[str, str] | None = None,
-    checksums: bool = True,
     write_files: list[tuple[str, str]] = ...,
     remove_files: list[str] = ...,
 ) -> _PendingSave: ...
@@ -54,12 +66,8 @@ def snapshot_stats() -> tuple[int, int, bool, bool]: ...
 def release_snapshot_buffer() -> None: ...
 def load(
     path: str,
-    mmap: bool,
-    threads: int,
-    verify: bool = False,
+    options: LoadOptions,
     progress: Progress | None = None,
-    device: torch.device | None = None,
-    staging_bytes: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]: ...
 def _crc32c(data: bytes, crc: int = 0, portable: bool = False) -> int: ...
 def _crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int: ...
@@ -79,9 +87,8 @@ def load_state_dict(
     metadata: Any,
     assign: Any,
     file: _File | None,
-    threads: int,
+    options: LoadOptions,
     progress: Progress | None = None,
-    staging_bytes: int = 0,
 ) -> tuple[list[str], list[str], list[str]] | None: ...
 
 class Progress:
@@ -122,44 +129,32 @@ def load_fd(
     base: int,
     name: str,
     exact_size: bool,
-    mmap: bool,
-    threads: int,
-    verify: bool,
-    progress: Progress | None,
-    device: torch.device | None,
-    staging_bytes: int,
+    options: LoadOptions,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], bool, int]: ...
 def save_fd(
     tensors: dict[str, torch.Tensor],
     fd: int,
     base: int,
     name: str,
-    metadata: Mapping[str, str] | None,
-    threads: int,
-    own_metadata: dict[str, str] | None,
-    checksums: bool,
-    progress: Progress | None,
-    staging_bytes: int,
+    options: SaveOptions,
+    own_metadata: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> int: ...
 def save_stream(
     tensors: dict[str, torch.Tensor],
     write: Callable[[memoryview], int | None],
     rewrite_prefix: Callable[[bytes], None] | None,
     name: str,
-    metadata: Mapping[str, str] | None,
-    own_metadata: dict[str, str] | None,
-    checksums: bool,
-    progress: Progress | None,
-    staging_bytes: int,
+    options: SaveOptions,
+    own_metadata: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> int: ...
 def save_bytes(
     tensors: dict[str, torch.Tensor],
-    metadata: Mapping[str, str] | None,
-    threads: int,
-    own_metadata: dict[str, str] | None,
-    checksums: bool,
-    progress: Progress | None,
-    staging_bytes: int,
+    options: SaveOptions,
+    own_metadata: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> bytes: ...
 def header_length(prefix: bytes, name: str) -> int: ...
 def image_size(head: bytes, name: str) -> int: ...

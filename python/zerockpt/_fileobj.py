@@ -17,13 +17,12 @@ import io
 import os
 import stat
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from zerockpt import _C, _progress
+from zerockpt import _C, _args, _progress, _state
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
@@ -122,6 +121,9 @@ def save(
         raise ValueError(f"{name}: max_shard_size writes a directory; it needs a path")
     if direct_io:
         raise ValueError(f"{name}: direct_io=True needs a path (it opens the file itself)")
+    options = _args.save_options(
+        metadata=metadata, threads=threads, checksums=checksums, staging_bytes=staging_bytes
+    )
     fd = _regular_fd(f)
     if fd is not None and not _appending(f, fd):
         f.flush()  # what is buffered goes first, where it belongs
@@ -129,9 +131,7 @@ def save(
         size = _progress.run(
             progress,
             _progress.label("Saving", name),
-            lambda counter: _C.save_fd(
-                flat, fd, base, name, metadata, threads, own, checksums, counter, staging_bytes
-            ),
+            lambda counter: _C.save_fd(flat, fd, base, name, options, own, counter),
         )
         f.seek(base + size)
         if durable:
@@ -155,9 +155,7 @@ def save(
     _progress.run(
         progress,
         _progress.label("Saving", name),
-        lambda counter: _C.save_stream(
-            flat, f.write, rewrite, name, metadata, own, checksums, counter, staging_bytes
-        ),
+        lambda counter: _C.save_stream(flat, f.write, rewrite, name, options, own, counter),
     )
     flush = getattr(f, "flush", None)
     if callable(flush):
@@ -177,12 +175,13 @@ def save_bytes(
     staging_bytes: int,
 ) -> bytes:
     """The safetensors file of ``flat`` as bytes, written straight into the bytes object."""
+    options = _args.save_options(
+        metadata=metadata, threads=threads, checksums=checksums, staging_bytes=staging_bytes
+    )
     return _progress.run(
         progress,
         "Saving <bytes>",
-        lambda counter: _C.save_bytes(
-            flat, metadata, threads, own, checksums, counter, staging_bytes
-        ),
+        lambda counter: _C.save_bytes(flat, options, own, counter),
     )
 
 
@@ -283,21 +282,18 @@ def load(
         The tensors, zerockpt's own metadata entries, and the name used in messages.
     """
 
+    options = _args.load_options(
+        mmap=mmap, threads=threads, verify=verify, device=device, staging_bytes=staging_bytes
+    )
+
     def run(fd: int, base: int, name: str, exact: bool) -> tuple[Any, Any, int]:
         tensors, own, has_checksums, end = _progress.run(
             progress,
             _progress.label("Loading", name),
-            lambda counter: _C.load_fd(
-                fd, base, name, exact, mmap, threads, verify, counter, device, staging_bytes
-            ),
+            lambda counter: _C.load_fd(fd, base, name, exact, options, counter),
         )
         if verify and not has_checksums:
-            warnings.warn(
-                f"{name}: the file stores no checksums (not written by zerockpt, or with "
-                "checksums=False); nothing was verified",
-                UserWarning,
-                stacklevel=5,  # the caller of load() or load_bytes()
-            )
+            _state.warn_unverified(name, stacklevel=6)  # the caller of load() or load_bytes()
         return tensors, own, end
 
     def from_memory(data: memoryview, name: str, exact: bool) -> tuple[Any, Any, int]:

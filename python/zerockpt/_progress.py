@@ -24,7 +24,8 @@ _T = TypeVar("_T")
 POLL_SECONDS = 0.1
 
 
-def _tqdm() -> Any:
+def tqdm_class() -> Any:
+    """tqdm.auto.tqdm; ImportError saying what to install when it is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -78,7 +79,7 @@ def run(
         enabled: Draw a bar (tqdm must be installed).
         description: The bar's label.
         work: Does the job, passing the counter to the C++ calls' ``progress`` (which also
-            lets calls on other threads be cancelled, see ``sharded.run_parallel``).
+            lets calls on other threads be cancelled, see ``_parallel.run_parallel``).
         total: The bytes to expect when the work spans several C++ calls (0: the calls say).
 
     Returns:
@@ -92,7 +93,7 @@ def run(
     counter = _C.Progress(total)
     if not enabled:
         return work(counter)
-    tqdm = _tqdm()
+    tqdm = tqdm_class()
     with tqdm(
         desc=description,
         total=total or None,
@@ -132,3 +133,14 @@ def _draw(bar: Any, done: int, total: int) -> None:
         bar.update(done - bar.n)
     else:
         bar.refresh()
+
+
+def stored_bytes(f: _C._File) -> int:
+    """Bytes of an open file's stored tensors (aliases counted once), from its header."""
+    total = 0
+    names = f.keys()  # a _File is not iterable
+    for name in names:
+        _, _, begin, end, alias_of = f.info(name)
+        if alias_of is None:
+            total += end - begin
+    return total

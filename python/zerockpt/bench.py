@@ -39,12 +39,20 @@ from typing import Any, TextIO
 import torch
 
 import zerockpt
-
-StateDict = dict[str, torch.Tensor]
-
-# GPT-2's vocabulary and context length (the Hugging Face checkpoints' shapes).
-GPT2_VOCAB = 50257
-GPT2_POSITIONS = 1024
+from zerockpt.benchtools import (
+    GPT2_POSITIONS,
+    GPT2_VOCAB,
+    TIED,
+    ModelConfig,
+    StateDict,
+    bits,
+    build_state_dict,
+    fsync_file,
+    read_every_byte,
+    read_through,
+    unique_tensors,
+)
+from zerockpt.cli import CommandError, UsageError
 
 MIN_PARAMS = 1_000_000
 MAX_PARAMS = 1_000_000_000_000
@@ -70,72 +78,8 @@ _PARAMS_RE = re.compile(
 )
 
 
-class UsageError(ValueError):
-    """A benchmark option that cannot be carried out (exit status 2)."""
-
-
 # --- The model: GPT-2-shaped tensors ----------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a GPT-2-style model (Hugging Face ``GPT2LMHeadModel`` names and layouts).
-
-    Linear layers are GPT-2's Conv1D, whose weight is (in_features, out_features);
-    ``lm_head.weight`` is tied to (the same tensor as) ``transformer.wte.weight``.
-    """
-
-    vocab: int
-    n_positions: int
-    d_model: int
-    n_layer: int
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every state-dict name and its shape, in ``state_dict()`` order, ``lm_head.weight``
-        (tied to ``transformer.wte.weight``) last."""
-        d = self.d_model
-        shapes: dict[str, tuple[int, ...]] = {
-            "transformer.wte.weight": (self.vocab, d),
-            "transformer.wpe.weight": (self.n_positions, d),
-        }
-        for i in range(self.n_layer):
-            p = f"transformer.h.{i}."
-            shapes.update(
-                {
-                    p + "ln_1.weight": (d,),
-                    p + "ln_1.bias": (d,),
-                    p + "attn.c_attn.weight": (d, 3 * d),
-                    p + "attn.c_attn.bias": (3 * d,),
-                    p + "attn.c_proj.weight": (d, d),
-                    p + "attn.c_proj.bias": (d,),
-                    p + "ln_2.weight": (d,),
-                    p + "ln_2.bias": (d,),
-                    p + "mlp.c_fc.weight": (d, 4 * d),
-                    p + "mlp.c_fc.bias": (4 * d,),
-                    p + "mlp.c_proj.weight": (4 * d, d),
-                    p + "mlp.c_proj.bias": (d,),
-                }
-            )
-        shapes["transformer.ln_f.weight"] = (d,)
-        shapes["transformer.ln_f.bias"] = (d,)
-        shapes["lm_head.weight"] = (self.vocab, d)
-        return shapes
-
-    @property
-    def n_params(self) -> int:
-        """Parameters, counting the tied ``lm_head.weight`` once (as GPT-2's 124M does)."""
-        return sum(math.prod(s) for n, s in self.shapes().items() if n not in TIED)
-
-    def describe(self) -> str:
-        """One line: size and shape."""
-        return (
-            f"{self.n_params / 1e6:,.1f}M parameters (d_model {self.d_model}, "
-            f"{self.n_layer} layers, vocab {self.vocab}, {self.n_positions} positions)"
-        )
-
-
-# Names that are the same tensor as another name: alias -> name it shares memory with.
-TIED: dict[str, str] = {"lm_head.weight": "transformer.wte.weight"}
 
 # Sizes of the GPT-2 / GPT-3 families that the usual names refer to.
 PRESETS: dict[int, ModelConfig] = {
@@ -208,48 +152,6 @@ def model_config(n_params: int) -> ModelConfig:
     return ModelConfig(vocab, GPT2_POSITIONS, d, n_layer)
 
 
-def build_state_dict(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> StateDict:
-    """A state dict of ``config``'s shapes, filled with uniform random values in [-0.02, 0.02).
-
-    Each tensor is allocated with ``torch.empty`` and filled in place from a generator seeded
-    with ``seed`` (about 1 GB/s on two cores, page faults included); ``lm_head.weight`` is the
-    same tensor as ``transformer.wte.weight``.
-
-    Args:
-        config: The shapes.
-        dtype: A floating-point dtype.
-        seed: Seed of the random values.
-
-    Returns:
-        Names to CPU tensors, in ``config.shapes()`` order.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    sd: StateDict = {}
-    for name, shape in config.shapes().items():
-        if name in TIED:
-            sd[name] = sd[TIED[name]]
-        else:
-            sd[name] = torch.empty(shape, dtype=dtype).uniform_(-0.02, 0.02, generator=gen)
-    return sd
-
-
-def unique_tensors(sd: StateDict) -> StateDict:
-    """``sd`` without the later names of tensors that are the same view of one storage."""
-    seen: set[tuple[object, ...]] = set()
-    out: StateDict = {}
-    for name, t in sd.items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key not in seen:
-            seen.add(key)
-            out[name] = t
-    return out
-
-
-def total_nbytes(sd: StateDict) -> int:
-    """Bytes of tensor data in ``sd``, tied tensors once."""
-    return sum(t.numel() * t.element_size() for t in unique_tensors(sd).values())
-
-
 # --- Methods --------------------------------------------------------------------------------
 
 
@@ -265,16 +167,6 @@ class Method:
     describe: str  # the calls, for the footer
 
 
-def _fsync_path(path: Path) -> None:
-    """fsyncs ``path`` and then its directory (what ``zerockpt.save(durable=True)`` does)."""
-    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
-        fd = os.open(target, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _zerockpt_save(sd: StateDict, path: Path, fsync: bool) -> None:
     zerockpt.save(sd, path, durable=fsync)
 
@@ -287,7 +179,7 @@ def _zerockpt_load(path: Path) -> StateDict:
 def _torch_save(sd: StateDict, path: Path, fsync: bool) -> None:
     torch.save(sd, path)
     if fsync:
-        _fsync_path(path)
+        fsync_file(path, directory=True)
 
 
 def _torch_load(path: Path) -> StateDict:
@@ -305,7 +197,7 @@ def _safetensors_method() -> Method | None:
         # save_file refuses tensors sharing memory; drop the tied names as save_model does.
         save_file(unique_tensors(sd), path)
         if fsync:
-            _fsync_path(path)
+            fsync_file(path, directory=True)
 
     def load(path: Path) -> StateDict:
         return load_file(path)
@@ -437,26 +329,6 @@ class PeakMemory:
         return max(0, self._status()["VmHWM"] - self._start)
 
 
-def read_every_byte(sd: StateDict) -> int:
-    """Reads every byte of every distinct tensor (one uint8 max per tensor).
-
-    Args:
-        sd: The tensors (tied ones are read once).
-
-    Returns:
-        The largest byte seen, so the work cannot be skipped.
-    """
-    top = 0
-    for t in unique_tensors(sd).values():
-        if t.numel():
-            top = max(top, int(t.reshape(-1).view(torch.uint8).max()))
-    return top
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def mismatches(loaded: StateDict, source: StateDict, keeps_tied: bool) -> list[str]:
     """What differs between ``loaded`` and ``source``: names, dtypes, shapes, bytes, ties.
 
@@ -480,7 +352,7 @@ def mismatches(loaded: StateDict, source: StateDict, keeps_tied: bool) -> list[s
         a, b = loaded[name], source[name]
         if a.dtype != b.dtype or a.shape != b.shape:
             problems.append(f"{name}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}")
-        elif not torch.equal(_bits(a), _bits(b)):
+        elif not torch.equal(bits(a), bits(b)):
             problems.append(f"{name}: bytes differ")
     if keeps_tied:
         for alias, name in TIED.items():
@@ -512,24 +384,6 @@ class Result:
         """The highest peak of all runs, or None where it cannot be measured."""
         known = [p for p in self.peaks if p is not None]
         return max(known) if known and len(known) == len(self.peaks) else None
-
-
-def _read_through(path: Path) -> None:
-    """Reads the file once, so that its pages are in the page cache."""
-    buf = bytearray(16 << 20)
-    with path.open("rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-
-
-def _drop_from_cache(path: Path) -> None:
-    """Drops the file's pages from the page cache (written back first, so they are clean)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -597,11 +451,11 @@ def bench_method(
 
         if not settings.cold:
             os.sync()
-            _read_through(path)
+            read_through(path)
         for run in range(settings.runs):
             gc.collect()
             if settings.cold:
-                _drop_from_cache(path)
+                fsync_file(path, drop=True)
             memory.reset()
             start = time.perf_counter()
             loaded = method.load(path)
@@ -1076,31 +930,130 @@ def _print(lines: Sequence[str], stream: TextIO) -> None:
     stream.flush()
 
 
+@dataclass
+class Measured:
+    """What :func:`measure` found, for the report."""
+
+    found: list[Method]
+    notes: list[str]
+    results: list[Result]
+    problems: list[str]  # "<method>: <difference>", empty if every load matched
+    memory_measured: bool
+    other_cpu: float | None
+
+
+def _model(settings: Settings) -> tuple[ModelConfig, torch.dtype, int]:
+    """The model the options ask for: its shape, dtype and tensor bytes.
+
+    Raises:
+        UsageError: The size is not one the benchmark builds.
+    """
+    try:
+        config = model_config(settings.n_params)
+    except ValueError as e:
+        raise UsageError(f"--params: {e}") from None
+    dtype = DTYPES[settings.dtype]
+    return config, dtype, config.n_params * torch.empty((), dtype=dtype).element_size()
+
+
+def _announce(title: str, build_s: float, directory: Path, settings: Settings, err: TextIO) -> None:
+    """The lines on stderr that say what is about to be measured, and where."""
+    v = _versions()
+    _print(
+        [
+            f"zerockpt bench: {title} (lm_head.weight tied), built in {build_s:.1f} s",
+            f"  zerockpt {v['zerockpt']}, torch {v['torch']}, safetensors "
+            f"{v['safetensors'] or 'not installed'}, {v['cpus']} CPUs; files in "
+            f"{directory} ({_fs_type(directory)}); "
+            f"{'fsync' if settings.fsync else 'no fsync'}, "
+            f"{'cold' if settings.cold else 'warm'} cache, best of {settings.runs}",
+        ],
+        err,
+    )
+    if _fs_type(directory) == "tmpfs":
+        print("  warning: the directory is in memory (tmpfs), not on a disk", file=err)
+
+
+def measure(
+    source: StateDict, directory: Path, settings: Settings, nbytes: int, err: TextIO
+) -> Measured:
+    """Runs every method on ``source`` in ``directory``, printing each result as it comes.
+
+    Raises:
+        OSError: A file could not be written or read.
+    """
+    found, notes = methods()
+    for note in notes:
+        print(f"  note: {note}", file=err)
+    results: list[Result] = []
+    problems: list[str] = []
+    memory_measured = PeakMemory().available
+    other_cpu = OtherCpu()
+    read_every_byte(source)  # untimed: starts torch's thread pool for the reads
+    for method in found:
+        method_results, method_problems = bench_method(
+            method,
+            source,
+            directory,
+            settings,
+            lambda r: print(_progress_line(r, nbytes), file=err, flush=True),
+        )
+        results += method_results
+        for problem in method_problems:
+            print(f"  MISMATCH {method.name}: {problem}", file=err)
+        problems += [f"{method.name}: {p}" for p in method_problems]
+    busy = other_cpu.fraction()
+    if busy is not None and busy > BUSY_WARNING:
+        notes.append(
+            f"Warning: other processes used {busy:.0%} of the CPU time during the run; "
+            "the timings are noisy: run again on an idle machine."
+        )
+    return Measured(found, notes, results, problems, memory_measured, busy)
+
+
+def _write_plot(settings: Settings, results: Sequence[Result], title: str, nbytes: int) -> None:
+    """Writes ``--plot``.
+
+    Raises:
+        UsageError: matplotlib is missing.
+        CommandError: The file cannot be written.
+    """
+    assert settings.plot is not None
+    try:
+        plot(settings.plot, results, title, nbytes)
+    except ImportError:
+        raise UsageError(
+            "--plot needs matplotlib: pip install matplotlib (or pip install 'zerockpt[plot]')"
+        ) from None
+    except OSError as e:
+        raise CommandError(f"cannot write the plot {settings.plot}: {e.strerror or e}") from e
+    print(f"zerockpt bench: wrote {settings.plot}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark with the options :func:`add_arguments` defines.
 
     Progress (one line per result as it completes) goes to stderr; the table and its footer,
-    or with ``--json`` one JSON object, to stdout.
+    or with ``--json`` one JSON object, to stdout. Errors are raised for the command line to
+    report (``zerockpt.cli.main``: one line, or the traceback with ``--debug``).
 
     Args:
         args: Parsed options: params, dtype, runs, dir, fsync, cold, json, plot.
 
     Returns:
-        The exit status: 0; 1 if a loaded tensor differs from the original or a file cannot
-        be written or read; 2 for a usage error (message on stderr).
+        The exit status: 0, or 1 if a loaded tensor differs from the original.
+
+    Raises:
+        UsageError: An option cannot be carried out (not enough memory or disk, matplotlib
+            missing...).
+        CommandError: The plot cannot be written.
+        OSError: A file cannot be written or read.
     """
     err = sys.stderr
-    try:
-        settings = _settings(args)
-        config = model_config(settings.n_params)
-        dtype = DTYPES[settings.dtype]
-        nbytes = config.n_params * torch.empty((), dtype=dtype).element_size()
-        _check_resources(settings, nbytes)
-        directory = _make_directory(settings, nbytes)
-    except (UsageError, ValueError) as e:
-        print(f"zerockpt bench: error: {e}", file=err)
-        return 2
-
+    settings = _settings(args)
+    config, dtype, nbytes = _model(settings)
+    _check_resources(settings, nbytes)
+    directory = _make_directory(settings, nbytes)
     try:
         start = time.perf_counter()
         source = build_state_dict(config, dtype)
@@ -1110,97 +1063,47 @@ def run(args: argparse.Namespace) -> int:
             f"GPT-style {config.describe()}, {settings.dtype}, {nbytes / 1e6:,.1f} MB, "
             f"{n_tensors} tensors"
         )
-        v = _versions()
-        _print(
-            [
-                f"zerockpt bench: {title} (lm_head.weight tied), built in {build_s:.1f} s",
-                f"  zerockpt {v['zerockpt']}, torch {v['torch']}, safetensors "
-                f"{v['safetensors'] or 'not installed'}, {v['cpus']} CPUs; files in "
-                f"{directory} ({_fs_type(directory)}); "
-                f"{'fsync' if settings.fsync else 'no fsync'}, "
-                f"{'cold' if settings.cold else 'warm'} cache, best of {settings.runs}",
-            ],
-            err,
-        )
-        if _fs_type(directory) == "tmpfs":
-            print("  warning: the directory is in memory (tmpfs), not on a disk", file=err)
-        found, notes = methods()
-        for note in notes:
-            print(f"  note: {note}", file=err)
-        results: list[Result] = []
-        problems: list[str] = []
-        memory_measured = PeakMemory().available
-        other_cpu = OtherCpu()
-        read_every_byte(source)  # untimed: starts torch's thread pool for the reads
-        for method in found:
-            method_results, method_problems = bench_method(
-                method,
-                source,
-                directory,
-                settings,
-                lambda r: print(_progress_line(r, nbytes), file=err, flush=True),
-            )
-            results += method_results
-            for problem in method_problems:
-                print(f"  MISMATCH {method.name}: {problem}", file=err)
-            problems += [f"{method.name}: {p}" for p in method_problems]
-        busy = other_cpu.fraction()
-        if busy is not None and busy > BUSY_WARNING:
-            notes.append(
-                f"Warning: other processes used {busy:.0%} of the CPU time during the run; "
-                "the timings are noisy: run again on an idle machine."
-            )
-    except OSError as e:
-        print(f"zerockpt bench: error: {e}", file=err)
-        return 1
+        _announce(title, build_s, directory, settings, err)
+        m = measure(source, directory, settings, nbytes, err)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
     if settings.json:
         document = to_json(
-            config, settings, nbytes, n_tensors, directory.parent, results, notes, problems, busy
+            config,
+            settings,
+            nbytes,
+            n_tensors,
+            directory.parent,
+            m.results,
+            m.notes,
+            m.problems,
+            m.other_cpu,
         )
         print(json.dumps(document, indent=2))
     else:
-        lines = table(results, nbytes)
-        foot = footer(settings, found, directory.parent, memory_measured, notes, problems)
+        lines = table(m.results, nbytes)
+        foot = footer(settings, m.found, directory.parent, m.memory_measured, m.notes, m.problems)
         _print(["", title, "", *lines, "", *foot], sys.stdout)
     if settings.plot is not None:
-        try:
-            plot(settings.plot, results, title, nbytes)
-        except ImportError:
-            print(
-                "zerockpt bench: error: --plot needs matplotlib: pip install matplotlib "
-                "(or pip install 'zerockpt[plot]')",
-                file=err,
-            )
-            return 2
-        except OSError as e:
-            print(f"zerockpt bench: error: cannot write the plot: {e}", file=err)
-            return 1
-        print(f"zerockpt bench: wrote {settings.plot}", file=err)
-    return 1 if problems else 0
+        _write_plot(settings, m.results, title, nbytes)
+    return 1 if m.problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parses ``argv`` (default: the command line) and runs the benchmark.
+    """Runs ``zerockpt bench`` with ``argv`` (default: the command line) through the
+    ``zerockpt`` command line, so that its errors are reported the same way.
 
     Args:
         argv: Options as :func:`add_arguments` defines them.
 
     Returns:
-        The exit status of :func:`run`.
-
-    Raises:
-        SystemExit: An option is not valid (status 2, message from argparse), or ``--help``.
+        The exit status: 0; 1 if a loaded tensor differs from the original or a file cannot be
+        written or read; 2 for a bad option (one line on stderr).
     """
-    parser = argparse.ArgumentParser(
-        prog="zerockpt bench",
-        description="Save and load a GPT-style model with zerockpt, torch and safetensors; "
-        "check the bytes and print the times.",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from zerockpt import cli
+
+    return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import sys
 import threading
 import time
@@ -14,9 +13,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zerockpt import _C
-from zerockpt._smallfile import MAX_POINTER_BYTES, read_small_file
-from zerockpt.serialization import PathLike, SaveInput, _fspath, _prepare_save, _threads, load
+from zerockpt import _C, _args, _state, _steps
+from zerockpt._args import PathLike
+from zerockpt._state import SaveInput
+from zerockpt.serialization import load
 
 # How long one wait on the C++ side may block before Python gets a chance to handle signals
 # (KeyboardInterrupt) and check the timeout.
@@ -164,30 +164,15 @@ def _track(pending: PendingSave) -> PendingSave:
 def _start(
     flat: dict[str, Any],
     path: str,
-    metadata: dict[str, str] | None,
+    options: _C.SaveOptions,
     own: dict[str, str],
-    durable: bool,
-    direct_io: bool | None,
-    threads: int,
-    checksums: bool,
     write_files: list[tuple[str, str]],
     remove_files: list[str],
 ) -> PendingSave:
     previous = _last
     if previous is not None:
         previous._wait(None)  # the C++ side would wait too, but without seeing Ctrl-C
-    handle = _C.save_async(
-        flat,
-        path,
-        metadata,
-        durable,
-        direct_io,
-        threads,
-        own,
-        checksums,
-        write_files,
-        remove_files,
-    )
+    handle = _C.save_async(flat, path, options, own, write_files, remove_files)
     return _track(PendingSave(handle, path))
 
 
@@ -237,19 +222,16 @@ def save_async(
         >>> zerockpt.load("model.safetensors")["w"]
         tensor([1., 1.])
     """
-    flat, metadata, own = _prepare_save(obj, metadata)
-    return _start(
-        flat,
-        _fspath(path),
-        metadata,
-        own,
-        bool(durable),
-        direct_io,
-        _threads(threads),
-        bool(checksums),
-        [],
-        [],
+    flat, metadata, own = _state.prepare_save(obj, metadata)
+    where = _args.fspath(path)
+    options = _args.save_options(
+        metadata=metadata,
+        durable=durable,
+        direct_io=direct_io,
+        threads=_args.threads(threads),
+        checksums=checksums,
     )
+    return _start(flat, where, options, own, [], [])
 
 
 def release_snapshot_buffer() -> None:
@@ -297,53 +279,6 @@ atexit.register(_finish_pending_saves)
 os.register_at_fork(after_in_child=_forget_parent_saves)
 
 
-_STEP_NAME = re.compile(r"step_([0-9]+)(.*)", re.DOTALL)
-_FILE_SUFFIX = ".safetensors"
-
-
-def _step_of(name: str, suffix: str = _FILE_SUFFIX) -> int | None:
-    """The step of a checkpoint name, exactly as :func:`_file_name` spells it with ``suffix``."""
-    match = _STEP_NAME.fullmatch(name)
-    if match is None or match.group(2) != suffix:
-        return None
-    step = int(match.group(1))
-    return step if name == _file_name(step, suffix) else None
-
-
-def _file_name(step: int, suffix: str = _FILE_SUFFIX) -> str:
-    return f"step_{step:08d}{suffix}"
-
-
-def _pointer_step(pointer: str, suffix: str = _FILE_SUFFIX) -> int | None:
-    """The step the pointer file names, or None if it is missing, unreadable or malformed."""
-    try:
-        text = read_small_file(pointer, MAX_POINTER_BYTES, "pointer").decode("utf-8").strip()
-    except (OSError, ValueError):  # FormatError, UnicodeDecodeError: not a pointer
-        return None
-    return _step_of(text, suffix)
-
-
-def _check_keep_last(keep_last: int | None) -> None:
-    if keep_last is not None and (
-        not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1
-    ):
-        raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
-
-
-def _retired(steps: list[int], step: int, keep_last: int | None) -> list[int]:
-    """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
-    if keep_last is None:
-        return []
-    others = sorted((s for s in steps if s != step), reverse=True)
-    return others[keep_last - 1 :]
-
-
-def _check_step(step: int) -> int:
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    return step
-
-
 class Checkpointer:
     """Step-numbered checkpoints in one directory, for training loops.
 
@@ -389,13 +324,13 @@ class Checkpointer:
         checksums: bool = True,
         threads: int | None = None,
     ) -> None:
-        _check_keep_last(keep_last)
-        self._directory = Path(_fspath(directory))
+        _steps.check_keep_last(keep_last)
+        self._directory = Path(_args.fspath(directory))
         self._directory.mkdir(parents=True, exist_ok=True)
         self._keep_last = keep_last
         self._durable = bool(durable)
         self._checksums = bool(checksums)
-        self._threads = _threads(threads)
+        self._threads = _args.threads(threads)
         self._pending: PendingSave | None = None
 
     @property
@@ -419,7 +354,7 @@ class Checkpointer:
             >>> zerockpt.Checkpointer("checkpoints").path(1000).name
             'step_00001000.safetensors'
         """
-        return self._directory / _file_name(_check_step(step))
+        return self._directory / _steps.file_name(_steps.check_step(step))
 
     def steps(self) -> list[int]:
         """Lists the steps that have a checkpoint file in the directory.
@@ -439,7 +374,7 @@ class Checkpointer:
         """
         found = []
         for entry in os.scandir(self._directory):
-            step = _step_of(entry.name)
+            step = _steps.step_of(entry.name)
             if step is not None and entry.is_file():
                 found.append(step)
         return sorted(found)
@@ -495,24 +430,16 @@ class Checkpointer:
         """
         path = self.path(step)
         self.wait()
-        flat, meta, own = _prepare_save(state, metadata)
+        flat, meta, own = _state.prepare_save(state, metadata)
+        options = _args.save_options(
+            metadata=meta, durable=self._durable, threads=self._threads, checksums=self._checksums
+        )
         write_files = [(str(self._directory / self.POINTER), path.name + "\n")]
         remove_files = [str(self.path(s)) for s in self._to_remove(step)]
         if async_save:
-            self._pending = _start(
-                flat,
-                str(path),
-                meta,
-                own,
-                self._durable,
-                None,
-                self._threads,
-                self._checksums,
-                write_files,
-                remove_files,
-            )
+            self._pending = _start(flat, str(path), options, own, write_files, remove_files)
             return self._pending
-        _C.save(flat, str(path), meta, self._durable, None, self._threads, own, self._checksums)
+        _C.save(flat, str(path), options, own)
         # `latest` and retention only once the committed file reopens and its header checks
         # (the structure was checked by the loader's decoder before the save).
         _C.after_commit(write_files, remove_files, self._durable, str(path))
@@ -648,8 +575,8 @@ class Checkpointer:
         return f"Checkpointer({str(self._directory)!r}, keep_last={self._keep_last})"
 
     def _pointer_step(self) -> int | None:
-        return _pointer_step(str(self._directory / self.POINTER))
+        return _steps.pointer_step(str(self._directory / self.POINTER))
 
     def _to_remove(self, step: int) -> list[int]:
         """Steps to delete once ``step`` is saved: all but the keep_last - 1 highest others."""
-        return _retired(self.steps(), step, self._keep_last)
+        return _steps.retired(self.steps(), step, self._keep_last)

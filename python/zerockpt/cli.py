@@ -15,6 +15,7 @@ loaded with ``torch.load(weights_only=True)``: nothing is ever unpickled beyond 
 Exit status: 0 when everything is fine, 1 when a command fails (a bad or corrupted checkpoint, a
 missing file, a destination that exists), 2 for a bad command line. Failures print one line,
 ``zerockpt: error: <message>``, on stderr; ``--debug`` raises the exception instead (traceback).
+Any other exception is a bug in zerockpt: its traceback is printed, with a request to report it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import stat
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
@@ -39,7 +41,7 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 import zerockpt
-from zerockpt import _C, sharded
+from zerockpt import _C, _progress, sharded
 from zerockpt.structure import STRUCTURE_KEY
 
 __all__ = ["build_parser", "main"]
@@ -65,8 +67,8 @@ class CommandError(Exception):
     """A failure that the command line reports as one line (exit status 1)."""
 
 
-class UsageError(Exception):
-    """A bad command line (exit status 2)."""
+class UsageError(ValueError):
+    """A bad command line or option, of any command, ``bench`` included (exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,6 +171,19 @@ def _describe(error: BaseException) -> str:
         text = f"{' -> '.join(where)}: {error.strerror}" if where else error.strerror
         return _one_line(text)
     return _one_line(str(error)) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _refused_data() -> Iterator[None]:
+    """Runs a zerockpt call on the data of the user's checkpoint: the TypeError or ValueError
+    it raises for data it cannot store or represent (an object that is not a tensor, a dtype
+    torch lacks, overlapping views) is that checkpoint's fault, reported as one line."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if isinstance(e, zerockpt.FormatError | UsageError):
+            raise
+        raise CommandError(_one_line(str(e)) or type(e).__name__) from e
 
 
 def _error_line(message: str, stream: TextIO | None = None) -> None:
@@ -832,6 +847,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if args.progress is not None
         else sys.stderr.isatty() and source_bytes > _PROGRESS_AUTO_BYTES
     )
+    if show:
+        try:
+            _progress.tqdm_class()
+        except ImportError as e:  # the bar needs tqdm: say what to install, in one line
+            raise CommandError(str(e)) from e
     start = time.perf_counter()
     # A file that a sharded checkpoint replaces stays until the new one is complete.
     target = (
@@ -845,14 +865,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     )
     try:
         if src_kind == "dcp":
-            count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
+            with _refused_data():
+                count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
         else:
-            state = _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
+            with _refused_data():
+                state = (
+                    _load_torch(src) if src_kind == "torch" else zerockpt.load(src, progress=show)
+                )
             count, nbytes = _tensor_stats(state)
             if dst_kind == "torch":
                 _torch_save(state, target)
             else:
-                zerockpt.save(state, target, max_shard_size=args.max_shard_size, progress=show)
+                with _refused_data():
+                    zerockpt.save(state, target, max_shard_size=args.max_shard_size, progress=show)
             del state
         if swap:
             _swap_in_directory(target, args.dst)
@@ -947,47 +972,38 @@ def _max_shard_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
-    """The ``zerockpt`` argument parser.
+# Where the commands that read a checkpoint accept it.
+_PATHS_HELP = (
+    "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
+    f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+)
 
-    Args:
-        configure_bench: Import ``zerockpt.bench`` to set up the ``bench`` subcommand's own
-            arguments (only needed to run it or show its help).
 
-    Returns:
-        The parser; parsed arguments carry ``handler(args) -> int`` and ``debug``.
-    """
-    parser = _Parser(
-        prog=PROG,
-        description="Inspect, convert and verify zerockpt / safetensors checkpoints.",
-        epilog="Exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.",
+def _add_command(
+    subparsers: Any, name: str, help_text: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand's parser, which also takes ``--debug`` after the command."""
+    sub: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help_text, description=description
     )
-    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
-    parser.add_argument("--version", action="version", version=f"{PROG} {zerockpt.__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = subparsers.add_parser(
-            name, help=help_text, description=description
-        )
-        # Accepted after the command too; SUPPRESS keeps a --debug given before it.
-        sub.add_argument(
-            "--debug",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="raise errors with their traceback",
-        )
-        return sub
-
-    paths = (
-        "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
-        f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+    # Accepted after the command too; SUPPRESS keeps a --debug given before it.
+    sub.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="raise errors with their traceback",
     )
-    inspect = add(
+    return sub
+
+
+def _add_inspect(subparsers: Any) -> None:
+    """Adds ``inspect``."""
+    inspect = _add_command(
+        subparsers,
         "inspect",
         "show a checkpoint's tensors, metadata, aliases and checksums",
         "Show a checkpoint's tensors (name, dtype, shape, size), totals, metadata, tied tensors "
-        "and whether checksums are stored. " + paths,
+        "and whether checksums are stored. " + _PATHS_HELP,
     )
     inspect.add_argument("path", metavar="PATH")
     inspect.add_argument("--json", action="store_true", help="print one JSON document")
@@ -996,7 +1012,11 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     )
     inspect.set_defaults(handler=_cmd_inspect)
 
-    convert = add(
+
+def _add_convert(subparsers: Any) -> None:
+    """Adds ``convert``."""
+    convert = _add_command(
+        subparsers,
         "convert",
         "convert between torch.save and zerockpt checkpoints",
         "Convert SRC to DST. SRC: a torch.save checkpoint (loaded with weights_only=True), a "
@@ -1024,12 +1044,16 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     )
     convert.set_defaults(handler=_cmd_convert)
 
-    verify = add(
+
+def _add_verify(subparsers: Any) -> None:
+    """Adds ``verify``."""
+    verify = _add_command(
+        subparsers,
         "verify",
         "check a checkpoint's structure and CRC-32C checksums",
         "Check a checkpoint's structure and every tensor's CRC-32C checksum. Exit status 0 when "
         "everything matches (or no checksums are stored), 1 listing the tensors that fail. "
-        + paths,
+        + _PATHS_HELP,
     )
     verify.add_argument("path", metavar="PATH")
     verify.add_argument("--json", action="store_true", help="print one JSON document")
@@ -1040,6 +1064,29 @@ def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
     )
     verify.set_defaults(handler=_cmd_verify)
 
+
+def build_parser(*, configure_bench: bool = False) -> argparse.ArgumentParser:
+    """The ``zerockpt`` argument parser.
+
+    Args:
+        configure_bench: Import ``zerockpt.bench`` to set up the ``bench`` subcommand's own
+            arguments (only needed to run it or show its help).
+
+    Returns:
+        The parser; parsed arguments carry ``handler(args) -> int`` and ``debug``.
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="Inspect, convert and verify zerockpt / safetensors checkpoints.",
+        epilog="Exit status: 0 fine, 1 failure (one line on stderr), 2 bad command line.",
+    )
+    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
+    parser.add_argument("--version", action="version", version=f"{PROG} {zerockpt.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_inspect(subparsers)
+    _add_convert(subparsers)
+    _add_verify(subparsers)
     _add_bench_parser(subparsers, configure_bench)
     return parser
 
@@ -1049,16 +1096,20 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-# Errors reported as one line (the rest are bugs, and keep their traceback).
-_EXPECTED_ERRORS = (
-    CommandError,
-    OSError,
-    ImportError,  # --progress without tqdm
-    ValueError,  # zerockpt.FormatError and ChecksumError included
-    TypeError,
-    RuntimeError,
-    EOFError,
-)
+# Errors reported as one line: the command line's own, zerockpt's (a bad or corrupted file;
+# ChecksumError is a FormatError) and the system's. Anything else is a bug, see _report_bug.
+_EXPECTED_ERRORS = (CommandError, zerockpt.FormatError, OSError)
+
+BUG_REPORT = "this is a bug in zerockpt; please report it with the traceback above"
+
+
+def _report_bug(error: BaseException) -> None:
+    """Prints the traceback of an unexpected error (escaped, as it may quote names from a
+    file), then asks for a report."""
+    for chunk in traceback.format_exception(error):
+        for line in chunk.rstrip("\n").split("\n"):
+            _emit(line, sys.stderr)
+    _error_line(BUG_REPORT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1107,5 +1158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _error_line(_describe(e))
+        return EXIT_FAILURE
+    except Exception as e:
+        if args.debug:
+            raise
+        _report_bug(e)
         return EXIT_FAILURE
     return int(status)

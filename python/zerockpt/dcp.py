@@ -45,9 +45,9 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from zerockpt import _C
+from zerockpt import _C, _args
+from zerockpt._args import PathLike
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
-from zerockpt.serialization import PathLike, _fspath, _threads
 from zerockpt.structure import flatten, unflatten
 
 __all__ = [
@@ -155,10 +155,10 @@ class Writer(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = Path(_fspath(path))
+        self.path = Path(_args.fspath(path))
         self.durable = bool(durable)
         self.checksums = bool(checksums)
-        self.threads = _threads(threads)
+        self.threads = _args.threads(threads)
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = False
         self.rank: int | None = None
@@ -167,7 +167,7 @@ class Writer(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Starts a new save (DCP hook): a given ``checkpoint_id`` becomes the directory."""
         if checkpoint_id:
-            self.path = Path(_fspath(checkpoint_id))
+            self.path = Path(_args.fspath(checkpoint_id))
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -238,12 +238,13 @@ class Writer(StorageWriter):
         path = str(self.path / file_name)
         own = {}  # marks the file as a DCP rank file for tools
         own["zerockpt.dcp"] = json.dumps({"save_id": self.save_id})
+        options = _args.save_options(
+            durable=self.durable, threads=self.threads, checksums=self.checksums
+        )
         if all(t.device.type == "cpu" for t in tensors.values()):
-            _C.save(tensors, path, None, self.durable, None, self.threads, own, self.checksums)
+            _C.save(tensors, path, options, own)
         else:  # through pinned host memory: the snapshot path of save_async
-            _C.save_async(
-                tensors, path, None, self.durable, None, self.threads, own, self.checksums
-            ).result()
+            _C.save_async(tensors, path, options, own).result()
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -304,10 +305,10 @@ class Reader(StorageReader):
         allow_pickle: bool = False,
     ) -> None:
         super().__init__()
-        self.path = Path(_fspath(path))
+        self.path = Path(_args.fspath(path))
         self.allow_pickle = bool(allow_pickle)
         self.verify = bool(verify)
-        self.threads = _threads(threads) or _C.default_threads()
+        self.threads = _args.threads(threads) or _C.default_threads()
         self.storage_data: dict[MetadataIndex, _Location] = {}
         self.metadata: Metadata | None = None
         self.rank: int | None = None
@@ -318,7 +319,7 @@ class Reader(StorageReader):
         """Starts a new load (DCP hook): a given ``checkpoint_id`` becomes the directory."""
         self.storage_data = {}
         if checkpoint_id:
-            self.path = Path(_fspath(checkpoint_id))
+            self.path = Path(_args.fspath(checkpoint_id))
         self.load_id = uuid.uuid4().hex
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -769,7 +770,7 @@ def to_file(
         tensor: torch.Tensor = files[location.file].get_tensor(location.name)
         return tensor
 
-    dest = Path(_fspath(destination))
+    dest = Path(_args.fspath(destination))
     scratch_dir = dest if max_shard_size is not None else dest.parent
     scratch_dir.mkdir(parents=True, exist_ok=True)
     flat: dict[str, Any] = {}

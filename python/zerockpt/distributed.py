@@ -18,17 +18,9 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from zerockpt import _C
-from zerockpt.checkpoint import (
-    _check_keep_last,
-    _check_step,
-    _file_name,
-    _pointer_step,
-    _retired,
-    _step_of,
-)
+from zerockpt import _C, _args, _steps
+from zerockpt._args import PathLike
 from zerockpt.dcp import METADATA_FILE, Reader, Writer
-from zerockpt.serialization import PathLike, _fspath, _threads
 
 __all__ = ["DistributedCheckpointer"]
 
@@ -89,12 +81,12 @@ class DistributedCheckpointer:
         threads: int | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        _check_keep_last(keep_last)
-        self._directory = Path(_fspath(directory))
+        _steps.check_keep_last(keep_last)
+        self._directory = Path(_args.fspath(directory))
         self._keep_last = keep_last
         self._durable = bool(durable)
         self._checksums = bool(checksums)
-        _threads(threads)  # checked here; Writer and Reader take it as given
+        _args.threads(threads)  # checked here; Writer and Reader take it as given
         self._threads = threads
         self._distributed = dist.is_available() and dist.is_initialized()
         self._group: dist.ProcessGroup | None = None
@@ -126,7 +118,7 @@ class DistributedCheckpointer:
             >>> zerockpt.DistributedCheckpointer("checkpoints").path(1000).name
             'step_00001000'
         """
-        return self._directory / _file_name(_check_step(step), _DIR_SUFFIX)
+        return self._directory / _steps.file_name(_steps.check_step(step), _DIR_SUFFIX)
 
     def steps(self) -> list[int]:
         """Lists the steps that have a complete checkpoint, as this process sees the directory.
@@ -159,7 +151,7 @@ class DistributedCheckpointer:
             >>> ckpt.latest_step()
             7
         """
-        step = _pointer_step(str(self._directory / self.POINTER), _DIR_SUFFIX)
+        step = _steps.pointer_step(str(self._directory / self.POINTER), _DIR_SUFFIX)
         return step if step is not None and self._complete(step) else None
 
     def save(self, step: int, state: dict[str, Any], *, async_save: bool = False) -> None:
@@ -335,7 +327,7 @@ class DistributedCheckpointer:
         """Every step directory, complete or not, ascending."""
         found = []
         for entry in os.scandir(self._directory):
-            step = _step_of(entry.name, _DIR_SUFFIX)
+            step = _steps.step_of(entry.name, _DIR_SUFFIX)
             if step is not None and entry.is_dir(follow_symlinks=False):
                 found.append(step)
         return sorted(found)
@@ -348,7 +340,7 @@ class DistributedCheckpointer:
         complete = self.steps()
         order = sorted(complete, reverse=True)
         pointer = self._directory / self.POINTER
-        pointed = _pointer_step(str(pointer), _DIR_SUFFIX)
+        pointed = _steps.pointer_step(str(pointer), _DIR_SUFFIX)
         if pointed in complete:
             order.remove(pointed)
             order.insert(0, pointed)
@@ -372,11 +364,11 @@ class DistributedCheckpointer:
 
         def commit() -> None:
             pointer = str(self._directory / self.POINTER)
-            name = _file_name(step, _DIR_SUFFIX)
+            name = _steps.file_name(step, _DIR_SUFFIX)
             _C.after_commit([(pointer, name + "\n")], [], self._durable)
             complete = self.steps()
             stale = [s for s in self._step_dirs() if s < step and s not in complete]
-            for old in sorted(_retired(complete, step, self._keep_last) + stale):
+            for old in sorted(_steps.retired(complete, step, self._keep_last) + stale):
                 self._remove(old)
 
         return self._on_rank0(commit)

@@ -18,17 +18,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zerockpt import _C, _progress, sharded
-from zerockpt.serialization import (
-    PathLike,
-    _fspath,
-    _rebuild,
-    _staging_bytes,
-    _threads,
-    _warn_unverified,
-    decode_state_dict_metadata,
-    load,
-)
+from zerockpt import _C, _args, _progress, _state, sharded
+from zerockpt._args import PathLike
+from zerockpt.serialization import load
 from zerockpt.structure import STRUCTURE_KEY
 
 _STATE_DICT_POSITIONAL_WARNING = (
@@ -119,15 +111,56 @@ def _load_sharded(
 ) -> Mapping[str, Any]:
     """The state dict a sharded checkpoint describes (views of the shards' mappings)."""
     tensors, unchecked = sharded.load_shards(
-        index, mmap=True, threads=_threads(threads), verify=bool(verify)
+        index, mmap=True, threads=_args.threads(threads), verify=bool(verify)
     )
     if verify and unchecked:
-        sharded.warn_unverified(index, unchecked, stacklevel=3)  # the caller of load_state_dict
+        sharded.warn_unverified(index, unchecked, stacklevel=4)  # the caller of load_state_dict
     own = index.own_metadata()
     if STRUCTURE_KEY in own:  # nested training state: its flat names, as from a single file
         return tensors
-    out: Mapping[str, Any] = _rebuild(tensors, own, index.path)
+    out: Mapping[str, Any] = _state.rebuild(tensors, own, index.path)
     return out
+
+
+def _open_source(
+    source: Mapping[str, Any] | PathLike, threads: int | None, verify: bool
+) -> tuple[_C._File | None, Mapping[str, Any] | None, Any]:
+    """What ``load_state_dict`` reads ``source`` from, validated (and with ``verify``, checked)
+    before the module is touched: an open file or a mapping, and the state dict's
+    ``_metadata`` (None if it has none)."""
+    if isinstance(source, str | os.PathLike):
+        target = sharded.resolve(_args.fspath(source))
+        if isinstance(target, sharded.ShardIndex):
+            mapping = _load_sharded(target, threads, verify)
+            return None, mapping, getattr(mapping, "_metadata", None)
+        file = _C._File(target)
+        if verify:
+            has_checksums, _ = file.verify(_args.threads(threads), True)
+            if not has_checksums:
+                _state.warn_unverified(file.path, stacklevel=4)  # the caller of load_state_dict
+        stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
+        metadata = None if stored is None else _state.decode_state_dict_metadata(stored, file.path)
+        return file, None, metadata
+    if isinstance(source, Mapping):
+        if verify:
+            raise ValueError("verify=True needs a file to check: source is a mapping of tensors")
+        return None, source, getattr(source, "_metadata", None)
+    raise TypeError(f"Expected state_dict to be dict-like, got {type(source)}.")
+
+
+def _progress_bar(
+    source: Mapping[str, Any] | PathLike,
+    file: _C._File | None,
+    mapping: Mapping[str, Any] | None,
+) -> tuple[int, str]:
+    """The bytes a load from ``file`` (or else ``mapping``) moves, and the bar's label."""
+    if file is not None:
+        return _progress.stored_bytes(file), _progress.label("Loading", file.path)
+    assert mapping is not None
+    total = _progress.unique_nbytes(v for v in mapping.values() if isinstance(v, torch.Tensor))
+    if isinstance(source, str | os.PathLike):
+        return total, _progress.label("Loading", source)
+    return total, "Loading state dict"
 
 
 def load_state_dict(
@@ -186,30 +219,8 @@ def load_state_dict(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")
-    staging = _staging_bytes(staging_bytes)
-    file: _C._File | None = None
-    mapping: Mapping[str, Any] | None = None
-    if isinstance(source, str | os.PathLike):
-        target = sharded.resolve(_fspath(source))
-        if isinstance(target, sharded.ShardIndex):
-            mapping = _load_sharded(target, threads, verify)
-            metadata = getattr(mapping, "_metadata", None)
-        else:
-            file = _C._File(target)
-            if verify:
-                has_checksums, _ = file.verify(_threads(threads), True)
-                if not has_checksums:
-                    _warn_unverified(file.path)
-            stored = file.metadata().get(_C.STATE_DICT_METADATA_KEY)
-            metadata = None if stored is None else decode_state_dict_metadata(stored, file.path)
-    elif isinstance(source, Mapping):
-        if verify:
-            raise ValueError("verify=True needs a file to check: source is a mapping of tensors")
-        mapping = source
-        metadata = getattr(source, "_metadata", None)
-    else:
-        raise TypeError(f"Expected state_dict to be dict-like, got {type(source)}.")
-
+    staging = _args.staging_bytes(staging_bytes)
+    file, mapping, metadata = _open_source(source, threads, verify)
     if _loads_with_torch(module):
         if mapping is None:
             assert file is not None
@@ -222,26 +233,14 @@ def load_state_dict(
         if metadata is not None:
             copied._metadata = metadata  # type: ignore[attr-defined]
         mapping = copied
-    if progress:
-        if file is not None:
-            total = sharded.stored_bytes(file)
-            description = _progress.label("Loading", file.path)
-        else:
-            assert mapping is not None
-            total = _progress.unique_nbytes(
-                v for v in mapping.values() if isinstance(v, torch.Tensor)
-            )
-            description = "Loading state dict"
-            if isinstance(source, str | os.PathLike):
-                description = _progress.label("Loading", source)
-    else:
-        total, description = 0, ""
+    total, description = _progress_bar(source, file, mapping) if progress else (0, "")
     source_mapping = mapping
+    options = _args.load_options(threads=_args.threads(threads), staging_bytes=staging)
     result = _progress.run(
         progress,
         description,
         lambda counter: _C.load_state_dict(
-            module, source_mapping, metadata, assign, file, _threads(threads), counter, staging
+            module, source_mapping, metadata, assign, file, options, counter
         ),
         total=total,
     )

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any
 
 import torch
-from torch import nn
 
-from zerockpt import _C, _fileobj, _progress, _slice, sharded
-from zerockpt.structure import (
-    STRUCTURE_KEY,
-    encode_metadata,
-    flatten,
-    instance_metadata,
-    is_flat_state_dict,
-    mapping_items,
-    unflatten,
-)
+from zerockpt import _C, _args, _fileobj, _parallel, _progress, _slice, _state, sharded
+from zerockpt._args import PathLike
+from zerockpt._state import SaveInput
 
-PathLike = str | os.PathLike[str]
 # What save() and load() take as a destination or source: a path or a binary file object.
 FileLike = PathLike | IO[bytes]
-# What save() and save_async() take.
-SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
 
 # Format dtype names -> torch dtypes (the safetensors table, plus F8_E8M0).
 _DTYPES: dict[str, torch.dtype] = {
@@ -53,86 +38,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
     "F8_E8M0": torch.float8_e8m0fnu,
 }
-
-
-def _fspath(path: PathLike) -> str:
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    return os.fspath(path)
-
-
-def _threads(threads: int | None) -> int:
-    if threads is None:
-        return 0
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    return threads
-
-
-def _staging_bytes(staging_bytes: int | None) -> int:
-    """The ``staging_bytes`` argument for ``_C`` (0: its default), checked."""
-    if staging_bytes is None:
-        return 0
-    if (
-        not isinstance(staging_bytes, int)
-        or isinstance(staging_bytes, bool)
-        or staging_bytes < _C.CHUNK_BYTES
-    ):
-        raise ValueError(
-            f"staging_bytes must be an int of at least {_C.CHUNK_BYTES} (one chunk) or None, "
-            f"got {staging_bytes!r}"
-        )
-    return staging_bytes
-
-
-def _load_device(device: str | torch.device | int) -> torch.device | None:
-    """Where ``load`` puts tensors: None for the CPU mapping, else a device to stage into."""
-    dev = torch.device(device)
-    if dev.type == "meta":
-        raise ValueError("device='meta' holds no data: use torch.device('meta') modules instead")
-    if dev.type == "cpu" and not _C._staging_host_tensors():
-        return None
-    return dev
-
-
-def _module_state_dict(module: nn.Module) -> OrderedDict[str, Any]:
-    """``module.state_dict()`` by the C++ walk (see :func:`zerockpt.state_dict`)."""
-    destination: OrderedDict[str, Any] = OrderedDict()
-    destination._metadata = OrderedDict()  # type: ignore[attr-defined]
-    out: OrderedDict[str, Any] = _C.state_dict(module, destination, "", False)
-    return out
-
-
-def _encode_state_dict_metadata(tensors: Mapping[str, Any]) -> str | None:
-    """The ``_metadata`` of a state dict as JSON, or None if it has none or it is not JSON."""
-    metadata = instance_metadata(tensors)
-    if metadata is None:
-        return None
-    try:
-        return json.dumps(encode_metadata(metadata))
-    except TypeError as e:
-        warnings.warn(
-            f"zerockpt.save: the state dict's _metadata {e}; saving without it",
-            stacklevel=4,  # the caller of save() or save_async()
-        )
-        return None
-
-
-def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[str, Any]]:
-    """The ``_metadata`` stored by :func:`save` (torch's layout: prefix -> dict)."""
-
-    def reject(token: str) -> Any:
-        raise ValueError(f"{token} is not JSON")
-
-    try:
-        decoded = json.loads(text, parse_constant=reject)
-        if not isinstance(decoded, dict) or not all(isinstance(v, dict) for v in decoded.values()):
-            raise ValueError("not an object of objects")
-    except (ValueError, RecursionError) as e:  # RecursionError: hostile nesting depth
-        raise _C.FormatError(
-            f"{path}: metadata {_C.STATE_DICT_METADATA_KEY!r} is not valid: {e}"
-        ) from None
-    return OrderedDict(decoded)
 
 
 def save(
@@ -190,7 +95,7 @@ def save(
         >>> zerockpt.load("model.safetensors")["w"].shape
         torch.Size([2, 3])
     """
-    flat, metadata, own = _prepare_save(tensors, metadata)
+    flat, metadata, own = _state.prepare_save(tensors, metadata)
     if _fileobj.is_file_object(path):
         _fileobj.save(
             flat,
@@ -199,97 +104,38 @@ def save(
             path,
             durable=bool(durable),
             direct_io=direct_io,
-            threads=_threads(threads),
+            threads=_args.threads(threads),
             checksums=bool(checksums),
             max_shard_size=max_shard_size,
             progress=progress,
-            staging_bytes=_staging_bytes(staging_bytes),
+            staging_bytes=_args.staging_bytes(staging_bytes),
         )
         return
-    where = _fspath(path)
-    staging = _staging_bytes(staging_bytes)
+    flat, metadata, own = _state.prepare_save(tensors, metadata)
+    where = _args.fspath(path)
+    staging = _args.staging_bytes(staging_bytes)
+    # A bad size raises before any bar is drawn.
+    limit = None if max_shard_size is None else sharded.parse_size(max_shard_size)
+    options = _args.save_options(
+        metadata=metadata,
+        durable=durable,
+        direct_io=direct_io,
+        threads=_args.threads(threads),
+        checksums=checksums,
+        staging_bytes=staging,
+    )
     description = _progress.label("Saving", where)
-    if max_shard_size is not None:
-        limit = sharded.parse_size(max_shard_size)  # a bad size raises before any bar is drawn
+    if limit is not None:
         _progress.run(
             progress,
             description,
-            lambda counter: sharded.save_sharded(
-                flat,
-                where,
-                limit,
-                metadata,
-                own,
-                durable=bool(durable),
-                direct_io=direct_io,
-                threads=_threads(threads),
-                checksums=bool(checksums),
-                progress=counter,
-                staging_bytes=staging,
-            ),
+            lambda counter: sharded.save_sharded(flat, where, limit, own, options, counter),
             total=_progress.unique_nbytes(flat.values()),
         )
         return
     _progress.run(
-        progress,
-        description,
-        lambda counter: _C.save(
-            flat,
-            where,
-            metadata,
-            bool(durable),
-            direct_io,
-            _threads(threads),
-            own,
-            bool(checksums),
-            counter,
-            staging,
-        ),
+        progress, description, lambda counter: _C.save(flat, where, options, own, counter)
     )
-
-
-def _prepare_save(
-    obj: SaveInput, metadata: Mapping[str, str] | None
-) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, dict[str, str]]:
-    """What to store for ``obj``: the flat tensors, the user's metadata, zerockpt's own."""
-    if isinstance(obj, nn.Module):
-        obj = _module_state_dict(obj)
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
-        metadata = dict(metadata)
-    own: dict[str, str] = {}
-    if is_flat_state_dict(obj):
-        flat = obj if type(obj) is dict else dict(mapping_items(obj))  # type: ignore[arg-type]
-        state_dict_metadata = _encode_state_dict_metadata(obj)  # type: ignore[arg-type]
-        if state_dict_metadata is not None:
-            own[_C.STATE_DICT_METADATA_KEY] = state_dict_metadata
-    else:
-        flat, own[STRUCTURE_KEY] = flatten(obj)
-        # What is committed must load: the structure goes through the loader's own decoder
-        # first (the C++ writer does the same with the planned header).
-        try:
-            unflatten(flat, own[STRUCTURE_KEY], "the structure to save")
-        except _C.FormatError as e:
-            raise ValueError(f"zerockpt cannot store this state so that it loads back: {e}") from e
-    # The header is UTF-8 JSON: a str holding a lone surrogate has no UTF-8 form.
-    for name in flat:
-        _check_utf8(name, "tensor name")
-    for key, value in (metadata or {}).items():
-        if isinstance(key, str) and isinstance(value, str):  # other types: the C++ side says
-            _check_utf8(key, "metadata key")
-            _check_utf8(value, f"metadata value for {key!r}")
-    return flat, metadata, own
-
-
-def _check_utf8(text: str, what: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"{what} {text!r} cannot be stored: it holds a lone surrogate "
-            f"({text[e.start]!r}), which has no UTF-8 form"
-        ) from None
 
 
 def load(
@@ -345,20 +191,20 @@ def load(
         >>> zerockpt.load("model.safetensors")
         {'w': tensor([1., 1.])}
     """
-    to = _load_device(device)
-    staging = _staging_bytes(staging_bytes)
+    to = _args.load_device(device)
+    staging = _args.staging_bytes(staging_bytes)
     if _fileobj.is_file_object(path):
         loaded, own, name = _fileobj.load(
             path,
             device=to,
             mmap=bool(mmap),
-            threads=_threads(threads),
+            threads=_args.threads(threads),
             verify=bool(verify),
             progress=progress,
             staging_bytes=staging,
         )
-        return _rebuild(loaded, own, name)  # type: ignore[no-any-return]
-    target = sharded.resolve(_fspath(path))
+        return _state.rebuild(loaded, own, name)
+    target = sharded.resolve(_args.fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
         index = target
@@ -369,7 +215,7 @@ def load(
             lambda counter: sharded.load_shards(
                 index,
                 mmap=bool(mmap),
-                threads=_threads(threads),
+                threads=_args.threads(threads),
                 verify=bool(verify),
                 progress=counter,
                 device=to,
@@ -382,16 +228,21 @@ def load(
             sharded.warn_unverified(index, unchecked, stacklevel=2)
     else:
         where = target
+        options = _args.load_options(
+            mmap=mmap,
+            threads=_args.threads(threads),
+            verify=verify,
+            device=to,
+            staging_bytes=staging,
+        )
         tensors, own, has_checksums = _progress.run(
             progress,
             _progress.label("Loading", where),
-            lambda counter: _C.load(
-                where, bool(mmap), _threads(threads), bool(verify), counter, to, staging
-            ),
+            lambda counter: _C.load(where, options, counter),
         )
         if verify and not has_checksums:
-            _warn_unverified(where)
-    return _rebuild(tensors, own, where)  # type: ignore[no-any-return]
+            _state.warn_unverified(where)
+    return _state.rebuild(tensors, own, where)  # type: ignore[no-any-return]
 
 
 def save_bytes(
@@ -428,15 +279,15 @@ def save_bytes(
         >>> zerockpt.load_bytes(data)["w"]
         tensor([1., 1.])
     """
-    flat, metadata, own = _prepare_save(obj, metadata)
+    flat, metadata, own = _state.prepare_save(obj, metadata)
     return _fileobj.save_bytes(
         flat,
         metadata,
         own,
-        threads=_threads(threads),
+        threads=_args.threads(threads),
         checksums=bool(checksums),
         progress=progress,
-        staging_bytes=_staging_bytes(staging_bytes),
+        staging_bytes=_args.staging_bytes(staging_bytes),
     )
 
 
@@ -481,35 +332,14 @@ def load_bytes(
     """
     loaded, own, name = _fileobj.load(
         data,
-        device=_load_device(device),
+        device=_args.load_device(device),
         mmap=True,
-        threads=_threads(threads),
+        threads=_args.threads(threads),
         verify=bool(verify),
         progress=progress,
-        staging_bytes=_staging_bytes(staging_bytes),
+        staging_bytes=_args.staging_bytes(staging_bytes),
     )
-    return _rebuild(loaded, own, name)
-
-
-def _rebuild(tensors: dict[str, torch.Tensor], own: Mapping[str, str], where: str) -> Any:
-    """What :func:`load` returns for the tensors and zerockpt's own metadata of ``where``."""
-    if STRUCTURE_KEY in own:
-        return unflatten(tensors, own[STRUCTURE_KEY], where)
-    state_dict_metadata = own.get(_C.STATE_DICT_METADATA_KEY)
-    if state_dict_metadata is None:
-        return tensors
-    out: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
-    out._metadata = decode_state_dict_metadata(state_dict_metadata, where)  # type: ignore[attr-defined]
-    return out
-
-
-def _warn_unverified(path: str) -> None:
-    warnings.warn(
-        f"{path}: the file stores no checksums (not written by zerockpt, or with "
-        "checksums=False); nothing was verified",
-        UserWarning,
-        stacklevel=3,
-    )
+    return _state.rebuild(loaded, own, name)
 
 
 @dataclass(frozen=True)
@@ -596,7 +426,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: PathLike) -> None:
-        target = sharded.resolve(_fspath(path))
+        target = sharded.resolve(_args.fspath(path))
         self._index: sharded.ShardIndex | None = None
         self._shard_of: dict[str, int] = {}
         if isinstance(target, sharded.ShardIndex):
@@ -744,7 +574,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
             True
         """
         files = self._handles()
-        workers, per_file = sharded.thread_budget(_threads(threads), len(files))
+        workers, per_file = _parallel.thread_budget(_args.threads(threads), len(files))
 
         def check(handle: _C._File, counter: _C.Progress | None) -> tuple[bool, list[str], int]:
             has_checksums, failed = handle.verify(per_file, False, counter)
@@ -755,10 +585,10 @@ class TensorFile(Mapping[str, torch.Tensor]):
         results = _progress.run(
             progress,
             _progress.label("Verifying", self._path),
-            lambda counter: sharded.run_parallel(
+            lambda counter: _parallel.run_parallel(
                 lambda handle: check(handle, counter), files, workers, counter
             ),
-            total=sum(sharded.stored_bytes(handle) for handle in files),
+            total=sum(_progress.stored_bytes(handle) for handle in files),
         )
         return VerifyResult(
             self._path,

@@ -20,15 +20,15 @@ import secrets
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from zerockpt import _C
+from zerockpt import _C, _args, _progress
+from zerockpt._parallel import run_parallel, thread_budget
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,9 +47,6 @@ _STAGING_RE = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{16}" + re.escape(_STAGING_SUFF
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kKmMgGtT])([iI])?)?([bB])\s*")
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 def shard_name(k: int, n: int) -> str:
@@ -297,38 +294,6 @@ def check_shard(index: ShardIndex, shard: str, keys: Iterable[str], own: Mapping
         )
 
 
-def thread_budget(threads: int, tasks: int) -> tuple[int, int]:
-    """Workers for ``tasks`` parallel tasks, and threads for each, from a total budget."""
-    total = threads or _C.default_threads()
-    workers = max(1, min(tasks, total))
-    return workers, -(-total // workers)
-
-
-def run_parallel(
-    func: Callable[[_T], _R],
-    items: Sequence[_T],
-    workers: int,
-    progress: _C.Progress | None = None,
-) -> list[_R]:
-    """``[func(x) for x in items]`` on ``workers`` threads; the first failure (in order) raises.
-
-    When this thread stops waiting (a failure, or Ctrl-C: signals reach only this thread),
-    ``progress``, which ``func`` passes to its C++ calls, is cancelled, so the calls still
-    running stop at their next chunk; the threads are joined before the error propagates.
-    """
-    if workers <= 1 or len(items) <= 1:
-        return [func(x) for x in items]
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zerockpt-shard")
-    try:
-        return list(pool.map(func, items))
-    except BaseException:
-        if progress is not None:
-            progress.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def load_shards(
     index: ShardIndex,
     *,
@@ -366,10 +331,12 @@ def load_shards(
     if device is not None:
         workers, per_shard = 1, threads
 
+    options = _args.load_options(
+        mmap=mmap, threads=per_shard, verify=verify, device=device, staging_bytes=staging_bytes
+    )
+
     def load_one(shard: str) -> tuple[dict[str, torch.Tensor], bool]:
-        tensors, own, has_checksums = _C.load(
-            index.shard_path(shard), mmap, per_shard, verify, progress, device, staging_bytes
-        )
+        tensors, own, has_checksums = _C.load(index.shard_path(shard), options, progress)
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
 
@@ -614,17 +581,6 @@ class _Staging:
             self._fd = None
 
 
-def stored_bytes(f: _C._File) -> int:
-    """Bytes of an open file's stored tensors (aliases counted once), from its header."""
-    total = 0
-    names = f.keys()  # a _File is not iterable
-    for name in names:
-        _, _, begin, end, alias_of = f.info(name)
-        if alias_of is None:
-            total += end - begin
-    return total
-
-
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
     """Runs the block with SIGINT held back, then hands a SIGINT that came meanwhile to the
@@ -652,15 +608,9 @@ def save_sharded(
     tensors: dict[str, torch.Tensor],
     directory: str,
     max_shard_size: int | str,
-    metadata: dict[str, str] | None,
     own: dict[str, str],
-    *,
-    durable: bool,
-    direct_io: bool | None,
-    threads: int,
-    checksums: bool,
+    options: _C.SaveOptions,
     progress: _C.Progress | None = None,
-    staging_bytes: int = 0,
 ) -> None:
     """Writes ``tensors`` as a sharded checkpoint in ``directory``; see ``zerockpt.save``.
 
@@ -674,14 +624,11 @@ def save_sharded(
         tensors: Flat names to tensors, in saved order.
         directory: The destination directory (created, with its parents, if missing).
         max_shard_size: The most stored bytes per shard (see :func:`parse_size`).
-        metadata: The caller's ``__metadata__`` entries, written into every shard.
         own: zerockpt's own entries (structure, state-dict metadata), stored in the index.
-        durable: fsync files and directories.
-        direct_io: As ``zerockpt.save``.
-        threads: Writer threads per shard (0: the default).
-        checksums: Store CRC-32C checksums in each shard.
+        options: How each shard is written (``_args.save_options``): its ``metadata`` (the
+            caller's ``__metadata__`` entries) goes into every shard, its ``threads`` are per
+            shard, and ``durable`` also fsyncs the directories.
         progress: Counts the bytes written, for a progress bar, and can stop the save.
-        staging_bytes: Pinned host memory for copying accelerator tensors (0: the default).
 
     Raises:
         ValueError: ``directory`` is an existing file, or the save refuses a tensor or key.
@@ -694,6 +641,7 @@ def save_sharded(
             f"{directory!r} is an existing file: with max_shard_size, path is the directory that "
             f"receives the shards and {INDEX_NAME} (save without max_shard_size to write one file)"
         )
+    durable = options.durable
     plan = plan_shards(tensors, limit)
     _make_directory(directory, durable)
     files = [shard_name(k, len(plan)) for k in range(1, len(plan) + 1)]
@@ -709,24 +657,13 @@ def save_sharded(
             part = {name: tensors[name] for name in names}
             staged = staging.file(file)
             try:
-                _C.save(
-                    part,
-                    staged,
-                    metadata,
-                    durable,
-                    direct_io,
-                    threads,
-                    shard_own,
-                    checksums,
-                    progress,
-                    staging_bytes,
-                )
+                _C.save(part, staged, options, shard_own, progress)
             except OSError as e:
                 if e.filename != staged:
                     raise
                 # Name the shard's destination, as a single file's save names its path.
                 raise type(e)(e.errno, e.strerror, os.path.join(directory, file)) from None
-            total += stored_bytes(_C._File(staged))
+            total += _progress.stored_bytes(_C._File(staged))
         index_metadata: dict[str, Any] = {
             "total_size": total,
             INDEX_VERSION_KEY: _C.FORMAT_VERSION,

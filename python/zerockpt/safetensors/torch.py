@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import zerockpt
-from zerockpt import _C, _fileobj
+from zerockpt import _C, _args, _fileobj, _state
 from zerockpt.module_state import load_state_dict as _load_state_dict
 from zerockpt.module_state import state_dict as _state_dict
 from zerockpt.safetensors import (
@@ -31,7 +31,6 @@ from zerockpt.safetensors import (
     parse_device,
     safe_open,
 )
-from zerockpt.serialization import _load_device, _prepare_save, _staging_bytes, _threads
 
 __all__ = [
     "load",
@@ -199,7 +198,7 @@ def _prepare(
     # safetensors' layout: larger elements first (alignment), then by name; so the bytes do
     # not depend on the dict's order and offset order is the same as safetensors'.
     ordered = dict(sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0])))
-    flat, metadata, own = _prepare_save(ordered, metadata)
+    flat, metadata, own = _state.prepare_save(ordered, metadata)
     own[USER_METADATA_KEY] = json.dumps(None if metadata is None else sorted(metadata))
     return flat, metadata, own
 
@@ -237,7 +236,7 @@ def _save_file(
     flat, metadata, own = _prepare(tensors, metadata, copy_shared)
     if not isinstance(filename, str | os.PathLike):
         raise TypeError(f"filename must be a str or os.PathLike, got {type(filename).__name__}")
-    _C.save(flat, os.fspath(filename), metadata, True, None, 0, own, False, None, 0)
+    _C.save(flat, os.fspath(filename), _args.save_options(metadata=metadata, checksums=False), own)
 
 
 def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -252,10 +251,10 @@ def _save(tensors: Any, metadata: dict[str, str] | None, *, copy_shared: bool) -
         flat,
         metadata,
         own,
-        threads=_threads(None),
+        threads=_args.threads(None),
         checksums=False,
         progress=False,
-        staging_bytes=_staging_bytes(None),
+        staging_bytes=_args.staging_bytes(None),
     )
 
 
@@ -294,7 +293,7 @@ def load_file(
         raise SafetensorError(f"backend {backend} is invalid")
     handle = _open_file(filename)
     order = sorted(handle.keys(), key=lambda name: (handle.info(name)[2], name))
-    tensors, _, _ = _C.load(handle.path, True, 0, False, None, _load_device(dev), 0)
+    tensors, _, _ = _C.load(handle.path, _args.load_options(device=_args.load_device(dev)))
     return {name: tensors[name] for name in order}
 
 
