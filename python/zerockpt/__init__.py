@@ -10,7 +10,8 @@ private memory mapping.
 torch.Size([2, 3])
 """
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
@@ -56,11 +57,20 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# Imported on first use, so that ``import zerockpt`` stays free of torch.distributed.checkpoint:
+# ``zerockpt.dcp.Writer`` works without ``import zerockpt.dcp``.
+_LAZY_SUBMODULES = ("dcp", "distributed")
 
-def __getattr__(name: str) -> object:
-    # torch.distributed.checkpoint is imported on first use, not by `import zerockpt`.
+
+def __getattr__(name: str) -> Any:
     if name == "DistributedCheckpointer":
         from zerockpt.distributed import DistributedCheckpointer
 
         return DistributedCheckpointer
-    raise AttributeError(f"module 'zerockpt' has no attribute {name!r}")
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES, "DistributedCheckpointer"})

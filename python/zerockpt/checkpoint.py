@@ -13,7 +13,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zerockpt import _C, _args, _state, _steps
+import torch
+
+from zerockpt import _C, _args, _destination, _state, _steps
 from zerockpt._args import PathLike
 from zerockpt._state import SaveInput
 from zerockpt.serialization import load
@@ -185,6 +187,7 @@ def save_async(
     direct_io: bool | None = None,
     threads: int | None = None,
     checksums: bool = True,
+    makedirs: bool = False,
 ) -> PendingSave:
     """Saves like :func:`save`, blocking only while the tensors are copied.
 
@@ -198,12 +201,13 @@ def save_async(
     Args:
         obj: What :func:`save` takes: names to tensors, a module, or nested training state, on
             any device.
-        path: The destination file; its directory must exist.
+        path: The destination file; its directory must exist, unless ``makedirs``.
         metadata: Extra ``str -> str`` header entries, as for :func:`save`.
         durable: fsync the file and its directory before the save counts as done.
         direct_io: Force O_DIRECT on or off; None chooses by size.
         threads: Threads that copy, checksum and write; None: the default.
         checksums: Store each tensor's CRC-32C, as for :func:`save`.
+        makedirs: Create the missing directories above ``path`` (before returning).
 
     Returns:
         A :class:`PendingSave`; its ``result()`` raises the error of a failed write.
@@ -211,6 +215,8 @@ def save_async(
     Raises:
         TypeError, ValueError: As :func:`save`, for input that cannot be stored; raised here,
             before anything is copied.
+        FileNotFoundError: The directory to write into does not exist (``filename`` is that
+            directory) and ``makedirs`` is false; raised here.
         MemoryError: The snapshot buffer cannot be allocated.
 
     Example:
@@ -224,6 +230,7 @@ def save_async(
     """
     flat, metadata, own = _state.prepare_save(obj, metadata)
     where = _args.fspath(path)
+    _destination.make_parent(where, makedirs=bool(makedirs), durable=bool(durable))
     options = _args.save_options(
         metadata=metadata,
         durable=durable,
@@ -279,6 +286,17 @@ atexit.register(_finish_pending_saves)
 os.register_at_fork(after_in_child=_forget_parent_saves)
 
 
+def _check_device(device: str | torch.device | int | None) -> None:
+    """Raises for a device that is malformed, the meta device, or one that is not available."""
+    if device is None:
+        return
+    dev = torch.device(device)
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data: use torch.device('meta') modules instead")
+    if dev.type != "cpu":
+        torch.empty(0, device=dev)  # RuntimeError (or AssertionError) where it cannot be used
+
+
 class Checkpointer:
     """Step-numbered checkpoints in one directory, for training loops.
 
@@ -289,7 +307,8 @@ class Checkpointer:
     background save is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`.
 
     Args:
-        directory: Where the checkpoints go; created if missing.
+        directory: Where the checkpoints go; created (with the directories above it) by the
+            first :meth:`save` if missing. Loading never creates it.
         keep_last: How many checkpoints to keep (the newest one and the highest-numbered
             others); None keeps all.
         durable: fsync each checkpoint (and ``latest``) before it counts as saved.
@@ -299,7 +318,6 @@ class Checkpointer:
     Raises:
         TypeError: ``directory`` is not a str or ``os.PathLike``.
         ValueError: ``keep_last`` or ``threads`` is neither a positive int nor None.
-        OSError: The directory cannot be created.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -326,7 +344,6 @@ class Checkpointer:
     ) -> None:
         _steps.check_keep_last(keep_last)
         self._directory = Path(_args.fspath(directory))
-        self._directory.mkdir(parents=True, exist_ok=True)
         self._keep_last = keep_last
         self._durable = bool(durable)
         self._checksums = bool(checksums)
@@ -360,7 +377,8 @@ class Checkpointer:
         """Lists the steps that have a checkpoint file in the directory.
 
         Returns:
-            The steps, ascending, of the files named as :meth:`path` names them.
+            The steps, ascending, of the files named as :meth:`path` names them; none if the
+            directory does not exist (yet).
 
         Raises:
             OSError: The directory cannot be read.
@@ -373,7 +391,11 @@ class Checkpointer:
             [10, 20]
         """
         found = []
-        for entry in os.scandir(self._directory):
+        try:
+            entries = list(os.scandir(self._directory))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
             step = _steps.step_of(entry.name)
             if step is not None and entry.is_file():
                 found.append(step)
@@ -416,8 +438,8 @@ class Checkpointer:
             A :class:`PendingSave`, already done unless ``async_save``.
 
         Raises:
-            OSError: This save failed, or the previous background save did (then this one was not
-                started).
+            OSError: This save failed (the directory cannot be created, ...), or the previous
+                background save did (then this one was not started).
             TypeError, ValueError: ``state`` cannot be stored (as for :func:`save`); also
                 ValueError for a ``step`` that is not a non-negative int.
 
@@ -431,6 +453,7 @@ class Checkpointer:
         path = self.path(step)
         self.wait()
         flat, meta, own = _state.prepare_save(state, metadata)
+        _destination.make_parent(str(path), makedirs=True, durable=self._durable)
         options = _args.save_options(
             metadata=meta, durable=self._durable, threads=self._threads, checksums=self._checksums
         )
@@ -460,7 +483,14 @@ class Checkpointer:
         if pending is not None:
             pending.result()
 
-    def load(self, step: int, *, verify: bool = True, mmap: bool = True) -> Any:
+    def load(
+        self,
+        step: int,
+        *,
+        verify: bool = True,
+        mmap: bool = True,
+        device: str | torch.device | int | None = None,
+    ) -> Any:
         """Loads the checkpoint of one step (see :func:`load`), checking its checksums.
 
         Args:
@@ -469,6 +499,8 @@ class Checkpointer:
                 loads unchecked, with a warning).
             mmap: Return zero-copy views of a private mapping of the file; False reads it into
                 fresh memory.
+            device: Where the tensors go, as for :func:`load`: the CPU (default) or an accelerator
+                such as ``"cuda"``.
 
         Returns:
             The state as it was saved, as :func:`load` returns it.
@@ -487,9 +519,15 @@ class Checkpointer:
             >>> ckpt.load(3)["step"]
             3
         """
-        return load(self.path(step), verify=verify, mmap=mmap)
+        return load(self.path(step), verify=verify, mmap=mmap, device=device)
 
-    def load_latest(self, *, verify: bool = True, mmap: bool = True) -> tuple[int, Any] | None:
+    def load_latest(
+        self,
+        *,
+        verify: bool = True,
+        mmap: bool = True,
+        device: str | torch.device | int | None = None,
+    ) -> tuple[int, Any] | None:
         """Loads the newest checkpoint that loads (and verifies), to resume training from.
 
         The one ``latest`` names is tried first, then the others from the highest step down. One
@@ -501,12 +539,17 @@ class Checkpointer:
             verify: Check each checkpoint against its stored CRC-32C before taking it.
             mmap: Return zero-copy views of a private mapping of the file; False reads it into
                 fresh memory.
+            device: Where the tensors go, as for :func:`load`: the CPU (default) or an accelerator
+                such as ``"cuda"``.
 
         Returns:
-            ``(step, state)`` of the checkpoint loaded, or None if there is none that loads.
+            ``(step, state)`` of the checkpoint loaded, or None if there is none that loads (also
+            when the directory does not exist).
 
         Raises:
             OSError: The directory cannot be read.
+            ValueError, RuntimeError: ``device`` is not a device, or cannot be used (raised, not
+                skipped over).
 
         Example:
             >>> ckpt = zerockpt.Checkpointer("checkpoints")
@@ -516,6 +559,7 @@ class Checkpointer:
             >>> ckpt.load_latest()
             (5, {'w': tensor([1., 1.])})
         """
+        _check_device(device)  # a device that cannot be used is no reason to skip checkpoints
         pending = self._pending
         if pending is not None:
             pending._wait(None)  # its error stays for the next save() or wait()
@@ -535,7 +579,7 @@ class Checkpointer:
         for step in order:
             path = self.path(step)
             try:
-                return step, load(path, verify=verify, mmap=mmap)
+                return step, load(path, verify=verify, mmap=mmap, device=device)
             except Exception as e:  # any failure: resuming from an older one beats stopping
                 warnings.warn(
                     f"zerockpt.Checkpointer: skipping checkpoint {path}: {type(e).__name__}: {e}",

@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 import zerockpt
-from zerockpt import _C, _progress, sharded
+from zerockpt import _C, _progress, _torchfile, sharded
 from zerockpt.structure import STRUCTURE_KEY
 
 __all__ = ["build_parser", "main"]
@@ -58,7 +57,6 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _DCP_METADATA = ".metadata.json"  # zerockpt.dcp.METADATA_FILE, without importing DCP eagerly
 _DCP_RANK_FILE_RE = re.compile(r"__[0-9]+_[0-9]+\.safetensors")
 _DCP_OWN_KEY = "zerockpt.dcp"  # marks a rank file written by zerockpt.dcp.Writer
-_ZIP_MAGIC = b"PK\x03\x04"
 _PROGRESS_AUTO_BYTES = 1e9  # without --progress/--no-progress: show it for larger sources
 _ITEM_VALUE_MAX_BYTES = 64 << 10  # DCP non-tensor items larger than this are not decoded
 
@@ -232,20 +230,6 @@ def _tensor_stats(obj: object) -> tuple[int, int]:
 # What a path names
 
 
-def _is_torch_file(path: str) -> bool:
-    """Whether ``path`` starts as ``torch.save`` output: a zip archive or a pickle stream."""
-    # O_NONBLOCK: a FIFO is not waited on; only a regular file is read (others are left to
-    # the safetensors reader, which refuses them).
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        head = os.pread(fd, 4, 0)
-    finally:
-        os.close(fd)
-    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
-
-
 def checkpoint_kind(path: str) -> tuple[str, str]:
     """What kind of checkpoint ``path`` names, and the path to read it from.
 
@@ -281,7 +265,7 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
         return "sharded", path
     if not os.path.exists(path):
         raise FileNotFoundError(2, "No such file or directory", path)
-    if _is_torch_file(path):
+    if _torchfile.is_torch_save(_torchfile.pickled_kind(path)):
         return "torch", path
     return "file", path
 
@@ -715,20 +699,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _load_torch(path: str) -> Any:
     """``torch.load`` of a ``torch.save`` file: weights only, mapped when the format allows."""
     with open(path, "rb") as f:
-        zipped = f.read(4) == _ZIP_MAGIC  # only the zip format can be mapped
+        zipped = f.read(4) == _torchfile.ZIP_MAGIC  # only the zip format can be mapped
     try:
-        return torch.load(path, weights_only=True, mmap=zipped, map_location="cpu")
+        with torch.serialization.safe_globals(_torchfile.data_globals(path)):
+            if path.endswith(".safetensors"):
+                # A torch.save file under this name: torch.load would read the path as
+                # safetensors, so it gets the open file (which cannot be mapped).
+                with open(path, "rb") as f:
+                    return torch.load(f, weights_only=True, map_location="cpu")
+            return torch.load(path, weights_only=True, mmap=zipped, map_location="cpu")
     except Exception as e:
         # torch.load reports a file it cannot read with pickle's UnpicklingError (an object
         # weights_only refuses; this package never imports pickle), RuntimeError (a bad zip
         # archive), EOFError and more: any of them means this file cannot be converted.
         # --debug shows the original exception as the cause.
         text = str(e)
-        refused = next(
-            (line.strip() for line in text.splitlines() if "WeightsUnpickler error:" in line), None
-        )
-        if refused is not None:
-            detail = refused.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        _, marker, after = text.partition("WeightsUnpickler error:")
+        if marker:
+            # The reason follows the marker, on its line or (newer torch) on the next ones.
+            detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
+            detail = detail.split(". ")[0]
             raise CommandError(
                 f"{path}: torch.load(weights_only=True) refuses it ({detail}); zerockpt converts "
                 "only checkpoints of tensors and plain Python data"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zerockpt import _C, _args, _progress, _state, sharded
+from zerockpt import _C, _args, _progress, _state, _torchfile, sharded
 from zerockpt._args import PathLike
 from zerockpt.serialization import load
 from zerockpt.structure import STRUCTURE_KEY
@@ -133,7 +133,8 @@ def _open_source(
         if isinstance(target, sharded.ShardIndex):
             mapping = _load_sharded(target, threads, verify)
             return None, mapping, getattr(mapping, "_metadata", None)
-        file = _C._File(target)
+        with _torchfile.explained(target):
+            file = _C._File(target)
         if verify:
             has_checksums, _ = file.verify(_args.threads(threads), True)
             if not has_checksums:

@@ -9,7 +9,18 @@ from typing import IO, Any
 
 import torch
 
-from zerockpt import _C, _args, _fileobj, _parallel, _progress, _slice, _state, sharded
+from zerockpt import (
+    _C,
+    _args,
+    _destination,
+    _fileobj,
+    _parallel,
+    _progress,
+    _slice,
+    _state,
+    _torchfile,
+    sharded,
+)
 from zerockpt._args import PathLike
 from zerockpt._state import SaveInput
 
@@ -52,13 +63,15 @@ def save(
     max_shard_size: int | str | None = None,
     progress: bool = False,
     staging_bytes: int | None = None,
+    makedirs: bool = False,
 ) -> None:
     """Saves tensors, a module or nested training state as a safetensors file.
 
     The file appears at ``path`` only once complete (an existing file survives any error) and,
     with ``durable``, survives a power loss once this returns. A module is saved as its
-    ``state_dict()`` with its ``_metadata``; dicts, lists and tuples of tensors and plain values
-    are saved as nested state that :func:`load` rebuilds. Tensors may be on any device; tied
+    ``state_dict()`` with its ``_metadata``; dicts, lists, tuples and other containers of tensors
+    and plain values are saved as nested state that :func:`load` rebuilds (what it may hold:
+    docs/format.md, "Nested state"). Tensors may be on any device; tied
     tensors (the same view of one storage) are stored once. Ctrl-C stops the save with nothing
     committed. How the bytes travel, and the sharded layout: docs/design.md.
 
@@ -77,6 +90,8 @@ def save(
             at most this many bytes: an int or a str such as ``"5GB"`` or ``"10GiB"``.
         progress: Show a progress bar of the bytes written (needs tqdm).
         staging_bytes: Pinned host memory for copying accelerator tensors; None: the default.
+        makedirs: Create the missing directories above ``path`` (fsynced when ``durable``). A
+            sharded save always creates its directory and those above it.
 
     Raises:
         TypeError: An object, key, dtype or layout cannot be stored (the message names it),
@@ -87,6 +102,8 @@ def save(
             or ``max_shard_size`` is invalid, ``path`` is a file while ``max_shard_size`` is
             given, or a file object is closed, not writable, or given with ``max_shard_size`` or
             ``direct_io=True``.
+        FileNotFoundError: The directory to write into does not exist (``filename`` is that
+            directory) and ``makedirs`` is false.
         OSError: The file could not be written (errno and filename set); ``path`` is unchanged.
         ImportError: ``progress=True`` and tqdm is not installed.
 
@@ -111,7 +128,6 @@ def save(
             staging_bytes=_args.staging_bytes(staging_bytes),
         )
         return
-    flat, metadata, own = _state.prepare_save(tensors, metadata)
     where = _args.fspath(path)
     staging = _args.staging_bytes(staging_bytes)
     # A bad size raises before any bar is drawn.
@@ -133,20 +149,58 @@ def save(
             total=_progress.unique_nbytes(flat.values()),
         )
         return
+    _destination.make_parent(where, makedirs=bool(makedirs), durable=bool(durable))
     _progress.run(
         progress, description, lambda counter: _C.save(flat, where, options, own, counter)
+    )
+
+
+def _torch_load_device(
+    device: str | torch.device | int | None, map_location: object
+) -> str | torch.device | int:
+    """``device``, or torch.load's ``map_location`` in its place; TypeError/ValueError if both
+    disagree or ``map_location`` is not one device."""
+    if map_location is None:
+        return "cpu" if device is None else device
+    if not isinstance(map_location, str | torch.device):
+        raise TypeError(
+            "map_location: zerockpt.load takes only a str or torch.device (the device every "
+            f"tensor goes to), got {type(map_location).__name__}. A safetensors file records no "
+            "device to remap from: pass the target device (map_location='cuda:0'), or move "
+            "tensors after loading"
+        )
+    if device is not None and torch.device(device) != torch.device(map_location):
+        raise ValueError(
+            f"device={device!r} and map_location={map_location!r} disagree; map_location is "
+            "torch.load's name for device: give one of them"
+        )
+    return map_location
+
+
+def _check_weights_only(weights_only: bool | None) -> None:
+    """torch.load's ``weights_only``: True is what zerockpt always does; False cannot be."""
+    if weights_only is None or weights_only is True:
+        return
+    if weights_only is not False:
+        raise TypeError(f"weights_only must be a bool, got {type(weights_only).__name__}")
+    raise ValueError(
+        "weights_only=False: zerockpt never unpickles, so there is no unrestricted mode to "
+        "turn on; files hold tensors and a JSON description of the structure. Load a "
+        "torch.save checkpoint with torch.load, or convert it once with 'zerockpt convert'"
     )
 
 
 def load(
     path: FileLike,
     *,
-    device: str | torch.device | int = "cpu",
+    device: str | torch.device | int | None = None,
     mmap: bool = True,
     threads: int | None = None,
     verify: bool = False,
     progress: bool = False,
     staging_bytes: int | None = None,
+    map_location: str | torch.device | None = None,
+    weights_only: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loads every tensor of a safetensors file or sharded checkpoint, in saved order.
 
@@ -167,6 +221,10 @@ def load(
             loads unchecked, with a warning).
         progress: Show a progress bar of the bytes read or checked (needs tqdm).
         staging_bytes: Pinned host memory for copying to an accelerator; None: the default.
+        map_location: torch.load's name for ``device``: a str or ``torch.device`` (not a dict or
+            callable: the file records no device to remap from).
+        weights_only: Accepted for torch.load habits: True changes nothing (nothing is ever
+            unpickled); False is refused.
 
     Returns:
         A dict of names to tensors (aliases map to the same tensor), the nested structure that
@@ -178,10 +236,12 @@ def load(
             match its shards (the message names the key or offset).
         OSError: A file cannot be opened or read (errno and filename set), or a directory holds
             no checkpoint.
-        TypeError: A stored dtype has no torch equivalent, or ``path`` is neither a path nor a
-            binary file object (bytes: see :func:`load_bytes`).
+        TypeError: A stored dtype has no torch equivalent, ``path`` is neither a path nor a
+            binary file object (bytes: see :func:`load_bytes`), or ``map_location`` is not a str
+            or ``torch.device``.
         ValueError: ``device`` is the meta device, ``threads`` or ``staging_bytes`` is invalid,
-            or a file object is closed or not readable.
+            a file object is closed or not readable, ``device`` and ``map_location`` disagree,
+            or ``weights_only=False``.
         RuntimeError: ``device`` is not available (AssertionError where torch is not built for
             it, as torch raises).
         ImportError: ``progress=True`` and tqdm is not installed.
@@ -191,7 +251,8 @@ def load(
         >>> zerockpt.load("model.safetensors")
         {'w': tensor([1., 1.])}
     """
-    to = _args.load_device(device)
+    _check_weights_only(weights_only)
+    to = _args.load_device(_torch_load_device(device, map_location))
     staging = _args.staging_bytes(staging_bytes)
     if _fileobj.is_file_object(path):
         loaded, own, name = _fileobj.load(
@@ -235,11 +296,12 @@ def load(
             device=to,
             staging_bytes=staging,
         )
-        tensors, own, has_checksums = _progress.run(
-            progress,
-            _progress.label("Loading", where),
-            lambda counter: _C.load(where, options, counter),
-        )
+        with _torchfile.explained(where):
+            tensors, own, has_checksums = _progress.run(
+                progress,
+                _progress.label("Loading", where),
+                lambda counter: _C.load(where, options, counter),
+            )
         if verify and not has_checksums:
             _state.warn_unverified(where)
     return _state.rebuild(tensors, own, where)  # type: ignore[no-any-return]
@@ -437,7 +499,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
             position = {shard: i for i, shard in enumerate(target.shards)}
             self._shard_of = {name: position[s] for name, s in target.weight_map.items()}
         else:
-            file = _C._File(target)
+            with _torchfile.explained(target):
+                file = _C._File(target)
             self._files = [file]
             self._path = file.path
             self._keys = file.keys()

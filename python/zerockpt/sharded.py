@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from zerockpt import _C, _args, _progress
+from zerockpt import _C, _args, _progress, _torchfile
 from zerockpt._parallel import run_parallel, thread_budget
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
 
@@ -336,7 +336,8 @@ def load_shards(
     )
 
     def load_one(shard: str) -> tuple[dict[str, torch.Tensor], bool]:
-        tensors, own, has_checksums = _C.load(index.shard_path(shard), options, progress)
+        with _torchfile.explained(index.shard_path(shard)):
+            tensors, own, has_checksums = _C.load(index.shard_path(shard), options, progress)
         check_shard(index, shard, tensors, own)
         return tensors, has_checksums
 
@@ -357,7 +358,8 @@ def open_shards(index: ShardIndex) -> list[_C._File]:
     workers, _ = thread_budget(0, len(index.shards))
 
     def open_one(shard: str) -> _C._File:
-        f = _C._File(index.shard_path(shard))
+        with _torchfile.explained(index.shard_path(shard)):
+            f = _C._File(index.shard_path(shard))
         check_shard(index, shard, f.keys(), f.metadata())
         return f
 
