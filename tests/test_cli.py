@@ -790,7 +790,7 @@ def test_a_user_mistake_is_one_line_not_a_bug_report(
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json}")
     (tmp_path / "exists.safetensors").write_bytes(b"")
     torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
-    torch.save({"shape": torch.Size([2])}, tmp_path / "size.pt")
+    torch.save({"z": complex(1, 2)}, tmp_path / "size.pt")  # a Python complex: not storable
     for argv in (
         ["inspect", tmp_path / "missing.safetensors"],
         ["verify", tmp_path / "bad.safetensors"],
