@@ -109,29 +109,21 @@ def _as_bytes_tensor(data: io.BytesIO) -> torch.Tensor:
 
 
 def _separate_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clones tensors that share a storage with another item but are not the same view.
+    """Clones tensors whose memory overlaps another item's without being the same view.
 
     zerockpt stores identical views once and refuses overlapping different views; DCP items
     may be different views of one storage (a tensor and a slice of it), which it stores apart.
+    In each group of overlapping views the first view (with its aliases) stays; each other view
+    gets one clone, which its own aliases share.
     """
     _C.check_savable(tensors)  # before storages are compared: exotic tensors have none
-    by_storage: dict[int, list[str]] = defaultdict(list)
-    for name, t in tensors.items():
-        if t.device.type != "meta" and t.numel():
-            by_storage[t.untyped_storage().data_ptr()].append(name)
+    names = list(tensors)
+    alias_of, group = _C.memory_sharing([tensors[name] for name in names])
     out = dict(tensors)
-    for names in by_storage.values():
-        first = tensors[names[0]]
-        for name in names[1:]:
-            t = tensors[name]
-            same = (
-                t.dtype == first.dtype
-                and t.storage_offset() == first.storage_offset()
-                and t.shape == first.shape
-                and t.stride() == first.stride()
-            )
-            if not same:
-                out[name] = t.clone()
+    for i, name in enumerate(names):
+        target = alias_of[i] if alias_of[i] >= 0 else i
+        if target != group[i]:
+            out[name] = out[names[target]] if target != i else tensors[name].clone()
     return out
 
 
