@@ -125,9 +125,13 @@ def _defined_value(code: str, name: str) -> float | None:
     """The value the code gives ``name`` in a simple definition (``= 8ull << 20``, ``= 4096``,
     ``= 0.1``, ``{50}`` milliseconds), or None if it is not that simple."""
     short = name.split("::")[-1].removesuffix("()")
+    alias = re.search(rf"\b{re.escape(short)}\s*=\s*([A-Za-z_]\w*)\s*;", code)
+    if alias is not None:  # constexpr uint64_t kName = kOtherName;
+        return _defined_value(code, alias.group(1))
     num = r"([0-9][0-9']*(?:\.[0-9]+)?)(?:u?ll|u)?"
+    end = r"\s*(?:;|#|//|\n)"
     match = re.search(
-        rf"\b{re.escape(short)}\s*(?:=\s*{num}(?:\s*<<\s*([0-9]+))?\s*[;\n]|\{{{num}\}})", code
+        rf"\b{re.escape(short)}\s*(?:=\s*{num}(?:\s*<<\s*([0-9]+))?{end}|\{{{num}\}})", code
     )
     if match is None:
         return None
