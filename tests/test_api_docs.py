@@ -11,15 +11,18 @@ from __future__ import annotations
 import ast
 import builtins
 import dataclasses
+import doctest
 import importlib
 import inspect
 import re
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import zerockpt
 import zerockpt.dcp
 from zerockpt import _C
@@ -469,3 +472,50 @@ def test_stub_signatures_match_the_extension() -> None:
         if _is_property(node):
             continue
         assert _stub_params(node) == _runtime_params(obj), f"_C.{where}"
+
+
+# --- examples -----------------------------------------------------------------------------------
+
+# Every public function, class and method users call (not properties, not torch's protocol
+# hooks) shows one use in an Example: section, which runs here as a doctest in an empty
+# directory, so it cannot go stale; module docstrings' examples run too.
+EXAMPLE_OBJECTS = [
+    *PUBLIC_FUNCTIONS,
+    *PUBLIC_CLASSES,
+    *[(f"{name} (module)", module) for name, module in PUBLIC_MODULES.items()],
+    *[
+        (where, member)
+        for where, cls, name, member in PUBLIC_METHODS
+        if not isinstance(member, property) and not _is_protocol_hook(cls, name)
+    ],
+]
+
+
+@pytest.mark.parametrize(("where", "obj"), EXAMPLE_OBJECTS, ids=[n for n, _ in EXAMPLE_OBJECTS])
+def test_docstring_example_runs(
+    where: str, obj: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if isinstance(obj, classmethod | staticmethod):
+        obj = obj.__func__
+    doc = _own_doc(obj) if not isinstance(obj, types.ModuleType) else (obj.__doc__ or "")
+    if not isinstance(obj, types.ModuleType):
+        sections = _sections(doc, where)
+        assert "Example" in sections, f"{where}: no Example: section"
+        assert ">>>" in "\n".join(sections["Example"]), f"{where}: Example: has no >>> lines"
+    examples = doctest.DocTestParser().get_examples(doc)
+    assert examples, f"{where}: no example"
+    monkeypatch.chdir(tmp_path)
+    test = doctest.DocTest(
+        examples,
+        {"torch": torch, "zerockpt": zerockpt},
+        name=where,
+        filename=None,
+        lineno=0,
+        docstring=doc,
+    )
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. DCP's "assuming the intent is ... single process"
+        runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)

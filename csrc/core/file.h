@@ -93,7 +93,8 @@ void replace_file(const std::string& staged, const std::string& path);
 // commit() renames it over the destination (after fsync of the file, and then the directory,
 // when durable), the destructor removes an uncommitted one. The destination is never seen
 // partially written; it is checked first (check_destination), and <dir> is that of its target.
-// Creating one first removes stale temporary files in the directory.
+// Creating one first removes stale temporary files in the directory. The commit's order and
+// what survives a crash at each step: docs/design.md ("Atomic commit and durability").
 class AtomicFile {
  public:
   // `direct` asks for O_DIRECT; if the file system refuses it, direct() is false.

@@ -1,6 +1,7 @@
 // The parallel I/O engine: writes a planned safetensors file atomically from tensor memory,
 // and reads byte ranges of a file into memory. Torch-free: tensors are described by a pointer
 // to contiguous bytes or by a fill callback. Runs without the GIL; thread-safe per call.
+// How a write and a read proceed, and why: docs/design.md ("The save path", "Checksums").
 #pragma once
 
 #include <sys/uio.h>
@@ -144,6 +145,7 @@ struct WriteOptions {
   uint64_t staging_bytes = 0;
 };
 
+// DirectIo::kAuto writes files at least this large with O_DIRECT (write_file: durable ones).
 constexpr uint64_t kDirectMinBytes = 64ull << 20;
 // Bytes one thread stages or writes per task; bounds staging memory to threads * kChunkBytes.
 constexpr uint64_t kChunkBytes = 8ull << 20;

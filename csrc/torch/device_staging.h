@@ -2,6 +2,7 @@
 // host buffers (pinned when a device is an accelerator): while the I/O threads write or read
 // one buffer, asynchronous copies fill or drain others on device streams. Device-generic
 // (c10 streams and events, ATen copies); knows ATen, never Python; needs no GIL.
+// The pipeline and its synchronisation: docs/design.md ("Device staging").
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,7 @@
 
 namespace zerockpt {
 
+// The pool's size when the caller gives none (staging_bytes 0).
 constexpr uint64_t kDefaultStagingBytes = 256ull << 20;
 
 // Page-aligned host memory: pinned (the accelerator's caching host allocator, which tracks the

@@ -26,18 +26,22 @@ _WAIT_SLICE = 0.1
 
 
 class PendingSave:
-    """A save running in the background, returned by :func:`save_async`.
+    """A save running in the background, from :func:`save_async` or :meth:`Checkpointer.save`.
 
-    Like :class:`concurrent.futures.Future`: :meth:`done` polls, :meth:`result` waits and
-    raises the save's error, :meth:`exception` waits and returns it. A save whose error nobody
-    asked for is reported on stderr when the interpreter exits.
-
-    Made by :func:`save_async` and :meth:`Checkpointer.save`, not by users.
+    Like :class:`concurrent.futures.Future`: :meth:`done` polls, :meth:`result` waits and raises
+    the save's error, :meth:`exception` waits and returns it. An error nobody asked for is
+    printed on stderr when the interpreter exits.
 
     Args:
         handle: The C++ save in flight, or None for a save that completed before this was
             created.
         path: The destination file.
+
+    Example:
+        >>> pending = zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors")
+        >>> pending.result()
+        >>> pending.done(), pending.path
+        (True, 'model.safetensors')
     """
 
     def __init__(self, handle: _C._PendingSave | None, path: str) -> None:
@@ -56,11 +60,17 @@ class PendingSave:
 
         Returns:
             True once the file is written (or the save failed).
+
+        Example:
+            >>> pending = zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors")
+            >>> pending.result()
+            >>> pending.done()
+            True
         """
         return self._handle is None or self._handle.done()
 
     def result(self, timeout: float | None = None) -> None:
-        """Waits until the file is written and durable (if asked for).
+        """Waits until the file is written (and durable, if asked for).
 
         Args:
             timeout: Seconds to wait at most; None waits as long as it takes.
@@ -69,6 +79,9 @@ class PendingSave:
             TimeoutError: The save is still running after ``timeout`` seconds.
             OSError: The file could not be written (errno and filename set); nothing was left at
                 the destination, and a file already there is unchanged.
+
+        Example:
+            >>> zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors").result(timeout=60)
         """
         error = self.exception(timeout)
         if error is not None:
@@ -81,11 +94,15 @@ class PendingSave:
             timeout: Seconds to wait at most; None waits as long as it takes.
 
         Returns:
-            The error that failed the save (e.g. an ``OSError`` with errno and filename set), or
-            None if it succeeded.
+            The error that failed the save (e.g. an ``OSError``), or None if it succeeded.
 
         Raises:
             TimeoutError: The save is still running after ``timeout`` seconds.
+
+        Example:
+            >>> pending = zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors")
+            >>> pending.exception() is None  # the save succeeded
+            True
         """
         self._wait(timeout)
         self._settle()
@@ -174,38 +191,21 @@ def save_async(
 ) -> PendingSave:
     """Saves like :func:`save`, blocking only while the tensors are copied.
 
-    The tensors are copied into a snapshot buffer (pinned host memory when some live on a GPU,
-    copied on each device's current stream), then a background C++ thread checksums the
-    snapshot and writes the file, without the GIL. So the caller may change the tensors (take
-    the next optimizer step) as soon as this returns: the file holds their values at the time
-    of the call. The file appears atomically at ``path`` once complete, as with :func:`save`.
-
-    One save runs at a time per process: a second ``save_async`` first waits for the one in
-    flight to be written. The snapshot buffer is kept and reused by later saves (it grows to
-    the largest state saved; :func:`release_snapshot_buffer` frees it), so memory stays
-    bounded by one copy of the state and steady-state copies do not pay for fresh pages.
-    Files of 64 MiB or more are written with O_DIRECT straight from the snapshot, which keeps
-    the page cache (and the kernel time it costs) out of the training process's way.
-
-    When the interpreter exits, it waits for the save in flight to finish; a failure that was
-    never asked for is printed on stderr then.
-
-    :func:`save`'s ``progress`` and ``staging_bytes`` do not apply: this returns once the
-    snapshot is taken, before the bytes a progress bar would count are written, and the
-    snapshot is one buffer of the whole state rather than a bounded pool of staging chunks.
-
-    >>> pending = zerockpt.save_async({"model": model.state_dict(), "step": 7}, "ckpt.safetensors")
-    >>> optimizer.step()  # safe: the snapshot is already taken
-    >>> pending.result()  # raises if the write failed
+    The tensors are copied into a snapshot buffer that is kept for the next save (see
+    :func:`release_snapshot_buffer`); a background thread then writes the file. The caller may
+    change the tensors as soon as this returns. One save runs at a time per process: a second
+    call first waits for the one in flight. Interpreter exit waits for it too. Unlike
+    :func:`save`, it takes no ``progress`` or ``staging_bytes``: it returns before the bytes are
+    written, and the snapshot is one buffer. See docs/design.md, "Asynchronous saves".
 
     Args:
-        obj: What :func:`save` takes: a mapping of names to tensors, a module, or nested
-            training state. Tensors may also be on CUDA (or another accelerator).
-        path: Destination file. Its directory must exist, unless ``makedirs``.
+        obj: What :func:`save` takes: names to tensors, a module, or nested training state, on
+            any device.
+        path: The destination file; its directory must exist, unless ``makedirs``.
         metadata: Extra ``str -> str`` header entries, as for :func:`save`.
         durable: fsync the file and its directory before the save counts as done.
-        direct_io: True or False forces O_DIRECT on or off; None chooses by size as above.
-        threads: Threads that copy, checksum and write; default ``min(cpu_count, 8)``.
+        direct_io: Force O_DIRECT on or off; None chooses by size.
+        threads: Threads that copy, checksum and write; None: the default.
         checksums: Store each tensor's CRC-32C, as for :func:`save`.
         makedirs: Create the missing directories above ``path`` (before returning).
 
@@ -218,6 +218,15 @@ def save_async(
         FileNotFoundError: The directory to write into does not exist (``filename`` is that
             directory) and ``makedirs`` is false; raised here.
         MemoryError: The snapshot buffer cannot be allocated.
+
+    Example:
+        >>> weights = {"w": torch.ones(2)}
+        >>> pending = zerockpt.save_async(weights, "model.safetensors")
+        >>> weights["w"].add_(1)  # safe: the snapshot is already taken
+        tensor([2., 2.])
+        >>> pending.result()  # raises if the write failed
+        >>> zerockpt.load("model.safetensors")["w"]
+        tensor([1., 1.])
     """
     flat, metadata, own = _state.prepare_save(obj, metadata)
     where = _args.fspath(path)
@@ -235,8 +244,12 @@ def save_async(
 def release_snapshot_buffer() -> None:
     """Waits for the save in flight, then frees the buffer :func:`save_async` keeps for reuse.
 
-    The next ``save_async`` allocates a new one (and pays for its fresh pages). This raises
-    nothing: the error of a failed save stays with its :class:`PendingSave`.
+    The next ``save_async`` allocates a new one. This raises nothing: the error of a failed save
+    stays with its :class:`PendingSave`.
+
+    Example:
+        >>> zerockpt.save_async({"w": torch.ones(2)}, "model.safetensors").result()
+        >>> zerockpt.release_snapshot_buffer()
     """
     previous = _last
     if previous is not None:
@@ -287,38 +300,35 @@ def _check_device(device: str | torch.device | int | None) -> None:
 class Checkpointer:
     """Step-numbered checkpoints in one directory, for training loops.
 
-    Each :meth:`save` writes ``step_<step>.safetensors`` (atomically, as :func:`save` does),
-    reopens it and checks its header as a load does, then updates the text file ``latest``
-    (atomically too) to name it, then removes older checkpoints beyond ``keep_last``: a save
-    that fails at any point removes nothing. With ``async_save=True`` all of that happens in
-    the background after the state is snapshotted (see :func:`save_async`). :meth:`load_latest`
-    resumes from the newest checkpoint that loads and verifies, skipping (with a warning) any
-    that fail.
-
-    >>> ckpt = zerockpt.Checkpointer("checkpoints", keep_last=3)
-    >>> found = ckpt.load_latest()
-    >>> if found is not None:
-    ...     step, state = found
-    ...     model.load_state_dict(state["model"])
-    ...     optimizer.load_state_dict(state["optim"])
-    >>> ckpt.save(step, {"model": model.state_dict(), "optim": optimizer.state_dict()},
-    ...           async_save=True)
-
-    One process should own a directory (in data-parallel training, rank 0). The error of a
-    failed background save is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`.
+    :meth:`save` writes ``step_<step>.safetensors``, checks that it reopens, then points the file
+    ``latest`` at it and removes checkpoints beyond ``keep_last``; a save that fails removes
+    nothing. :meth:`load_latest` resumes from the newest checkpoint that loads and verifies. One
+    process should own a directory (in data-parallel training, rank 0). The error of a failed
+    background save is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`.
 
     Args:
         directory: Where the checkpoints go; created (with the directories above it) by the
             first :meth:`save` if missing. Loading never creates it.
-        keep_last: How many checkpoints to keep (the one just saved and the highest-numbered
+        keep_last: How many checkpoints to keep (the newest one and the highest-numbered
             others); None keeps all.
         durable: fsync each checkpoint (and ``latest``) before it counts as saved.
         checksums: Store CRC-32C checksums, which :meth:`load_latest` verifies.
-        threads: Threads for copying, checksumming and writing; default ``min(cpu_count, 8)``.
+        threads: Threads for copying, checksumming and writing; None: the default.
 
     Raises:
         TypeError: ``directory`` is not a str or ``os.PathLike``.
         ValueError: ``keep_last`` or ``threads`` is neither a positive int nor None.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with zerockpt.Checkpointer("checkpoints", keep_last=2) as ckpt:
+        ...     for step in range(3):
+        ...         _ = ckpt.save(step, {"model": model.state_dict()}, async_save=True)
+        >>> ckpt.steps()
+        [1, 2]
+        >>> step, state = ckpt.load_latest()
+        >>> step, list(state["model"])
+        (2, ['weight', 'bias'])
     """
 
     POINTER = "latest"
@@ -356,6 +366,10 @@ class Checkpointer:
 
         Raises:
             ValueError: ``step`` is not a non-negative int.
+
+        Example:
+            >>> zerockpt.Checkpointer("checkpoints").path(1000).name
+            'step_00001000.safetensors'
         """
         return self._directory / _steps.file_name(_steps.check_step(step))
 
@@ -368,6 +382,13 @@ class Checkpointer:
 
         Raises:
             OSError: The directory cannot be read.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> for step in (10, 20):
+            ...     _ = ckpt.save(step, {"w": torch.ones(2)})
+            >>> ckpt.steps()
+            [10, 20]
         """
         found = []
         try:
@@ -386,6 +407,12 @@ class Checkpointer:
         Returns:
             That step, or None if ``latest`` is missing, unreadable or malformed, or names a
             checkpoint whose file does not exist.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> _ = ckpt.save(7, {"w": torch.ones(2)})
+            >>> ckpt.latest_step()
+            7
         """
         step = self._pointer_step()
         return step if step is not None and self.path(step).is_file() else None
@@ -403,9 +430,8 @@ class Checkpointer:
         Args:
             step: A non-negative int; saving a step again replaces its checkpoint.
             state: What :func:`save` takes, e.g. ``{"model": ..., "optim": ..., "step": ...}``.
-            async_save: Return once the state is snapshotted (see :func:`save_async`);
-                ``latest`` and retention are then updated in the background, after the
-                checkpoint is complete.
+            async_save: Return once the state is snapshotted (see :func:`save_async`); ``latest``
+                and retention are then updated in the background, after the checkpoint is complete.
             metadata: Extra ``str -> str`` header entries.
 
         Returns:
@@ -416,6 +442,13 @@ class Checkpointer:
                 background save did (then this one was not started).
             TypeError, ValueError: ``state`` cannot be stored (as for :func:`save`); also
                 ValueError for a ``step`` that is not a non-negative int.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints", keep_last=2)
+            >>> pending = ckpt.save(1, {"w": torch.ones(2), "step": 1}, async_save=True)
+            >>> pending.result()
+            >>> ckpt.steps()
+            [1]
         """
         path = self.path(step)
         self.wait()
@@ -436,7 +469,16 @@ class Checkpointer:
         return PendingSave(None, str(path))
 
     def wait(self) -> None:
-        """Waits for the background save, if any; raises its error (once)."""
+        """Waits for the background save, if any; raises its error (once).
+
+        Raises:
+            OSError: The background save failed (errno and filename set).
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> _ = ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+            >>> ckpt.wait()  # raises if that save failed
+        """
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -453,12 +495,12 @@ class Checkpointer:
 
         Args:
             step: The step to load.
-            verify: Check every tensor's bytes against its stored CRC-32C before returning (a
-                file without checksums loads unchecked, with a warning).
+            verify: Check every tensor against its stored CRC-32C first (a file without checksums
+                loads unchecked, with a warning).
             mmap: Return zero-copy views of a private mapping of the file; False reads it into
                 fresh memory.
-            device: Where the tensors go, as for :func:`load`: the CPU (default) or an
-                accelerator such as ``"cuda"``.
+            device: Where the tensors go, as for :func:`load`: the CPU (default) or an accelerator
+                such as ``"cuda"``.
 
         Returns:
             The state as it was saved, as :func:`load` returns it.
@@ -470,6 +512,12 @@ class Checkpointer:
             FormatError: The file is not valid safetensors.
             OSError: The file cannot be opened or read (errno and filename set).
             TypeError: A stored dtype has no torch equivalent.
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> _ = ckpt.save(3, {"w": torch.ones(2), "step": 3})
+            >>> ckpt.load(3)["step"]
+            3
         """
         return load(self.path(step), verify=verify, mmap=mmap, device=device)
 
@@ -482,29 +530,34 @@ class Checkpointer:
     ) -> tuple[int, Any] | None:
         """Loads the newest checkpoint that loads (and verifies), to resume training from.
 
-        The one ``latest`` names is tried first, then the others from the highest step down.
-        One whose load raises any ``Exception`` (it cannot be opened, is truncated or
-        malformed, holds a dtype torch cannot represent, fails its checksums with ``verify``,
-        runs out of memory, ...) is skipped with a warning naming it, the error type and
-        message; ``KeyboardInterrupt`` is not caught. A background save of this checkpointer is
-        waited for first; its error, if any, is left for the next :meth:`save`, :meth:`wait`
-        or :meth:`close`.
+        The one ``latest`` names is tried first, then the others from the highest step down. One
+        whose load raises any ``Exception`` is skipped with a warning naming it and the error
+        (``KeyboardInterrupt`` is not caught). A background save of this checkpointer is waited for
+        first; its error is left for the next :meth:`save`, :meth:`wait` or :meth:`close`.
 
         Args:
-            verify: Check each checkpoint's bytes against its stored CRC-32C before taking it.
+            verify: Check each checkpoint against its stored CRC-32C before taking it.
             mmap: Return zero-copy views of a private mapping of the file; False reads it into
                 fresh memory.
-            device: Where the tensors go, as for :func:`load`: the CPU (default) or an
-                accelerator such as ``"cuda"``.
+            device: Where the tensors go, as for :func:`load`: the CPU (default) or an accelerator
+                such as ``"cuda"``.
 
         Returns:
-            ``(step, state)`` of the checkpoint loaded, or None if there is none that loads
-            (also when the directory does not exist).
+            ``(step, state)`` of the checkpoint loaded, or None if there is none that loads (also
+            when the directory does not exist).
 
         Raises:
             OSError: The directory cannot be read.
             ValueError, RuntimeError: ``device`` is not a device, or cannot be used (raised, not
                 skipped over).
+
+        Example:
+            >>> ckpt = zerockpt.Checkpointer("checkpoints")
+            >>> ckpt.load_latest() is None  # nothing saved yet
+            True
+            >>> _ = ckpt.save(5, {"w": torch.ones(2)})
+            >>> ckpt.load_latest()
+            (5, {'w': tensor([1., 1.])})
         """
         _check_device(device)  # a device that cannot be used is no reason to skip checkpoints
         pending = self._pending
@@ -535,7 +588,15 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
-        """Waits for the background save, if any (raising its error)."""
+        """Waits for the background save, if any (raising its error).
+
+        Raises:
+            OSError: The background save failed (errno and filename set).
+
+        Example:
+            >>> with zerockpt.Checkpointer("checkpoints") as ckpt:  # close() on leaving the block
+            ...     _ = ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+        """
         self.wait()
 
     def __enter__(self) -> Checkpointer:

@@ -1,23 +1,16 @@
 """torch.distributed.checkpoint storage on zerockpt: safetensors files, JSON metadata.
 
-:class:`Writer` and :class:`Reader` are DCP ``StorageWriter`` / ``StorageReader``
-implementations, for ``dcp.save``, ``dcp.async_save`` and ``dcp.load`` with DCP's planners
-(resharding included)::
+:class:`Writer` and :class:`Reader` plug into ``dcp.save``, ``dcp.async_save`` and ``dcp.load``
+(any planner, resharding included); :func:`describe`, :func:`verify` and :func:`to_file`
+inspect, check and convert a checkpoint. The directory layout is in docs/format.md, the commit
+order in docs/design.md.
 
-    import torch.distributed.checkpoint as dcp
-    import zerockpt.dcp
-
-    dcp.save(state_dict, storage_writer=zerockpt.dcp.Writer("ckpt"))
-    dcp.load(state_dict, storage_reader=zerockpt.dcp.Reader("ckpt"))
-
-A checkpoint is a directory: one safetensors file per rank, ``__<rank>_0.safetensors``, written
-by the zerockpt engine (parallel, straight from tensor memory, atomic, durable, checksummed),
-and ``.metadata.json``, DCP's global metadata as JSON (never pickled), committed last and
-atomically by the coordinator. The coordinator removes an existing ``.metadata.json`` before
-any rank writes, so a directory holds a complete checkpoint exactly when it has that file.
-
-Values DCP itself serializes (non-tensor leaves: its planners ``torch.save`` them into bytes)
-are stored as uint8 tensors and handed back to the planner as bytes, as DCP's own storage does.
+>>> import torch.distributed.checkpoint as dcp
+>>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+>>> state = {"w": torch.zeros(2)}
+>>> dcp.load(state, storage_reader=zerockpt.dcp.Reader("ckpt"))
+>>> state["w"]
+tensor([1., 1.])
 """
 
 from __future__ import annotations
@@ -135,15 +128,22 @@ def _separate_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 class Writer(StorageWriter):
-    """Writes DCP checkpoints as safetensors files with the zerockpt engine.
+    """A DCP ``StorageWriter`` that writes checkpoints as safetensors files with zerockpt.
+
+    A checkpoint is a directory with one file per rank and ``.metadata.json``, committed last
+    (layout: docs/format.md; commit order: docs/design.md).
 
     Args:
-        path: The checkpoint directory (created if missing); ``checkpoint_id`` given to
+        path: The checkpoint directory (created if missing); a ``checkpoint_id`` given to
             ``dcp.save`` replaces it.
         durable: fsync every file and the directory before the metadata is committed, and the
             metadata after.
         checksums: Store each tensor's CRC-32C (``Reader(verify=True)`` checks them).
-        threads: Writer threads per rank; default ``min(cpu_count, 8)``.
+        threads: Writer threads per rank; None: the default.
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
     """
 
     def __init__(
@@ -207,12 +207,7 @@ class Writer(StorageWriter):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Writes this rank's items as one safetensors file (DCP hook); returns a done future.
-
-        The file, ``__<rank>_0.safetensors``, is written by the zerockpt engine: atomically,
-        with checksums (if ``checksums``), fsynced (if ``durable``); tensors that are not on
-        the CPU are copied out through pinned memory first.
-        """
+        """Writes this rank's items as one safetensors file (DCP hook); returns a done future."""
         prefix = plan.storage_data.prefix if plan.storage_data is not None else "__0_"
         file_name = f"{prefix}0.safetensors"
         tensors: dict[str, torch.Tensor] = {}
@@ -255,11 +250,7 @@ class Writer(StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Commits the checkpoint (DCP hook, on the coordinator): writes its metadata as JSON.
-
-        The metadata file is written atomically (temporary file + rename) and, if ``durable``,
-        fsynced with its directory: the directory is a complete checkpoint from then on.
-        """
+        """Commits the checkpoint (DCP hook, on the coordinator): writes ``.metadata.json``."""
         storage: dict[MetadataIndex, _Location] = {}
         for rank_results in results:
             for r in rank_results:
@@ -282,25 +273,27 @@ class Writer(StorageWriter):
 
 
 class Reader(StorageReader):
-    """Reads DCP checkpoints written by :class:`Writer`, straight into the target tensors.
+    """A DCP ``StorageReader`` for checkpoints of :class:`Writer`, straight into the targets.
 
-    Each rank opens only the files that hold its items and copies each item from a zero-copy
-    mapping of its file into the tensor the planner gives (narrowed to the requested chunk),
-    so only the bytes it needs are read.
-
-    Non-tensor items are stored pickled (by DCP's ``torch.save``), and DCP's planner unpickles
-    them with ``torch.load(weights_only=False)``, which can run arbitrary code. So by default
-    each one is first loaded with ``torch.load(weights_only=True)``: an item it refuses raises
-    ``pickle.UnpicklingError`` naming it, and the planner is handed a fresh pickle of the value
-    so loaded, never the stored bytes (bytes that are no ``torch.save`` output raise
-    ``FormatError``). ``allow_pickle=True`` hands the stored bytes over as DCP's own reader
-    does: only for checkpoints you trust.
+    Each rank maps only the files that hold its items and copies each item into the tensor the
+    planner gives. Non-tensor items (which DCP pickles) are loaded with
+    ``torch.load(weights_only=True)`` and handed to the planner as a fresh pickle, never the
+    stored bytes; ``allow_pickle=True`` hands the stored bytes over, as DCP's own reader does:
+    only for checkpoints you trust.
 
     Args:
-        path: The checkpoint directory; ``checkpoint_id`` given to ``dcp.load`` replaces it.
+        path: The checkpoint directory; a ``checkpoint_id`` given to ``dcp.load`` replaces it.
         verify: Check the CRC-32C of every file this rank reads from before copying from it.
-        threads: Copy threads per rank; default ``min(cpu_count, 8)``.
+        threads: Copy threads per rank; None: the default.
         allow_pickle: Let the planner unpickle non-tensor items without restriction.
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+        >>> state = {"w": torch.zeros(2)}
+        >>> dcp.load(state, storage_reader=zerockpt.dcp.Reader("ckpt"))
+        >>> state["w"]
+        tensor([1., 1.])
     """
 
     def __init__(
@@ -332,8 +325,8 @@ class Reader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Reads and validates the checkpoint's ``.metadata.json`` (DCP hook).
 
-        A missing, non-UTF-8 or malformed metadata file, one that is not a regular file (a
-        FIFO, a device) or one over 256 MiB raises ``FormatError`` naming it.
+        A missing, malformed or oversized metadata file, or one that is not a regular file, raises
+        ``FormatError`` naming it.
         """
         rank = kwargs.get("rank")
         name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
@@ -380,10 +373,8 @@ class Reader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Copies this rank's items into the planner's tensors (DCP hook); returns a done future.
 
-        The files are opened (with ``verify``, checksummed) and every tensor item is located
-        and checked against the metadata (dtype, shape, chunk bounds) before any target
-        changes; then the copies run on ``threads`` threads. A mismatch raises ``FormatError``
-        naming the file and the tensor.
+        Every item is located and checked against the metadata before any target changes; a
+        mismatch raises ``FormatError`` naming the file and the tensor.
         """
         by_file: dict[str, list[Any]] = defaultdict(list)
         for item in plan.items:
@@ -527,9 +518,8 @@ def encode_metadata(metadata: Metadata) -> str:
 
     Args:
         metadata: DCP's ``Metadata``, its ``storage_data`` mapping each item to where
-            :class:`Writer` stored it. Its planner data may hold only what :func:`zerockpt.save`
-            keeps as nested state without tensors: dicts, lists and tuples of str, int, float,
-            bool and None.
+            :class:`Writer` stored it. Its planner data may hold only dicts, lists and tuples of
+            str, int, float, bool and None.
 
     Returns:
         The JSON text, which :func:`decode_metadata` reads back.
@@ -538,6 +528,13 @@ def encode_metadata(metadata: Metadata) -> str:
         TypeError: The planner data holds an object that cannot be stored (the message names
             its path).
         ValueError: The planner data holds tensors, or is nested too deeply.
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> metadata = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+        >>> text = zerockpt.dcp.encode_metadata(metadata)
+        >>> zerockpt.dcp.decode_metadata(text, "ckpt").state_dict_metadata["w"].size
+        torch.Size([2])
     """
     entries: dict[str, Any] = {}
     for fqn, md in metadata.state_dict_metadata.items():
@@ -617,6 +614,14 @@ def decode_metadata(text: str, path: str) -> Metadata:
         FormatError: The text is not JSON, not zerockpt.dcp metadata of a supported
             ``format_version``, or a field is malformed (the message names ``path`` and the
             field).
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+        >>> with open("ckpt/.metadata.json") as f:
+        ...     metadata = zerockpt.dcp.decode_metadata(f.read(), f.name)
+        >>> metadata.state_dict_metadata["w"].size
+        torch.Size([2])
     """
 
     def reject(token: str) -> Any:
@@ -761,6 +766,12 @@ def describe(checkpoint: PathLike, *, trusted: bool = False) -> dict[str, Any]:
             format and ``trusted`` is false.
         OSError: A file cannot be opened or read (errno and filename set).
         TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+        >>> [tensor["name"] for tensor in zerockpt.dcp.describe("ckpt")["tensors"]]
+        ['w']
     """
     root = _args.fspath(checkpoint)
     directory = Path(root)
@@ -859,6 +870,12 @@ def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
             false.
         OSError: A file is missing or unreadable (errno and filename set).
         TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+        >>> zerockpt.dcp.verify("ckpt").ok
+        True
     """
     directory = Path(_args.fspath(checkpoint))
     if _is_native(directory):
@@ -902,20 +919,14 @@ def to_file(
 ) -> None:
     """Converts a DCP checkpoint into one zerockpt file (or HF shards).
 
-    The checkpoint is one written by :class:`Writer` or, with ``trusted=True``, by torch's own
-    ``FileSystemWriter`` (``dcp.save(state, checkpoint_id=directory)``: a ``.metadata`` file
-    and ``*.distcp`` files). Torch's metadata is a pickle, which can run arbitrary code when
-    read, so such a checkpoint is read only when ``trusted`` says its source is trusted; it is
-    then read by torch's own reader and planner, as ``dcp_to_torch_save`` reads it, and the
-    full state is held in memory while it is written.
-
     The result is what :func:`zerockpt.load` returns for the full, unsharded state: the nested
-    structure DCP flattened is rebuilt from its planner data, DTensor and sharded tensors are
-    assembled from their chunks, and non-tensor values (which DCP stores with ``torch.save``)
-    are read with ``torch.load(weights_only=True)``. Memory stays small: tensors stored whole
-    are written straight from a mapping of the rank files, and sharded ones are assembled in a
-    mapping of a temporary file beside ``destination`` (removed at once: only the page cache
-    holds them), never in the process's own memory all at once.
+    structure is rebuilt, DTensor and sharded tensors are assembled from their chunks, and
+    non-tensor values are read with ``torch.load(weights_only=True)``. Nothing in zerockpt.dcp
+    metadata is trusted: chunks must tile each tensor exactly, so the output never holds more
+    bytes than the rank files (the checks and the memory bound: docs/design.md). A checkpoint of
+    torch's own ``FileSystemWriter`` (``.metadata`` and ``*.distcp`` files) has pickled metadata
+    that can run code when read: it is read, by torch's own reader and planner, only with
+    ``trusted=True``.
 
     Args:
         checkpoint: The checkpoint directory.
@@ -925,28 +936,27 @@ def to_file(
         durable: fsync what is written.
         progress: Show a progress bar of the bytes written (needs tqdm).
         trusted: Read a checkpoint in torch's native format (its pickled metadata, and its
-            non-tensor values with ``torch.load(weights_only=False)``). Only for checkpoints
-            from a trusted source.
-
-    Nothing in zerockpt.dcp metadata is trusted: each tensor's chunks must have its dtype and
-    rank, lie inside it, not overlap and cover it exactly (at most 16384 chunks per tensor);
-    each stored tensor may serve one storage entry only; and a non-tensor item's tensors may
-    not need more bytes than were stored for it. So the output never holds more bytes than the
-    rank files.
+            non-tensor values with ``torch.load(weights_only=False)``). Only for checkpoints from
+            a trusted source.
 
     Raises:
-        FormatError: The checkpoint is incomplete (no ``.metadata.json``, or no ``.metadata``
-            beside ``*.distcp`` files) or malformed, a rank file does not hold what the
-            metadata says, or a check above fails (the message names the tensor or file); or
-            it is in torch's native format and ``trusted`` is false. Nothing is written then.
+        FormatError: The checkpoint is incomplete or malformed, or a rank file does not hold
+            what the metadata says (the message names the tensor or file); or it is in torch's
+            native format and ``trusted`` is false. Nothing is written then.
         OSError: A file cannot be read or written (errno and filename set).
         pickle.UnpicklingError: A non-tensor value of a zerockpt.dcp checkpoint needs more than
             ``torch.load`` allows with ``weights_only=True``.
-        TypeError: ``checkpoint`` or ``destination`` is not a str or ``os.PathLike``,
-            ``max_shard_size`` is neither an int nor a str, or a value cannot be stored (see
-            :func:`zerockpt.save`).
+        TypeError: ``checkpoint`` or ``destination`` is not a path, ``max_shard_size`` is
+            neither an int nor a str, or a value cannot be stored (see :func:`zerockpt.save`).
         ValueError: ``max_shard_size`` is not a positive size.
         ImportError: ``progress=True`` and tqdm is not installed.
+
+    Example:
+        >>> import torch.distributed.checkpoint as dcp
+        >>> _ = dcp.save({"w": torch.ones(2)}, storage_writer=zerockpt.dcp.Writer("ckpt"))
+        >>> zerockpt.dcp.to_file("ckpt", "model.safetensors")
+        >>> zerockpt.load("model.safetensors")
+        {'w': tensor([1., 1.])}
     """
     from zerockpt.serialization import save
 

@@ -35,26 +35,14 @@ _FAILURES = (Exception, CheckpointException)
 class DistributedCheckpointer:
     """Step-numbered DCP checkpoints in one directory, saved and loaded by every rank together.
 
-    Each :meth:`save` is a ``torch.distributed.checkpoint`` save through
-    :class:`zerockpt.dcp.Writer` into ``step_<step>/`` (one safetensors file per rank, then
-    ``.metadata.json``, committed by DCP's coordinator once every rank's file is written).
-    Then rank 0 of the group points the text file ``latest`` at it (atomically) and removes
-    older steps beyond ``keep_last`` and incomplete ones below it. A step directory without
-    ``.metadata.json`` (a save that failed or was killed) is never loaded: :meth:`load_latest`
-    resumes, on every rank alike, from the step ``latest`` names, else from the newest complete
-    one that loads.
-
-    >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints", keep_last=2)
-    >>> state = {"app": AppState(model, optimizer)}  # a DCP Stateful, or a dict of tensors
-    >>> start = ckpt.load_latest(state)  # loads in place; None if there is no checkpoint
-    >>> ckpt.save(step, state, async_save=True)
-
-    Every method but :attr:`directory`, :meth:`path`, :meth:`steps` and :meth:`latest_step`
-    is collective: every rank of the group calls it, in the same order, with the same step
-    (the constructor too: it creates the group it uses). Without an initialized default
-    process group it works in one process. The error of a failed save is raised on every rank
-    by the next :meth:`save`, :meth:`wait` or :meth:`close`. One group should own the
-    directory (not a :class:`Checkpointer` too).
+    :meth:`save` writes ``step_<step>/`` through :class:`zerockpt.dcp.Writer`; then rank 0 points
+    the file ``latest`` at it and removes steps beyond ``keep_last``. :meth:`load_latest` resumes
+    every rank from the same newest complete step; an incomplete step (no ``.metadata.json``) is
+    never loaded. Every method but :attr:`directory`, :meth:`path`, :meth:`steps` and
+    :meth:`latest_step` is collective (the constructor too): every rank calls it, in the same
+    order, with the same step. Without an initialized process group it works in one process. The
+    error of a failed save is raised on every rank by the next :meth:`save`, :meth:`wait` or
+    :meth:`close`. One group should own the directory. The commit order: docs/design.md.
 
     Args:
         directory: Where the checkpoints go (on a file system every rank sees); created if
@@ -63,15 +51,22 @@ class DistributedCheckpointer:
             highest-numbered others); None keeps all.
         durable: fsync every file (and ``latest``) before a checkpoint counts as saved.
         checksums: Store CRC-32C checksums, which loads verify.
-        threads: Writer and reader threads per rank; default ``min(cpu_count, 8)``.
+        threads: Writer and reader threads per rank; None: the default.
         process_group: The ranks that save together, with a CPU backend (gloo). None: a new
-            gloo group of all ranks, which keeps checkpoint collectives (those of an async
-            save run on a background thread) apart from training's.
+            gloo group of all ranks, which keeps checkpoint collectives apart from training's.
 
     Raises:
         TypeError: ``directory`` is not a str or ``os.PathLike``.
         ValueError: ``keep_last`` or ``threads`` is neither a positive int nor None.
         OSError: The directory cannot be created.
+
+    Example:
+        >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints", keep_last=2)
+        >>> state = {"w": torch.ones(2)}  # tensors, DTensors or DCP Stateful objects
+        >>> ckpt.save(1, state)
+        >>> _ = state["w"].zero_()
+        >>> ckpt.load_latest(state), state["w"]
+        (1, tensor([1., 1.]))
     """
 
     POINTER = "latest"
@@ -118,6 +113,10 @@ class DistributedCheckpointer:
 
         Raises:
             ValueError: ``step`` is not a non-negative int.
+
+        Example:
+            >>> zerockpt.DistributedCheckpointer("checkpoints").path(1000).name
+            'step_00001000'
         """
         return self._directory / _steps.file_name(_steps.check_step(step), _DIR_SUFFIX)
 
@@ -129,6 +128,13 @@ class DistributedCheckpointer:
 
         Raises:
             OSError: The directory cannot be read.
+
+        Example:
+            >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints")
+            >>> for step in (10, 20):
+            ...     ckpt.save(step, {"w": torch.ones(2)})
+            >>> ckpt.steps()
+            [10, 20]
         """
         return [s for s in self._step_dirs() if self._complete(s)]
 
@@ -138,6 +144,12 @@ class DistributedCheckpointer:
         Returns:
             That step, or None if ``latest`` is missing, unreadable or malformed, or names a
             checkpoint that is not complete.
+
+        Example:
+            >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints")
+            >>> ckpt.save(7, {"w": torch.ones(2)})
+            >>> ckpt.latest_step()
+            7
         """
         step = _steps.pointer_step(str(self._directory / self.POINTER), _DIR_SUFFIX)
         return step if step is not None and self._complete(step) else None
@@ -161,6 +173,13 @@ class DistributedCheckpointer:
                 rank; the checkpoint itself is complete), or the previous background save
                 failed (then this one was not started).
             ValueError: ``step`` is not a non-negative int.
+
+        Example:
+            >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints")
+            >>> ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+            >>> ckpt.wait()  # raises on every rank if the save failed
+            >>> ckpt.steps()
+            [1]
         """
         path = self.path(step)
         self.wait()
@@ -184,7 +203,13 @@ class DistributedCheckpointer:
         saving.add_done_callback(committed)
 
     def wait(self) -> None:
-        """Waits for the background save, if any (collective); raises its error on every rank."""
+        """Waits for the background save, if any (collective); raises its error on every rank.
+
+        Example:
+            >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints")
+            >>> ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+            >>> ckpt.wait()
+        """
         pending, self._pending = self._pending, None
         if pending is not None:
             self._agree(pending.result(), "save in the background")
@@ -204,6 +229,14 @@ class DistributedCheckpointer:
                 rank (raised on every rank), e.g. the checkpoint is incomplete or corrupt (the
                 message names the file).
             ValueError: ``step`` is not a non-negative int.
+
+        Example:
+            >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints")
+            >>> ckpt.save(3, {"w": torch.ones(2)})
+            >>> state = {"w": torch.zeros(2)}
+            >>> ckpt.load(3, state)
+            >>> state["w"]
+            tensor([1., 1.])
         """
         reader = Reader(self.path(step), verify=verify, threads=self._threads)
         dcp_load(
@@ -229,6 +262,12 @@ class DistributedCheckpointer:
 
         Raises:
             OSError: Rank 0 cannot read the directory (raised on every rank).
+
+        Example:
+            >>> ckpt = zerockpt.DistributedCheckpointer("checkpoints")
+            >>> state = {"w": torch.zeros(2)}
+            >>> ckpt.load_latest(state) is None  # nothing saved yet
+            True
         """
         if self._pending is not None:
             self._pending.result()  # its error stays for the next save() or wait()
@@ -257,7 +296,12 @@ class DistributedCheckpointer:
         return None
 
     def close(self) -> None:
-        """Waits for the background save, if any (collective), raising its error."""
+        """Waits for the background save, if any (collective), raising its error.
+
+        Example:
+            >>> with zerockpt.DistributedCheckpointer("checkpoints") as ckpt:  # close() on leaving
+            ...     ckpt.save(1, {"w": torch.ones(2)}, async_save=True)
+        """
         self.wait()
 
     def __enter__(self) -> DistributedCheckpointer:

@@ -43,15 +43,12 @@ def state_dict(
 ) -> Any:
     """Returns what ``module.state_dict(...)`` returns, computed by a C++ walk of the module tree.
 
-    The same keys in the same order (per module: parameters, persistent buffers,
-    ``_extra_state``, then children depth-first), the same ``_metadata`` attribute, the same
-    detached tensors (sharing storage and version counter with the parameters) unless
-    ``keep_vars``. Hooks, overridden ``state_dict``/``_save_to_state_dict``/``get_extra_state``,
-    lazy and quantized modules run torch's own code where torch would run it.
+    Same keys, order, ``_metadata`` and detached tensors as torch; hooks and Python overrides
+    run where torch runs them (see docs/architecture.md, "The module walks").
 
     Args:
         module: Any ``torch.nn.Module``.
-        *args: Deprecated positional ``destination, prefix, keep_vars``, as torch accepts them
+        *args: Deprecated positional ``destination, prefix, keep_vars``, as torch takes them
             (with torch's FutureWarning).
         destination: A mapping to fill and return; default a new ``OrderedDict`` with
             ``_metadata``.
@@ -64,10 +61,15 @@ def state_dict(
 
     Raises:
         TypeError: ``destination`` is not a mutable mapping or ``prefix`` is not a str (torch's
-            error for them, with its text).
-        AttributeError: ``module`` is not an ``nn.Module`` (torch's error for it).
+            error).
+        AttributeError: ``module`` is not an ``nn.Module`` (torch's error).
         Exception: Whatever a hook or an overridden ``state_dict``, ``_save_to_state_dict`` or
             ``get_extra_state`` raises, as torch propagates it.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+        >>> list(zerockpt.state_dict(model)) == list(model.state_dict())
+        True
     """
     if len(args) > 0:
         warnings.warn(_STATE_DICT_POSITIONAL_WARNING, FutureWarning, stacklevel=2)
@@ -175,49 +177,25 @@ def load_state_dict(
 ) -> _IncompatibleKeys:
     """Loads a state dict or a file into ``module``, as ``module.load_state_dict`` does.
 
-    The result, the errors (and their text), the warnings, the effect of ``_metadata`` and of
-    ``assign``, hooks and overridden ``_load_from_state_dict`` are torch's; the walk is done in
-    C++ and groups keys by module once (torch's loader filters the whole dict for every child).
-
-    From a path (a zerockpt or any safetensors file), no state dict is built: each tensor's
-    bytes are read straight into the existing parameter or buffer by parallel preads with the
-    GIL released (converted chunk by chunk when dtypes differ), so the extra memory stays a
-    few staging chunks whatever the model size. The file is opened and validated before the
-    module is touched. Parameters on a GPU (or any accelerator) are filled in place through a
-    bounded pool of pinned buffers: reader threads pread into them while asynchronous copies
-    to the device drain earlier ones on the current stream (dtypes are converted on the
-    device), with no second copy of the model on the device and never a copy from pageable
-    memory; they are ready on the current stream when this returns.
-
-    From a sharded checkpoint (a directory holding ``model.safetensors.index.json``, or the
-    index file; see :func:`zerockpt.load`), the index is validated and every shard is opened
-    (and, with ``verify``, checked) in parallel before the module is touched; the tensors are
-    then loaded as from the state dict the index describes (zero-copy views of the shards'
-    mappings, in the index's order, with the ``_metadata`` that ``save`` stored in the index),
-    so missing and unexpected keys, errors and hooks are exactly torch's for the whole
-    checkpoint. Accelerator parameters take such mapped tensors (as any dense CPU tensors of a
-    mapping given as ``source``) through the same pinned pool, one tensor at a time.
+    Results, errors, warnings, hooks and the effect of ``_metadata`` and ``assign`` are torch's.
+    From a file no state dict is built: the bytes go straight into the existing parameters and
+    buffers (on any device), and the file is validated (and, with ``verify``, checked) before the
+    module is touched. Ctrl-C leaves the module partly loaded, as in torch. See docs/design.md.
 
     Args:
         module: The module to load into.
-        source: A mapping of names to tensors (e.g. a state dict); the path of a file; or a
-            sharded checkpoint's directory or index file.
+        source: A mapping of names to tensors; a safetensors file; or a sharded checkpoint's
+            directory or index file.
         strict: Raise if keys are missing or unexpected (size mismatches always raise).
-        assign: Assign the checkpoint's tensors to the module instead of copying into the
-            existing ones (for a file: zero-copy views of its mapping), keeping each
-            Parameter's ``requires_grad``.
-        threads: Reader threads for a file; default ``min(cpu_count, 8)``.
-        verify: For a file, check every tensor's bytes against the CRC-32C stored when it was
-            saved before the module is touched (a file without checksums loads unchecked, with
-            a warning).
-        progress: Show a progress bar of the bytes loaded into the module (needs tqdm:
-            ``zerockpt[progress]``). Either way, Ctrl-C stops the load between chunks,
-            leaving the module partly loaded, as an interrupted ``module.load_state_dict``
-            does. No bar is drawn
-            where torch's own loader must run (an overridden ``load_state_dict``, active
-            function or dispatch modes).
-        staging_bytes: For a file, pinned host memory for copying into accelerator tensors,
-            in 8 MiB chunks; default 256 MiB (less for smaller files).
+        assign: Assign the checkpoint's tensors instead of copying into the existing ones (from a
+            file: zero-copy views of its mapping), keeping each Parameter's ``requires_grad``.
+        threads: Reader threads for a file; None: the default.
+        verify: For a file, check every tensor against its stored CRC-32C first (a file without
+            checksums loads unchecked, with a warning).
+        progress: Show a progress bar of the bytes loaded (needs tqdm; none where torch's own
+            loader runs the whole call).
+        staging_bytes: For a file, pinned host memory for accelerator parameters; None: the
+            default.
 
     Returns:
         ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as torch returns.
@@ -225,14 +203,20 @@ def load_state_dict(
     Raises:
         RuntimeError: Torch's "Error(s) in loading state_dict for ..." with the same text.
         TypeError: ``module`` is not an ``nn.Module``, ``source`` is neither a mapping nor a
-            path, or a file tensor's dtype has no torch equivalent.
-        ValueError: ``verify=True`` with a mapping (there is no file to check), ``threads``
-            is not a positive int, or ``staging_bytes`` is under 8 MiB.
+            path, or a stored dtype has no torch equivalent.
+        ValueError: ``verify=True`` with a mapping, or ``threads`` or ``staging_bytes`` is
+            invalid.
         FormatError: The file is not valid safetensors, or an index is malformed or does not
             match its shards (nothing is loaded).
         ChecksumError: With ``verify``, tensors fail their checksum (nothing is loaded).
-        OSError: The file or a shard cannot be opened or read (errno and filename set).
+        OSError: A file cannot be opened or read (errno and filename set).
         ImportError: ``progress=True`` and tqdm is not installed.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> zerockpt.save(model, "model.safetensors")
+        >>> zerockpt.load_state_dict(torch.nn.Linear(2, 2), "model.safetensors")
+        <All keys matched successfully>
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module)}")

@@ -42,100 +42,52 @@ def save(
     staging_bytes: int | None = None,
     makedirs: bool = False,
 ) -> None:
-    """Saves a mapping of names to tensors, a module, or nested training state as safetensors.
+    """Saves tensors, a module or nested training state as a safetensors file.
 
-    Bytes go straight from tensor memory to the file (no pickle, no serialised copy), written
-    by several threads at disjoint offsets. Tensors on a GPU (or any accelerator) are copied
-    to the host in 8 MiB chunks, asynchronously on a side stream that first waits for the
-    current stream, into a bounded pool of pinned buffers (``staging_bytes``) that the writer
-    threads drain as the next chunks arrive: never a host copy of the whole model. CPU and
-    GPU tensors may be mixed. The file is written under a temporary name in the
-    same directory and renamed over ``path`` only once complete, so ``path`` never holds a
-    partial file and an existing file survives any error. Tensors that are the same view of
-    one storage (tied weights) are stored once and come back as one tensor from :func:`load`.
-
-    A module is saved as its ``state_dict()`` (taken by zerockpt's C++ walk), and the state
-    dict's ``_metadata`` (module versions) is stored too, so :func:`zerockpt.load_state_dict`
-    from the file behaves as ``load_state_dict`` of the state dict itself.
-
-    Anything else is saved as nested training state, e.g. ``{"model": model.state_dict(),
-    "optim": optimizer.state_dict(), "step": 1000, "rng": torch.get_rng_state()}``: dicts,
-    OrderedDicts and defaultdicts (str or int keys; a defaultdict's factory is kept if it is
-    None or a builtin type, else TypeError), lists, tuples, sets, frozensets and
-    argparse.Namespace, with tensor leaves (stored as tensors named by their path, e.g.
-    ``optim/state/0/exp_avg``), numpy arrays and scalars of numeric dtypes, bytes and
-    bytearray (stored as tensors too), and None, bool, int, float, str, torch.dtype,
-    torch.Size and torch.device leaves (kept in the metadata). :func:`load` rebuilds the same
-    structure, each value with its type. Nothing is pickled: any other object is a TypeError
-    naming its path.
-
-    With ``max_shard_size``, ``path`` is a directory (created if missing) that receives a
-    sharded checkpoint in the Hugging Face layout, as transformers' ``save_pretrained`` writes
-    it: ``model-00001-of-00003.safetensors`` ... and ``model.safetensors.index.json``
-    (``{"metadata": {"total_size": ...}, "weight_map": {name: shard file}}``), always, even for
-    one shard. Tensors fill shards greedily in the saved order; a tensor larger than the limit
-    gets a shard of its own, and tensors sharing memory (tied weights) share a shard, so they
-    stay tied. Each shard holds ``metadata``; a module's ``_metadata`` or the structure of
-    nested training state goes in the index's ``metadata`` (``zerockpt.*`` entries), so both
-    kinds can be sharded. All files are first written into a private staging directory inside
-    ``path`` (an error there leaves ``path`` as it was), then the shards are renamed into place
-    and the index last, which commits the checkpoint; then shard files of earlier saves
-    (``model-*-of-*.safetensors``) that the new index does not list are removed. A crash in the
-    short window between the first shard rename and the index rename leaves shards that the
-    old index does not match: loading then raises ``FormatError`` rather than mixing two
-    checkpoints. One sharded save at a time per directory: concurrent ones may leave an index
-    whose shards were overwritten (detected on load, as above). :func:`load`, :func:`open` and
-    :func:`zerockpt.load_state_dict` read the directory (or the index file).
+    The file appears at ``path`` only once complete (an existing file survives any error) and,
+    with ``durable``, survives a power loss once this returns. A module is saved as its
+    ``state_dict()`` with its ``_metadata``; dicts, lists, tuples and other containers of tensors
+    and plain values are saved as nested state that :func:`load` rebuilds (what it may hold:
+    docs/format.md, "Nested state"). Tensors may be on any device; tied
+    tensors (the same view of one storage) are stored once. Ctrl-C stops the save with nothing
+    committed. How the bytes travel, and the sharded layout: docs/design.md.
 
     Args:
-        tensors: Names to tensors (CPU or accelerator), any dtype the safetensors format names,
-            any strides; an ``nn.Module``, saved as its state dict; or nested training state
-            as above.
-        path: Destination file (its directory must exist, unless ``makedirs``), or a binary
-            file object: the file is written at its position, which is left just after it (as
-            ``torch.save``); an ``open(..., "wb")`` file by parallel ``pwrite``, anything else
-            through ``write`` in order, straight from tensor memory (checksums from a first
-            pass over the tensors unless it is a ``BytesIO``). Atomicity is then the caller's;
-            ``durable`` fsyncs a real file; ``max_shard_size`` and ``direct_io=True`` need a
-            path.
-        metadata: Extra ``str -> str`` entries for the header's ``__metadata__``. Keys starting
-            with ``zerockpt.`` are reserved.
-        durable: fsync the file and its directory before returning, so the checkpoint survives
-            a power loss once this returns.
-        direct_io: Write through O_DIRECT from reused page-aligned staging buffers, bypassing
-            the page cache. ``None`` (default) uses it for durable saves of 64 MiB or more;
-            file systems that refuse it fall back to buffered writes.
-        threads: Writer threads; default ``min(cpu_count, 8)``.
-        checksums: Store each tensor's CRC-32C (metadata ``zerockpt.crc32c``), computed from the
-            bytes as they are written, for ``load(..., verify=True)`` and :func:`verify`.
-        max_shard_size: Write a sharded checkpoint directory (see above) whose shards hold at
-            most this many tensor bytes each: an int, or a str as transformers takes it,
-            ``"5GB"``, ``"500MB"`` (powers of 1000), ``"10GiB"`` (powers of 1024). ``None``
-            (default) writes the single file ``path``.
-        progress: Show a progress bar of the bytes written (needs tqdm:
-            ``zerockpt[progress]``). With or without it, Ctrl-C stops the save between 8 MiB
-            chunks (KeyboardInterrupt): nothing is committed.
-        staging_bytes: Pinned host memory for copying accelerator tensors, in 8 MiB chunks;
-            default 256 MiB (less when the tensors are smaller). Unused for CPU tensors.
-        makedirs: Create the missing directories above ``path`` (fsynced when ``durable``).
-            A sharded save always creates its directory and those above it.
+        tensors: Names to tensors, an ``nn.Module``, or nested training state.
+        path: The destination file (its directory must exist); with ``max_shard_size``, a
+            directory. Or a binary file object, written at its position and left just after the
+            file (as ``torch.save``); atomicity is then the caller's.
+        metadata: Extra ``str -> str`` header entries; the ``zerockpt.`` prefix is reserved.
+        durable: fsync the file and its directory before returning.
+        direct_io: Force O_DIRECT on or off; None chooses by size.
+        threads: Writer threads; None: the default.
+        checksums: Store each tensor's CRC-32C, for ``load(..., verify=True)`` and
+            :func:`verify`.
+        max_shard_size: Write a Hugging Face sharded checkpoint directory instead, with shards of
+            at most this many bytes: an int or a str such as ``"5GB"`` or ``"10GiB"``.
+        progress: Show a progress bar of the bytes written (needs tqdm).
+        staging_bytes: Pinned host memory for copying accelerator tensors; None: the default.
+        makedirs: Create the missing directories above ``path`` (fsynced when ``durable``). A
+            sharded save always creates its directory and those above it.
 
     Raises:
-        ImportError: ``progress=True`` and tqdm is not installed.
-        TypeError: An object, key or dtype or layout cannot be stored (the message names its
-            path or key), ``metadata`` is not a mapping of str to str, ``path`` is not a str,
-            ``os.PathLike`` or file object, or a text-mode file object.
-        ValueError: Tensors are different but overlapping views of one storage, a tensor is on
-            the meta device, metadata uses a reserved key, containers are nested too deeply,
-            ``staging_bytes`` is under 8 MiB, ``threads`` is not a positive int,
-            ``max_shard_size`` is not a size, ``path`` is an existing file while
-            ``max_shard_size`` is given, or a file object is closed or not writable.
+        TypeError: An object, key, dtype or layout cannot be stored (the message names it),
+            ``metadata`` is not a mapping of str to str, or ``path`` is neither a path nor a
+            binary file object.
+        ValueError: Different views of one storage overlap, a tensor is on the meta device, a
+            metadata key is reserved, containers nest too deeply, ``threads``, ``staging_bytes``
+            or ``max_shard_size`` is invalid, ``path`` is a file while ``max_shard_size`` is
+            given, or a file object is closed, not writable, or given with ``max_shard_size`` or
+            ``direct_io=True``.
         FileNotFoundError: The directory to write into does not exist (``filename`` is that
             directory) and ``makedirs`` is false.
-        OSError: The file could not be written (errno and filename set); ``path`` is untouched.
-            One exception: with ``durable=True``, if only the final fsync of the directory
-            fails, the new file is already in place (renamed) but its rename may not survive a
-            power loss.
+        OSError: The file could not be written (errno and filename set); ``path`` is unchanged.
+        ImportError: ``progress=True`` and tqdm is not installed.
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2, 3)}, "model.safetensors")
+        >>> zerockpt.load("model.safetensors")["w"].shape
+        torch.Size([2, 3])
     """
     flat, metadata, own = _state.prepare_save(tensors, metadata)
     if _fileobj.is_file_object(path):
@@ -227,76 +179,54 @@ def load(
     map_location: str | torch.device | None = None,
     weights_only: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Loads every tensor of a safetensors file or sharded checkpoint, in the order they were saved.
+    """Loads every tensor of a safetensors file or sharded checkpoint, in saved order.
 
-    With ``mmap=True`` (default) the tensors are zero-copy views of a private (copy-on-write)
-    mapping of the file: loading costs only the header, bytes are read when first touched,
-    writing into a tensor never changes the file, and the mapping is released when the last
-    tensor from it is freed. A file later replaced by rename (as :func:`save` does) leaves
-    them unchanged; a file truncated in place by another writer may not.
-
-    With ``device="cuda"`` (or any accelerator), reader threads pread the file into a bounded
-    pool of pinned buffers and queue asynchronous host-to-device copies on the current stream,
-    refilling each buffer as soon as its copies are done: the bytes never go to the device
-    from pageable (mapped) memory, and the tensors are ready on the current stream when this
-    returns.
-
-    A sharded checkpoint (Hugging Face layout, from ``save(..., max_shard_size=...)``,
-    transformers' ``save_pretrained`` or any writer) is read through its index: the index is
-    validated, the shards are loaded in parallel (the ``threads`` are shared among them), each
-    must hold exactly the tensors the index assigns to it, and the tensors come back in the
-    index's order (zerockpt writes it in the saved order; transformers sorts it).
+    On the CPU the tensors are, by default, zero-copy views of a private (copy-on-write) mapping
+    of the file: writing into them never changes the file. With an accelerator ``device`` they
+    are new tensors there, ready on the current stream. Files saved from nested state or from a
+    module come back as that structure (with ``_metadata``). See docs/design.md for the mapping
+    rules and the device pipeline.
 
     Args:
-        path: A safetensors file, from zerockpt or any other writer; an index file (a name
-            ending in ``.json``, e.g. ``model.safetensors.index.json``); or a directory holding
-            ``model.safetensors.index.json`` (preferred) or ``model.safetensors``. Or a binary
-            file object: the file that starts at its position is read, and the object is left
-            just after it (as ``torch.load``); an ``open(..., "rb")`` file is mapped or read
-            from its descriptor, anything else read once into anonymous memory.
-        device: Where the tensors go: ``"cpu"`` (default), or an accelerator such as
-            ``"cuda"``, ``"cuda:1"``, ``torch.device("cuda", 0)`` or a device index.
-        mmap: For the CPU: map the file (default) or read it eagerly into fresh memory with
-            parallel preads. Ignored for other devices.
-        threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
-        verify: Check every tensor's bytes against the CRC-32C stored when it was saved before
-            returning. A file without checksums (from another writer) loads unchecked, with a
-            warning.
-        progress: Show a progress bar of the bytes read or checked (needs tqdm:
-            ``zerockpt[progress]``); a mapped load without ``verify`` reads nothing up front,
-            so its bar is full at once.
-        staging_bytes: Pinned host memory for copying to an accelerator, in 8 MiB chunks;
-            default 256 MiB (less for smaller files).
-        map_location: torch.load's name for ``device``: a str or ``torch.device`` (not a dict
-            or callable: the file records no device to remap from).
-        weights_only: Accepted for torch.load habits: True changes nothing, since nothing is
-            ever unpickled; False is refused (ValueError), as zerockpt has no mode that runs
-            a file's code.
+        path: A safetensors file from any writer; an index file (``*.json``); a directory
+            holding ``model.safetensors.index.json`` or ``model.safetensors``; or a binary file
+            object, read from its position and left just after the file (as ``torch.load``).
+        device: Where the tensors go: ``"cpu"``, or an accelerator such as ``"cuda:1"``.
+        mmap: For the CPU: map the file (default) or read it into fresh memory.
+        threads: Reader threads; None: the default.
+        verify: Check every tensor against its stored CRC-32C first (a file without checksums
+            loads unchecked, with a warning).
+        progress: Show a progress bar of the bytes read or checked (needs tqdm).
+        staging_bytes: Pinned host memory for copying to an accelerator; None: the default.
+        map_location: torch.load's name for ``device``: a str or ``torch.device`` (not a dict or
+            callable: the file records no device to remap from).
+        weights_only: Accepted for torch.load habits: True changes nothing (nothing is ever
+            unpickled); False is refused.
 
     Returns:
-        A dict of names to tensors; names saved as aliases of one tensor map to the same tensor.
-        A file saved from nested training state gives that structure back (same containers,
-        key types and leaves).
-        A file saved from a state dict with ``_metadata`` (e.g. ``save(model, path)``) gives an
-        ``OrderedDict`` with that ``_metadata`` attribute, as ``model.state_dict()`` has.
+        A dict of names to tensors (aliases map to the same tensor), the nested structure that
+        was saved, or an ``OrderedDict`` with the ``_metadata`` of a saved state dict.
 
     Raises:
-        ChecksumError: With ``verify``, tensors whose bytes do not match their checksum (the
-            message names each one).
-        FormatError: The file is not valid safetensors (the message names the key or offset),
-            or an index is malformed or does not match its shards (the message names it).
-        OSError: The file, or a shard an index lists, cannot be opened or read (errno and
-            filename set); a directory holds neither an index nor ``model.safetensors``.
-        TypeError: A stored dtype has no torch equivalent, ``path`` is not a str,
-            ``os.PathLike`` or file object (bytes: see :func:`load_bytes`) or is a text-mode
-            one, or ``map_location`` is not a str or ``torch.device``.
-        ValueError: ``device`` is the meta device, ``threads`` is not a positive int,
-            ``staging_bytes`` is under 8 MiB, a file object is closed or not readable,
-            ``device`` and ``map_location`` disagree, or ``weights_only=False`` (TypeError if
-            it is not a bool).
-        RuntimeError: ``device`` is not available (AssertionError where torch is not built
-            for it, as torch itself raises).
+        ChecksumError: With ``verify``, tensors fail their checksum (the message names each).
+        FormatError: The file is not valid safetensors, or an index is malformed or does not
+            match its shards (the message names the key or offset).
+        OSError: A file cannot be opened or read (errno and filename set), or a directory holds
+            no checkpoint.
+        TypeError: A stored dtype has no torch equivalent, ``path`` is neither a path nor a
+            binary file object (bytes: see :func:`load_bytes`), or ``map_location`` is not a str
+            or ``torch.device``.
+        ValueError: ``device`` is the meta device, ``threads`` or ``staging_bytes`` is invalid,
+            a file object is closed or not readable, ``device`` and ``map_location`` disagree,
+            or ``weights_only=False``.
+        RuntimeError: ``device`` is not available (AssertionError where torch is not built for
+            it, as torch raises).
         ImportError: ``progress=True`` and tqdm is not installed.
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+        >>> zerockpt.load("model.safetensors")
+        {'w': tensor([1., 1.])}
     """
     _check_weights_only(weights_only)
     to = _args.load_device(_torch_load_device(device, map_location))
@@ -365,19 +295,14 @@ def save_bytes(
 ) -> bytes:
     """Serializes what :func:`save` takes into the bytes of a safetensors file, in memory.
 
-    The same bytes ``save`` writes to a file, written by several threads straight from tensor
-    memory into the returned ``bytes`` (no other copy); ``safetensors.torch.load`` reads them
-    (a flat dict of tensors; nested state needs :func:`load_bytes`).
-
-    >>> data = zerockpt.save_bytes({"w": torch.ones(2)}, metadata={"step": "7"})
-    >>> zerockpt.load_bytes(data)["w"]
-    tensor([1., 1.])
+    The same bytes :func:`save` writes to a file, written straight from tensor memory into the
+    returned ``bytes``; ``safetensors.torch.load`` reads them (a flat dict of tensors; nested
+    state needs :func:`load_bytes`).
 
     Args:
-        obj: A mapping of names to tensors, a module or nested training state (see
-            :func:`save`).
+        obj: Names to tensors, a module or nested training state (see :func:`save`).
         metadata: Extra ``str -> str`` entries for the header's ``__metadata__``.
-        threads: Copying threads; default ``min(cpu_count, 8)``.
+        threads: Copying threads; None: the default.
         checksums: Store each tensor's CRC-32C (see :func:`save`).
         progress: Show a progress bar (needs tqdm).
         staging_bytes: Pinned host memory for copying accelerator tensors (see :func:`save`).
@@ -387,6 +312,11 @@ def save_bytes(
 
     Raises:
         TypeError, ValueError: As :func:`save` raises them for ``obj`` and ``metadata``.
+
+    Example:
+        >>> data = zerockpt.save_bytes({"w": torch.ones(2)}, metadata={"step": "7"})
+        >>> zerockpt.load_bytes(data)["w"]
+        tensor([1., 1.])
     """
     flat, metadata, own = _state.prepare_save(obj, metadata)
     return _fileobj.save_bytes(
@@ -411,20 +341,15 @@ def load_bytes(
 ) -> Any:
     """Loads a safetensors file held in memory, as :func:`load` loads a path.
 
-    ``data`` may come from :func:`save_bytes`, ``safetensors.torch.save`` or any writer.
-
-    The bytes are validated as a file's are and copied once into anonymous memory that the
-    returned CPU tensors view (freed with the last of them): ``data`` may change or go away
-    afterwards. All of ``data`` must be the one file.
-
-    >>> zerockpt.load_bytes(safetensors.torch.save({"w": torch.zeros(3)}))["w"]
-    tensor([0., 0., 0.])
+    ``data`` may come from :func:`save_bytes`, ``safetensors.torch.save`` or any writer; all of
+    it must be the one file. It is validated as a file is and copied once into memory that the
+    returned tensors view, so ``data`` may change or go away afterwards.
 
     Args:
         data: The file's bytes: ``bytes``, ``bytearray``, ``memoryview`` or any contiguous
             buffer.
         device: Where the tensors go, as for :func:`load`.
-        threads: Reader (and checksum) threads; default ``min(cpu_count, 8)``.
+        threads: Reader (and checksum) threads; None: the default.
         verify: Check each tensor against its stored CRC-32C (see :func:`load`).
         progress: Show a progress bar (needs tqdm).
         staging_bytes: Pinned host memory for copying to an accelerator (see :func:`load`).
@@ -438,6 +363,11 @@ def load_bytes(
             and the key or offset at fault); ChecksumError with ``verify``.
         TypeError: ``data`` is not a buffer, or a stored dtype has no torch equivalent.
         ValueError, RuntimeError: As :func:`load` raises them for ``device`` and ``threads``.
+
+    Example:
+        >>> data = zerockpt.save_bytes({"w": torch.zeros(3)})
+        >>> zerockpt.load_bytes(data)
+        {'w': tensor([0., 0., 0.])}
     """
     loaded, own, name = _fileobj.load(
         data,
@@ -457,11 +387,15 @@ class VerifyResult:
 
     Attributes:
         path: The file checked, or the index file of a sharded checkpoint.
-        has_checksums: False for files that store no checksums: then nothing was checked. For
-            a sharded checkpoint, true only if every shard stores them.
-        tensors: Stored tensors in the file, aliases not counted (the number checked, when it
-            has checksums); for a sharded checkpoint, in all its shards.
+        has_checksums: False when the file (or a shard) stores no checksums: nothing was checked
+            there.
+        tensors: The number of stored tensors (aliases not counted), in all shards.
         failed: Names of the stored tensors whose bytes do not match their checksum.
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+        >>> zerockpt.verify("model.safetensors")
+        VerifyResult(path='model.safetensors', has_checksums=True, tensors=1, failed=())
     """
 
     path: str
@@ -487,6 +421,12 @@ class TensorInfo:
         data_offsets: Byte range ``(begin, end)`` in the data region, as in the header.
         alias_of: The stored tensor this name is an alias of, if it was saved as one (then
             ``data_offsets`` are that tensor's).
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2, 3)}, "model.safetensors")
+        >>> info = zerockpt.open("model.safetensors").info("w")
+        >>> info.dtype, info.shape, info.nbytes
+        (torch.float32, (2, 3), 24)
     """
 
     dtype: torch.dtype | None
@@ -502,24 +442,27 @@ class TensorInfo:
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
-    """Lazy, read-only access to a safetensors file or sharded checkpoint; see :func:`open`.
+    """Lazy, read-only mapping of the tensors of a file or sharded checkpoint; see :func:`open`.
 
-    A mapping of names to tensors: each tensor is produced when asked for and its bytes are
-    not touched before that. Tensors taken from the file stay valid after :meth:`close`; after
-    it, everything that reads the file (all but :meth:`keys`, ``len`` and iteration) raises
-    ``ValueError``.
+    Only headers are read up front; each tensor is made when asked for. Tensors taken from it
+    stay valid after :meth:`close`; after it, all that reads the file raises ``ValueError``.
 
     Args:
-        path: A safetensors file; an index file (a name ending in ``.json``); or a directory
-            holding ``model.safetensors.index.json`` or ``model.safetensors`` (see
+        path: A safetensors file, an index file (``*.json``), or a checkpoint directory (as for
             :func:`load`).
 
     Raises:
         TypeError: ``path`` is not a str or ``os.PathLike``.
-        FormatError: The header is not valid safetensors, or an index is malformed or does not
+        FormatError: A header is not valid safetensors, or an index is malformed or does not
             match its shards.
-        OSError: The file or a shard cannot be opened or read (errno and filename set); a
-            directory holds neither an index nor ``model.safetensors``.
+        OSError: A file cannot be opened or read (errno and filename set), or a directory holds
+            no checkpoint.
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+        >>> with zerockpt.TensorFile("model.safetensors") as f:
+        ...     print(list(f), f["w"])
+        ['w'] tensor([1., 1.])
     """
 
     def __init__(self, path: PathLike) -> None:
@@ -579,6 +522,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
         Returns:
             The names in saved order (sharded: the index's order), aliases included.
+
+        Example:
+            >>> zerockpt.save({"b": torch.ones(1), "a": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").keys()
+            ['b', 'a']
         """
         return list(self._keys)
 
@@ -594,23 +542,30 @@ class TensorFile(Mapping[str, torch.Tensor]):
         Raises:
             KeyError: There is no tensor ``name``.
             ValueError: The file is closed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").file_of("w")
+            'model.safetensors'
         """
         handle = self._handle(name)
         handle.info(name)  # KeyError for a name a single file does not hold
         return handle.path
 
     def metadata(self) -> dict[str, str]:
-        """Reads the header's ``__metadata__``.
-
-        For a sharded checkpoint: that of its first shard (by name), which holds the metadata
-        given to ``save`` as every shard does. The index's own metadata is in :attr:`index`.
+        """Reads the header's ``__metadata__`` (for a sharded checkpoint: its first shard's).
 
         Returns:
-            The entries, zerockpt's own ``zerockpt.*`` ones included; ``{}`` if there are none
-            (or the index lists no shard).
+            The entries, zerockpt's own ``zerockpt.*`` ones included; ``{}`` if there are none. The
+            index's own metadata is in :attr:`index`.
 
         Raises:
             ValueError: The file is closed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors", metadata={"epoch": "3"})
+            >>> zerockpt.open("model.safetensors").metadata()["epoch"]
+            '3'
         """
         files = self._handles()
         return files[0].metadata() if files else {}
@@ -622,12 +577,18 @@ class TensorFile(Mapping[str, torch.Tensor]):
             name: A tensor name.
 
         Returns:
-            Its dtype, shape and byte range. For a sharded checkpoint the byte range is within
-            the data region of the shard holding it (see :meth:`file_of`).
+            Its dtype, shape and byte range (for a sharded checkpoint, within the shard
+            :meth:`file_of` names).
 
         Raises:
             KeyError: There is no tensor ``name``.
             ValueError: The file is closed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2, 3)}, "model.safetensors")
+            >>> info = zerockpt.open("model.safetensors").info("w")
+            >>> info.dtype, info.shape, info.nbytes
+            (torch.float32, (2, 3), 24)
         """
         fmt, shape, begin, end, alias_of = self._handle(name).info(name)
         return TensorInfo(_C.torch_dtype(fmt), fmt, tuple(shape), (begin, end), alias_of)
@@ -635,13 +596,9 @@ class TensorFile(Mapping[str, torch.Tensor]):
     def verify(self, *, threads: int | None = None, progress: bool = False) -> VerifyResult:
         """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`.
 
-        For a sharded checkpoint the shards are checked in parallel; ``has_checksums`` is true
-        only if every shard stores checksums.
-
         Args:
-            threads: Checksum threads; default ``min(cpu_count, 8)``.
-            progress: Show a progress bar of the bytes checked (needs tqdm:
-                ``zerockpt[progress]``).
+            threads: Checksum threads; None: the default.
+            progress: Show a progress bar of the bytes checked (needs tqdm).
 
         Returns:
             A :class:`VerifyResult` naming the tensors that fail, if any.
@@ -651,6 +608,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
             FormatError: A file's checksum metadata is malformed.
             OSError: A file cannot be read (errno and filename set).
             ImportError: ``progress=True`` and tqdm is not installed.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").verify().ok
+            True
         """
         files = self._handles()
         workers, per_file = _parallel.thread_budget(_args.threads(threads), len(files))
@@ -681,8 +643,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
         Args:
             name: A tensor name.
-            mmap: Return a zero-copy view of a private (copy-on-write) mapping of the file,
-                whose bytes are read when first touched; False reads them into a fresh tensor.
+            mmap: Return a zero-copy view of a private mapping of the file; False reads the bytes
+                into a fresh tensor.
 
         Returns:
             The tensor; it stays valid after :meth:`close`.
@@ -692,6 +654,11 @@ class TensorFile(Mapping[str, torch.Tensor]):
             ValueError: The file is closed.
             TypeError: The stored dtype has no torch equivalent.
             OSError: With ``mmap=False``, the bytes cannot be read (errno and filename set).
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").get_tensor("w", mmap=False)
+            tensor([1., 1.])
         """
         return self._handle(name).get_tensor(name, mmap)
 
@@ -710,6 +677,12 @@ class TensorFile(Mapping[str, torch.Tensor]):
             KeyError: There is no tensor ``name``.
             ValueError: The file is closed.
             TypeError: The stored dtype has no torch equivalent.
+
+        Example:
+            >>> zerockpt.save({"w": torch.arange(6.0).reshape(3, 2)}, "model.safetensors")
+            >>> zerockpt.open("model.safetensors").get_slice("w")[1:]
+            tensor([[2., 3.],
+                    [4., 5.]])
         """
         return _slice.get_slice(self._handle(name), name)
 
@@ -732,7 +705,16 @@ class TensorFile(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def close(self) -> None:
-        """Releases the file(s); tensors already taken from them stay valid."""
+        """Releases the file(s); tensors already taken from them stay valid.
+
+        Example:
+            >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+            >>> f = zerockpt.open("model.safetensors")
+            >>> w = f["w"]
+            >>> f.close()
+            >>> w  # still valid
+            tensor([1., 1.])
+        """
         self._files = None
 
     def __enter__(self) -> TensorFile:
@@ -756,63 +738,59 @@ class TensorFile(Mapping[str, torch.Tensor]):
 def open(path: PathLike) -> TensorFile:
     """Opens a safetensors file or sharded checkpoint for lazy access to its tensors.
 
-    Only the header is read and validated; each tensor's bytes are mapped when it is asked for.
-    A sharded checkpoint (a directory holding ``model.safetensors.index.json``, or the index
-    file; see :func:`load`) is opened as one mapping over all its shards: the index is
-    validated and every shard's header is read and checked against it, in parallel.
-
-    >>> with zerockpt.open("model.safetensors") as f:
-    ...     print(f.keys(), f.info("w").shape, f.metadata())
-    ...     w = f["w"]
+    Only the header (for a sharded checkpoint: the index and every shard's header, checked
+    against each other) is read; each tensor's bytes are mapped when it is asked for.
 
     Args:
-        path: A safetensors file, from zerockpt or any other writer; an index file (a name
-            ending in ``.json``); or a directory holding ``model.safetensors.index.json``
-            (preferred) or ``model.safetensors``.
+        path: A safetensors file from any writer, an index file (``*.json``), or a directory
+            holding ``model.safetensors.index.json`` or ``model.safetensors``.
 
     Returns:
-        A :class:`TensorFile`, a read-only mapping of names to tensors; close it (or use it as
-        a context manager) to release the file.
+        A :class:`TensorFile`; close it (or use it as a context manager) to release the file.
 
     Raises:
         TypeError: ``path`` is not a str or ``os.PathLike``.
-        FormatError: The header is not valid safetensors, or an index is malformed or does not
+        FormatError: A header is not valid safetensors, or an index is malformed or does not
             match its shards.
-        OSError: The file or a shard cannot be opened or read (errno and filename set); a
-            directory holds neither an index nor ``model.safetensors``.
+        OSError: A file cannot be opened or read (errno and filename set), or a directory holds
+            no checkpoint.
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2, 3)}, "model.safetensors")
+        >>> with zerockpt.open("model.safetensors") as f:
+        ...     print(f.keys(), f.info("w").shape, f["w"].sum())
+        ['w'] (2, 3) tensor(6.)
     """
     return TensorFile(path)
 
 
 def verify(path: PathLike, *, threads: int | None = None, progress: bool = False) -> VerifyResult:
-    """Checks a file's structure and every tensor's bytes against the CRC-32C stored for it.
+    """Checks a file's header and every tensor's bytes against the CRC-32C stored for it.
 
-    The header is validated as :func:`open` does; then all tensor bytes are read (through the
-    page cache, by ``threads`` threads) and checksummed. A file that stores no checksums
-    (written by another tool, or with ``checksums=False``) has nothing to check:
-    ``has_checksums`` is False and ``ok`` is True. A sharded checkpoint (a directory or index
-    file, see :func:`load`) is checked shard by shard, in parallel.
-
-    >>> result = zerockpt.verify("model.safetensors")
-    >>> result.ok, result.failed
-    (True, ())
+    A file without checksums (another writer, or ``checksums=False``) has nothing to check:
+    ``has_checksums`` is False and ``ok`` is True. Shards of a sharded checkpoint are checked in
+    parallel.
 
     Args:
         path: A file, or a sharded checkpoint's directory or index file.
-        threads: Checksum threads; default ``min(cpu_count, 8)``.
-        progress: Show a progress bar of the bytes checked (needs tqdm:
-            ``zerockpt[progress]``).
+        threads: Checksum threads; None: the default.
+        progress: Show a progress bar of the bytes checked (needs tqdm).
 
     Returns:
         A :class:`VerifyResult` naming the tensors that fail, if any.
 
     Raises:
-        FormatError: The file is not valid safetensors, or its checksum metadata is malformed;
+        FormatError: The file is not valid safetensors or its checksum metadata is malformed, or
             an index is malformed or does not match its shards.
-        OSError: The file cannot be opened or read (errno and filename set).
+        OSError: A file cannot be opened or read (errno and filename set).
         TypeError: ``path`` is not a str or ``os.PathLike``.
         ValueError: ``threads`` is not a positive int.
         ImportError: ``progress=True`` and tqdm is not installed.
+
+    Example:
+        >>> zerockpt.save({"w": torch.ones(2)}, "model.safetensors")
+        >>> zerockpt.verify("model.safetensors").ok
+        True
     """
     with TensorFile(path) as f:
         return f.verify(threads=threads, progress=progress)

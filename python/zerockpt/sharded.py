@@ -1,27 +1,10 @@
 """Sharded checkpoints in the Hugging Face layout: a directory of safetensors shards plus an index.
 
-A sharded checkpoint is a directory holding ``model-00001-of-00003.safetensors`` ...
-``model-00003-of-00003.safetensors`` and ``model.safetensors.index.json``::
-
-    {"metadata": {"total_size": 123456},
-     "weight_map": {"embed.weight": "model-00001-of-00003.safetensors", ...}}
-
-which is what ``transformers``' ``save_pretrained`` writes and its loaders read. Each shard is an
-ordinary safetensors file. zerockpt adds, inside that layout:
-
-- In the index's ``metadata``: ``"zerockpt.version"``, ``"zerockpt.checkpoint_id"`` (a random
-  token, also stored in every shard's header, so a shard left over from another save is
-  detected), and, as in a single file's header, ``"zerockpt.state_dict_metadata"`` or
-  ``"zerockpt.structure"`` (JSON text) when the saved object had a ``_metadata`` or was nested
-  training state.
-- ``weight_map`` lists tensors in the order they were saved (transformers sorts it; readers do
-  not care), tied names included: tied tensors share a shard, where the later names are
-  zerockpt aliases of the first (other safetensors readers see only the stored name, as in a
-  single file; transformers' own writer omits tied names instead).
-
-This module holds the parts that do not depend on the public API: size parsing, shard planning
-and writing, index parsing and validation, and reading the shards in parallel. ``save``,
-``load``, ``open`` and ``load_state_dict`` call it.
+``model-00001-of-00003.safetensors`` ... and ``model.safetensors.index.json``, as transformers'
+``save_pretrained`` writes them, with zerockpt's additions to the index (docs/format.md,
+"Sharded directories"). This module holds size parsing, shard planning, the staged commit
+(docs/design.md, "Sharded saves"), index parsing and validation, and reading the shards in
+parallel; ``save``, ``load``, ``open`` and ``load_state_dict`` call it.
 """
 
 from __future__ import annotations
@@ -176,7 +159,7 @@ def read_index(path: str) -> ShardIndex:
             file name (empty, ``.``, ``..``, or holding ``/``, ``\\`` or NUL), ``metadata`` is
             not an object, ``metadata.total_size`` is not a non-negative number, or a
             ``zerockpt.*`` metadata entry is not a str; the file is not a regular file (a
-            FIFO, a device), or is over 256 MiB. The message names the file.
+            FIFO, a device), or is over ``MAX_INDEX_BYTES``. The message names the file.
         IsADirectoryError: The path is a directory.
         OSError: The file cannot be read (errno and filename set).
     """

@@ -23,15 +23,16 @@ using TensorDict = torch::OrderedDict<std::string, at::Tensor>;
 struct SaveOptions {
   // fsync the file and its directory before returning.
   bool durable = true;
-  // O_DIRECT through page-aligned staging; nullopt: for durable saves of 64 MiB or more.
+  // O_DIRECT through page-aligned staging; nullopt: for large durable saves (docs/design.md).
   std::optional<bool> direct_io;
-  // Writer threads; 0: min(hardware threads, 8).
+  // Writer threads; 0: the default (docs/design.md).
   unsigned threads = 0;
   // Store each tensor's CRC-32C (computed while writing) for load's `verify`.
   bool checksums = true;
   // Extra __metadata__ entries; keys starting with "zerockpt." are reserved.
   std::vector<std::pair<std::string, std::string>> metadata;
-  // Pinned host memory for copying accelerator tensors, in 8 MiB chunks; 0: 256 MiB.
+  // Pinned host memory for copying accelerator tensors, in chunks; 0: the default
+  // (docs/design.md).
   uint64_t staging_bytes = 0;
 };
 
@@ -45,7 +46,7 @@ struct LoadOptions {
   // Where the tensors go. Accelerators are filled through pinned staging (asynchronous copies,
   // ready on the current stream when load returns); `mmap` is for the CPU only.
   c10::Device device = c10::kCPU;
-  // Pinned host memory for that, in 8 MiB chunks; 0: 256 MiB.
+  // Pinned host memory for that, in chunks; 0: the default (docs/design.md).
   uint64_t staging_bytes = 0;
 };
 
