@@ -3,6 +3,9 @@ straight into an existing model beside torch.load / safetensors + load_state_dic
 
 (a) a 48-block transformer-like stack of tiny modules (2,000+ modules: pure traversal),
 (b) an MoE-shaped model with about 30,000 tensors,
+(a2) a 48-block stack with LayerNorms, BatchNorms (which override ``_load_from_state_dict``),
+     adapters and gates: about 2,400 modules and 3,700 tensors,
+(b2) a 48-layer x 208-expert MoE: about 40,000 modules and 30,000 tensors,
 (c) GPT-2 small (~500 MB) loaded from a file into an existing model, from a warm page cache and
     from a cold one (the file's pages evicted with posix_fadvise before every round).
 """
@@ -20,13 +23,16 @@ import torch
 import zerockpt
 from conftest import GPT2_SCALE, SMOKE
 from models import (
+    NormStack,
     TinyMoE,
     TinyTransformer,
+    WideMoE,
     count_modules_and_tensors,
     gpt2_small_module,
 )
 from pytest_benchmark.fixture import BenchmarkFixture
 from torch import nn
+from zerockpt import _C
 from zerockpt.benchtools import fsync_file, total_nbytes, unique_tensors
 
 ROUNDS = 5
@@ -39,8 +45,15 @@ def _traversal_models() -> dict[str, Callable[[], nn.Module]]:
         return {
             "a: 48-block stack": lambda: TinyTransformer(n_layer=2),
             "b: MoE 30k tensors": lambda: TinyMoE(n_layer=2, n_experts=4),
+            "a2: 48-block norm stack": lambda: NormStack(n_layer=2),
+            "b2: MoE 48x208 experts": lambda: WideMoE(n_layer=2, n_experts=4),
         }
-    return {"a: 48-block stack": TinyTransformer, "b: MoE 30k tensors": TinyMoE}
+    return {
+        "a: 48-block stack": TinyTransformer,
+        "b: MoE 30k tensors": TinyMoE,
+        "a2: 48-block norm stack": NormStack,
+        "b2: MoE 48x208 experts": WideMoE,
+    }
 
 
 MODELS = _traversal_models()
@@ -56,18 +69,32 @@ def _same_state_dict(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["torch", "zerockpt"])
+STATE_DICT_METHODS: dict[str, Callable[[nn.Module, bool], Any]] = {
+    "torch": lambda m, keep: m.state_dict(keep_vars=keep),
+    "zerockpt": lambda m, keep: zerockpt.state_dict(m, keep_vars=keep),
+    # The irreducible work alone (keys, detached aliases, the OrderedDict, `_metadata`), with
+    # the cyclic GC paused: what no walk of these modules can go below.
+    "floor": lambda m, keep: _C._state_dict_floor(m, keep),
+}
+
+
+@pytest.mark.parametrize("method", list(STATE_DICT_METHODS))
+@pytest.mark.parametrize("keep_vars", [False, True], ids=["detached", "keep_vars"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_state_dict(
-    benchmark: BenchmarkFixture, traversal_models: dict[str, nn.Module], model: str, method: str
+    benchmark: BenchmarkFixture,
+    traversal_models: dict[str, nn.Module],
+    model: str,
+    keep_vars: bool,
+    method: str,
 ) -> None:
-    """``module.state_dict()`` vs ``zerockpt.state_dict(module)``."""
+    """``module.state_dict()`` vs ``zerockpt.state_dict(module)`` vs the floor."""
     m = traversal_models[model]
-    benchmark.group = f"state_dict {model}"
+    benchmark.group = f"state_dict {model}" + (" keep_vars" if keep_vars else "")
     benchmark.extra_info["modules, tensors"] = count_modules_and_tensors(m)
-    fn: Callable[[], Any] = m.state_dict if method == "torch" else lambda: zerockpt.state_dict(m)
-    out = benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    expected = m.state_dict()
+    run = STATE_DICT_METHODS[method]
+    out = benchmark.pedantic(lambda: run(m, keep_vars), rounds=ROUNDS, warmup_rounds=1)
+    expected = m.state_dict(keep_vars=keep_vars)
     _same_state_dict(out, expected)
     assert out._metadata == expected._metadata
 

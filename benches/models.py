@@ -150,3 +150,77 @@ class TinyMoE(nn.Module):
 def count_modules_and_tensors(model: nn.Module) -> tuple[int, int]:
     """(modules, state-dict entries) of ``model``."""
     return sum(1 for _ in model.modules()), len(model.state_dict())
+
+
+# --- Traversal benchmarks, held-out shapes: norm layers with versions, and a wide MoE ---------
+
+
+class Adapter(nn.Module):
+    """A bottleneck adapter: down, activation, up, and a LayerNorm."""
+
+    def __init__(self, d: int, rank: int = 2) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, rank)
+        self.act = nn.GELU()
+        self.up = nn.Linear(rank, d)
+        self.norm = nn.LayerNorm(d)
+
+
+class Gate(nn.Module):
+    """A gated projection: a Linear and a per-feature scale Parameter."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.ones(d))
+
+
+class NormBlock(nn.Module):
+    """LayerNorms, BatchNorms (versioned ``_load_from_state_dict``), adapters and gates."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.ModuleDict({n: nn.Linear(d, d) for n in ("q", "k", "v", "o")})
+        self.ln_2 = nn.LayerNorm(d)
+        self.fc_1 = nn.Linear(d, 2 * d)
+        self.fc_2 = nn.Linear(2 * d, d)
+        self.bns = nn.ModuleList(nn.BatchNorm1d(d) for _ in range(4))
+        self.adapters = nn.ModuleList(Adapter(d) for _ in range(5))
+        self.gates = nn.ModuleList(Gate(d) for _ in range(4))
+
+
+class NormStack(nn.Module):
+    """A 48-block stack of :class:`NormBlock`: about 2,300 modules and 3,800 tensors."""
+
+    def __init__(self, n_layer: int = 48, d: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, d)
+        self.blocks = nn.ModuleList(NormBlock(d) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d)
+
+
+class BareExpert(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+
+class WideMoELayer(nn.Module):
+    def __init__(self, d: int, n_experts: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.router = nn.Linear(d, n_experts, bias=False)
+        self.experts = nn.ModuleList(BareExpert(d, d) for _ in range(n_experts))
+
+
+class WideMoE(nn.Module):
+    """48 layers x 208 bias-free experts: about 40,000 modules and 30,000 tensors."""
+
+    def __init__(self, n_layer: int = 48, n_experts: int = 208, d: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, d)
+        self.layers = nn.ModuleList(WideMoELayer(d, n_experts) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d)

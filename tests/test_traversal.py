@@ -916,3 +916,57 @@ def test_state_dict_extra_state_values() -> None:
     assert list(got) == list(model.state_dict())
     assert got["0._extra_state"] == model[0].state
     assert got["0._extra_state"] is not model[0].state
+
+
+def test_state_dict_leaves_the_gc_as_it_found_it_and_on_for_python_code() -> None:
+    """The walk pauses the cyclic GC only while C++ alone allocates: hooks, overrides and a
+    custom destination see it as the caller left it, and it is restored afterwards."""
+    import gc
+
+    seen: list[bool] = []
+
+    class Extra(nn.Module):
+        def get_extra_state(self) -> int:
+            seen.append(gc.isenabled())
+            return 1
+
+    class Dest(OrderedDict):  # type: ignore[type-arg]
+        def __setitem__(self, key: Any, value: Any) -> None:
+            seen.append(gc.isenabled())
+            super().__setitem__(key, value)
+
+    model = nn.Sequential(nn.Linear(2, 2), Extra())
+    model[0].register_state_dict_pre_hook(lambda *args: seen.append(gc.isenabled()))
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            seen.clear()
+            assert list(zerockpt.state_dict(model)) == list(model.state_dict())
+            assert list(zerockpt.state_dict(model, destination=Dest())) == list(model.state_dict())
+            assert gc.isenabled() is enabled
+            assert seen and all(s is enabled for s in seen)
+        finally:
+            gc.enable()
+
+
+def test_state_dict_metadata_version_from_instance_class_or_descriptor() -> None:
+    """``_version`` is read as Python reads it: an instance attribute, a class int, a
+    property (which wins over the instance dict), or Module's default."""
+
+    class Versioned(nn.Linear):
+        _version = 5
+
+    class Described(nn.Linear):
+        @property
+        def _version(self) -> int:  # type: ignore[override]
+            return 9
+
+    own = nn.Linear(1, 1)
+    own._version = 3
+    described = Described(1, 1)
+    described.__dict__["_version"] = 4  # a data descriptor in the class wins
+    model = nn.ModuleDict({"own": own, "cls": Versioned(1, 1), "prop": described})
+    model.plain = nn.Linear(1, 1)
+    ours = zerockpt.state_dict(model)._metadata
+    assert ours == model.state_dict()._metadata
+    assert [ours[k]["version"] for k in ("own", "cls", "prop", "plain")] == [3, 5, 9, 1]

@@ -1083,3 +1083,103 @@ def test_complex_to_real_warnings_match_torch() -> None:
     assert from_file == expected
     # A filter that makes torch's warning an error makes zerockpt's one.
     assert error and error[0].startswith("Casting complex values to real")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's norm layers: version migrations handled in C++ when the stored version is current
+# ---------------------------------------------------------------------------------------------
+
+
+def _python_calls(fn: Callable[[], Any]) -> list[str]:
+    """Qualified names of the Python functions outside zerockpt and this file that ``fn``
+    calls."""
+    import sys
+
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        name = frame.f_code.co_filename
+        if event == "call" and "zerockpt" not in name and name != __file__:
+            calls.append(frame.f_code.co_qualname)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+class _LoadMixin(nn.Module):
+    seen = 0
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        _LoadMixin.seen += 1
+        super()._load_from_state_dict(*args)
+
+
+class _MixedInstanceNorm(nn.InstanceNorm1d, _LoadMixin):
+    """An override further along the MRO than torch's norm layers: super() reaches it."""
+
+
+def norm_tree() -> nn.Module:
+    return nn.Sequential(
+        nn.BatchNorm1d(3),
+        nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm1d(2, track_running_stats=False)),
+        nn.InstanceNorm1d(3),
+        nn.InstanceNorm1d(3, affine=True, track_running_stats=True),
+        nn.SyncBatchNorm(2),
+        _MixedInstanceNorm(3, track_running_stats=True),
+    )
+
+
+NORM_VERSIONS = [None, 1, 2, 3, True, "2", 2**70, "absent"]
+
+
+@pytest.mark.parametrize("version", NORM_VERSIONS, ids=[repr(v) for v in NORM_VERSIONS])
+@pytest.mark.parametrize("drop", [(), ("num_batches_tracked",), ("running_mean",)])
+@STRICT
+def test_load_norm_layer_versions(strict: bool, drop: tuple[str, ...], version: Any) -> None:
+    """Every stored version, with and without the keys the migrations add or reject: the same
+    outcome as torch's, whichever path zerockpt takes."""
+    src = build(norm_tree, SRC_SEED)
+    full = src.state_dict()
+    tensors = OrderedDict((k, v) for k, v in full.items() if k.rsplit(".", 1)[-1] not in drop)
+    metadata = copy.deepcopy(full._metadata)  # type: ignore[attr-defined]
+    for key in ("0", "1.0", "1.1", "2", "3", "4", "5"):
+        if version == "absent":
+            del metadata[key]["version"]
+        else:
+            metadata[key]["version"] = version
+    compare_dict_load(norm_tree, with_metadata(tensors, metadata), strict=strict)
+
+
+def test_load_norm_layers_stay_in_cpp_at_the_current_version() -> None:
+    """At the stored version torch writes (2), torch's norm layers' overrides only call
+    Module's: no Python runs; an older version runs torch's migration; a mixin along the MRO
+    is always called."""
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.InstanceNorm1d(3, track_running_stats=True))
+    source = model.state_dict()
+    calls = _python_calls(lambda: zerockpt.load_state_dict(model, source))
+    assert not [c for c in calls if "_load_from_state_dict" in c], calls
+    old = copy.deepcopy(source)
+    old._metadata["0"]["version"] = 1  # type: ignore[attr-defined]
+    calls = _python_calls(lambda: zerockpt.load_state_dict(model, old))
+    assert "_NormBase._load_from_state_dict" in calls
+    mixed = nn.Sequential(_MixedInstanceNorm(3, track_running_stats=True))
+    before = _LoadMixin.seen
+    zerockpt.load_state_dict(mixed, mixed.state_dict())
+    assert _LoadMixin.seen == before + 1
+
+
+def test_state_dict_of_plain_modules_runs_no_python() -> None:
+    """Modules whose classes override nothing relevant never take a Python path."""
+    model = nn.Sequential(
+        nn.Linear(2, 2),
+        nn.BatchNorm1d(2),
+        nn.LayerNorm(2),
+        nn.ModuleDict({"e": nn.Embedding(3, 2)}),
+    )
+    for keep_vars in (False, True):
+        calls = _python_calls(lambda k=keep_vars: zerockpt.state_dict(model, keep_vars=k))
+        assert calls == [], calls

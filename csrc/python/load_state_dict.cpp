@@ -72,7 +72,9 @@ void append(const py::list& list, const py::object& item) {
 
 // Requires GIL. A warning that torch's load_state_dict emits, emitted from where torch emits
 // it (zerockpt._torch_warnings): same category and text, module torch.nn.modules.module, so
-// that filters written for torch's apply. `site`: "copy" (param.copy_) or "meta".
+// that filters written for torch's apply. `site`: "copy" (param.copy_), "meta" or "norm_meta"
+// (the no-op copy into a meta parameter, called from Module.load_state_dict or from torch's norm
+// layers' _load_from_state_dict).
 void warn_as_torch(const std::string& message, bool deprecation, const char* site) {
   // Kept for the process (never decref'd: it may be used during interpreter exit).
   static PyObject* warn =
@@ -256,7 +258,9 @@ class LoadWalk {
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
     std::string_view prefix_utf8 = key_text(prefix);
 
-    bool delegate = !readable || traits.custom_load || view.instance_attr(n.load_from_state_dict) ||
+    const bool custom_load =
+        traits.custom_load && !(traits.versioned_norm_load && current_version(local_metadata));
+    bool delegate = !readable || custom_load || view.instance_attr(n.load_from_state_dict) ||
                     view.hook_count(n.load_pre_hooks) != 0;
     std::vector<LocalTensor> local_state;
     if (!delegate) delegate = !collect_local_state(view, local_state);
@@ -272,6 +276,8 @@ class LoadWalk {
       entries = call_torch_loader(module, entries, prefix, local_metadata, root);
       parts = partition(entries, prefix_utf8);
     } else {
+      // Through a norm layer's override, torch's meta warning comes from its super() call.
+      meta_site_ = traits.custom_load ? "norm_meta" : "meta";
       load_local(module, view, traits, parts, local_state, prefix, local_metadata);
     }
 
@@ -349,6 +355,22 @@ class LoadWalk {
   py::list error_msgs;
 
  private:
+  // Whether torch's norm layers' migrations are no-ops for this entry: local_metadata is a dict
+  // whose "version" is an int >= 2 (what they test with `.get("version", None)`).
+  static bool current_version(const py::object& local_metadata) {
+    if (!PyDict_CheckExact(local_metadata.ptr())) return false;
+    PyObject* version = PyDict_GetItemWithError(local_metadata.ptr(), module_names().version_key);
+    if (!version) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return false;
+    }
+    if (!PyLong_CheckExact(version)) return false;
+    int overflow = 0;
+    long value = PyLong_AsLongAndOverflow(version, &overflow);
+    if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return overflow > 0 || (overflow == 0 && value >= 2);
+  }
+
   // metadata.get(prefix[:-1], {}), with assign_to_params_buffers set as torch sets it.
   py::object metadata_for(PyObject* key) {
     py::object out;
@@ -504,7 +526,7 @@ class LoadWalk {
                         "pass `assign=True` to assign items in the state dictionary to their "
                         "corresponding key in the module instead of copying them in place?)";
       if (warnings_) warnings_->flush();  // earlier warnings first, as torch emits them
-      warn_as_torch(msg, /*deprecation=*/false, "meta");
+      warn_as_torch(msg, /*deprecation=*/false, meta_site_);
     }
     if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param) &&
         (param.is_meta() || !memory_problem(param)) &&
@@ -760,6 +782,7 @@ class LoadWalk {
   uint64_t staging_bytes_;
   std::optional<LoadPlan> plan_;
   ClassTraitsCache traits_;
+  const char* meta_site_ = "meta";
   std::deque<Entry> arena_;
   std::deque<std::string> texts_;
   std::unordered_map<const TensorRecord*, py::object> materialised_;

@@ -743,6 +743,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("state_dict",
         static_cast<py::object (*)(py::handle, py::object, py::str, py::object)>(&state_dict),
         py::arg("module"), py::arg("destination"), py::arg("prefix"), py::arg("keep_vars"));
+  m.def("_state_dict_floor", &state_dict_floor, py::arg("module"), py::arg("keep_vars"),
+        "Benchmark aid: only the irreducible work of state_dict() for plain modules.");
   // `options`: threads and staging_bytes (a file is read straight into the parameters).
   m.def(
       "load_state_dict",

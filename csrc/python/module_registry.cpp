@@ -73,6 +73,20 @@ ModuleNames* make_names() {
       !n->base_get_extra_state || !n->base_set_extra_state) {
     throw py::error_already_set();
   }
+  // Functions as defined in the classes' own dicts (None if a torch version lacks them).
+  auto own_function = [](const char* module_name, const char* class_name, PyObject* name) {
+    py::object cls = py::module_::import(module_name).attr(class_name);
+    PyObject* dict = reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_dict;
+    PyObject* fn = dict ? PyDict_GetItemWithError(dict, name) : nullptr;
+    if (!fn && PyErr_Occurred()) throw py::error_already_set();
+    if (!fn) fn = Py_None;
+    Py_INCREF(fn);
+    return fn;
+  };
+  n->norm_load_from_state_dict =
+      own_function("torch.nn.modules.batchnorm", "_NormBase", n->load_from_state_dict);
+  n->instance_norm_load_from_state_dict =
+      own_function("torch.nn.modules.instancenorm", "_InstanceNorm", n->load_from_state_dict);
   n->tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   n->parameter_class = attr(py::module_::import("torch.nn.parameter").ptr(), "Parameter");
   n->parameter_type = reinterpret_cast<PyTypeObject*>(n->parameter_class);
@@ -95,6 +109,23 @@ const ClassTraits& ClassTraitsCache::get(PyTypeObject* type) {
   t.custom_save = overrides(type, n.save_to_state_dict, n.base_save_to_state_dict);
   t.extra_state_getter = overrides(type, n.get_extra_state, n.base_get_extra_state);
   t.custom_load = overrides(type, n.load_from_state_dict, n.base_load_from_state_dict);
+  if (t.custom_load && n.norm_load_from_state_dict != Py_None &&
+      n.instance_norm_load_from_state_dict != Py_None) {
+    // Every definition along the MRO (what super() calls reach) must be one of torch's.
+    t.versioned_norm_load = true;
+    PyObject* mro = type->tp_mro;
+    for (Py_ssize_t i = 0; mro && i < PyTuple_GET_SIZE(mro); ++i) {
+      PyObject* dict = reinterpret_cast<PyTypeObject*>(PyTuple_GET_ITEM(mro, i))->tp_dict;
+      PyObject* fn = dict ? PyDict_GetItemWithError(dict, n.load_from_state_dict) : nullptr;
+      if (!fn && PyErr_Occurred()) throw py::error_already_set();
+      if (fn && fn != n.norm_load_from_state_dict && fn != n.instance_norm_load_from_state_dict &&
+          fn != n.base_load_from_state_dict) {
+        t.versioned_norm_load = false;
+        break;
+      }
+    }
+    if (!mro) t.versioned_norm_load = false;
+  }
   t.extra_state_setter = overrides(type, n.set_extra_state, n.base_set_extra_state);
   return cache_.emplace(type, t).first->second;
 }

@@ -41,6 +41,10 @@ struct ModuleNames {
   PyObject* base_load_from_state_dict;
   PyObject* base_get_extra_state;
   PyObject* base_set_extra_state;
+  // torch's norm layers' _load_from_state_dict overrides (_NormBase's, _InstanceNorm's): they
+  // only migrate state dicts stored before version 2, then call Module's.
+  PyObject* norm_load_from_state_dict;
+  PyObject* instance_norm_load_from_state_dict;
   // Exact Python types of plain tensors (torch.Tensor, nn.Parameter).
   PyTypeObject* tensor_type;
   PyTypeObject* parameter_type;
@@ -57,6 +61,9 @@ struct ClassTraits {
   bool custom_save = false;         // _save_to_state_dict overridden: call it
   bool extra_state_getter = false;  // get_extra_state overridden: store _extra_state
   bool custom_load = false;         // _load_from_state_dict overridden: call it
+  // custom_load only through torch's norm layers (every _load_from_state_dict in the MRO is
+  // _NormBase's, _InstanceNorm's or Module's): for a stored version >= 2, Module's alone runs.
+  bool versioned_norm_load = false;
   bool extra_state_setter = false;  // set_extra_state overridden
 };
 

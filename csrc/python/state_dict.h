@@ -11,4 +11,8 @@ namespace zerockpt {
 pybind11::object state_dict(pybind11::handle module, pybind11::object destination,
                             pybind11::str prefix, pybind11::object keep_vars);
 
+// Requires GIL. Benchmark floor: only the irreducible work of state_dict() for a tree of plain
+// modules (keys, detached aliases or the tensors themselves, the OrderedDict, `_metadata`).
+pybind11::object state_dict_floor(pybind11::handle module, bool keep_vars);
+
 }  // namespace zerockpt

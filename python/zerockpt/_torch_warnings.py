@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch.nn.modules.batchnorm as _batchnorm
 import torch.nn.modules.module as _torch_module
 from torch import nn
 
@@ -36,23 +37,28 @@ def warn_as_torch(message: str, category: type[Warning], site: str) -> None:
     Args:
         message: The warning's text.
         category: Its category (``UserWarning`` or ``DeprecationWarning``).
-        site: ``"copy"`` (torch's ``param.copy_(input_param)``) or ``"meta"`` (the no-op copy
-            into a meta parameter).
+        site: ``"copy"`` (torch's ``param.copy_(input_param)``), ``"meta"`` (the no-op copy
+            into a meta parameter) or ``"norm_meta"`` (the same, where a norm layer's
+            ``_load_from_state_dict`` called Module's: torch warns from its ``super()`` call).
 
     Raises:
         Warning: When a filter turns the warning into an error, as torch's would be.
     """
+    where: Any = _torch_module
     if site == "meta":
         lineno = _line(nn.Module.load_state_dict, "._load_from_state_dict(")
+    elif site == "norm_meta":
+        where = _batchnorm
+        lineno = _line(_batchnorm._NormBase._load_from_state_dict, "super()._load_from_state_dict(")
     else:
         lineno = _line(nn.Module._load_from_state_dict, "param.copy_(input_param)")
-    namespace = vars(_torch_module)
+    namespace = vars(where)
     warnings.warn_explicit(
         message,
         category,
-        str(_torch_module.__file__),
+        str(where.__file__),
         lineno,
-        module=_torch_module.__name__,
+        module=where.__name__,
         registry=namespace.setdefault("__warningregistry__", {}),
         module_globals=namespace,
     )
