@@ -8,6 +8,7 @@ scheduler state).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -20,11 +21,10 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 safetensors = pytest.importorskip("safetensors")
 
+import zerockpt  # noqa: E402
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO  # noqa: E402
 from lightning.fabric.utilities.data import AttributeDict  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-import zerockpt  # noqa: E402
 from zerockpt.lightning import AsyncZerockptCheckpointIO, ZerockptCheckpointIO  # noqa: E402
 
 PLUGINS = [ZerockptCheckpointIO, AsyncZerockptCheckpointIO]
@@ -255,7 +255,10 @@ def test_missing_lightning_names_the_extra() -> None:
 
 
 def test_plain_import_zerockpt_does_not_import_lightning() -> None:
-    code = "import sys, zerockpt\nprint('lightning' in sys.modules, 'pytorch_lightning' in sys.modules)"
+    code = (
+        "import sys, zerockpt\n"
+        "print('lightning' in sys.modules, 'pytorch_lightning' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
@@ -330,7 +333,7 @@ def test_storage_options_and_paths(tmp_path: Path) -> None:
     plugin.save_checkpoint({"a": torch.ones(1)}, path, storage_options={"durable": False})
     plugin.save_checkpoint({"a": torch.ones(1)}, str(path), storage_options={"checksums": False})
     assert zerockpt.verify(path).ok
-    with pytest.raises(TypeError, match="unknown option.*bogus"):
+    with pytest.raises(TypeError, match=r"unknown option.*bogus"):
         plugin.save_checkpoint({"a": torch.ones(1)}, path, storage_options={"bogus": 1})
     with pytest.raises(TypeError, match="storage_options must be a mapping"):
         plugin.save_checkpoint({"a": torch.ones(1)}, path, storage_options=3)
@@ -385,3 +388,16 @@ def test_trainer_save_checkpoint_goes_through_plugin(tmp_path: Path) -> None:
     restored.load_state_dict(loaded["state_dict"])
     for name, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value)
+
+
+def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    section = re.search(r"## Lightning\n(.*?)\n## ", readme.read_text(), re.S)
+    assert section, "README has no Lightning section"
+    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], str(readme), "exec"), namespace)
+    last = tmp_path / "runs" / "regressor" / "last.ckpt"
+    assert zerockpt.load(last)["global_step"] == 16
