@@ -401,3 +401,25 @@ def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.Monke
     exec(compile(blocks[0], str(readme), "exec"), namespace)
     last = tmp_path / "runs" / "regressor" / "last.ckpt"
     assert zerockpt.load(last)["global_step"] == 16
+
+
+def test_async_remove_of_another_file_does_not_wait(tmp_path: Path) -> None:
+    waits: list[str | None] = []
+
+    class Spy(AsyncZerockptCheckpointIO):
+        def wait(self) -> None:
+            waits.append(None if self._pending is None else self._pending.path)
+            super().wait()
+
+    plugin = Spy()
+    old, new = tmp_path / "old.ckpt", tmp_path / "new.ckpt"
+    plugin.save_checkpoint({"w": torch.ones(3)}, old)
+    plugin.save_checkpoint({"w": torch.ones(3)}, new)  # waits for old's save
+    assert waits == [None, str(old)]
+    plugin.remove_checkpoint(old)  # as ModelCheckpoint does right after starting new's save
+    assert waits == [None, str(old)]
+    assert not old.exists()
+    (tmp_path / "link.ckpt").symlink_to(new)
+    plugin.load_checkpoint(tmp_path / "link.ckpt")  # a link to the file being written
+    assert waits == [None, str(old), str(new)]
+    plugin.teardown()

@@ -256,7 +256,7 @@ class ZerockptCheckpointIO(_Base):
         """Loads a checkpoint written by this plugin (or any zerockpt nested-state file).
 
         Args:
-            path: The checkpoint file.
+            path: The checkpoint file (the async plugin first waits for its save in flight).
             map_location: As :func:`zerockpt.load`: None (CPU), or a str or ``torch.device``
                 every tensor goes to.
             weights_only: None or True (nothing is ever unpickled); False is refused.
@@ -305,9 +305,9 @@ class AsyncZerockptCheckpointIO(ZerockptCheckpointIO):
 
     As Lightning's ``AsyncCheckpointIO``: ``save_checkpoint`` takes a snapshot of the tensors
     (:func:`zerockpt.save_async`; into pinned memory for GPU tensors) and returns, so training
-    goes on while a background thread writes the file. The next ``save_checkpoint``, a
-    ``load_checkpoint`` or ``remove_checkpoint``, and ``teardown`` (the end of ``fit``) first
-    wait for the save in flight and raise its error if it failed. The file appears atomically,
+    goes on while a background thread writes the file. The next ``save_checkpoint`` and
+    ``teardown`` (the end of ``fit``) first wait for the save in flight and raise its error if
+    it failed; so do ``load_checkpoint`` and ``remove_checkpoint`` of the file being written. The file appears atomically,
     complete, once written. Takes the options of :class:`ZerockptCheckpointIO`.
     """
 
@@ -345,5 +345,10 @@ class AsyncZerockptCheckpointIO(ZerockptCheckpointIO):
         self.wait()
 
     def _wait_for(self, path: Any) -> None:
-        # Any pending save, not only one to ``path``: a link (save_last="link") may point at it.
-        self.wait()
+        # Only a save to that file (or one a link at ``path`` points to): ModelCheckpoint
+        # removes the previous checkpoint right after starting the next save, which must go on.
+        pending = self._pending
+        if pending is not None and os.path.realpath(_local_path(path)) == os.path.realpath(
+            pending.path
+        ):
+            self.wait()
