@@ -307,8 +307,9 @@ class AsyncZerockptCheckpointIO(ZerockptCheckpointIO):
     (:func:`zerockpt.save_async`; into pinned memory for GPU tensors) and returns, so training
     goes on while a background thread writes the file. The next ``save_checkpoint`` and
     ``teardown`` (the end of ``fit``) first wait for the save in flight and raise its error if
-    it failed; so do ``load_checkpoint`` and ``remove_checkpoint`` of the file being written. The file appears atomically,
-    complete, once written. Takes the options of :class:`ZerockptCheckpointIO`.
+    it failed; so do ``load_checkpoint`` and ``remove_checkpoint`` of the file being written.
+    The file appears atomically, complete, once written. Takes the options of
+    :class:`ZerockptCheckpointIO`.
     """
 
     def __init__(self, **options: Any) -> None:
