@@ -307,6 +307,14 @@ def test_unstorable_hyperparameter_is_a_clear_type_error(
     checkpoint = {"state_dict": {}, "hyper_parameters": {"data_dir": Path("/data")}}
     with pytest.raises(TypeError, match=r"hyper_parameters.*data_dir.*save_hyperparameters"):
         plugin.save_checkpoint(checkpoint, tmp_path / "x.ckpt")
+    # What Lightning stores for omegaconf hyperparameters: their type.
+    checkpoint = {"state_dict": {}, "hyper_parameters": {"a": 1}, "hparams_type": AttributeDict}
+    with pytest.raises(TypeError, match=r"hparams_type.*omegaconf.*as a dict"):
+        plugin.save_checkpoint(checkpoint, tmp_path / "x.ckpt")
+    # Other unstorable values: zerockpt's own message.
+    with pytest.raises(TypeError, match=r"obj\['callbacks'\]") as raised:
+        plugin.save_checkpoint({"callbacks": {"x": object()}}, tmp_path / "x.ckpt")
+    assert "save_hyperparameters" not in str(raised.value)
     plugin.teardown()
     assert not (tmp_path / "x.ckpt").exists()
 

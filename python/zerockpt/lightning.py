@@ -52,6 +52,7 @@ _ATTRIBUTE_DICT_MODULES = ("lightning.fabric.utilities.data", "lightning_fabric.
 
 # The checkpoint entries Lightning fills from ``module.hparams`` / ``datamodule.hparams``.
 _HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+_HPARAMS_TYPE_KEY = "hparams_type"
 # Header metadata entry: JSON list of the key paths of AttributeDicts in the hyperparameters.
 _ATTRIBUTE_DICTS_KEY = "zerockpt_lightning.attribute_dicts"
 _MAX_HPARAM_DEPTH = 64
@@ -155,6 +156,12 @@ def _restore_attribute_dicts(checkpoint: dict[str, Any], paths: object) -> None:
 
 def _explain_hparams(error: TypeError) -> TypeError:
     message = str(error)
+    if message.startswith(f"obj[{_HPARAMS_TYPE_KEY!r}]"):
+        return TypeError(
+            f"{message}. Lightning records the type of omegaconf hyperparameters (DictConfig), "
+            "which zerockpt does not store: pass the hyperparameters as a dict (e.g. "
+            "OmegaConf.to_container(cfg)) to save_hyperparameters"
+        )
     if not any(message.startswith(f"obj[{key!r}]") for key in _HPARAM_KEYS):
         return error
     return TypeError(
