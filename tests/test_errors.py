@@ -232,17 +232,18 @@ def test_too_many_dimensions(tmp_path: Path) -> None:
 
 
 def test_dtype_without_torch_equivalent(tmp_path: Path) -> None:
-    path = craft(
-        tmp_path / "f4.safetensors",
-        {"a": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}},
-        b"\0\0",
-    )
-    with zerockpt.open(path) as f:  # the header is valid: it can be inspected
-        assert f.info("a").format_dtype == "F4" and f.info("a").dtype is None
-        with pytest.raises(TypeError, match="'a' has dtype F4"):
-            f["a"]
-    with pytest.raises(TypeError, match="'a' has dtype F4"):
-        zerockpt.load(path)
+    for dtype in ("F6_E2M3", "F6_E3M2"):
+        path = craft(
+            tmp_path / "f6.safetensors",
+            {"a": {"dtype": dtype, "shape": [4], "data_offsets": [0, 3]}},
+            b"\0\0\0",
+        )
+        with zerockpt.open(path) as f:  # the header is valid: it can be inspected
+            assert f.info("a").format_dtype == dtype and f.info("a").dtype is None
+            with pytest.raises(TypeError, match=f"'a' has dtype {dtype}"):
+                f["a"]
+        with pytest.raises(TypeError, match=f"'a' has dtype {dtype}"):
+            zerockpt.load(path)
 
 
 def test_crafted_alias_table(tmp_path: Path) -> None:

@@ -181,33 +181,101 @@ def test_sigint_stops_the_call_within_a_chunk_and_commits_nothing(
     capfd.readouterr()
 
 
-def test_sigint_among_the_renames_of_a_sharded_save_waits_for_its_commit(
+# The number of openat(2), for seeing that a thread is blocked in it.
+_OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def _wait_until_blocked_in_openat(native_id: int, timeout: float = 60.0) -> None:
+    """Waits until the thread sits in one openat call (same arguments) for 0.3 s: blocked,
+    not passing through one of its many short opens."""
+    path = f"/proc/self/task/{native_id}/syscall"
+    deadline = time.monotonic() + timeout
+    since, seen = 0.0, ""
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            state = f.read()
+        if state.split(" ", 1)[0] != str(_OPENAT) or state != seen:
+            since, seen = time.monotonic(), state
+        elif time.monotonic() - since > 0.3:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the commit never blocked in open")
+
+
+def _open_writer_end(fifo: str, done: threading.Event) -> None:
+    """Opens the FIFO for writing once a reader has it open (never blocking), then closes it."""
+    while not done.is_set():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.01)
+
+
+@pytest.mark.skipif(
+    _OPENAT is None or not os.path.exists("/proc/self/task"), reason="needs Linux /proc syscalls"
+)
+def test_sigint_during_the_commit_of_a_sharded_save_waits_for_its_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stopping between the shards' renames would leave new shards under the old index: the
-    signal is handled once the index is in place too."""
+    commit is one C++ call, and a SIGINT that reaches the main thread inside it (here while it
+    opens the first staged shard, made a FIFO so that the open blocks) is handled once the index
+    is in place too."""
     directory = tmp_path / "sharded"
     old = {f"t{i}": torch.full((1000,), float(i)) for i in range(3)}
     new = {name: -t for name, t in old.items()}
     zerockpt.save(old, directory, max_shard_size="4KB")
-    renamed: list[str] = []
-    replace_file = zerockpt._C.replace_file  # how the sharded save commits each file
+    main = threading.main_thread()
+    main_native_id = threading.get_native_id()
+    after_commit = zerockpt._C.after_commit  # writes the index, just before the commit
+    helpers: list[threading.Thread] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
 
-    def rename_then_sigint(src: str, dst: str) -> None:
-        replace_file(src, dst)
-        renamed.append(os.path.basename(dst))
-        if len(renamed) == 1:
-            signal.raise_signal(signal.SIGINT)  # handled as soon as this returns
+    def release(fifo: str, real: str, writer_end: str) -> None:
+        try:
+            _wait_until_blocked_in_openat(main_native_id)
+            signal.pthread_kill(main.ident or 0, signal.SIGINT)  # inside the commit
+            os.rename(real, fifo)  # the real shard back under its staged name
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+        _open_writer_end(writer_end, done)  # lets the blocked open return
 
-    monkeypatch.setattr(zerockpt._C, "replace_file", rename_then_sigint)
-    with _sigint_raises_interrupted(), pytest.raises(_Interrupted):
-        zerockpt.save(new, directory, max_shard_size="4KB")
+    def stage_then_block(*args: Any) -> None:
+        after_commit(*args)
+        staging = os.path.dirname(args[0][0][0])
+        first = os.path.join(staging, sorted(os.listdir(staging))[0])  # the first renamed
+        assert os.path.basename(first).startswith("model-00001-")
+        os.rename(first, first + ".real")
+        os.mkfifo(first)
+        writer_end = str(tmp_path / "fifo")
+        os.link(first, writer_end)
+        helper = threading.Thread(target=release, args=(first, first + ".real", writer_end))
+        helper.start()
+        helpers.append(helper)
+
+    monkeypatch.setattr(zerockpt._C, "after_commit", stage_then_block)
+    try:
+        with _sigint_raises_interrupted(), pytest.raises(_Interrupted):
+            zerockpt.save(new, directory, max_shard_size="4KB")
+    finally:
+        done.set()
+        for helper in helpers:
+            helper.join()
     monkeypatch.undo()
-    assert len(renamed) == 4 and renamed[-1] == "model.safetensors.index.json"
-    loaded = zerockpt.load(directory)
+    assert not errors, errors
+    assert len(helpers) == 1
+    loaded = zerockpt.load(directory)  # all new: the index and every shard
     assert list(loaded) == list(new)
     for name, t in new.items():
         assert torch.equal(loaded[name], t)
+    assert sorted(os.listdir(directory)) == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ]
 
 
 @pytest.mark.parametrize("wait", ["result", "wait"])

@@ -23,6 +23,7 @@
 namespace zerockpt {
 
 const char* const kTempSuffix = ".zerockpt-tmp";
+const char* const kStagingSuffix = ".zerockpt-staging";
 
 namespace {
 
@@ -209,6 +210,72 @@ bool is_temp_name(const char* name) {
   return name[0] == '.' && n > suffix + 1 && std::strcmp(name + n - suffix, kTempSuffix) == 0;
 }
 
+// A staging directory's name: ".<name>.<pid digits>.<16 hex digits>.zerockpt-staging".
+bool is_staging_name(const std::string& entry) {
+  const std::string suffix = kStagingSuffix;
+  if (entry.size() < suffix.size() || entry[0] != '.' ||
+      entry.compare(entry.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return false;
+  }
+  std::string rest = entry.substr(0, entry.size() - suffix.size());  // ".<name>.<pid>.<hex>"
+  auto is_hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); };
+  auto is_digit = [](char c) { return c >= '0' && c <= '9'; };
+  if (rest.size() < 17 || rest[rest.size() - 17] != '.') return false;
+  if (!std::all_of(rest.end() - 16, rest.end(), is_hex)) return false;
+  rest.resize(rest.size() - 17);  // ".<name>.<pid>"
+  size_t dot = rest.find_last_of('.');
+  if (dot == std::string::npos || dot < 2 || dot + 1 == rest.size()) return false;
+  return std::all_of(rest.begin() + static_cast<std::ptrdiff_t>(dot) + 1, rest.end(), is_digit);
+}
+
+// 16 hex digits that no other writer in this or another process picks at the same time.
+std::string random_token() {
+  static std::atomic<uint64_t> counter{0};
+  std::random_device rd;
+  uint64_t token = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ counter.fetch_add(1);
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
+  return hex;
+}
+
+// Removes every entry of the directory open as `fd` (files only: we create nothing else in
+// one), then the directory `path`. false if anything is left.
+bool empty_and_remove(int fd, const std::string& path) {
+  int listing = ::dup(fd);
+  if (listing < 0) return false;
+  DIR* d = ::fdopendir(listing);
+  if (!d) {
+    ::close(listing);
+    return false;
+  }
+  ::rewinddir(d);
+  while (dirent* e = ::readdir(d)) {
+    if (std::strcmp(e->d_name, ".") == 0 || std::strcmp(e->d_name, "..") == 0) continue;
+    (void)::unlinkat(fd, e->d_name, 0);
+  }
+  ::closedir(d);
+  return ::rmdir(path.c_str()) == 0;
+}
+
+// flock(LOCK_EX) on `fd`, retried on EINTR: 1 if locked, 0 if another holder has it (only
+// when !blocking), -1 if the file system cannot lock.
+int lock_exclusive(int fd, bool blocking) {
+  while (::flock(fd, blocking ? LOCK_EX : LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    return errno == EWOULDBLOCK ? 0 : -1;
+  }
+  return 1;
+}
+
+// fsync of the directory `dir`; IoError naming `path` (the file whose commit needs it).
+void sync_directory(const std::string& dir, const std::string& path) {
+  FileDescriptor dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.get() < 0) throw_errno(path, "cannot open directory " + dir + " to fsync it");
+  if ((fault(FaultOp::kFsync) || ::fsync(dfd.get()) != 0)) {
+    throw_errno(path, "fsync of directory " + dir + " failed");
+  }
+}
+
 // The destination's name, cut (at a UTF-8 character boundary) so that the temporary name,
 // "." + stem + tail, fits NAME_MAX.
 std::string temp_stem(const std::string& name, size_t tail) {
@@ -314,13 +381,8 @@ AtomicFile::AtomicFile(std::string path, bool direct)
   const bool exists = dest_.exists;
   std::string dir = dirname_of(dest_.target);
   remove_stale_temp_files(dir);
-  static std::atomic<uint64_t> counter{0};
-  std::random_device rd;
   for (int attempt = 0;; ++attempt) {
-    uint64_t token = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ counter.fetch_add(1);
-    char hex[17];
-    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(token));
-    std::string tail = "." + std::to_string(::getpid()) + "." + hex + kTempSuffix;
+    std::string tail = "." + std::to_string(::getpid()) + "." + random_token() + kTempSuffix;
     tmp_path_ = dir + "/." + temp_stem(basename_of(dest_.target), tail.size()) + tail;
     int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
     int fd = -1;
@@ -341,8 +403,7 @@ AtomicFile::AtomicFile(std::string path, bool direct)
     fd_ = FileDescriptor(fd);
     // Blocks only while a cleaner that found the new file holds it; if that cleaner removed
     // it, start over under a new name. File systems without flock go on unlocked.
-    while (::flock(fd, LOCK_EX) != 0 && errno == EINTR) {
-    }
+    (void)lock_exclusive(fd, /*blocking=*/true);
     struct stat own{};
     if (::fstat(fd, &own) == 0 && own.st_nlink == 0 && attempt < 100) continue;
     break;
@@ -382,18 +443,106 @@ void AtomicFile::commit(bool durable) {
   replace_destination(fd_.get(), tmp_path_, dest_);
   committed_ = true;
   fd_.close_checked(path_);
-  if (durable) {
-    std::string dir = dirname_of(dest_.target);
-    FileDescriptor dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (dfd.get() < 0) throw_errno(path_, "cannot open directory " + dir + " to fsync it");
-    if ((fault(FaultOp::kFsync) || ::fsync(dfd.get()) != 0)) {
-      throw_errno(path_, "fsync of directory " + dir + " failed");
+  if (durable) sync_directory(dirname_of(dest_.target), path_);
+}
+
+void make_directories(const std::string& path, bool durable) {
+  std::vector<std::string> created;  // innermost first
+  for (std::string probe = path;;) {
+    struct stat st{};
+    if (::stat(probe.c_str(), &st) == 0) {
+      if (!S_ISDIR(st.st_mode)) throw IoError(ENOTDIR, path, probe + " is not a directory");
+      break;
     }
+    created.push_back(probe);
+    std::string parent = dirname_of(probe);
+    if (parent == probe) break;
+    probe = parent;
+  }
+  for (auto it = created.rbegin(); it != created.rend(); ++it) {
+    if (::mkdir(it->c_str(), 0777) != 0 && errno != EEXIST) {
+      throw_errno(path, "cannot create directory " + *it);
+    }
+    if (durable) sync_directory(dirname_of(*it), path);
   }
 }
 
+size_t remove_stale_staging_directories(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return 0;  // the save itself reports an unusable directory
+  std::vector<std::string> candidates;
+  while (dirent* e = ::readdir(d)) {
+    if (is_staging_name(e->d_name)) candidates.emplace_back(e->d_name);
+  }
+  ::closedir(d);
+  size_t removed = 0;
+  for (const std::string& entry : candidates) {
+    std::string path = dir + "/" + entry;
+    FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (fd.get() < 0) continue;
+    // Locked by a live writer, or unknowable without flock: leave it.
+    if (lock_exclusive(fd.get(), /*blocking=*/false) != 1) continue;
+    struct stat st{};
+    // Removed by its writer, or by another cleaner, since we listed it?
+    if (::fstat(fd.get(), &st) != 0 || st.st_nlink == 0) continue;
+    if (empty_and_remove(fd.get(), path)) ++removed;
+  }
+  return removed;
+}
+
+StagingDirectory::StagingDirectory(const std::string& parent, const std::string& name)
+    : parent_(parent) {
+  remove_stale_staging_directories(parent_);
+  for (int attempt = 0;; ++attempt) {
+    if (attempt == 100) {  // a cleaner won 100 races in a row
+      throw IoError(EAGAIN, parent_, "cannot create a staging directory");
+    }
+    std::string tail = "." + std::to_string(::getpid()) + "." + random_token() + kStagingSuffix;
+    path_ = parent_ + "/." + temp_stem(name, tail.size()) + tail;
+    if (::mkdir(path_.c_str(), 0700) != 0) {
+      throw_errno(parent_, "cannot create a staging directory in " + parent_);
+    }
+    fd_ = FileDescriptor(::open(path_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (fd_.get() < 0) throw_errno(parent_, "cannot open the staging directory " + path_);
+    // Blocks only while a cleaner that found it between mkdir and here holds it; if that
+    // cleaner removed it, start over under a new name. File systems without flock go on.
+    (void)lock_exclusive(fd_.get(), /*blocking=*/true);
+    struct stat st{};
+    if (::fstat(fd_.get(), &st) == 0 && st.st_nlink != 0) break;
+    fd_.reset();
+  }
+}
+
+StagingDirectory::~StagingDirectory() { remove(); }
+
+void StagingDirectory::remove() {
+  if (fd_.get() < 0) return;
+  (void)empty_and_remove(fd_.get(), path_);  // while locked, so no cleaner races it
+  fd_.reset();
+}
+
+void StagingDirectory::commit(const std::vector<std::string>& names, bool durable) {
+  std::vector<Destination> destinations;
+  destinations.reserve(names.size());
+  const std::string prefix = parent_.back() == '/' ? parent_ : parent_ + "/";
+  for (const std::string& name : names) destinations.push_back(check_destination(prefix + name));
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string staged = file(names[i]);
+    int raw = -1;
+    do {  // a signal handled on this thread (Ctrl-C) waits for the commit: retried
+      raw = ::open(staged.c_str(), O_RDONLY | O_CLOEXEC);
+    } while (raw < 0 && errno == EINTR);
+    FileDescriptor fd(raw);
+    if (fd.get() < 0) throw_errno(destinations[i].path, "cannot open the staged file " + staged);
+    // The earlier renames reach the disk before the last one, which commits them all.
+    if (durable && i + 1 == names.size()) sync_directory(parent_, destinations[i].path);
+    replace_destination(fd.get(), staged, destinations[i]);
+  }
+  if (durable) sync_directory(parent_, parent_);
+}
+
 std::shared_ptr<uint8_t> allocate_pages(uint64_t size) {
-  uint64_t len = std::max<uint64_t>((size + 4095) / 4096 * 4096, 4096);
+  uint64_t len = std::max<uint64_t>(round_up(size, kPageBytes), kPageBytes);
   void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
   return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p),
@@ -433,7 +582,7 @@ StagingBuffer::StagingBuffer(uint64_t size) : data_(nullptr), size_(size) {
     }
   }
   void* p = nullptr;
-  if (::posix_memalign(&p, 4096, size) != 0) {
+  if (::posix_memalign(&p, kPageBytes, size) != 0) {
     std::lock_guard<std::mutex> lock(pool.mu);
     pool.live_buffers -= 1;
     pool.live_bytes -= size;

@@ -1,6 +1,8 @@
 // POSIX file primitives with errors that name the user-visible path: full-length positional
 // and vectored reads/writes (EINTR and short transfers retried), a read-only private mapping,
-// and AtomicFile (temporary file beside the destination, renamed over it on commit).
+// AtomicFile (temporary file beside the destination, renamed over it on commit) and
+// StagingDirectory (several files staged together, renamed into place on commit): the one
+// atomic-commit protocol, flock-marked so that a later save removes a dead writer's leftovers.
 // Functions are thread-safe on distinct ranges of one descriptor; classes are not shared.
 #pragma once
 
@@ -11,6 +13,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "core/align.h"
 
 namespace zerockpt {
 
@@ -122,6 +126,50 @@ extern const char* const kTempSuffix;
 // Removes the temporary files in `dir` left by saves that died (crashed or killed): those whose
 // writer no longer holds their lock. Returns how many it removed. AtomicFile calls it.
 size_t remove_stale_temp_files(const std::string& dir);
+
+// Creates `path` and its missing parents (mode 0777 less the umask); with `durable`, fsyncs the
+// parent of each directory it created, so the new entries survive a crash. IoError naming
+// `path` on failure (ENOTDIR where a component is a file).
+void make_directories(const std::string& path, bool durable);
+
+// The suffix that marks our staging directories.
+extern const char* const kStagingSuffix;
+
+// A private directory in `parent`, "<parent>/.<name>.<pid>.<16 hex digits>.zerockpt-staging"
+// (mode 0700), where a save writes several files (each with AtomicFile or its own code) that
+// commit() then renames into `parent` together. The writer holds an exclusive flock on it until
+// it is removed; the kernel drops the lock when the writer dies, so a directory that can be
+// locked is a dead save's leftover. Creating one first removes such leftovers in `parent`. The
+// destructor (or remove()) deletes the directory and whatever is left in it. Not thread-safe.
+class StagingDirectory {
+ public:
+  // IoError naming `parent` if the directory cannot be created there.
+  StagingDirectory(const std::string& parent, const std::string& name);
+  ~StagingDirectory();
+  StagingDirectory(const StagingDirectory&) = delete;
+  StagingDirectory& operator=(const StagingDirectory&) = delete;
+  const std::string& path() const { return path_; }
+  // "<path()>/<name>": where to stage the file that commit() will name `name`.
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  // Renames each staged file over "<parent>/<name>", in the order given, each keeping the mode
+  // and owner of the file it replaces (replace_destination). Every destination is checked
+  // (check_destination) before the first rename, so one that cannot be replaced fails with
+  // nothing renamed. With `durable`, `parent` is fsynced before the last rename (the others
+  // reach the disk first) and after it. IoError naming the destination.
+  void commit(const std::vector<std::string>& names, bool durable);
+  // Deletes the directory and its contents now; idempotent. A failure leaves a leftover that
+  // the next StagingDirectory in `parent` removes.
+  void remove();
+
+ private:
+  std::string parent_;
+  std::string path_;
+  FileDescriptor fd_;  // the directory, open and locked until removed
+};
+
+// Removes the staging directories in `dir` left by saves that died (nobody holds their lock).
+// Returns how many it removed. StagingDirectory calls it.
+size_t remove_stale_staging_directories(const std::string& dir);
 
 // Fault injection, for tests of the error paths: once armed, the system calls of kind `op`
 // after the first `after` ones fail with `err` until clear_faults(). Process-wide.

@@ -287,7 +287,7 @@ Layout plan_layout(const std::vector<TensorSpec>& specs, const Metadata& metadat
     json += "]}";
   }
   json += '}';
-  uint64_t padded = (8 + json.size() + kDataAlignment - 1) / kDataAlignment * kDataAlignment;
+  uint64_t padded = round_up(8 + json.size(), kDataAlignment);
   uint64_t n = padded - 8;
   if (n > kMaxHeaderSize) {
     throw UsageError(path + ": the header for " + std::to_string(specs.size()) +

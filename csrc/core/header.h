@@ -9,14 +9,16 @@
 #include <utility>
 #include <vector>
 
+#include "core/align.h"
 #include "core/dtype.h"
 
 namespace zerockpt {
 
 // safetensors' own limit on the JSON header.
 constexpr uint64_t kMaxHeaderSize = 100'000'000;
-// Where our writer starts the data region (the header is padded with spaces up to it).
-constexpr uint64_t kDataAlignment = 4096;
+// Where our writer starts the data region (the header is padded with spaces up to it): a page,
+// so that direct I/O and mapped views of the data line up.
+constexpr uint64_t kDataAlignment = kPageBytes;
 // More dimensions than any real tensor has; bounds what a hostile shape can allocate.
 constexpr size_t kMaxRank = 1024;
 

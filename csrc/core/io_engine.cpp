@@ -18,13 +18,12 @@ namespace zerockpt {
 namespace {
 
 constexpr size_t kPrefix = SIZE_MAX;
-constexpr uint64_t kPage = 4096;
 
 // Maps the file pages under [p, p + size) in one call where the kernel can (Linux 5.14+), so a
 // pass over mapped bytes does not take one page fault per 4 KiB.
 void populate(const uint8_t* p, uint64_t size) {
 #ifdef MADV_POPULATE_READ
-  auto lo = reinterpret_cast<uintptr_t>(p) & ~(kPage - 1);
+  auto lo = reinterpret_cast<uintptr_t>(p) & ~(kPageBytes - 1);
   auto hi = reinterpret_cast<uintptr_t>(p) + size;
   (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_READ);
 #else
@@ -149,7 +148,7 @@ void write_chunk_assembled(WriteSink& sink, const Plan& plan, const Layout& layo
   });
   uint64_t len = end - start;
   if (direct) {
-    uint64_t padded = (len + kPage - 1) / kPage * kPage;
+    uint64_t padded = round_up(len, kPageBytes);
     std::memset(buf + len, 0, padded - len);
     len = padded;
   }
@@ -354,7 +353,7 @@ void write_file(const std::string& path, const Layout& layout, const std::vector
   file.preallocate(plan.file_size);
   AtomicFileSink sink(file, path);
   write_chunks(sink, path, plan, layout, specs, sources, options, direct);
-  if (direct && plan.file_size % kPage != 0) file.truncate(plan.file_size);
+  if (direct && plan.file_size % kPageBytes != 0) file.truncate(plan.file_size);
   // The last moment to stop with nothing committed.
   if (options.progress) options.progress->check("writing " + path);
   file.commit(options.durable);
@@ -374,10 +373,10 @@ void write_image(const std::string& path, const uint8_t* image, uint64_t size,
     uint64_t len = std::min(size - start, kChunkBytes);
     delay_chunk();
     // O_DIRECT needs whole pages: the image holds zeros up to the next page boundary.
-    if (direct) len = (len + kPage - 1) / kPage * kPage;
+    if (direct) len = round_up(len, kPageBytes);
     pwrite_full(file.fd(), image + start, len, start, path);
   });
-  if (direct && size % kPage != 0) file.truncate(size);
+  if (direct && size % kPageBytes != 0) file.truncate(size);
   file.commit(options.durable);
 }
 

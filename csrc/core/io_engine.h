@@ -200,6 +200,9 @@ class MemorySink : public WriteSink {
 // Writes prefix + tensor bytes to `path` through an AtomicFile. `sources[i]` matches
 // `specs[i]`, placed at `layout.begin[i]`. If the layout has a checksum placeholder, the
 // checksums of the bytes written are filled in (options.checksums is for plan_layout's caller).
+// Throws IoError naming `path` when a write, fsync or the rename fails, Cancelled when
+// options.progress is cancelled (`path` is then unchanged), UsageError for staged sources
+// without options.stager.
 void write_file(const std::string& path, const Layout& layout, const std::vector<TensorSpec>& specs,
                 const std::vector<WriteSource>& sources, const WriteOptions& options);
 
@@ -232,6 +235,7 @@ struct ReadRange {
 
 // Fills every range from `fd` with parallel, vectored preads. `progress` (may be null) counts
 // the bytes read and can stop the reads (Cancelled; the ranges are then partly filled).
+// IoError naming `path` on a failed or short read (the file shrank).
 void read_ranges(int fd, const std::string& path, std::vector<ReadRange> ranges, unsigned threads,
                  Progress* progress = nullptr);
 

@@ -66,15 +66,6 @@ py::object make_str(std::string_view s) {
 }
 
 // torch.Size.__repr__.
-std::string size_repr(c10::IntArrayRef sizes) {
-  std::string out = "torch.Size([";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i) out += ", ";
-    out += std::to_string(sizes[i]);
-  }
-  return out + "])";
-}
-
 void append(const py::list& list, const py::object& item) {
   if (PyList_Append(list.ptr(), item.ptr()) != 0) throw py::error_already_set();
 }
@@ -503,9 +494,7 @@ class LoadWalk {
     c10::IntArrayRef input_shape = from_file ? c10::IntArrayRef(file_shape) : input.sizes();
     if (input_shape != param.sizes()) {
       append(error_msgs,
-             make_str("size mismatch for " + std::string(e.name) + ": copying a param with shape " +
-                      size_repr(input_shape) + " from checkpoint, the shape in current model is " +
-                      size_repr(param.sizes()) + "."));
+             make_str(size_mismatch_message(std::string(e.name), input_shape, param.sizes())));
       return;
     }
     if (param.is_meta() && (from_file || !input.is_meta()) && !assign) {
@@ -627,12 +616,8 @@ class LoadWalk {
     if (!PyErr_ExceptionMatches(PyExc_Exception)) throw py::error_already_set();
     py::error_already_set err;
     py::object args = err.value().attr("args");
-    std::string msg = std::string("While ") + action + " the parameter named \"" +
-                      std::string(e.name) + "\", whose dimensions in the model are " +
-                      size_repr(param.sizes()) + " and whose dimensions in the checkpoint are " +
-                      size_repr(input.sizes()) +
-                      ", an exception occurred : " + std::string(py::str(py::repr(args))) + ".";
-    append(error_msgs, make_str(msg));
+    append(error_msgs, make_str(copy_error_message(action, std::string(e.name), param.sizes(),
+                                                   input.sizes(), py::str(py::repr(args)))));
   }
 
   // torch's assign=True branch: keep Parameter-ness and requires_grad, then setattr.

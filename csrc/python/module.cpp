@@ -1,5 +1,6 @@
 // The private extension module zerockpt._C. Converts Python arguments to C++ values with the
 // GIL held, runs the torch layer without it, and converts results back.
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/device_lazy_init.h>
 #include <torch/csrc/utils/pybind.h>
@@ -19,9 +20,11 @@
 #include "python/state_dict.h"
 #include "torch/async_save.h"
 #include "torch/device_staging.h"
+#include "torch/dtypes.h"
 #include "torch/load_into.h"
 #include "torch/options.h"
 #include "torch/tensor_io.h"
+#include "torch/tensor_views.h"
 #include "zerockpt/errors.h"
 #include "zerockpt/zerockpt.h"
 
@@ -275,7 +278,8 @@ void bind_async(py::module_& m) {
 // where the file ends. With a device other than the CPU (or the CPU while the staging testing
 // aid is on), the tensors are new tensors there, filled through staging.
 template <typename Open>
-py::tuple load_file(Open open_file, const LoadOptions& options, std::shared_ptr<Progress> progress) {
+py::tuple load_file(Open open_file, const LoadOptions& options,
+                    std::shared_ptr<Progress> progress) {
   NamedTensors loaded;
   Metadata own;
   bool has_checksums = false;
@@ -466,14 +470,13 @@ py::bytes save_bytes(py::dict tensors, SaveOptions options, py::object own_metad
   py::object out;
   options.durable = false;
   options.direct_io = false;
-  save_to_sink(tensors, "<bytes>", options, own_metadata, std::move(progress),
-               [&](uint64_t size) {
-                 out = py::reinterpret_steal<py::object>(
-                     PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size)));
-                 if (!out) throw py::error_already_set();
-                 auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out.ptr()));
-                 return std::make_unique<MemorySink>(dst);
-               });
+  save_to_sink(tensors, "<bytes>", options, own_metadata, std::move(progress), [&](uint64_t size) {
+    out = py::reinterpret_steal<py::object>(
+        PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size)));
+    if (!out) throw py::error_already_set();
+    auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out.ptr()));
+    return std::make_unique<MemorySink>(dst);
+  });
   return py::reinterpret_steal<py::bytes>(out.release());
 }
 
@@ -507,6 +510,45 @@ void bind_progress(py::module_& m) {
       .def_property_readonly("done", &Progress::done)
       .def_property_readonly("cancelled", &Progress::cancelled)
       .def("cancel", &Progress::cancel);
+}
+
+// Facts about tensors from the one table or computation that save and load use too.
+void bind_tensor_facts(py::module_& m) {
+  // Requires GIL. The torch dtype of a format dtype name ("F32"), from the one dtype table;
+  // None where torch has none (or the format defines no such name).
+  m.def(
+      "torch_dtype",
+      [](const std::string& format_dtype) -> py::object {
+        std::optional<Dtype> dtype = parse_dtype(format_dtype);
+        std::optional<c10::ScalarType> scalar = dtype ? to_scalar_type(*dtype) : std::nullopt;
+        if (!scalar) return py::none();
+        return py::reinterpret_borrow<py::object>(
+            reinterpret_cast<PyObject*>(torch::getTHPDtype(*scalar)));
+      },
+      py::arg("format_dtype"));
+  // Requires GIL. torch's "Error(s) in loading state_dict for ..." text, or b"" if none. Bytes
+  // in and out: keys may hold lone surrogates, which the caller encodes (and the result
+  // decodes) with surrogatepass.
+  m.def(
+      "load_state_dict_message",
+      [](const std::string& module_name, const std::vector<std::string>& missing_keys,
+         const std::vector<std::string>& unexpected_keys, const std::vector<std::string>& errors,
+         bool strict) {
+        return py::bytes(
+            load_state_dict_message(module_name, missing_keys, unexpected_keys, errors, strict));
+      },
+      py::arg("module_name"), py::arg("missing_keys"), py::arg("unexpected_keys"),
+      py::arg("errors"), py::arg("strict"));
+  // Requires GIL (no I/O). (alias_of, group) per tensor, as find_memory_sharing computes them:
+  // the first earlier tensor it is the same view of (or -1), and the first tensor of its group
+  // of views with overlapping bytes.
+  m.def(
+      "memory_sharing",
+      [](const std::vector<at::Tensor>& tensors) {
+        MemorySharing sharing = find_memory_sharing(tensors);
+        return py::make_tuple(sharing.alias_of, sharing.group);
+      },
+      py::arg("tensors"));
 }
 
 void bind_file(py::module_& m) {
@@ -576,6 +618,30 @@ void bind_file(py::module_& m) {
           py::arg("name"), py::arg("mmap") = true);
 }
 
+// The staging directory of a sharded save (core/file.h), and the directory operations around it.
+void bind_staging(py::module_& m) {
+  py::class_<StagingDirectory>(m, "_StagingDirectory")
+      // Releases GIL: creating it removes stale ones and creates and locks the directory.
+      .def(py::init([](const std::string& parent, const std::string& name) {
+             py::gil_scoped_release no_gil;
+             return std::make_unique<StagingDirectory>(parent, name);
+           }),
+           py::arg("parent"), py::arg("name"))
+      .def_property_readonly("path", &StagingDirectory::path)
+      .def("file", &StagingDirectory::file, py::arg("name"))
+      // Releases GIL: renames and fsyncs. Ctrl-C is seen only once it returns, so a commit
+      // is never stopped half way (new shards under an old index).
+      .def("commit", &StagingDirectory::commit, py::arg("names"), py::arg("durable"),
+           py::call_guard<py::gil_scoped_release>())
+      // Releases GIL.
+      .def("close", &StagingDirectory::remove, py::call_guard<py::gil_scoped_release>());
+  // Releases GIL.
+  m.def("make_directories", &make_directories, py::arg("path"), py::arg("durable"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("_remove_stale_staging_directories", &remove_stale_staging_directories,
+        py::arg("directory"), py::call_guard<py::gil_scoped_release>());
+}
+
 // Private hooks for the tests of error paths and resource accounting.
 void bind_testing_aids(py::module_& m) {
   static const std::pair<const char*, FaultOp> kOps[] = {{"write", FaultOp::kWrite},
@@ -641,6 +707,8 @@ PYBIND11_MODULE(_C, m) {
   bind_progress(m);
   bind_options(m);
   bind_file(m);
+  bind_tensor_facts(m);
+  bind_staging(m);
   bind_async(m);
   m.def("save", &save_binding, py::arg("tensors"), py::arg("path"), py::arg("options"),
         py::arg("own_metadata") = py::none(), py::arg("progress") = nullptr);

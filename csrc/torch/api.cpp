@@ -1,8 +1,6 @@
 // The public C++ API (zerockpt/zerockpt.h) over the torch layer.
 #include <ATen/ATen.h>
 
-#include <sstream>
-
 #include "core/hash.h"
 #include "torch/async_save.h"
 #include "torch/load_into.h"
@@ -22,27 +20,6 @@ WriteOptions write_options(const SaveOptions& options, Progress* progress) {
   out.staging_bytes = options.staging_bytes;
   return out;
 }
-
-namespace {
-
-std::string join_quoted(const std::vector<std::string>& keys) {
-  std::string out;
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (i) out += ", ";
-    out += '"' + keys[i] + '"';
-  }
-  return out;
-}
-
-std::string shape_str(c10::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "torch.Size([";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << "])";
-  return s.str();
-}
-
-}  // namespace
 
 TensorDict state_dict(const torch::nn::Module& module) {
   TensorDict out;
@@ -123,11 +100,9 @@ LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, b
       result.missing_keys.push_back(item.key());
       continue;
     }
-    std::vector<int64_t> shape(record->shape.begin(), record->shape.end());
+    std::vector<int64_t> shape = torch_sizes(*record, path);
     if (c10::IntArrayRef(shape) != item.value().sizes()) {
-      errors.push_back("size mismatch for " + item.key() + ": copying a param with shape " +
-                       shape_str(shape) + " from checkpoint, the shape in current model is " +
-                       shape_str(item.value().sizes()) + ".");
+      errors.push_back(size_mismatch_message(item.key(), shape, item.value().sizes()));
       continue;
     }
     copies.emplace_back(item.value(), record);
@@ -137,20 +112,9 @@ LoadResult load_state_dict(torch::nn::Module& module, const std::string& path, b
   for (const auto& name : file.names()) {
     if (!wanted.count(name)) result.unexpected_keys.push_back(name);
   }
-  if (strict && !result.unexpected_keys.empty()) {
-    errors.insert(errors.begin(),
-                  "Unexpected key(s) in state_dict: " + join_quoted(result.unexpected_keys) + ". ");
-  }
-  if (strict && !result.missing_keys.empty()) {
-    errors.insert(errors.begin(),
-                  "Missing key(s) in state_dict: " + join_quoted(result.missing_keys) + ". ");
-  }
-  if (!errors.empty()) {
-    std::string message =
-        "Error(s) in loading state_dict for " + module.name() + " from " + path + ":\n\t";
-    for (size_t i = 0; i < errors.size(); ++i) message += (i ? "\n\t" : "") + errors[i];
-    throw UsageError(message);
-  }
+  std::string message = load_state_dict_message(
+      module.name(), result.missing_keys, result.unexpected_keys, errors, strict, " from " + path);
+  if (!message.empty()) throw UsageError(message);
   // Straight into the existing storage (parallel preads, or chunked conversion), as copy_
   // would, then one version bump per tensor, as copy_ does.
   check_torch_dtypes(file);

@@ -52,12 +52,9 @@ void PendingSave::finish(std::exception_ptr error) {
 
 namespace {
 
-constexpr uint64_t kPage = 4096;
 // Capacity is rounded up to this, so a state that grows a little (a longer header, one more
 // step counter) reuses the buffer.
 constexpr uint64_t kCapacityGranule = 2ull << 20;
-
-uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
 // The snapshot buffer: anonymous pages, or pinned host memory.
 struct SnapshotBuffer {
@@ -237,7 +234,7 @@ std::shared_ptr<PendingSave> save_tensors_async(const NamedTensors& tensors,
   }
   try {
     const uint64_t size = plan.layout.file_size();
-    const uint64_t padded = round_up(size, kPage);
+    const uint64_t padded = round_up(size, kPageBytes);
     uint8_t* image;
     {
       std::lock_guard<std::mutex> lock(s.mu);  // for snapshot_stats(); busy keeps others out

@@ -23,15 +23,12 @@
 namespace zerockpt {
 namespace {
 
-constexpr uint64_t kPage = 4096;
 // Slabs of one batch start at multiples of this in the buffer, so any dtype can view them.
 constexpr uint64_t kSlabAlign = 64;
 
 std::atomic<bool> g_stage_host{false};
 std::mutex g_stats_mu;
 StagingStats g_last_stats;
-
-uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
 // Copies in flight that read or write a buffer: one event per device stream they ran on.
 using Pending = std::vector<c10::Event>;
@@ -320,10 +317,10 @@ struct Batch {
 
 HostPages::HostPages(uint64_t size, bool pinned) {
   if (pinned) {
-    pinned_ = at::empty({static_cast<int64_t>(size + kPage)},
+    pinned_ = at::empty({static_cast<int64_t>(size + kPageBytes)},
                         at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     auto base = reinterpret_cast<uintptr_t>(pinned_.data_ptr());
-    offset_ = round_up(base, kPage) - base;
+    offset_ = round_up(base, kPageBytes) - base;
     data_ = static_cast<uint8_t*>(pinned_.data_ptr()) + offset_;
   } else {
     pages_ = allocate_pages(size);
@@ -397,18 +394,11 @@ void cut_slabs(const at::Tensor& target, uint64_t file_offset, c10::ScalarType s
 
 namespace {
 
-void copy_slabs(int fd, const std::string& path, std::vector<Slab> slabs, unsigned threads,
-                uint64_t staging_bytes, Progress* progress) {
-  const std::string what = "loading from " + path;
-  uint64_t total = 0;
-  for (const Slab& slab : slabs) total += slab.nbytes;
-  expect_progress(progress, total, what);
-  if (slabs.empty()) return;
-  std::stable_sort(slabs.begin(), slabs.end(),
-                   [](const Slab& a, const Slab& b) { return a.file_offset < b.file_offset; });
-  // Pack slabs in file order into buffer-sized batches, each slab aligned for any dtype view.
+// Packs `slabs` (sorted by file offset) into buffer-sized batches, each slab at an offset in
+// its batch's buffer (`offsets`) aligned for any dtype view.
+std::vector<Batch> pack_batches(const std::vector<Slab>& slabs, std::vector<uint64_t>& offsets) {
   std::vector<Batch> batches;
-  std::vector<uint64_t> offsets(slabs.size());
+  offsets.assign(slabs.size(), 0);
   uint64_t used = kChunkBytes;
   for (size_t i = 0; i < slabs.size(); ++i) {
     uint64_t at = round_up(used, kSlabAlign);
@@ -420,19 +410,91 @@ void copy_slabs(int fd, const std::string& path, std::vector<Slab> slabs, unsign
     used = at + slabs[i].nbytes;
     batches.back().last = i + 1;
   }
-  // The caller's current stream on each device: the copies go there, so the targets are ready
-  // on it and ordered after the work already queued (which may still use their memory).
+  return batches;
+}
+
+// The caller's current stream on each device of the targets: the copies go there, so the
+// targets are ready on it and ordered after the work already queued (which may still use
+// their memory).
+std::vector<c10::Stream> current_streams(const std::vector<at::Tensor>& targets) {
   std::vector<c10::Stream> current;
-  std::vector<at::Tensor> targets;
-  targets.reserve(slabs.size());
-  for (const Slab& slab : slabs) targets.push_back(slab.target);
   for (const at::Tensor& t : targets) {
     if (t.device().is_cpu()) continue;
     add_stream(current, c10::impl::VirtualGuardImpl(t.device().type()).getStream(t.device()));
   }
-  auto stream_of = [&](const c10::Device& device) -> const c10::Stream& {
-    return *std::find_if(current.begin(), current.end(),
-                         [&](const c10::Stream& s) { return s.device() == device; });
+  return current;
+}
+
+// Fills `buffer` with the stored bytes of the batch's slabs: file-adjacent slabs by one preadv,
+// scattered to their aligned places; slabs with host bytes by memcpy.
+void read_batch(int fd, const std::string& path, const std::vector<Slab>& slabs, const Batch& batch,
+                const std::vector<uint64_t>& offsets, uint8_t* buffer) {
+  std::vector<iovec> iov;
+  uint64_t run_offset = 0;
+  auto flush = [&] {
+    if (!iov.empty()) preadv_full(fd, iov, run_offset, path);
+    iov.clear();
+  };
+  for (size_t i = batch.first; i < batch.last; ++i) {
+    uint8_t* dst = buffer + offsets[i];
+    if (slabs[i].host) {
+      flush();
+      std::memcpy(dst, slabs[i].host, slabs[i].nbytes);
+      continue;
+    }
+    bool adjacent = !iov.empty() && iov.size() < IOV_MAX &&
+                    slabs[i - 1].file_offset + slabs[i - 1].nbytes == slabs[i].file_offset;
+    if (!adjacent) {
+      flush();
+      run_offset = slabs[i].file_offset;
+    }
+    iov.push_back({dst, slabs[i].nbytes});
+  }
+  flush();
+}
+
+// Copies one slab's stored bytes, `host` (a view of the staging buffer), into its target: on
+// the CPU at once; to a device, queued on `stream` (added to `used`).
+void copy_slab_out(const Slab& slab, const at::Tensor& host, const c10::Stream* stream,
+                   std::vector<c10::Stream>& used) {
+  const at::Tensor& target = slab.target;
+  if (target.device().is_cpu()) {
+    target.copy_(host);
+    return;
+  }
+  c10::StreamGuard guard(*stream);
+  add_stream(used, *stream);
+  if (target.is_contiguous() && target.scalar_type() == slab.stored && !target.is_conj() &&
+      !target.is_neg()) {
+    target.copy_(host, /*non_blocking=*/true);
+  } else {
+    // Converted or scattered on the device, from a dense copy of the stored bytes there;
+    // a host-side conversion would copy from pageable memory.
+    at::Tensor dense = at::empty(target.sizes(), target.options().dtype(slab.stored));
+    dense.copy_(host, /*non_blocking=*/true);
+    target.copy_(dense);
+  }
+}
+
+void copy_slabs(int fd, const std::string& path, std::vector<Slab> slabs, unsigned threads,
+                uint64_t staging_bytes, Progress* progress) {
+  const std::string what = "loading from " + path;
+  uint64_t total = 0;
+  for (const Slab& slab : slabs) total += slab.nbytes;
+  expect_progress(progress, total, what);
+  if (slabs.empty()) return;
+  std::stable_sort(slabs.begin(), slabs.end(),
+                   [](const Slab& a, const Slab& b) { return a.file_offset < b.file_offset; });
+  std::vector<uint64_t> offsets;
+  const std::vector<Batch> batches = pack_batches(slabs, offsets);
+  std::vector<at::Tensor> targets;
+  targets.reserve(slabs.size());
+  for (const Slab& slab : slabs) targets.push_back(slab.target);
+  const std::vector<c10::Stream> current = current_streams(targets);
+  auto stream_of = [&](const c10::Device& device) -> const c10::Stream* {
+    if (device.is_cpu()) return nullptr;
+    return &*std::find_if(current.begin(), current.end(),
+                          [&](const c10::Stream& s) { return s.device() == device; });
   };
   size_t buffers =
       static_cast<size_t>(std::min<uint64_t>(staging_buffers(staging_bytes), batches.size()));
@@ -443,54 +505,15 @@ void copy_slabs(int fd, const std::string& path, std::vector<Slab> slabs, unsign
     size_t slot = pool.acquire();
     std::vector<c10::Stream> used;
     try {
-      // File-adjacent slabs are read by one preadv, scattered to their aligned places.
-      std::vector<iovec> iov;
-      uint64_t run_offset = 0;
-      auto flush = [&] {
-        if (!iov.empty()) preadv_full(fd, iov, run_offset, path);
-        iov.clear();
-      };
-      for (size_t i = batch.first; i < batch.last; ++i) {
-        uint8_t* dst = pool.data(slot) + offsets[i];
-        if (slabs[i].host) {
-          flush();
-          std::memcpy(dst, slabs[i].host, slabs[i].nbytes);
-          continue;
-        }
-        bool adjacent = !iov.empty() && iov.size() < IOV_MAX &&
-                        slabs[i - 1].file_offset + slabs[i - 1].nbytes == slabs[i].file_offset;
-        if (!adjacent) {
-          flush();
-          run_offset = slabs[i].file_offset;
-        }
-        iov.push_back({dst, slabs[i].nbytes});
-      }
-      flush();
+      read_batch(fd, path, slabs, batch, offsets, pool.data(slot));
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain copies, no version bumps
       uint64_t bytes = 0;
       for (size_t i = batch.first; i < batch.last; ++i) {
         const Slab& slab = slabs[i];
-        const at::Tensor& target = slab.target;
         at::Tensor host =
-            pool.bytes(slot, offsets[i], slab.nbytes).view(slab.stored).view(target.sizes());
+            pool.bytes(slot, offsets[i], slab.nbytes).view(slab.stored).view(slab.target.sizes());
         bytes += slab.nbytes;
-        if (target.device().is_cpu()) {
-          target.copy_(host);
-          continue;
-        }
-        const c10::Stream& stream = stream_of(target.device());
-        c10::StreamGuard guard(stream);
-        add_stream(used, stream);
-        if (target.is_contiguous() && target.scalar_type() == slab.stored && !target.is_conj() &&
-            !target.is_neg()) {
-          target.copy_(host, /*non_blocking=*/true);
-        } else {
-          // Converted or scattered on the device, from a dense copy of the stored bytes there;
-          // a host-side conversion would copy from pageable memory.
-          at::Tensor dense = at::empty(target.sizes(), target.options().dtype(slab.stored));
-          dense.copy_(host, /*non_blocking=*/true);
-          target.copy_(dense);
-        }
+        copy_slab_out(slab, host, stream_of(slab.target.device()), used);
       }
       pool.count(slabs[batch.first].file_offset, bytes, batch.last - batch.first);
       pool.release(slot, ZEROCKPT_SITE(8) ? record_events(used) : Pending{});

@@ -3,48 +3,35 @@
 namespace zerockpt {
 namespace {
 
-struct Pair {
-  c10::ScalarType scalar;
-  Dtype dtype;
-};
-
-// safetensors' own torch table, plus float8_e8m0fnu (named F8_E8M0 by the format).
-constexpr Pair kPairs[] = {
-    {c10::ScalarType::Bool, Dtype::kBool},
-    {c10::ScalarType::Byte, Dtype::kU8},
-    {c10::ScalarType::Char, Dtype::kI8},
-    {c10::ScalarType::Short, Dtype::kI16},
-    {c10::ScalarType::UInt16, Dtype::kU16},
-    {c10::ScalarType::Int, Dtype::kI32},
-    {c10::ScalarType::UInt32, Dtype::kU32},
-    {c10::ScalarType::Long, Dtype::kI64},
-    {c10::ScalarType::UInt64, Dtype::kU64},
-    {c10::ScalarType::Half, Dtype::kF16},
-    {c10::ScalarType::BFloat16, Dtype::kBF16},
-    {c10::ScalarType::Float, Dtype::kF32},
-    {c10::ScalarType::Double, Dtype::kF64},
-    {c10::ScalarType::ComplexFloat, Dtype::kC64},
-    {c10::ScalarType::Float8_e4m3fn, Dtype::kF8_E4M3},
-    {c10::ScalarType::Float8_e5m2, Dtype::kF8_E5M2},
-    {c10::ScalarType::Float8_e4m3fnuz, Dtype::kF8_E4M3FNUZ},
-    {c10::ScalarType::Float8_e5m2fnuz, Dtype::kF8_E5M2FNUZ},
-    {c10::ScalarType::Float8_e8m0fnu, Dtype::kF8_E8M0},
+// c10's scalar type per format dtype (Undefined: torch has none), in Dtype order.
+constexpr c10::ScalarType kScalarTypes[] = {
+#define ZEROCKPT_DTYPE_SCALAR(name, text, bits, torch) c10::ScalarType::torch,
+    ZEROCKPT_FORALL_DTYPES(ZEROCKPT_DTYPE_SCALAR)
+#undef ZEROCKPT_DTYPE_SCALAR
 };
 
 }  // namespace
 
 std::optional<Dtype> to_format_dtype(c10::ScalarType t) {
-  for (const auto& p : kPairs) {
-    if (p.scalar == t) return p.dtype;
+  if (t == c10::ScalarType::Undefined) return std::nullopt;
+  for (size_t i = 0; i < std::size(kScalarTypes); ++i) {
+    if (kScalarTypes[i] == t) return static_cast<Dtype>(i);
   }
   return std::nullopt;
 }
 
 std::optional<c10::ScalarType> to_scalar_type(Dtype d) {
-  for (const auto& p : kPairs) {
-    if (p.dtype == d) return p.scalar;
-  }
-  return std::nullopt;
+  c10::ScalarType t = kScalarTypes[static_cast<size_t>(d)];
+  if (t == c10::ScalarType::Undefined) return std::nullopt;
+  return t;
+}
+
+int64_t values_per_item(Dtype d) { return d == Dtype::kF4 ? 2 : 1; }
+
+std::vector<uint64_t> format_shape(Dtype d, c10::IntArrayRef sizes) {
+  std::vector<uint64_t> shape(sizes.begin(), sizes.end());
+  if (!shape.empty()) shape.back() *= static_cast<uint64_t>(values_per_item(d));
+  return shape;
 }
 
 }  // namespace zerockpt

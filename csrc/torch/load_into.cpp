@@ -14,20 +14,6 @@
 namespace zerockpt {
 namespace {
 
-// [begin, end) of the bytes a CPU view can touch; empty for empty tensors.
-std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
-  if (t.numel() == 0) return {0, 0};
-  auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
-}
-
-bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.const_data_ptr() == b.const_data_ptr() && a.dtype() == b.dtype() &&
-         a.sizes() == b.sizes() && a.strides() == b.strides();
-}
-
 void throw_no_torch_dtype(const CheckpointFile& file, const TensorRecord& r) {
   throw DtypeError(file.file().path() + ": tensor " + quote(r.name) + " has dtype " +
                    dtype_name(r.dtype) + ", which has no torch equivalent");
@@ -38,6 +24,7 @@ void throw_no_torch_dtype(const CheckpointFile& file, const TensorRecord& r) {
 void check_torch_dtypes(const CheckpointFile& file) {
   for (const TensorRecord& r : file.file().header().tensors) {
     if (!to_scalar_type(r.dtype)) throw_no_torch_dtype(file, r);
+    torch_sizes(r, file.file().path());  // an F4 shape torch cannot hold
   }
 }
 
@@ -157,6 +144,62 @@ NamedTensors load_to_device(CheckpointFile& file, const c10::Device& device, uns
     out.emplace_back(name, stored[static_cast<size_t>(file.find(name) - h.tensors.data())]);
   }
   return out;
+}
+
+namespace {
+
+std::string size_repr(c10::IntArrayRef sizes) {
+  std::string out = "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "])";
+}
+
+std::string join_quoted(const std::vector<std::string>& keys) {
+  std::string out;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (i) out += ", ";
+    out += '"' + keys[i] + '"';
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string size_mismatch_message(const std::string& key, c10::IntArrayRef checkpoint,
+                                  c10::IntArrayRef model) {
+  return "size mismatch for " + key + ": copying a param with shape " + size_repr(checkpoint) +
+         " from checkpoint, the shape in current model is " + size_repr(model) + ".";
+}
+
+std::string copy_error_message(const std::string& action, const std::string& key,
+                               c10::IntArrayRef model, c10::IntArrayRef checkpoint,
+                               const std::string& args_repr) {
+  return "While " + action + " the parameter named \"" + key +
+         "\", whose dimensions in the model are " + size_repr(model) +
+         " and whose dimensions in the checkpoint are " + size_repr(checkpoint) +
+         ", an exception occurred : " + args_repr + ".";
+}
+
+std::string load_state_dict_message(const std::string& module_name,
+                                    const std::vector<std::string>& missing_keys,
+                                    const std::vector<std::string>& unexpected_keys,
+                                    const std::vector<std::string>& errors, bool strict,
+                                    const std::string& source) {
+  std::vector<std::string> all;
+  if (strict && !missing_keys.empty()) {
+    all.push_back("Missing key(s) in state_dict: " + join_quoted(missing_keys) + ". ");
+  }
+  if (strict && !unexpected_keys.empty()) {
+    all.push_back("Unexpected key(s) in state_dict: " + join_quoted(unexpected_keys) + ". ");
+  }
+  all.insert(all.end(), errors.begin(), errors.end());
+  if (all.empty()) return "";
+  std::string message = "Error(s) in loading state_dict for " + module_name + source + ":\n\t";
+  for (size_t i = 0; i < all.size(); ++i) message += (i ? "\n\t" : "") + all[i];
+  return message;
 }
 
 }  // namespace zerockpt

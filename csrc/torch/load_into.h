@@ -8,14 +8,15 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <string>
 #include <vector>
 
 #include "torch/tensor_io.h"
 
 namespace zerockpt {
 
-// Throws DtypeError naming the first tensor of `file` whose dtype has no torch equivalent, so
-// that a load can fail before it changes anything.
+// Throws DtypeError naming the first tensor of `file` whose dtype (or F4 shape) has no torch
+// equivalent, so that a load can fail before it changes anything.
 void check_torch_dtypes(const CheckpointFile& file);
 
 class LoadPlan {
@@ -60,5 +61,23 @@ class LoadPlan {
 // ready on its current stream.
 NamedTensors load_to_device(CheckpointFile& file, const c10::Device& device, unsigned threads,
                             bool verify, uint64_t staging_bytes, Progress* progress);
+
+// torch's text for load_state_dict errors, the one place it is built. "size mismatch for
+// `key`: ..." (one entry of the error list), with shapes as torch.Size prints them.
+std::string size_mismatch_message(const std::string& key, c10::IntArrayRef checkpoint,
+                                  c10::IntArrayRef model);
+// "While `action` the parameter named "`key`", ...": the entry for an exception raised by a
+// copy, `args_repr` being the repr of its args.
+std::string copy_error_message(const std::string& action, const std::string& key,
+                               c10::IntArrayRef model, c10::IntArrayRef checkpoint,
+                               const std::string& args_repr);
+// "Error(s) in loading state_dict for `module_name``source`:\n\t..." over `errors`, preceded,
+// with `strict`, by the missing and the unexpected keys (as torch inserts them); "" when there
+// is nothing to report. `source` is "" (torch's text) or, e.g., " from <path>".
+std::string load_state_dict_message(const std::string& module_name,
+                                    const std::vector<std::string>& missing_keys,
+                                    const std::vector<std::string>& unexpected_keys,
+                                    const std::vector<std::string>& errors, bool strict,
+                                    const std::string& source = "");
 
 }  // namespace zerockpt

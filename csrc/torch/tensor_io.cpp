@@ -7,8 +7,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <numeric>
-#include <unordered_map>
 
 #include "torch/device_staging.h"
 #include "torch/dtypes.h"
@@ -56,74 +54,22 @@ void copy_elements(const at::Tensor& t, int64_t e0, int64_t e1, uint8_t* dst) {
   if (e1 % row != 0 && e1 / row >= i) copy_elements(t.select(0, e1 / row), 0, e1 % row, dst);
 }
 
-// Byte extent [begin, end) of a view within its storage.
-std::pair<int64_t, int64_t> extent(const at::Tensor& t) {
-  int64_t item = static_cast<int64_t>(t.element_size());
-  int64_t begin = t.storage_offset() * item;
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return {begin, begin + (last + 1) * item};
-}
-
-bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == b.scalar_type() && a.storage_offset() == b.storage_offset() &&
-         a.sizes() == b.sizes() && a.strides() == b.strides() && a.is_conj() == b.is_conj() &&
-         a.is_neg() == b.is_neg();
-}
-
-// Finds tensors that are the same view of one storage (aliases) and rejects different views
-// that overlap. Returns, per entry, the index of the entry it aliases, or -1.
+// Tensors that are the same view of one storage are stored once: returns, per entry, the index
+// of the entry it aliases, or -1. Different views that overlap are a UsageError naming two.
 std::vector<int64_t> find_aliases(const NamedTensors& tensors) {
-  std::vector<int64_t> alias_of(tensors.size(), -1);
-  std::unordered_map<const void*, std::vector<size_t>> by_storage;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i].second;
-    if (t.numel() == 0) continue;
-    by_storage[t.storage().unsafeGetStorageImpl()].push_back(i);
+  std::vector<at::Tensor> views;
+  views.reserve(tensors.size());
+  for (const auto& entry : tensors) views.push_back(entry.second);
+  MemorySharing sharing = find_memory_sharing(views);
+  if (sharing.conflict) {
+    throw UsageError(
+        "tensors " + quote(tensors[sharing.conflict->first].first) + " and " +
+        quote(tensors[sharing.conflict->second].first) +
+        " are different views whose memory overlaps in one storage; the file could not "
+        "restore that sharing. Save a .clone() of one of them (or make them the same "
+        "tensor, as tied weights are)");
   }
-  for (auto& [storage, idx] : by_storage) {
-    if (idx.size() < 2) continue;
-    std::vector<std::pair<int64_t, int64_t>> ext(idx.size());
-    for (size_t k = 0; k < idx.size(); ++k) ext[k] = extent(tensors[idx[k]].second);
-    std::vector<size_t> order(idx.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-      return ext[a] != ext[b] ? ext[a] < ext[b] : idx[a] < idx[b];
-    });
-    int64_t max_end = std::numeric_limits<int64_t>::min();
-    size_t max_owner = 0;
-    for (size_t pos = 0; pos < order.size(); ++pos) {
-      size_t k = order[pos];
-      const auto& t = tensors[idx[k]].second;
-      if (ext[k].first < max_end) {
-        // Overlaps an earlier view: fine only if it is the very same view as one of them.
-        int64_t target = -1;
-        for (size_t back = pos; back-- > 0 && ext[order[back]] == ext[k];) {
-          if (same_view(tensors[idx[order[back]]].second, t)) {
-            size_t first = idx[order[back]];
-            target = alias_of[first] >= 0 ? alias_of[first] : static_cast<int64_t>(first);
-            break;
-          }
-        }
-        if (target < 0) {
-          size_t other = ext[order[pos - 1]] == ext[k] ? idx[order[pos - 1]] : idx[max_owner];
-          const auto& a = tensors[std::min(other, idx[k])].first;
-          const auto& b = tensors[std::max(other, idx[k])].first;
-          throw UsageError(
-              "tensors " + quote(a) + " and " + quote(b) +
-              " are different views whose memory overlaps in one storage; the file could not "
-              "restore that sharing. Save a .clone() of one of them (or make them the same "
-              "tensor, as tied weights are)");
-        }
-        alias_of[idx[k]] = target;
-      }
-      if (ext[k].second > max_end) {
-        max_end = ext[k].second;
-        max_owner = k;
-      }
-    }
-  }
-  return alias_of;
+  return std::move(sharing.alias_of);
 }
 
 }  // namespace
@@ -152,7 +98,16 @@ void check_savable(const std::string& name, const at::Tensor& t) {
     throw DtypeError(
         describe(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
         ", which the safetensors format cannot store (supported: bool, uint8/16/32/64, "
-        "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types)");
+        "int8/16/32/64, float16, bfloat16, float32, float64, complex64, float8 types, "
+        "float4_e2m1fn_x2)");
+  }
+  if (t.scalar_type() == c10::ScalarType::Float4_e2m1fn_x2 && t.dim() == 0) {
+    // The format's F4 shape counts 4-bit values along the last dimension; with none, a
+    // torch element (two values) has no shape there (safetensors refuses it too).
+    throw DtypeError(describe(name) +
+                     " is a 0-dim float4_e2m1fn_x2 tensor, which the safetensors format cannot "
+                     "store (its F4 shape counts the two 4-bit values of each element along the "
+                     "last dimension): save it with shape [1] (.reshape(1))");
   }
 }
 
@@ -190,7 +145,7 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
     TensorSpec spec;
     spec.name = name;
     spec.dtype = *to_format_dtype(t.scalar_type());
-    spec.shape.assign(t.sizes().begin(), t.sizes().end());
+    spec.shape = format_shape(spec.dtype, t.sizes());
     spec.nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
     WriteSource source;
     if (!t.device().is_cpu()) {
@@ -271,12 +226,23 @@ uint64_t save_tensors_to(SavePlan plan, WriteSink& sink, const std::string& name
 }
 
 std::vector<int64_t> torch_sizes(const TensorRecord& r, const std::string& path) {
+  std::vector<uint64_t> shape = r.shape;
+  if (const int64_t per_item = values_per_item(r.dtype); per_item != 1) {
+    if (shape.empty() || shape.back() % static_cast<uint64_t>(per_item) != 0) {
+      throw DtypeError(path + ": " + describe(r.name) + " has dtype " + dtype_name(r.dtype) +
+                       " and shape [" + c10::Join(", ", r.shape) + "], which has no torch " +
+                       "equivalent: " + c10::toString(*to_scalar_type(r.dtype)) + " holds " +
+                       std::to_string(per_item) + " values per element, along the last " +
+                       "dimension, which must be a multiple of " + std::to_string(per_item));
+    }
+    shape.back() /= static_cast<uint64_t>(per_item);
+  }
   // torch computes contiguous strides as products of max(size, 1), even for empty tensors.
   constexpr auto kMax = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   std::vector<int64_t> sizes;
-  sizes.reserve(r.shape.size());
+  sizes.reserve(shape.size());
   uint64_t product = 1;
-  for (uint64_t d : r.shape) {
+  for (uint64_t d : shape) {
     uint64_t factor = std::max<uint64_t>(d, 1);
     if (d > kMax || product > kMax / factor) {
       throw FormatError(path + ": " + describe(r.name) + ": shape [" + c10::Join(", ", r.shape) +
@@ -374,7 +340,9 @@ at::Tensor CheckpointFile::tensor(const TensorRecord& r, bool mmap) {
   auto options = at::TensorOptions().dtype(shape.dtype).device(at::kCPU);
   uint64_t file_offset = file_->header().data_start + r.begin;
   size_t item = c10::elementSize(shape.dtype);
-  if (mmap) {
+  // An empty tensor gets a storage of its own: a view of the mapping would have the address of
+  // the next tensor, which torch.save then takes for the same data viewed as another dtype.
+  if (mmap && r.nbytes() > 0) {
     auto mapping = file_->mapping();
     uint8_t* ptr = mapping->data() + file_offset;
     if (reinterpret_cast<uintptr_t>(ptr) % item == 0) {

@@ -53,8 +53,10 @@ void save_tensors(const NamedTensors& tensors, const std::string& path, const Me
 uint64_t save_tensors_to(SavePlan plan, WriteSink& sink, const std::string& name,
                          const WriteOptions& options);
 
-// The torch sizes of a stored tensor; FormatError naming it if they (or the contiguous strides
-// torch would compute) do not fit int64.
+// The torch sizes of a stored tensor (F4: the last dimension halved, see torch/dtypes.h);
+// DtypeError naming it if an F4 shape has no torch equivalent (0-dim, or an odd last
+// dimension), FormatError if the sizes (or the contiguous strides torch would compute) do not
+// fit int64.
 std::vector<int64_t> torch_sizes(const TensorRecord& record, const std::string& path);
 
 // An open file with alias resolution: names in saved order, aliases included.

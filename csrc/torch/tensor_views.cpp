@@ -5,8 +5,11 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <numeric>
 #include <type_traits>
 #include <typeinfo>
+#include <unordered_map>
 #include <utility>
 
 #include "zerockpt/errors.h"
@@ -115,6 +118,92 @@ void check_memory(const std::string& what, const at::Tensor& t) {
   if (!problem) return;
   if (problem->type_error) throw DtypeError(what + " " + problem->why);
   throw UsageError(what + " " + problem->why);
+}
+
+std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() &&
+         a.sizes() == b.sizes() && a.strides() == b.strides() && a.is_conj() == b.is_conj() &&
+         a.is_neg() == b.is_neg();
+}
+
+namespace {
+
+// The entries `idx` of one storage, swept by address: views overlapping an earlier one join
+// its group (groups are runs of the sweep), and one that is the very same view as an earlier
+// one is its alias.
+void share_within_storage(const std::vector<at::Tensor>& tensors, const std::vector<size_t>& idx,
+                          MemorySharing& out) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ext(idx.size());
+  for (size_t k = 0; k < idx.size(); ++k) ext[k] = byte_extent(tensors[idx[k]]);
+  std::vector<size_t> order(idx.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return ext[a] != ext[b] ? ext[a] < ext[b] : idx[a] < idx[b];
+  });
+  uintptr_t max_end = 0;
+  size_t max_owner = 0;
+  size_t run_start = 0;  // position in `order` where the current group began
+  auto close_run = [&](size_t run_end) {
+    size_t first = idx[order[run_start]];
+    for (size_t p = run_start; p < run_end; ++p) first = std::min(first, idx[order[p]]);
+    for (size_t p = run_start; p < run_end; ++p) out.group[idx[order[p]]] = first;
+  };
+  for (size_t pos = 0; pos < order.size(); ++pos) {
+    const size_t k = order[pos];
+    const size_t i = idx[k];
+    if (pos > 0 && ext[k].first >= max_end) {
+      close_run(pos);
+      run_start = pos;
+    } else if (pos > 0) {
+      int64_t target = -1;
+      for (size_t back = pos; back-- > 0 && ext[order[back]] == ext[k];) {
+        if (same_view(tensors[idx[order[back]]], tensors[i])) {
+          const size_t earlier = idx[order[back]];
+          target =
+              out.alias_of[earlier] >= 0 ? out.alias_of[earlier] : static_cast<int64_t>(earlier);
+          break;
+        }
+      }
+      out.alias_of[i] = target;
+      if (target < 0) {
+        const size_t other = ext[order[pos - 1]] == ext[k] ? idx[order[pos - 1]] : idx[max_owner];
+        auto pair = std::make_pair(std::min(other, i), std::max(other, i));
+        if (!out.conflict || pair < *out.conflict) out.conflict = pair;
+      }
+    }
+    if (pos == 0 || ext[k].second > max_end) {
+      max_end = ext[k].second;
+      max_owner = k;
+    }
+  }
+  close_run(order.size());
+}
+
+}  // namespace
+
+MemorySharing find_memory_sharing(const std::vector<at::Tensor>& tensors) {
+  MemorySharing out;
+  out.alias_of.assign(tensors.size(), -1);
+  out.group.resize(tensors.size());
+  std::iota(out.group.begin(), out.group.end(), 0);
+  std::unordered_map<const void*, std::vector<size_t>> by_storage;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!t.defined() || memory_problem(t) || t.numel() == 0) continue;
+    by_storage[t.storage().unsafeGetStorageImpl()].push_back(i);
+  }
+  for (const auto& [storage, idx] : by_storage) {
+    if (idx.size() > 1) share_within_storage(tensors, idx, out);
+  }
+  return out;
 }
 
 }  // namespace zerockpt

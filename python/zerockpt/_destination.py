@@ -5,21 +5,14 @@ from __future__ import annotations
 import errno
 import os
 
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from zerockpt import _C
 
 
 def make_parent(path: str, *, makedirs: bool, durable: bool) -> None:
     """Checks (or, with ``makedirs``, creates) the directory that will hold the file ``path``.
 
-    Created directories are made one level at a time; with ``durable``, each new entry is
-    fsynced into its parent, so the whole path survives a power loss once the save's own fsync
-    of the file's directory is done.
+    Missing directories are created as a sharded save creates its own (``_C.make_directories``:
+    with ``durable``, each new entry is fsynced into its parent).
 
     Raises:
         FileNotFoundError: The directory is missing and ``makedirs`` is false; its ``filename``
@@ -38,20 +31,4 @@ def make_parent(path: str, *, makedirs: bool, durable: bool) -> None:
             "(pass makedirs=True to create it)",
             parent,
         )
-    missing = []
-    directory = parent
-    while not os.path.isdir(directory):
-        missing.append(directory)
-        above = os.path.dirname(directory)
-        if not above or above == directory:
-            break
-        directory = above
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            if not os.path.isdir(directory):  # a file, or a link to none: not a directory
-                raise
-            continue  # made meanwhile by another process
-        if durable:
-            _fsync_directory(os.path.dirname(directory) or ".")
+    _C.make_directories(parent, durable)

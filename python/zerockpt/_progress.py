@@ -47,24 +47,12 @@ def unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     Bookkeeping for the bar: no ``__torch_function__`` mode or subclass sees these calls, so a
     call with a bar runs the same torch functions as one without.
     """
-    seen: set[tuple[Any, ...]] = set()
-    total = 0
+    views = list(tensors)
+    alias_of, _ = _C.memory_sharing(views)
     with torch._C.DisableTorchFunction():
-        for t in tensors:
-            try:
-                key: tuple[Any, ...] = (
-                    t.untyped_storage().data_ptr(),
-                    t.storage_offset(),
-                    tuple(t.shape),
-                    t.stride(),
-                    t.dtype,
-                )
-            except (RuntimeError, NotImplementedError):  # no storage: count it, let save judge
-                key = (id(t),)
-            if key not in seen:
-                seen.add(key)
-                total += t.numel() * t.element_size()
-    return total
+        return sum(
+            t.numel() * t.element_size() for t, a in zip(views, alias_of, strict=True) if a < 0
+        )
 
 
 def run(

@@ -269,25 +269,16 @@ def load_state_dict(
         )
     missing_keys, unexpected_keys, error_msgs = result
 
-    if strict:
-        if len(unexpected_keys) > 0:
-            error_msgs.insert(
-                0,
-                "Unexpected key(s) in state_dict: {}. ".format(
-                    ", ".join(f'"{k}"' for k in unexpected_keys)
-                ),
-            )
-        if len(missing_keys) > 0:
-            error_msgs.insert(
-                0,
-                "Missing key(s) in state_dict: {}. ".format(
-                    ", ".join(f'"{k}"' for k in missing_keys)
-                ),
-            )
-    if len(error_msgs) > 0:
-        raise RuntimeError(
-            "Error(s) in loading state_dict for {}:\n\t{}".format(
-                module.__class__.__name__, "\n\t".join(error_msgs)
-            )
-        )
+    def utf8(texts: list[str]) -> list[bytes]:  # keys may hold lone surrogates
+        return [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else t for t in texts]
+
+    message = _C.load_state_dict_message(
+        module.__class__.__name__.encode("utf-8", "surrogatepass"),
+        utf8(missing_keys),
+        utf8(unexpected_keys),
+        utf8(error_msgs),
+        strict,
+    )
+    if message:
+        raise RuntimeError(message.decode("utf-8", "surrogatepass"))
     return _IncompatibleKeys(missing_keys, unexpected_keys)

@@ -27,29 +27,6 @@ from zerockpt._state import SaveInput
 # What save() and load() take as a destination or source: a path or a binary file object.
 FileLike = PathLike | IO[bytes]
 
-# Format dtype names -> torch dtypes (the safetensors table, plus F8_E8M0).
-_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
-
 
 def save(
     tensors: SaveInput,
@@ -505,7 +482,8 @@ class TensorInfo:
     Attributes:
         dtype: The torch dtype, or None if torch has none for ``format_dtype``.
         format_dtype: The dtype as the file names it, e.g. ``"F32"``.
-        shape: The tensor's shape.
+        shape: The shape the header records: the tensor's, except for ``F4`` (two values per
+            ``float4_e2m1fn_x2`` element), whose last dimension is twice the loaded tensor's.
         data_offsets: Byte range ``(begin, end)`` in the data region, as in the header.
         alias_of: The stored tensor this name is an alias of, if it was saved as one (then
             ``data_offsets`` are that tensor's).
@@ -652,7 +630,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
             ValueError: The file is closed.
         """
         fmt, shape, begin, end, alias_of = self._handle(name).info(name)
-        return TensorInfo(_DTYPES.get(fmt), fmt, tuple(shape), (begin, end), alias_of)
+        return TensorInfo(_C.torch_dtype(fmt), fmt, tuple(shape), (begin, end), alias_of)
 
     def verify(self, *, threads: int | None = None, progress: bool = False) -> VerifyResult:
         """Checks every tensor's bytes against its stored CRC-32C; see :func:`verify`.

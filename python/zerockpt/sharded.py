@@ -26,18 +26,14 @@ and writing, index parsing and validation, and reading the shards in parallel. `
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
 import re
 import secrets
-import signal
-import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -58,8 +54,6 @@ INDEX_VERSION_KEY = "zerockpt.version"
 SHARD_NAME_RE = re.compile(r"model-[0-9]{5,}-of-[0-9]{5,}\.safetensors")
 MAX_INDEX_BYTES = MAX_JSON_BYTES
 
-_STAGING_SUFFIX = ".zerockpt-staging"
-_STAGING_RE = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{16}" + re.escape(_STAGING_SUFFIX))
 
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kKmMgGtT])([iI])?)?([bB])\s*")
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -398,24 +392,6 @@ def warn_unverified(index: ShardIndex, unchecked: Sequence[str], stacklevel: int
 # Writing
 
 
-def _view_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _storage_extent(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage id, first byte, end byte) of a view within its storage; None if it has none."""
-    try:
-        if t.layout != torch.strided or t.numel() == 0:
-            return None
-        item = t.element_size()
-        begin = int(t.storage_offset()) * item
-        last = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride(), strict=True))
-        storage_id: int = t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None  # no storage (fake, functional...): the save reports it, naming the key
-    return storage_id, begin, begin + (last + 1) * item
-
-
 def plan_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
     """Splits names into shards of at most ``limit`` stored bytes, greedily in the given order.
 
@@ -432,48 +408,18 @@ def plan_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[st
         The names of each shard; at least one (possibly empty) shard.
     """
     names = list(tensors)
-    parent = list(range(len(names)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    by_storage: dict[int, list[tuple[int, int, int]]] = {}
-    for i, name in enumerate(names):
-        extent = _storage_extent(tensors[name])
-        if extent is not None:
-            by_storage.setdefault(extent[0], []).append((extent[1], extent[2], i))
-    for views in by_storage.values():
-        views.sort()
-        end, owner = -1, -1
-        for begin, stop, i in views:
-            if begin < end:  # overlaps an earlier view of this storage
-                a, b = root(owner), root(i)
-                parent[max(a, b)] = min(a, b)
-            if stop > end:
-                end, owner = stop, i
-
+    views = [tensors[name] for name in names]
+    alias_of, group = _C.memory_sharing(views)
     groups: dict[int, list[int]] = {}
     for i in range(len(names)):
-        groups.setdefault(root(i), []).append(i)
+        groups.setdefault(group[i], []).append(i)
 
     shards: list[list[int]] = []
     current: list[int] = []
     size = 0
     for members in groups.values():  # ordered by each group's first name
-        seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
-        nbytes = 0
-        for i in members:
-            t = tensors[names[i]]
-            extent = _storage_extent(t)
-            if extent is not None and len(members) > 1:
-                key = (extent[0], extent[1], tuple(t.shape), tuple(t.stride()), t.dtype)
-                if key in seen:
-                    continue  # an alias: stored once
-                seen.add(key)
-            nbytes += _view_bytes(t)
+        # Aliases are stored once.
+        nbytes = sum(views[i].numel() * views[i].element_size() for i in members if alias_of[i] < 0)
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -482,145 +428,6 @@ def plan_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[st
     if current or not shards:
         shards.append(current)
     return [[names[i] for i in sorted(shard)] for shard in shards]
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_directory(path: str, durable: bool) -> None:
-    """Creates ``path`` and missing parents; with ``durable``, fsyncs the new entries' parents."""
-    created: list[str] = []
-    probe = os.path.abspath(path)
-    while not os.path.isdir(probe):
-        created.append(probe)
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    os.makedirs(path, exist_ok=True)
-    if durable:
-        for new in reversed(created):
-            _fsync_directory(os.path.dirname(new))
-
-
-def _try_lock(fd: int, blocking: bool) -> bool | None:
-    """flock(LOCK_EX): True if locked, False if another holder has it, None if unsupported."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return None
-        raise
-    return True
-
-
-def _empty_and_remove(path: str, fd: int) -> None:
-    for entry in os.listdir(fd):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry, dir_fd=fd)
-    os.rmdir(path)
-
-
-def remove_stale_staging(directory: str) -> int:
-    """Removes staging directories of sharded saves that died (nobody holds their lock).
-
-    Returns:
-        How many were removed.
-    """
-    removed = 0
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return 0
-    for entry in entries:
-        if not _STAGING_RE.fullmatch(entry):
-            continue
-        path = os.path.join(directory, entry)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            # Locked by a live writer (False) or unknowable without flock (None): leave it.
-            if _try_lock(fd, blocking=False) is not True or os.fstat(fd).st_nlink == 0:
-                continue
-            _empty_and_remove(path, fd)
-            removed += 1
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
-
-
-class _Staging:
-    """A private, locked directory inside the destination where a save writes its files.
-
-    The writer holds an exclusive flock on it until it is removed, so a later save can tell a
-    dead writer's leftovers (lockable) from a live one's.
-    """
-
-    def __init__(self, directory: str) -> None:
-        remove_stale_staging(directory)
-        for _ in range(100):
-            name = f".{INDEX_NAME}.{os.getpid()}.{secrets.token_hex(8)}{_STAGING_SUFFIX}"
-            path = os.path.join(directory, name)
-            os.mkdir(path, 0o700)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            _try_lock(fd, blocking=True)
-            if os.fstat(fd).st_nlink != 0:  # not taken by a cleaner between mkdir and lock
-                break
-            os.close(fd)
-        else:  # pragma: no cover - a cleaner won 100 races in a row
-            raise OSError(errno.EAGAIN, "cannot create a staging directory", directory)
-        self.directory = directory
-        self.path = path
-        self._fd: int | None = fd
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def close(self) -> None:
-        """Removes the staging directory and what is left in it, then releases the lock."""
-        if self._fd is None:
-            return
-        try:
-            _empty_and_remove(self.path, self._fd)
-        except OSError:
-            pass  # a leftover that the next save into this directory removes
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-
-@contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Runs the block with SIGINT held back, then hands a SIGINT that came meanwhile to the
-    handler that was in place (KeyboardInterrupt, by default). Off the main thread signals
-    never interrupt Python code, so there is nothing to hold back; nor is there where the
-    handler was not set from Python (it cannot be put back)."""
-    main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGINT) is None:
-        yield
-        return
-    caught: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            if callable(previous):
-                previous(*caught[0])
-            else:  # SIG_DFL, SIG_IGN or a handler outside Python: as the signal would have
-                signal.raise_signal(signal.SIGINT)
 
 
 def save_sharded(
@@ -662,14 +469,14 @@ def save_sharded(
         )
     durable = options.durable
     plan = plan_shards(tensors, limit)
-    _make_directory(directory, durable)
+    _C.make_directories(directory, durable)
     files = [shard_name(k, len(plan)) for k in range(1, len(plan) + 1)]
     checkpoint_id = secrets.token_hex(16)
     shard_own = {CHECKPOINT_ID_KEY: checkpoint_id}
     shard_of = {name: file for file, names in zip(files, plan, strict=True) for name in names}
     weight_map = {name: shard_of[name] for name in tensors}  # in saved order
 
-    staging = _Staging(directory)
+    staging = _C._StagingDirectory(directory, INDEX_NAME)
     try:
         total = 0
         for file, names in zip(files, plan, strict=True):
@@ -699,18 +506,10 @@ def save_sharded(
 
         # Commit: shards first, the index last. Renames need no space, so a full disk has
         # failed above, with the previous checkpoint untouched; so has a destination that a
-        # save may not replace (checked for all before any is). Ctrl-C waits for the end:
-        # stopping among the renames would leave new shards under the old index.
-        for file in [*files, INDEX_NAME]:
-            _C.check_destination(os.path.join(directory, file))
-        with _ctrl_c_deferred():
-            for file in [*files, INDEX_NAME]:
-                if file == INDEX_NAME and durable:
-                    _fsync_directory(directory)  # the shards' renames reach the disk first
-                # Keeps a replaced file's mode, owner and group, as zerockpt.save does.
-                _C.replace_file(staging.file(file), os.path.join(directory, file))
-            if durable:
-                _fsync_directory(directory)
+        # save may not replace (checked for all before any is). One C++ call, so Ctrl-C waits
+        # for the end: stopping among the renames would leave new shards under the old index.
+        # Each keeps a replaced file's mode, owner and group, as zerockpt.save does.
+        staging.commit([*files, INDEX_NAME], durable)
     finally:
         staging.close()
 

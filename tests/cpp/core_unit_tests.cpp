@@ -1,16 +1,29 @@
 // Unit tests of csrc/core through its C++ API: `zerockpt_unit_tests SUITE` runs one suite and
 // exits non-zero on the first failed check, printing where. No test framework: the checks are
 // few and each names what it expects.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/align.h"
 #include "core/crc32c.h"
+#include "core/dtype.h"
+#include "core/file.h"
 #include "core/header.h"
 #include "core/json.h"
 #include "zerockpt/errors.h"
@@ -270,6 +283,134 @@ void test_header() {
   EXPECT_THROW(FormatError, [&] { checked_header_size(small, 40, "p.bin"); }, "past the end");
 }
 
+void test_dtype() {
+  // The one table: every enumerator has its own name, which parses back to it.
+  const Dtype last = Dtype::kF6_E3M2;
+  for (int i = 0; i <= static_cast<int>(last); ++i) {
+    auto d = static_cast<Dtype>(i);
+    CHECK(parse_dtype(dtype_name(d)) == d);
+  }
+  CHECK(dtype_bits(Dtype::kF4) == 4 && dtype_bits(Dtype::kF6_E2M3) == 6);
+  CHECK(dtype_bits(Dtype::kBF16) == 16 && dtype_bits(Dtype::kC64) == 64);
+  CHECK(std::string(dtype_name(Dtype::kF8_E8M0)) == "F8_E8M0");
+  CHECK(!parse_dtype("f32") && !parse_dtype("") && !parse_dtype("F4 "));
+  // F4 sizes: whole bytes only.
+  CHECK(tensor_nbytes(Dtype::kF4, {3, 8}, "a", "p") == 12);
+  EXPECT_THROW(FormatError, [&] { tensor_nbytes(Dtype::kF4, {3}, "a", "p"); }, "'a'", "F4");
+}
+
+// A fresh empty directory under $TMPDIR (or /tmp).
+std::string make_temp_dir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/zerockpt-unit-XXXXXX";
+  CHECK(::mkdtemp(&tmpl[0]) != nullptr);
+  return tmpl;
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(dir.c_str());
+  CHECK(d != nullptr);
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name != "." && name != "..") out.push_back(name);
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void remove_tree(const std::string& dir) {
+  for (const std::string& name : list_dir(dir)) {
+    std::string path = dir + "/" + name;
+    struct stat st{};
+    if (::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+      remove_tree(path);
+    } else {
+      ::unlink(path.c_str());
+    }
+  }
+  ::rmdir(dir.c_str());
+}
+
+void test_files() {
+  CHECK(round_up(0, kPageBytes) == 0 && round_up(1, kPageBytes) == kPageBytes);
+  CHECK(round_up(kPageBytes, kPageBytes) == kPageBytes && round_up(4097, 4096) == 8192);
+  CHECK(round_up(65, 64) == 128 && round_up(7, 1) == 7);
+  static_assert(kDataAlignment % kPageBytes == 0, "the data region starts on a page");
+
+  const std::string root = make_temp_dir();
+  // make_directories creates every missing level, and accepts an existing directory.
+  make_directories(root + "/a/b/c", /*durable=*/true);
+  struct stat st{};
+  CHECK(::stat((root + "/a/b/c").c_str(), &st) == 0 && S_ISDIR(st.st_mode));
+  make_directories(root + "/a/b", /*durable=*/false);
+  write_text(root + "/file", "x");
+  EXPECT_THROW(IoError, [&] { make_directories(root + "/file/sub", false); }, "file/sub");
+
+  // A commit renames the staged files in and leaves no staging directory behind.
+  const std::string dir = root + "/ckpt";
+  make_directories(dir, false);
+  write_text(dir + "/old", "old contents");
+  ::chmod((dir + "/old").c_str(), 0640);
+  {
+    StagingDirectory staging(dir, "model.safetensors.index.json");
+    CHECK(staging.path().find(kStagingSuffix) != std::string::npos);
+    CHECK(::stat(staging.path().c_str(), &st) == 0 && (st.st_mode & 0777) == 0700);
+    write_text(staging.file("old"), "new contents");
+    write_text(staging.file("index"), "{}");
+    staging.commit({"old", "index"}, /*durable=*/true);
+  }
+  CHECK(read_text(dir + "/old") == "new contents" && read_text(dir + "/index") == "{}");
+  CHECK(::stat((dir + "/old").c_str(), &st) == 0 && (st.st_mode & 0777) == 0640);  // kept
+  CHECK((list_dir(dir) == std::vector<std::string>{"index", "old"}));
+
+  // A destination that cannot be replaced fails the commit before any rename.
+  ::mkdir((dir + "/blocked").c_str(), 0755);
+  {
+    StagingDirectory staging(dir, "idx");
+    write_text(staging.file("index"), "second");
+    write_text(staging.file("blocked"), "y");
+    EXPECT_THROW(IoError, [&] { staging.commit({"index", "blocked"}, false); }, "blocked");
+  }
+  CHECK(read_text(dir + "/index") == "{}");
+  CHECK((list_dir(dir) == std::vector<std::string>{"blocked", "index", "old"}));
+
+  // Without a commit, the directory and what was staged are removed.
+  {
+    StagingDirectory staging(dir, "idx");
+    write_text(staging.file("shard"), "z");
+  }
+  CHECK((list_dir(dir) == std::vector<std::string>{"blocked", "index", "old"}));
+
+  // A dead writer's directory (nobody holds its lock) is removed, a live one's is not, nor
+  // is anything that only looks similar.
+  const std::string dead = dir + "/.idx.999999.0123456789abcdef" + kStagingSuffix;
+  const std::string live = dir + "/.idx.999998.fedcba9876543210" + kStagingSuffix;
+  const std::string other = dir + "/.idx.12.nothex" + kStagingSuffix;
+  for (const auto& d : {dead, live, other}) CHECK(::mkdir(d.c_str(), 0700) == 0);
+  write_text(dead + "/shard", "partial");
+  int held = ::open(live.c_str(), O_RDONLY | O_DIRECTORY);
+  CHECK(held >= 0 && ::flock(held, LOCK_EX) == 0);
+  CHECK(remove_stale_staging_directories(dir) == 1);
+  CHECK(::access(dead.c_str(), F_OK) != 0 && ::access(live.c_str(), F_OK) == 0);
+  CHECK(::access(other.c_str(), F_OK) == 0);
+  ::close(held);  // its writer "dies": the next staging directory cleans it up
+  {
+    StagingDirectory staging(dir, "idx");
+  }
+  CHECK(::access(live.c_str(), F_OK) != 0);
+  CHECK(remove_stale_staging_directories(root + "/missing") == 0);
+  remove_tree(root);
+}
+
 }  // namespace
 }  // namespace zerockpt
 
@@ -279,9 +420,11 @@ int main(int argc, char** argv) {
       {"crc32c", zerockpt::test_crc32c},
       {"plan_layout", zerockpt::test_plan_layout},
       {"header", zerockpt::test_header},
+      {"dtype", zerockpt::test_dtype},
+      {"files", zerockpt::test_files},
   };
   if (argc != 2 || !suites.count(argv[1])) {
-    std::fprintf(stderr, "usage: zerockpt_unit_tests json|crc32c|plan_layout|header\n");
+    std::fprintf(stderr, "usage: zerockpt_unit_tests json|crc32c|plan_layout|header|dtype|files\n");
     return 2;
   }
   suites.at(argv[1])();
