@@ -292,7 +292,14 @@ class ZerockptCheckpointIO(_Base):
         return loaded
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Removes the checkpoint at ``path`` (a file, link or directory); nothing if missing."""
+        """Removes the checkpoint at ``path`` (a file, link or directory); nothing if missing.
+
+        Args:
+            path: The checkpoint (the async plugin first waits for its save in flight).
+
+        Raises:
+            OSError: It could not be removed.
+        """
         self._wait_for(path)
         where = _local_path(path)
         if os.path.islink(where) or os.path.isfile(where):
@@ -315,12 +322,37 @@ class AsyncZerockptCheckpointIO(ZerockptCheckpointIO):
     goes on while a background thread writes the file. The next ``save_checkpoint`` and
     ``teardown`` (the end of ``fit``) first wait for the save in flight and raise its error if
     it failed; so do ``load_checkpoint`` and ``remove_checkpoint`` of the file being written.
-    The file appears atomically, complete, once written. Takes the options of
-    :class:`ZerockptCheckpointIO`.
+    The file appears atomically, complete, once written.
+
+    Args:
+        durable: fsync each checkpoint and its directory before the save counts as done.
+        checksums: Store each tensor's CRC-32C (checked by ``verify``).
+        threads: Threads that copy, checksum and write (and read); default
+            ``min(cpu_count, 8)``.
+        direct_io: As :func:`zerockpt.save_async`: None chooses by size.
+        mmap: Load checkpoints as memory-mapped (copy-on-write) tensors; False reads them
+            into fresh memory.
+        verify: Check the stored checksums when loading (ChecksumError on a mismatch).
     """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        *,
+        durable: bool = True,
+        checksums: bool = True,
+        threads: int | None = None,
+        direct_io: bool | None = None,
+        mmap: bool = True,
+        verify: bool = False,
+    ) -> None:
+        super().__init__(
+            durable=durable,
+            checksums=checksums,
+            threads=threads,
+            direct_io=direct_io,
+            mmap=mmap,
+            verify=verify,
+        )
         self._pending: _checkpoint.PendingSave | None = None
 
     def save_checkpoint(
@@ -328,9 +360,19 @@ class AsyncZerockptCheckpointIO(ZerockptCheckpointIO):
     ) -> None:
         """Waits for the previous save (raising its error), then starts this one.
 
+        Args:
+            checkpoint: Lightning's checkpoint dict; its tensors are copied before this
+                returns, so training may change them at once.
+            path: Destination file (local path).
+            storage_options: None, or a mapping overriding this plugin's ``durable``,
+                ``checksums``, ``threads`` or ``direct_io`` for this save.
+
         Raises:
-            As :meth:`ZerockptCheckpointIO.save_checkpoint`, for this checkpoint's input, and
-            the error of the previous save if it failed.
+            TypeError: A value cannot be stored (the message names its path) or bad
+                ``storage_options``.
+            ValueError: ``path`` is a remote URL.
+            OSError: The previous save failed (its error), or a directory above ``path``
+                could not be created.
         """
         self.wait()
         where, options = self._save_arguments(checkpoint, path, storage_options)
