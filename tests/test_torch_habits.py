@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +22,7 @@ import torch
 import zerockpt
 from conftest import assert_same_state
 from torch import nn
-from zerockpt import Checkpointer, FormatError, cli
+from zerockpt import _C, Checkpointer, FormatError, cli
 
 # --- map_location and weights_only --------------------------------------------------------------
 
@@ -208,25 +210,29 @@ def test_a_missing_directory_is_named(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_makedirs_creates_it_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def record(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
+def test_makedirs_creates_it_durably(tmp_path: Path) -> None:
+    """Each new directory's entry is fsynced into its parent (the file's own directory is
+    fsynced by the save itself): an fsync failing at the first or second of those names that
+    parent, and fails the save with nothing written."""
     state = {"w": torch.arange(4.0), "step": 1}
+    for after, parent in ((0, tmp_path), (1, tmp_path / "a")):
+        _C._inject_fault("fsync", errno.EIO, after=after)
+        try:
+            with pytest.raises(OSError, match=f"fsync of directory {re.escape(str(parent))} "):
+                zerockpt.save(state, tmp_path / "a" / "b" / "c.safetensors", makedirs=True)
+        finally:
+            _C._clear_faults()
+        shutil.rmtree(tmp_path / "a")
     path = tmp_path / "a" / "b" / "c.safetensors"
     zerockpt.save(state, path, makedirs=True)
     assert_same_state(state, zerockpt.load(path))
-    # Each new directory's entry is fsynced into its parent (the file's own directory is
-    # fsynced by the save itself).
-    assert synced == [str(tmp_path), str(tmp_path / "a")]
-    synced.clear()
-    zerockpt.save(state, tmp_path / "x" / "y.safetensors", makedirs=True, durable=False)
-    assert synced == []
+    # Without durability nothing is fsynced: the injected failure never fires.
+    _C._inject_fault("fsync", errno.EIO)
+    try:
+        zerockpt.save(state, tmp_path / "x" / "y.safetensors", makedirs=True, durable=False)
+    finally:
+        _C._clear_faults()
+    assert_same_state(state, zerockpt.load(tmp_path / "x" / "y.safetensors"))
     pending = zerockpt.save_async(state, tmp_path / "p" / "q" / "r.safetensors", makedirs=True)
     pending.result()
     assert_same_state(state, zerockpt.load(tmp_path / "p" / "q" / "r.safetensors"))

@@ -783,42 +783,12 @@ def describe(checkpoint: PathLike, *, trusted: bool = False) -> dict[str, Any]:
                     item.update(_decoded_item(stored.numpy().tobytes()))
             items.append(item)
             continue
-        dtype = md.properties.dtype
-        nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
-        total += nbytes
-        tensors.append(
-            {
-                "name": fqn,
-                "dtype": _dtype_name(dtype),
-                "shape": list(md.size),
-                "nbytes": nbytes,
-                "chunks": len(md.chunks),
-                "files": sorted({location.file for location in where}),
-            }
-        )
+        entry = _tensor_entry(fqn, md, {location.file for location in where})
+        total += entry["nbytes"]
+        tensors.append(entry)
     headers = [open_file(name).metadata() for name in files]
-    storage_meta = metadata.storage_meta
-    return {
-        "path": root,
-        "kind": "dcp",
-        "format": FORMAT,
-        "files": [os.path.join(root, name) for name in files],
-        "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
-        "tensors": tensors,
-        "total_bytes": total,
-        "metadata": {},
-        "zerockpt": {
-            "dcp_version": metadata.version,
-            "save_id": None if storage_meta is None else storage_meta.save_id,
-            "rank_files": len(files),
-        },
-        "items": items,
-        "checksums": {
-            "stored": bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers),
-            "verified": None,
-            "failed": [],
-        },
-    }
+    checksums = bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers)
+    return _report(root, FORMAT, metadata, files, tensors, total, items, checksums)
 
 
 def _decoded_item(raw: bytes) -> dict[str, Any]:
@@ -1332,24 +1302,43 @@ def _describe_native(root: str, metadata: Metadata) -> dict[str, Any]:
                     item.update(_decoded_item(f.read(info.length)))
             items.append(item)
             continue
-        dtype = md.properties.dtype
-        nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
-        total += nbytes
-        tensors.append(
-            {
-                "name": fqn,
-                "dtype": _dtype_name(dtype),
-                "shape": list(md.size),
-                "nbytes": nbytes,
-                "chunks": len(md.chunks),
-                "files": sorted({info.relative_path for info in where}),
-            }
-        )
+        entry = _tensor_entry(fqn, md, {info.relative_path for info in where})
+        total += entry["nbytes"]
+        tensors.append(entry)
+    return _report(root, NATIVE_FORMAT, metadata, files, tensors, total, items, False)
+
+
+def _tensor_entry(fqn: str, md: Any, files: set[str]) -> dict[str, Any]:
+    """The report's entry for one tensor of DCP ``metadata`` (``md``: its TensorStorageMetadata)
+    stored in ``files``."""
+    dtype = md.properties.dtype
+    return {
+        "name": fqn,
+        "dtype": _dtype_name(dtype),
+        "shape": list(md.size),
+        "nbytes": math.prod(md.size) * torch.empty((), dtype=dtype).element_size(),
+        "chunks": len(md.chunks),
+        "files": sorted(files),
+    }
+
+
+def _report(
+    root: str,
+    fmt: str,
+    metadata: Any,
+    files: list[str],
+    tensors: list[dict[str, Any]],
+    total: int,
+    items: list[dict[str, Any]],
+    checksums_stored: bool,
+) -> dict[str, Any]:
+    """``describe``'s report (``inspect --json``) of a DCP checkpoint in ``root`` (of either
+    format) whose DCP ``metadata`` names the rank ``files``."""
     storage_meta = metadata.storage_meta
     return {
         "path": root,
         "kind": "dcp",
-        "format": NATIVE_FORMAT,
+        "format": fmt,
         "files": [os.path.join(root, name) for name in files],
         "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
         "tensors": tensors,
@@ -1361,5 +1350,5 @@ def _describe_native(root: str, metadata: Metadata) -> dict[str, Any]:
             "rank_files": len(files),
         },
         "items": items,
-        "checksums": {"stored": False, "verified": None, "failed": []},
+        "checksums": {"stored": checksums_stored, "verified": None, "failed": []},
     }
