@@ -1,0 +1,227 @@
+"""A Lightning Trainer fitting a small model with a checkpoint every N steps, per CheckpointIO.
+
+An MLP (4 x 1024 x 1024 linear layers, AdamW: ~50 MB of training state) is fitted on the CPU
+with ``ModelCheckpoint(every_n_train_steps=N, save_top_k=1)``, N chosen from a calibration run
+so that checkpoints come about every CHECKPOINT_INTERVAL_S seconds (at least
+MIN_STEPS_PER_INTERVAL steps). Each fit runs R + 1
+intervals (R checkpoints, the last one followed by N - 1 steps) and ends after the plugin's
+teardown, so a background write still running is counted. The variants take turns for ROUNDS
+rounds (the machine's speed drifts); each variant's best fit is compared:
+
+- steps/s with ``AsyncZerockptCheckpointIO`` against no checkpointing (goal: >= 0.95x);
+- time the training loop is blocked per checkpoint in the plugin's ``save_checkpoint``,
+  Lightning's default ``TorchCheckpointIO`` against ``AsyncZerockptCheckpointIO`` (goal: >= 5x),
+  and in the whole ``trainer.save_checkpoint`` (Lightning's ``dump_checkpoint``, which
+  collects the state, plus the plugin's save).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import SMOKE, report_ratio
+from pytest_benchmark.fixture import BenchmarkFixture
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.fabric.plugins import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from zerockpt.lightning import AsyncZerockptCheckpointIO, ZerockptCheckpointIO  # noqa: E402
+
+WIDTH = 32 if SMOKE else 1024
+DEPTH = 4
+BATCH = 64
+CHECKPOINTS = 1 if SMOKE else 2
+CHECKPOINT_INTERVAL_S = 0.05 if SMOKE else 3.0
+MIN_STEPS_PER_INTERVAL = 2 if SMOKE else 10
+ROUNDS = 1 if SMOKE else 3
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"
+)
+
+
+class MLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        for _ in range(DEPTH):
+            layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*layers)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class _Batches(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The same fixed batch, forever (no data loading in the measurement)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.batch = (
+            torch.randn(BATCH, WIDTH, generator=generator),
+            torch.randn(BATCH, WIDTH, generator=generator),
+        )
+
+    def __iter__(self) -> Any:
+        while True:
+            yield self.batch
+
+
+def _loader() -> torch.utils.data.DataLoader[Any]:
+    return torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=0)
+
+
+class _FirstBatchClock(Callback):  # type: ignore[misc]
+    """Starts the clock at the first training batch (after the Trainer's setup)."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+
+
+# name -> plugin factory; None: no checkpointing at all.
+VARIANTS: dict[str, Callable[[], Any] | None] = {
+    "no checkpoints": None,
+    "AsyncZerockptCheckpointIO": AsyncZerockptCheckpointIO,
+    "ZerockptCheckpointIO": ZerockptCheckpointIO,
+    "TorchCheckpointIO (Lightning default)": TorchCheckpointIO,
+}
+
+
+def _fit(
+    directory: Path, plugin_factory: Callable[[], Any] | None, every: int
+) -> tuple[float, dict[str, list[float]], int]:
+    """Fits (CHECKPOINTS + 1) * every - 1 steps; returns seconds from the first batch to the end
+    of fit (teardown included), the blocking time of each checkpoint in the plugin's and in
+    the trainer's save_checkpoint, and the steps run."""
+    torch.manual_seed(0)
+    clock = _FirstBatchClock()
+    callbacks: list[Any] = [clock]
+    if plugin_factory is not None:
+        callbacks.append(
+            ModelCheckpoint(dirpath=directory, every_n_train_steps=every, save_top_k=1)
+        )
+    steps = (CHECKPOINTS + 1) * every - 1  # no checkpoint at the very end
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        plugins=[plugin_factory()] if plugin_factory is not None else None,
+        callbacks=callbacks,
+        enable_checkpointing=plugin_factory is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(directory),
+    )
+    blocked: dict[str, list[float]] = {"plugin": [], "trainer": []}
+
+    def timed(save: Callable[..., None], into: list[float]) -> Callable[..., None]:
+        def timed_save(*args: Any, **kwargs: Any) -> None:
+            start = time.perf_counter()
+            save(*args, **kwargs)
+            into.append(time.perf_counter() - start)
+
+        return timed_save
+
+    trainer.save_checkpoint = timed(trainer.save_checkpoint, blocked["trainer"])
+    if plugin_factory is not None:
+        plugin = trainer.strategy.checkpoint_io
+        plugin.save_checkpoint = timed(plugin.save_checkpoint, blocked["plugin"])
+    trainer.fit(MLP(), _loader())
+    end = time.perf_counter()
+    assert clock.start is not None and trainer.global_step == steps
+    return end - clock.start, blocked, steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet() -> Any:
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _steps_per_interval(directory: Path) -> int:
+    """N: steps in about CHECKPOINT_INTERVAL_S seconds, from a fit without checkpoints."""
+    calibration = 5 if SMOKE else 60
+    seconds, _, steps = _fit(directory, None, calibration // (CHECKPOINTS + 1) + 1)
+    return max(MIN_STEPS_PER_INTERVAL, round(CHECKPOINT_INTERVAL_S / (seconds / steps)))
+
+
+def test_lightning_fit_with_checkpoints(benchmark: BenchmarkFixture, bench_dir: Path) -> None:
+    every = _steps_per_interval(bench_dir / "calibration")
+    names = list(VARIANTS)
+    fits: dict[str, list[float]] = {name: [] for name in names}
+    blocking: dict[str, dict[str, list[float]]] = {
+        name: {"plugin": [], "trainer": []} for name in names
+    }
+    steps_run: dict[str, int] = {}
+
+    def run() -> None:
+        for r in range(ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                directory = bench_dir / f"{name.split()[0]}-{r}"
+                seconds, blocked, steps = _fit(directory, VARIANTS[name], every)
+                fits[name].append(seconds)
+                for where, times in blocked.items():
+                    blocking[name][where] += times
+                steps_run[name] = steps
+                if VARIANTS[name] is not None:
+                    assert len(blocked["plugin"]) == len(blocked["trainer"]) == CHECKPOINTS
+                    assert len(list(directory.glob("*.ckpt"))) == 1  # save_top_k=1 removed
+
+    benchmark.group = (
+        f"Lightning fit: {ROUNDS} x ({CHECKPOINTS} checkpoints, every {every} steps) per plugin"
+    )
+    benchmark.pedantic(run, rounds=1, iterations=1)
+
+    base = steps_run["no checkpoints"] / min(fits["no checkpoints"])
+    for name in names:
+        steps_per_s = steps_run[name] / min(fits[name])
+        benchmark.extra_info[f"{name}: steps/s (best fit)"] = round(steps_per_s, 2)
+        for where, times in blocking[name].items():
+            if times:
+                benchmark.extra_info[f"{name}: blocking s per checkpoint in {where} (median)"] = (
+                    round(sorted(times)[len(times) // 2], 4)
+                )
+        if name != "no checkpoints" and benchmark.enabled:
+            report_ratio(
+                f"Lightning steps/s with {name} / without checkpoints (best of {ROUNDS})",
+                steps_per_s / base,
+                "target >= 0.95" if name == "AsyncZerockptCheckpointIO" else "",
+            )
+
+    def median(name: str, where: str) -> float:
+        times = sorted(blocking[name][where])
+        return times[len(times) // 2]
+
+    if benchmark.enabled:
+        torch_io = "TorchCheckpointIO (Lightning default)"
+        for where in ("plugin", "trainer"):
+            for name in ("AsyncZerockptCheckpointIO", "ZerockptCheckpointIO"):
+                report_ratio(
+                    f"Lightning blocking time per checkpoint in the {where}'s save_checkpoint, "
+                    f"{torch_io} / {name} (medians)",
+                    median(torch_io, where) / median(name, where),
+                    "target >= 5"
+                    if (name, where) == ("AsyncZerockptCheckpointIO", "plugin")
+                    else "",
+                )
