@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 import zerockpt
 
 transformers = pytest.importorskip("transformers")
@@ -44,7 +43,12 @@ class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 def tiny_gpt2() -> Any:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=64, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+        vocab_size=64,
+        n_positions=8,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
         eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config)
@@ -302,9 +306,13 @@ def test_missing_extra_names_it() -> None:
 
 
 def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    section = re.search(r"## Hugging Face Trainer and Accelerate\n(.*?)\n## ", README.read_text(), re.S)
+    section = re.search(
+        r"## Hugging Face Trainer and Accelerate\n(.*?)\n## ", README.read_text(), re.S
+    )
     assert section, "README has no Hugging Face section"
-    block = next(b for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S) if "Trainer" in b)
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S) if "Trainer" in b
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "load", no_torch_load)
     namespace: dict[str, object] = {}

@@ -16,8 +16,9 @@ The folder holds ``model.safetensors`` (``model_<i>.safetensors`` for the i-th p
 ``optimizer.safetensors``, ``scheduler.safetensors`` (``_<i>`` likewise), ``scaler.safetensors``
 (with fp16 mixed precision), ``random_states_<process>.safetensors`` (Python, numpy, torch and
 accelerator generators, and ``accelerator.step``), ``custom_checkpoint_<i>.safetensors`` for
-registered objects, and ``sampler[_<i>].safetensors`` / ``dl_state_dict[_<i>].safetensors``
-for seedable samplers and stateful data loaders. The model files are plain safetensors.
+registered objects, ``dataloader[_<i>].safetensors`` for the prepared data loaders' epoch
+counters and seedable samplers, and ``dl_state_dict[_<i>].safetensors`` for stateful data
+loaders. The model files are plain safetensors.
 
 Hooks registered with ``register_save_state_pre_hook`` and ``register_load_state_pre_hook`` run
 as in ``Accelerator.save_state`` / ``load_state``. DeepSpeed, FSDP, Megatron-LM and TPU (XLA)
@@ -104,6 +105,31 @@ def _sampler(dataloader: Any) -> Any:
     return sampler if isinstance(sampler, seedable) else None
 
 
+def _loader_position(dataloader: Any) -> dict[str, int]:
+    """Where a prepared data loader is in its epochs: what its next shuffle depends on.
+
+    Its ``iteration`` (the epoch it sets on its sampler and dataset when an iteration starts)
+    and, for a seedable sampler, the sampler's epoch and seed.
+    """
+    position: dict[str, int] = {}
+    if isinstance(getattr(dataloader, "iteration", None), int):
+        position["iteration"] = dataloader.iteration
+    sampler = _sampler(dataloader)
+    if sampler is not None:
+        position["epoch"] = sampler.epoch
+        position["initial_seed"] = sampler.initial_seed
+    return position
+
+
+def _set_loader_position(dataloader: Any, position: Any) -> None:
+    if "iteration" in position:
+        dataloader.iteration = position["iteration"]
+    sampler = _sampler(dataloader)
+    if sampler is not None and "epoch" in position:
+        sampler.epoch = position["epoch"]
+        sampler.initial_seed = position["initial_seed"]
+
+
 def _rng_states(step: int) -> dict[str, Any]:
     np = importlib.import_module("numpy")
     states: dict[str, Any] = {
@@ -142,12 +168,12 @@ def save_state(accelerator: Any, output_dir: str | os.PathLike[str]) -> str:
     """Saves what ``accelerator.save_state(output_dir)`` saves, every file written by zerockpt.
 
     The models (as ``accelerator.get_state_dict(model, unwrap=False)``), optimizers,
-    schedulers, gradient scaler, RNG states and ``accelerator.step``, seedable samplers and
-    stateful data loaders, and objects registered with ``register_for_checkpointing`` (their
-    ``state_dict()`` must be storable nested state: tensors, numbers, strings, containers...;
-    anything else is a TypeError naming it). Save-state pre hooks run first, as in accelerate.
-    The main process writes the shared files (each process with ``save_on_each_node``, the
-    main one of each node); every process writes its RNG states.
+    schedulers, gradient scaler, RNG states and ``accelerator.step``, the prepared data
+    loaders' epoch counters (``iteration``) and seedable samplers' epoch and seed (accelerate
+    keeps neither), stateful data loaders' state, and the objects registered with
+    ``register_for_checkpointing``. Save-state pre hooks run first, as in accelerate. The main
+    process writes the shared files (with ``save_on_each_node``, the main process of each
+    node); every process writes its RNG states. Each file is written atomically.
 
     Args:
         accelerator: The ``accelerate.Accelerator`` the objects were prepared with.
@@ -155,6 +181,13 @@ def save_state(accelerator: Any, output_dir: str | os.PathLike[str]) -> str:
 
     Returns:
         The folder, as a str.
+
+    Raises:
+        TypeError: ``accelerator`` is not an Accelerator this module knows, or a state holds a
+            value zerockpt cannot store (a registered object's ``state_dict()`` must be nested
+            state: tensors, numbers, strings, containers...); the message names its path.
+        ValueError: A DeepSpeed, FSDP, Megatron-LM or XLA setup (use ``accelerator.save_state``).
+        ImportError: accelerate is not installed (``pip install zerockpt[accelerate]``).
     """
     _check(accelerator, "save_state")
     output_dir = os.fspath(output_dir)
@@ -174,14 +207,17 @@ def save_state(accelerator: Any, output_dir: str | os.PathLike[str]) -> str:
             # model.safetensors, model_1.safetensors: the names (and format) accelerate uses.
             zerockpt.save(state, os.path.join(output_dir, _indexed("model", i)))
         for i, optimizer in enumerate(accelerator._optimizers):
-            zerockpt.save(optimizer.state_dict(), os.path.join(output_dir, _indexed("optimizer", i)))
+            zerockpt.save(
+                optimizer.state_dict(), os.path.join(output_dir, _indexed("optimizer", i))
+            )
         for i, scheduler in enumerate(accelerator._schedulers):
-            zerockpt.save(scheduler.state_dict(), os.path.join(output_dir, _indexed("scheduler", i)))
+            zerockpt.save(
+                scheduler.state_dict(), os.path.join(output_dir, _indexed("scheduler", i))
+            )
         for i, dataloader in enumerate(accelerator._dataloaders):
-            sampler = _sampler(dataloader)
-            if sampler is not None:
-                state = {"epoch": sampler.epoch, "initial_seed": sampler.initial_seed}
-                zerockpt.save(state, os.path.join(output_dir, _indexed("sampler", i)))
+            position = _loader_position(dataloader)
+            if position:
+                zerockpt.save(position, os.path.join(output_dir, _indexed("dataloader", i)))
             if getattr(dataloader, "use_stateful_dataloader", False):
                 zerockpt.save(
                     dataloader.state_dict(), os.path.join(output_dir, _indexed("dl_state_dict", i))
@@ -212,23 +248,33 @@ def _require(path: str) -> str:
     return path
 
 
-def load_state(
-    accelerator: Any, input_dir: str | os.PathLike[str], *, strict: bool = True
-) -> None:
+def load_state(accelerator: Any, input_dir: str | os.PathLike[str], *, strict: bool = True) -> None:
     """Loads what :func:`save_state` saved into the accelerator's prepared objects.
 
     As ``accelerator.load_state(input_dir)``: load-state pre hooks run first (and may take
-    models off the list they get), the models are loaded in place (``strict`` as in
-    ``load_state_dict``), the optimizers' states onto the CPU (``load_state_dict`` moves each to
-    its parameter's device), then schedulers, samplers, data loaders, the scaler, the objects
-    registered with ``register_for_checkpointing`` (their count must match the folder's) and
-    this process's RNG states and ``accelerator.step``. A folder without this process's
-    random-states file (saved with fewer processes) leaves the generators as they are, with a
-    warning. Nothing is unpickled: ``torch.load`` is never called.
+    models off the list they get), the models are loaded in place, the optimizers' states onto
+    the CPU (``load_state_dict`` moves each to its parameter's device), then the schedulers,
+    the data loaders' positions and states, the scaler, the objects registered with
+    ``register_for_checkpointing`` and this process's RNG states and ``accelerator.step``. A
+    folder without this process's random-states file (saved with fewer processes) leaves the
+    generators as they are, with a warning. Nothing is unpickled: ``torch.load`` is never
+    called.
 
     Args:
         accelerator: The ``accelerate.Accelerator`` the objects were prepared with.
         input_dir: A folder written by :func:`save_state`.
+        strict: As ``load_state_dict``'s: every model key must be in its file and vice versa.
+
+    Raises:
+        FileNotFoundError: ``input_dir`` is not a folder, or a file for a prepared object is
+            missing from it.
+        ValueError: The folder holds another number of custom checkpoints than objects are
+            registered, an RNG file lacks a generator, or a DeepSpeed, FSDP, Megatron-LM or
+            XLA setup (use ``accelerator.load_state``).
+        TypeError: ``accelerator`` is not an Accelerator this module knows.
+        RuntimeError: A model's keys or shapes do not match its file (``load_state_dict``).
+        zerockpt.FormatError: A file is not a valid zerockpt / safetensors file.
+        ImportError: accelerate is not installed (``pip install zerockpt[accelerate]``).
     """
     _check(accelerator, "load_state")
     input_dir = os.fspath(os.path.expanduser(input_dir))
@@ -259,11 +305,8 @@ def load_state(
     for i, scheduler in enumerate(accelerator._schedulers):
         scheduler.load_state_dict(zerockpt.load(path(_indexed("scheduler", i)), mmap=False))
     for i, dataloader in enumerate(accelerator._dataloaders):
-        sampler = _sampler(dataloader)
-        if sampler is not None:
-            state: Any = zerockpt.load(path(_indexed("sampler", i)))
-            sampler.epoch = state["epoch"]
-            sampler.initial_seed = state["initial_seed"]
+        if _loader_position(dataloader):
+            _set_loader_position(dataloader, zerockpt.load(path(_indexed("dataloader", i))))
         if getattr(dataloader, "use_stateful_dataloader", False):
             stateful = os.path.join(input_dir, _indexed("dl_state_dict", i))
             if os.path.isfile(stateful):

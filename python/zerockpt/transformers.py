@@ -53,7 +53,7 @@ __all__ = [
     "SCHEDULER_NAME",
     "TRAINING_ARGS_NAME",
     "TRANSFORMERS_REQUIREMENT",
-    "ZerockptTrainer",
+    "ZerockptTrainer",  # noqa: F822  (made by __getattr__ on first use)
     "ZerockptTrainerMixin",
 ]
 
@@ -144,7 +144,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 class ZerockptTrainerMixin:
-    """Put first among the bases of a ``transformers.Trainer`` (subclass) to checkpoint with zerockpt.
+    """Put first among a Trainer (subclass)'s bases, to write its checkpoints with zerockpt.
 
     ``class MyTrainer(ZerockptTrainerMixin, SFTTrainer): ...``. :class:`ZerockptTrainer` is
     ``ZerockptTrainerMixin`` on ``transformers.Trainer``. See the module's documentation for the
@@ -228,7 +228,9 @@ class ZerockptTrainerMixin:
         os.makedirs(output_dir, exist_ok=True)
         zerockpt.save(states, os.path.join(output_dir, self._zerockpt_rng_name()))
 
-    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+    def _save(
+        self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
+    ) -> None:
         trainer: Any = self
         super()._save(output_dir, state_dict)  # type: ignore[misc]
         if not trainer.args.should_save:
