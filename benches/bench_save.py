@@ -131,7 +131,7 @@ def test_save_bytes(
 ) -> None:
     """One serializer turning one input into the bytes of a file, in memory."""
     sd = datasets[dataset]
-    arg = safetensors_view(sd) if method.startswith("safetensors") else sd
+    arg = unique_tensors(sd) if method.startswith("safetensors") else sd
     benchmark.group = f"save bytes {dataset}"
     data = benchmark.pedantic(
         SAVE_BYTES_METHODS[method], args=(arg,), rounds=rounds[dataset], warmup_rounds=1

@@ -284,3 +284,20 @@ def test_property_round_trip(tmp_path: Path, tensors: dict, durable: bool, mmap:
     path = tmp_path / "h.safetensors"
     zerockpt.save(tensors, path, durable=durable)
     assert_dicts_bitwise_equal(zerockpt.load(path, mmap=mmap), tensors)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_loaded_empty_tensors_can_be_torch_saved(tmp_path: Path, mmap: bool) -> None:
+    """An empty tensor stored at the offset of a tensor of another dtype loads with a storage of
+    its own: torch.save of the loaded state would otherwise refuse the same address viewed as
+    two dtypes."""
+    state = {"half": torch.ones(4, dtype=torch.bfloat16), "empty": torch.empty(0, 3)}
+    path = tmp_path / "e.safetensors"
+    zerockpt.save(state, path)
+    with zerockpt.open(path) as f:  # the layout this test is about
+        assert f.info("empty").data_offsets[0] == f.info("half").data_offsets[0]
+        from_open = {name: f.get_tensor(name, mmap=mmap) for name in f}
+    for loaded in (zerockpt.load(path, mmap=mmap), from_open):
+        assert_dicts_bitwise_equal(loaded, state)
+        torch.save(loaded, tmp_path / "e.pt")
+        assert_dicts_bitwise_equal(torch.load(tmp_path / "e.pt", weights_only=True), state)

@@ -275,7 +275,8 @@ void bind_async(py::module_& m) {
 // where the file ends. With a device other than the CPU (or the CPU while the staging testing
 // aid is on), the tensors are new tensors there, filled through staging.
 template <typename Open>
-py::tuple load_file(Open open_file, const LoadOptions& options, std::shared_ptr<Progress> progress) {
+py::tuple load_file(Open open_file, const LoadOptions& options,
+                    std::shared_ptr<Progress> progress) {
   NamedTensors loaded;
   Metadata own;
   bool has_checksums = false;
@@ -466,14 +467,13 @@ py::bytes save_bytes(py::dict tensors, SaveOptions options, py::object own_metad
   py::object out;
   options.durable = false;
   options.direct_io = false;
-  save_to_sink(tensors, "<bytes>", options, own_metadata, std::move(progress),
-               [&](uint64_t size) {
-                 out = py::reinterpret_steal<py::object>(
-                     PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size)));
-                 if (!out) throw py::error_already_set();
-                 auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out.ptr()));
-                 return std::make_unique<MemorySink>(dst);
-               });
+  save_to_sink(tensors, "<bytes>", options, own_metadata, std::move(progress), [&](uint64_t size) {
+    out = py::reinterpret_steal<py::object>(
+        PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size)));
+    if (!out) throw py::error_already_set();
+    auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out.ptr()));
+    return std::make_unique<MemorySink>(dst);
+  });
   return py::reinterpret_steal<py::bytes>(out.release());
 }
 

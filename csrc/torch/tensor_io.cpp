@@ -374,7 +374,9 @@ at::Tensor CheckpointFile::tensor(const TensorRecord& r, bool mmap) {
   auto options = at::TensorOptions().dtype(shape.dtype).device(at::kCPU);
   uint64_t file_offset = file_->header().data_start + r.begin;
   size_t item = c10::elementSize(shape.dtype);
-  if (mmap) {
+  // An empty tensor gets a storage of its own: a view of the mapping would have the address of
+  // the next tensor, which torch.save then takes for the same data viewed as another dtype.
+  if (mmap && r.nbytes() > 0) {
     auto mapping = file_->mapping();
     uint8_t* ptr = mapping->data() + file_offset;
     if (reinterpret_cast<uintptr_t>(ptr) % item == 0) {

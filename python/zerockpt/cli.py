@@ -8,7 +8,9 @@
     zerockpt bench ...            (provided by zerockpt.bench)
 
 ``PATH`` is a zerockpt or safetensors file, a Hugging Face sharded directory (or its
-``model.safetensors.index.json``), or a directory written by :class:`zerockpt.dcp.Writer`.
+``model.safetensors.index.json``), a directory written by :class:`zerockpt.dcp.Writer`, or, with
+``--trust``, one written by torch's own ``torch.distributed.checkpoint`` ``FileSystemWriter``
+(``.metadata`` + ``*.distcp``; its metadata is a pickle, so it is read only when trusted).
 ``convert`` also reads and writes ``torch.save`` checkpoints (``.pt``, ``.pth``, ``.bin``),
 loaded with ``torch.load(weights_only=True)``: nothing is ever unpickled beyond plain data.
 
@@ -23,9 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import io
 import json
-import math
 import os
 import re
 import shutil
@@ -55,10 +55,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 """Destination names written with ``torch.save``; any other name gets a zerockpt file."""
 
 _DCP_METADATA = ".metadata.json"  # zerockpt.dcp.METADATA_FILE, without importing DCP eagerly
+_NATIVE_DCP_METADATA = ".metadata"  # torch's FileSystemWriter (pickled)
+_NATIVE_DCP_SUFFIX = ".distcp"
+_NATIVE_DCP_FORMAT = "torch.distributed.checkpoint"  # zerockpt.dcp.NATIVE_FORMAT
 _DCP_RANK_FILE_RE = re.compile(r"__[0-9]+_[0-9]+\.safetensors")
 _DCP_OWN_KEY = "zerockpt.dcp"  # marks a rank file written by zerockpt.dcp.Writer
 _PROGRESS_AUTO_BYTES = 1e9  # without --progress/--no-progress: show it for larger sources
-_ITEM_VALUE_MAX_BYTES = 64 << 10  # DCP non-tensor items larger than this are not decoded
 
 
 class CommandError(Exception):
@@ -235,7 +237,8 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
 
     Args:
         path: A zerockpt/safetensors file; a sharded directory or its index file (a name ending
-            in ``.json``); a zerockpt.dcp checkpoint directory or its ``.metadata.json``; a
+            in ``.json``); a DCP checkpoint directory (zerockpt.dcp's or torch's own layout) or
+            its ``.metadata.json`` / ``.metadata``; a
             directory holding ``model.safetensors``; or a ``torch.save`` file.
 
     Returns:
@@ -253,13 +256,18 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
             return "sharded", path
         if os.path.exists(os.path.join(path, sharded.SINGLE_FILE_NAME)):
             return "file", os.path.join(path, sharded.SINGLE_FILE_NAME)
-        if any(_DCP_RANK_FILE_RE.fullmatch(name) for name in os.listdir(path)):
-            return "dcp", path  # without .metadata.json: reading it says it is incomplete
+        if os.path.exists(os.path.join(path, _NATIVE_DCP_METADATA)):
+            return "dcp", path  # torch's own layout: zerockpt.dcp tells it apart
+        if any(
+            _DCP_RANK_FILE_RE.fullmatch(name) or name.endswith(_NATIVE_DCP_SUFFIX)
+            for name in os.listdir(path)
+        ):
+            return "dcp", path  # without its metadata: reading it says it is incomplete
         raise CommandError(
             f"{path}: a directory that holds no checkpoint (neither {sharded.INDEX_NAME}, "
-            f"{_DCP_METADATA} nor {sharded.SINGLE_FILE_NAME})"
+            f"{_DCP_METADATA}, {_NATIVE_DCP_METADATA} nor {sharded.SINGLE_FILE_NAME})"
         )
-    if os.path.basename(path) == _DCP_METADATA:
+    if os.path.basename(path) in (_DCP_METADATA, _NATIVE_DCP_METADATA):
         return "dcp", os.path.dirname(path) or "."
     if path.endswith(".json"):
         return "sharded", path
@@ -361,158 +369,16 @@ def _header_metadata(file: str) -> dict[str, str]:
         return f.metadata()
 
 
-def _read_dcp_metadata(directory: str) -> Any:
-    """The decoded ``.metadata.json`` of a zerockpt.dcp checkpoint (DCP's ``Metadata``)."""
+def _dcp_report(
+    directory: str, trusted: bool
+) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
+    """The report of a DCP checkpoint directory, and a function that verifies it."""
     import zerockpt.dcp
 
-    reader = zerockpt.dcp.Reader(directory)
-    return reader.read_metadata()
-
-
-def _dcp_file(directory: str, name: str) -> str:
-    """The path of a file that a DCP checkpoint's metadata names; FormatError if not plain."""
-    if "/" in name or name in ("", ".", ".."):
-        raise zerockpt.FormatError(f"{directory}: invalid file name {name!r} in the metadata")
-    return os.path.join(directory, name)
-
-
-def _decode_item(raw: bytes) -> tuple[str, object, bool]:
-    """(type name, value, readable) of a DCP non-tensor item's ``torch.save`` bytes."""
-    try:
-        value = torch.load(io.BytesIO(raw), weights_only=True)
-    except Exception:  # see _load_torch: torch.load fails in many ways; only shown as such
-        return "?", None, False
-    return type(value).__name__, value, True
-
-
-def _jsonable(value: object) -> bool:
-    if value is None or isinstance(value, bool | int | str):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return all(_jsonable(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
-    return False
-
-
-def _dcp_report(directory: str) -> tuple[dict[str, Any], Callable[[], tuple[str, ...]]]:
-    """The report of a zerockpt.dcp checkpoint directory, and a function that verifies it."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    metadata = _read_dcp_metadata(directory)
-    locations: dict[str, list[Any]] = {}
-    for index, location in metadata.storage_data.items():
-        locations.setdefault(index.fqn, []).append(location)
-    files = sorted({location.file for chunks in locations.values() for location in chunks})
-    opened: dict[str, zerockpt.TensorFile] = {}
-
-    def open_file(name: str) -> zerockpt.TensorFile:
-        if name not in opened:
-            opened[name] = zerockpt.open(_dcp_file(directory, name))
-        return opened[name]
-
-    try:
-        tensors: list[dict[str, Any]] = []
-        items: list[dict[str, Any]] = []
-        total = 0
-        for fqn, md in metadata.state_dict_metadata.items():
-            where = locations.get(fqn, [])
-            if isinstance(md, BytesStorageMetadata):
-                item: dict[str, Any] = {"name": fqn, "nbytes": None}
-                if where:
-                    item["file"] = where[0].file
-                    info = open_file(where[0].file).info(where[0].name)
-                    item["nbytes"] = info.nbytes
-                    if info.nbytes <= _ITEM_VALUE_MAX_BYTES:
-                        raw = open_file(where[0].file)[where[0].name].numpy().tobytes()
-                        type_name, value, readable = _decode_item(raw)
-                        item["type"] = type_name
-                        if readable:
-                            item["repr"] = repr(value)
-                            if _jsonable(value):
-                                item["value"] = value
-                items.append(item)
-                continue
-            dtype = md.properties.dtype
-            nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
-            total += nbytes
-            tensors.append(
-                {
-                    "name": fqn,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "shape": list(md.size),
-                    "nbytes": nbytes,
-                    "chunks": len(md.chunks),
-                    "files": sorted({location.file for location in where}),
-                }
-            )
-        headers = [open_file(name).metadata() for name in files]
-    finally:
-        for f in opened.values():
-            f.close()
-    storage_meta = metadata.storage_meta
-    report: dict[str, Any] = {
-        "path": directory,
-        "kind": "dcp",
-        "files": [os.path.join(directory, name) for name in files],
-        "file_bytes": sum(os.path.getsize(os.path.join(directory, name)) for name in files),
-        "tensors": tensors,
-        "total_bytes": total,
-        "metadata": {},
-        "zerockpt": {
-            "dcp_version": metadata.version,
-            "save_id": None if storage_meta is None else storage_meta.save_id,
-            "rank_files": len(files),
-        },
-        "items": items,
-        "checksums": {
-            "stored": bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers),
-            "verified": None,
-            "failed": [],
-        },
-    }
-
     def verify() -> tuple[str, ...]:
-        return _verify_dcp(directory, metadata)[1]
+        return zerockpt.dcp.verify(directory, trusted=trusted).failed
 
-    return report, verify
-
-
-def _verify_dcp(directory: str, metadata: Any) -> tuple[bool, tuple[str, ...], int]:
-    """Checks a zerockpt.dcp checkpoint's files: structure, then checksums.
-
-    Returns:
-        (every file stores checksums, names of the tensors that fail, tensors checked).
-
-    Raises:
-        FormatError: A file the metadata names is malformed or lacks a tensor it should hold.
-        OSError: A file is missing or unreadable.
-    """
-    by_file: dict[str, list[str]] = {}
-    for location in metadata.storage_data.values():
-        by_file.setdefault(location.file, []).append(location.name)
-    stored_fqns = {index.fqn for index in metadata.storage_data}
-    missing = [fqn for fqn in metadata.state_dict_metadata if fqn not in stored_fqns]
-    if missing:
-        raise zerockpt.FormatError(
-            f"{directory}: the metadata stores no data for {_names(missing)}"
-        )
-    has_checksums = True
-    failed: list[str] = []
-    checked = 0
-    for name in sorted(by_file):
-        file = _dcp_file(directory, name)
-        with zerockpt.open(file) as f:
-            absent = [stored for stored in by_file[name] if stored not in f]
-        if absent:
-            raise zerockpt.FormatError(f"{file}: does not hold {_names(absent)}")
-        result = zerockpt.verify(file)
-        has_checksums = has_checksums and result.has_checksums
-        failed.extend(result.failed)
-        checked += result.tensors
-    return has_checksums, tuple(failed), checked
+    return zerockpt.dcp.describe(directory, trusted=trusted), verify
 
 
 def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
@@ -529,6 +395,9 @@ def _print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
 def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
     kind = report["kind"]
     titles = {"file": "safetensors file", "sharded": "sharded checkpoint", "dcp": "DCP checkpoint"}
+    native = report.get("format") == _NATIVE_DCP_FORMAT
+    if native:
+        titles["dcp"] = "torch DCP checkpoint (FileSystemWriter)"
     files = report["files"]
     where = "" if kind == "file" else f", {len(files)} files"
     _emit(
@@ -574,8 +443,8 @@ def _print_inspect(report: dict[str, Any], out: TextIO) -> None:
                     value = value[:67] + "..."
                 _emit(f"  {i['name'].ljust(width)}  {value}", out)
         _emit(
-            f"zerockpt.dcp: DCP metadata version {own['dcp_version']}, "
-            f"{own['rank_files']} rank files",
+            f"{'torch.distributed.checkpoint' if native else 'zerockpt.dcp'}: DCP metadata "
+            f"version {own['dcp_version']}, {own['rank_files']} rank files",
             out,
         )
     else:
@@ -628,7 +497,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"{args.path}: a torch.save checkpoint, not safetensors (convert it with "
             f"'{PROG} convert {args.path} OUT.safetensors')"
         )
-    report, verify = _dcp_report(path) if kind == "dcp" else _file_report(path, kind)
+    report, verify = _dcp_report(path, args.trust) if kind == "dcp" else _file_report(path, kind)
     report["path"] = args.path
     if args.verify and report["checksums"]["stored"]:
         failed = list(verify())
@@ -653,10 +522,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"{args.path}: a torch.save checkpoint, which stores no zerockpt checksums"
         )
     if kind == "dcp":
-        has_checksums, failed, checked = _verify_dcp(path, _read_dcp_metadata(path))
+        from zerockpt import dcp
+
+        result = dcp.verify(path, trusted=args.trust)
     else:
         result = zerockpt.verify(path)
-        has_checksums, failed, checked = result.has_checksums, result.failed, result.tensors
+    has_checksums, failed, checked = result.has_checksums, result.failed, result.tensors
     ok = not failed and (has_checksums or not args.require_checksums)
     if args.json:
         document = {
@@ -856,7 +727,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         if src_kind == "dcp":
             with _refused_data():
-                count, nbytes = _convert_dcp(src, target, dst_kind, args.max_shard_size, show)
+                count, nbytes = _convert_dcp(
+                    src, target, dst_kind, args.max_shard_size, show, args.trust
+                )
         else:
             with _refused_data():
                 state = (
@@ -883,13 +756,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert_dcp(
-    src: str, dst: str, dst_kind: str, max_shard_size: int | None, progress: bool
+    src: str, dst: str, dst_kind: str, max_shard_size: int | None, progress: bool, trusted: bool
 ) -> tuple[int, int]:
-    """A zerockpt.dcp checkpoint -> ``dst``; returns (tensors, bytes) written."""
+    """A DCP checkpoint -> ``dst``; returns (tensors, bytes) written."""
     import zerockpt.dcp
 
     if dst_kind != "torch":
-        zerockpt.dcp.to_file(src, dst, max_shard_size=max_shard_size, progress=progress)
+        zerockpt.dcp.to_file(
+            src, dst, max_shard_size=max_shard_size, progress=progress, trusted=trusted
+        )
         with zerockpt.open(dst) as f:
             stored = [f.info(name) for name in f]
         kept = [info for info in stored if info.alias_of is None]
@@ -902,7 +777,7 @@ def _convert_dcp(
     )
     os.close(fd)
     try:
-        zerockpt.dcp.to_file(src, scratch, durable=False, progress=progress)
+        zerockpt.dcp.to_file(src, scratch, durable=False, progress=progress, trusted=trusted)
         state = zerockpt.load(scratch)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -965,8 +840,20 @@ def _max_shard_size(text: str) -> int:
 # Where the commands that read a checkpoint accept it.
 _PATHS_HELP = (
     "PATH: a zerockpt/safetensors file, a sharded directory (model-0000k-of-0000n shards + "
-    f"{sharded.INDEX_NAME}) or its index file, or a zerockpt.dcp checkpoint directory."
+    f"{sharded.INDEX_NAME}) or its index file, a zerockpt.dcp checkpoint directory, or (with "
+    "--trust) a torch.distributed.checkpoint directory."
 )
+
+
+def _add_trust(sub: argparse.ArgumentParser) -> None:
+    """Adds ``--trust``: read torch's native DCP layout, whose metadata is a pickle."""
+    sub.add_argument(
+        "--trust",
+        action="store_true",
+        help="read a checkpoint in torch's native DCP format (.metadata + *.distcp, from "
+        "torch.distributed.checkpoint's FileSystemWriter), whose metadata is a pickle that "
+        "can run code: only for checkpoints from a source you trust",
+    )
 
 
 def _add_command(
@@ -1000,6 +887,7 @@ def _add_inspect(subparsers: Any) -> None:
     inspect.add_argument(
         "--verify", action="store_true", help="also check every tensor's CRC-32C (exit 1 if bad)"
     )
+    _add_trust(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
 
@@ -1010,7 +898,8 @@ def _add_convert(subparsers: Any) -> None:
         "convert",
         "convert between torch.save and zerockpt checkpoints",
         "Convert SRC to DST. SRC: a torch.save checkpoint (loaded with weights_only=True), a "
-        "zerockpt/safetensors file, a sharded directory or a zerockpt.dcp directory. DST: a "
+        "zerockpt/safetensors file, a sharded directory, a zerockpt.dcp directory or (with "
+        "--trust) a torch.distributed.checkpoint directory. DST: a "
         "torch.save file when it ends in .pt, .pth or .bin; a sharded directory with "
         "--max-shard-size; else a zerockpt file. Nested training state (model, optimizer, "
         "step...) is kept.",
@@ -1032,6 +921,7 @@ def _add_convert(subparsers: Any) -> None:
         help="show a progress bar on stderr (default: when stderr is a terminal and SRC is "
         "larger than 1 GB)",
     )
+    _add_trust(convert)
     convert.set_defaults(handler=_cmd_convert)
 
 
@@ -1052,6 +942,7 @@ def _add_verify(subparsers: Any) -> None:
         action="store_true",
         help="fail (exit 1) when the checkpoint stores no checksums",
     )
+    _add_trust(verify)
     verify.set_defaults(handler=_cmd_verify)
 
 

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import stat
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -56,6 +58,8 @@ from torch.futures import Future
 from zerockpt import _C, _args
 from zerockpt._args import PathLike
 from zerockpt._smallfile import MAX_JSON_BYTES, read_small_file
+from zerockpt.serialization import VerifyResult
+from zerockpt.serialization import verify as verify_file
 from zerockpt.structure import flatten, unflatten
 
 __all__ = [
@@ -63,11 +67,14 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_FILE",
+    "NATIVE_FORMAT",
     "Reader",
     "Writer",
     "decode_metadata",
+    "describe",
     "encode_metadata",
     "to_file",
+    "verify",
 ]
 
 # The global metadata file of a checkpoint directory, committed last.
@@ -342,6 +349,13 @@ class Reader(StorageReader):
         try:
             text = read_small_file(str(path), MAX_JSON_BYTES, "DCP metadata").decode("utf-8")
         except FileNotFoundError:
+            if rank is None and _is_native(self.path):
+                raise _C.FormatError(
+                    f"{self.path}: a checkpoint in torch's native DCP format "
+                    f"({_NATIVE_METADATA} and {_NATIVE_SUFFIX} files), not zerockpt.dcp's: read "
+                    "it with torch's FileSystemReader, or convert it with "
+                    "zerockpt.dcp.to_file(..., trusted=True) if you trust its source"
+                ) from None
             raise _C.FormatError(
                 f"{self.path}: no {name}: not a complete zerockpt.dcp checkpoint (the save did "
                 "not finish, or another writer made it)"
@@ -454,8 +468,7 @@ class Reader(StorageReader):
         try:
             value = torch.load(io.BytesIO(raw), weights_only=True)
         except Exception as e:  # torch.load fails in many ways: refused, or corrupt bytes
-            lines = str(e).splitlines() or [type(e).__name__]
-            why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+            why = _torch_load_error(e)
             where = f"{self.path / location.file}: item {item.storage_index.fqn!r}"
             # The refusal is pickle's UnpicklingError, raised again with the item named (this
             # package imports no pickle module); anything else means the bytes are corrupt.
@@ -470,18 +483,37 @@ class Reader(StorageReader):
         return buffer.getvalue()
 
     def _open(self, name: str) -> Any:
-        if "/" in name or name in ("", ".", ".."):
-            raise _C.FormatError(f"{self.path}: invalid file name {name!r} in the metadata")
-        path = self.path / name
-        f = _C._File(str(path))
-        if self.verify:
-            f.verify(0, True)
-        return f
+        return _open_rank_file(self.path, name, verify=self.verify)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         """Whether ``checkpoint_id`` is a local path, which this reader takes (DCP hook)."""
         return isinstance(checkpoint_id, str | os.PathLike) and "://" not in str(checkpoint_id)
+
+
+def _torch_load_error(e: Exception) -> str:
+    """Why ``torch.load`` failed, on one line (its refusals come with a page of advice)."""
+    text = " ".join(str(e).split())
+    _, refused, reason = text.partition("WeightsUnpickler error:")
+    if refused:
+        reason = reason.split(" Check the documentation")[0].strip().split(". ")[0]
+        return f"WeightsUnpickler error: {reason}"
+    return text or type(e).__name__
+
+
+def _rank_file(directory: Path, name: str) -> Path:
+    """The path of a file that a checkpoint's metadata names; FormatError unless a plain name."""
+    if "/" in name or name in ("", ".", ".."):
+        raise _C.FormatError(f"{directory}: invalid file name {name!r} in the metadata")
+    return directory / name
+
+
+def _open_rank_file(directory: Path, name: str, *, verify: bool = False) -> _C._File:
+    """Opens (validates the header of) a file the metadata names; with ``verify``, checksums."""
+    f = _C._File(str(_rank_file(directory, name)))
+    if verify:
+        f.verify(0, True)
+    return f
 
 
 # --- metadata as JSON ------------------------------------------------------------------------
@@ -693,6 +725,196 @@ def decode_metadata(text: str, path: str) -> Metadata:
     )
 
 
+# --- inspection and verification (zerockpt inspect / verify) --------------------------------
+
+# Non-tensor items larger than this are not decoded by describe().
+_ITEM_VALUE_MAX_BYTES = 64 << 10
+
+
+def describe(checkpoint: PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """Describes a DCP checkpoint: what ``zerockpt inspect --json`` prints.
+
+    Only the metadata and the rank files' headers are read, and the bytes of small non-tensor
+    items, decoded with ``torch.load(weights_only=True)``; tensor bytes are not touched. A
+    checkpoint written by torch's own ``FileSystemWriter`` is read only with ``trusted=True``
+    (see :func:`to_file`).
+
+    Args:
+        checkpoint: The checkpoint directory.
+        trusted: Read a checkpoint in torch's native format, whose metadata is a pickle.
+
+    Returns:
+        A JSON-ready dict: ``path``, ``kind`` (``"dcp"``), ``format`` (``"zerockpt.dcp"``, or
+        ``"torch.distributed.checkpoint"`` for torch's own layout), ``files`` and
+        ``file_bytes`` (the rank files), ``tensors`` (name, dtype, shape, nbytes, chunks,
+        files of each tensor), ``total_bytes``, ``items`` (the non-tensor values: name, file,
+        nbytes, and their ``type``, ``repr`` and ``value`` when decoded), ``zerockpt``
+        (``dcp_version``, ``save_id``, ``rank_files``) and ``checksums`` (``stored``;
+        ``verified`` None).
+
+    Raises:
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``), its metadata is
+            malformed, or a rank file is not valid safetensors; or it is in torch's native
+            format and ``trusted`` is false.
+        OSError: A file cannot be opened or read (errno and filename set).
+        TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
+    """
+    root = _args.fspath(checkpoint)
+    directory = Path(root)
+    if _is_native(directory):
+        return _describe_native(root, _read_native_metadata(directory, trusted))
+    metadata = Reader(directory).read_metadata()
+    locations: dict[str, list[_Location]] = defaultdict(list)
+    for index, location in metadata.storage_data.items():
+        locations[index.fqn].append(location)
+    files = sorted({location.file for chunks in locations.values() for location in chunks})
+    opened: dict[str, _C._File] = {}
+
+    def open_file(name: str) -> _C._File:
+        if name not in opened:
+            opened[name] = _open_rank_file(directory, name)
+        return opened[name]
+
+    tensors: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    total = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        where = locations.get(fqn, [])
+        if isinstance(md, BytesStorageMetadata):
+            item: dict[str, Any] = {"name": fqn, "nbytes": None}
+            if where:
+                item["file"] = where[0].file
+                _, _, begin, end, _ = open_file(where[0].file).info(where[0].name)
+                item["nbytes"] = end - begin
+                if end - begin <= _ITEM_VALUE_MAX_BYTES:
+                    stored = open_file(where[0].file).get_tensor(where[0].name)
+                    item.update(_decoded_item(stored.numpy().tobytes()))
+            items.append(item)
+            continue
+        dtype = md.properties.dtype
+        nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
+        total += nbytes
+        tensors.append(
+            {
+                "name": fqn,
+                "dtype": _dtype_name(dtype),
+                "shape": list(md.size),
+                "nbytes": nbytes,
+                "chunks": len(md.chunks),
+                "files": sorted({location.file for location in where}),
+            }
+        )
+    headers = [open_file(name).metadata() for name in files]
+    storage_meta = metadata.storage_meta
+    return {
+        "path": root,
+        "kind": "dcp",
+        "format": FORMAT,
+        "files": [os.path.join(root, name) for name in files],
+        "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
+        "tensors": tensors,
+        "total_bytes": total,
+        "metadata": {},
+        "zerockpt": {
+            "dcp_version": metadata.version,
+            "save_id": None if storage_meta is None else storage_meta.save_id,
+            "rank_files": len(files),
+        },
+        "items": items,
+        "checksums": {
+            "stored": bool(headers) and all(_C.CHECKSUM_KEY in h for h in headers),
+            "verified": None,
+            "failed": [],
+        },
+    }
+
+
+def _decoded_item(raw: bytes) -> dict[str, Any]:
+    """``type``, and ``repr`` and ``value`` where readable, of a non-tensor item's bytes.
+
+    The bytes are DCP's ``torch.save`` of the value, read with ``torch.load(weights_only=True)``;
+    ``value`` is given only when it is plain JSON data.
+    """
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception:  # torch.load fails in many ways (refused, corrupt): shown as not decoded
+        return {"type": "?"}
+    decoded: dict[str, Any] = {"type": type(value).__name__, "repr": repr(value)}
+    if _jsonable(value):
+        decoded["value"] = value
+    return decoded
+
+
+def _jsonable(value: object) -> bool:
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_jsonable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
+    return False
+
+
+def _listed(names: list[str], limit: int = 10) -> str:
+    """``"a, b and 3 more"``: names for a message, at most ``limit`` of them."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def verify(checkpoint: PathLike, *, trusted: bool = False) -> VerifyResult:
+    """Checks a DCP checkpoint: its structure, then every checksum.
+
+    Every tensor the metadata names must be in the rank file it names; then each rank file is
+    checked as :func:`zerockpt.verify` checks a file. A checkpoint in torch's own layout
+    (read only with ``trusted=True``, see :func:`to_file`) stores no checksums: its structure
+    is checked (every item's bytes lie in an existing file, every tensor's chunks tile it).
+
+    Args:
+        checkpoint: The checkpoint directory.
+        trusted: Read a checkpoint in torch's native format, whose metadata is a pickle.
+
+    Returns:
+        A :class:`zerockpt.VerifyResult` for the whole checkpoint: ``has_checksums`` only if
+        every rank file stores them; ``tensors`` and ``failed`` over all rank files.
+
+    Raises:
+        FormatError: The checkpoint is incomplete or its metadata malformed, the metadata names
+            a tensor without stored data, or a rank file is malformed or lacks a tensor it
+            should hold; or the checkpoint is in torch's native format and ``trusted`` is
+            false.
+        OSError: A file is missing or unreadable (errno and filename set).
+        TypeError: ``checkpoint`` is not a str or ``os.PathLike``.
+    """
+    directory = Path(_args.fspath(checkpoint))
+    if _is_native(directory):
+        metadata = _read_native_metadata(directory, trusted)  # checks the structure
+        return VerifyResult(str(directory), False, len(metadata.storage_data), ())
+    metadata = Reader(directory).read_metadata()
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for location in metadata.storage_data.values():
+        by_file[location.file].append(location.name)
+    stored_fqns = {index.fqn for index in metadata.storage_data}
+    missing = [fqn for fqn in metadata.state_dict_metadata if fqn not in stored_fqns]
+    if missing:
+        raise _C.FormatError(f"{directory}: the metadata stores no data for {_listed(missing)}")
+    has_checksums = True
+    failed: list[str] = []
+    checked = 0
+    for name in sorted(by_file):
+        f = _open_rank_file(directory, name)
+        held = set(f.keys())
+        absent = [stored for stored in by_file[name] if stored not in held]
+        if absent:
+            raise _C.FormatError(f"{f.path}: does not hold {_listed(absent)}")
+        result = verify_file(f.path)
+        has_checksums = has_checksums and result.has_checksums
+        failed.extend(result.failed)
+        checked += result.tensors
+    return VerifyResult(str(directory), has_checksums, checked, tuple(failed))
+
+
 # --- conversion to ordinary files ------------------------------------------------------------
 
 
@@ -703,8 +925,16 @@ def to_file(
     max_shard_size: int | str | None = None,
     durable: bool = True,
     progress: bool = False,
+    trusted: bool = False,
 ) -> None:
-    """Converts a checkpoint written by :class:`Writer` into one zerockpt file (or HF shards).
+    """Converts a DCP checkpoint into one zerockpt file (or HF shards).
+
+    The checkpoint is one written by :class:`Writer` or, with ``trusted=True``, by torch's own
+    ``FileSystemWriter`` (``dcp.save(state, checkpoint_id=directory)``: a ``.metadata`` file
+    and ``*.distcp`` files). Torch's metadata is a pickle, which can run arbitrary code when
+    read, so such a checkpoint is read only when ``trusted`` says its source is trusted; it is
+    then read by torch's own reader and planner, as ``dcp_to_torch_save`` reads it, and the
+    full state is held in memory while it is written.
 
     The result is what :func:`zerockpt.load` returns for the full, unsharded state: the nested
     structure DCP flattened is rebuilt from its planner data, DTensor and sharded tensors are
@@ -721,31 +951,55 @@ def to_file(
             :func:`zerockpt.save`) instead of one file.
         durable: fsync what is written.
         progress: Show a progress bar of the bytes written (needs tqdm).
+        trusted: Read a checkpoint in torch's native format (its pickled metadata, and its
+            non-tensor values with ``torch.load(weights_only=False)``). Only for checkpoints
+            from a trusted source.
 
-    Nothing in the metadata is trusted: each tensor's chunks must have its dtype and rank, lie
-    inside it, not overlap and cover it exactly (at most 16384 chunks per tensor); each stored
-    tensor may serve one storage entry only; and a non-tensor item's tensors may not need more
-    bytes than were stored for it. So the output never holds more bytes than the rank files.
+    Nothing in zerockpt.dcp metadata is trusted: each tensor's chunks must have its dtype and
+    rank, lie inside it, not overlap and cover it exactly (at most 16384 chunks per tensor);
+    each stored tensor may serve one storage entry only; and a non-tensor item's tensors may
+    not need more bytes than were stored for it. So the output never holds more bytes than the
+    rank files.
 
     Raises:
-        FormatError: The checkpoint is incomplete (no ``.metadata.json``) or malformed, a rank
-            file does not hold what the metadata says, or a check above fails (the message
-            names the tensor). Nothing is written then.
+        FormatError: The checkpoint is incomplete (no ``.metadata.json``, or no ``.metadata``
+            beside ``*.distcp`` files) or malformed, a rank file does not hold what the
+            metadata says, or a check above fails (the message names the tensor or file); or
+            it is in torch's native format and ``trusted`` is false. Nothing is written then.
         OSError: A file cannot be read or written (errno and filename set).
-        pickle.UnpicklingError: A non-tensor value needs more than ``torch.load`` allows with
-            ``weights_only=True``.
+        pickle.UnpicklingError: A non-tensor value of a zerockpt.dcp checkpoint needs more than
+            ``torch.load`` allows with ``weights_only=True``.
         TypeError: ``checkpoint`` or ``destination`` is not a str or ``os.PathLike``,
             ``max_shard_size`` is neither an int nor a str, or a value cannot be stored (see
             :func:`zerockpt.save`).
         ValueError: ``max_shard_size`` is not a positive size.
         ImportError: ``progress=True`` and tqdm is not installed.
     """
-    from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
-
     from zerockpt.serialization import save
 
-    reader = Reader(checkpoint)
-    metadata = reader.read_metadata()
+    directory = Path(_args.fspath(checkpoint))
+    dest = Path(_args.fspath(destination))
+    native = _is_native(directory)
+    metadata = (
+        _read_native_metadata(directory, trusted) if native else Reader(directory).read_metadata()
+    )
+    scratch_dir = dest if max_shard_size is not None else dest.parent
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    if native:
+        state = _load_native(directory, metadata)
+    else:
+        state = _assemble_state(directory, metadata, scratch_dir)
+    if max_shard_size is None:
+        save(state, dest, durable=durable, progress=progress)
+    else:
+        save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
+
+
+def _assemble_state(directory: Path, metadata: Metadata, scratch_dir: Path) -> Any:
+    """The full state of a zerockpt.dcp checkpoint, checked as :func:`to_file` says."""
+    from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
+
+    reader = Reader(directory)
     storage: dict[MetadataIndex, _Location] = metadata.storage_data
     by_fqn: dict[str, list[tuple[MetadataIndex, _Location]]] = defaultdict(list)
     # Each stored tensor is used once, so the output never holds more bytes than are stored.
@@ -768,9 +1022,6 @@ def to_file(
         tensor: torch.Tensor = files[location.file].get_tensor(location.name)
         return tensor
 
-    dest = Path(_args.fspath(destination))
-    scratch_dir = dest if max_shard_size is not None else dest.parent
-    scratch_dir.mkdir(parents=True, exist_ok=True)
     flat: dict[str, Any] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         pieces = by_fqn.get(fqn)
@@ -792,11 +1043,7 @@ def to_file(
             continue
         flat[fqn] = _assemble(md, chunks, scratch_dir)
     mappings = metadata.planner_data
-    state = unflatten_state_dict(flat, mappings) if mappings else flat
-    if max_shard_size is None:
-        save(state, dest, durable=durable, progress=progress)
-    else:
-        save(state, dest, durable=durable, max_shard_size=max_shard_size, progress=progress)
+    return unflatten_state_dict(flat, mappings) if mappings else flat
 
 
 # More chunks per tensor than any real checkpoint has; bounds the overlap check's cost.
@@ -811,8 +1058,8 @@ def _check_tiling(
 ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """The chunks of ``fqn`` as (offsets, stored tensor), checked to tile ``md.size`` exactly.
 
-    Each chunk has the metadata's dtype and rank and lies inside the tensor; no two overlap;
-    together they cover every element. FormatError naming the tensor otherwise.
+    Each chunk has the metadata's dtype (and :func:`_check_boxes` holds). FormatError naming
+    the tensor otherwise.
     """
     where = f"{path}: tensor {fqn!r}"
     size = tuple(md.size)
@@ -821,9 +1068,24 @@ def _check_tiling(
     chunks: list[tuple[tuple[int, ...], torch.Tensor]] = []
     for index, chunk in pieces:
         offsets = tuple(index.offset) if index.offset is not None else (0,) * len(size)
-        lengths = tuple(chunk.shape)
         if chunk.dtype != md.properties.dtype:
             raise _C.FormatError(f"{where}: a chunk is {chunk.dtype}, not {md.properties.dtype}")
+        chunks.append((offsets, chunk))
+    _check_boxes(where, size, [(offsets, tuple(chunk.shape)) for offsets, chunk in chunks])
+    return chunks
+
+
+def _check_boxes(
+    where: str, size: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> None:
+    """The chunks ``(offsets, lengths)`` of a tensor of ``size`` tile it exactly.
+
+    Each chunk has the tensor's rank and lies inside it; no two overlap; together they cover
+    every element (at most 16384 chunks). FormatError starting with ``where`` otherwise.
+    """
+    if len(boxes) > _MAX_CHUNKS:
+        raise _C.FormatError(f"{where}: {len(boxes)} chunks, more than {_MAX_CHUNKS}")
+    for offsets, lengths in boxes:
         if (
             len(offsets) != len(size)
             or len(lengths) != len(size)
@@ -833,17 +1095,15 @@ def _check_tiling(
                 f"{where}: the chunk at {list(offsets)} of shape {list(lengths)} does not lie "
                 f"inside its size {list(size)}"
             )
-        chunks.append((offsets, chunk))
-    covered = sum(chunk.numel() for _, chunk in chunks)
+    covered = sum(math.prod(lengths) for _, lengths in boxes)
     numel = math.prod(size)
     if covered != numel:
         raise _C.FormatError(f"{where}: the chunks hold {covered} elements, the tensor {numel}")
     # Equal volumes and no overlap: an exact tiling. Sweep along dimension 0; each chunk is
     # compared (vectorised) with the earlier ones it may meet there.
-    boxes = [(o, tuple(c.shape)) for o, c in chunks if c.numel() > 0]
-    boxes.sort()
+    boxes = sorted((o, n) for o, n in boxes if math.prod(n) > 0)
     if len(size) == 0:
-        return chunks  # a scalar: one non-empty chunk, since the volumes agree
+        return  # a scalar: one non-empty chunk, since the volumes agree
     lo = torch.tensor([o for o, _ in boxes], dtype=torch.int64).reshape(len(boxes), len(size))
     hi = lo + torch.tensor([n for _, n in boxes], dtype=torch.int64).reshape(lo.shape)
     active = torch.zeros(0, dtype=torch.int64)
@@ -857,7 +1117,6 @@ def _check_tiling(
                 f"(sizes {boxes[j][1]} and {boxes[i][1]})"
             )
         active = torch.cat([active, torch.tensor([i])])
-    return chunks
 
 
 def _check_unpickled_size(value: Any, stored_bytes: int, where: str) -> None:
@@ -894,3 +1153,221 @@ def _assemble(
             target = target.narrow(dim, offset, length)
         target.copy_(chunk)
     return full
+
+
+# --- torch's native DCP checkpoints (FileSystemWriter) --------------------------------------
+
+# torch's FileSystemWriter layout: pickled global metadata, and data files of this suffix.
+_NATIVE_METADATA = ".metadata"
+_NATIVE_SUFFIX = ".distcp"
+# describe()'s "format" of such a checkpoint.
+NATIVE_FORMAT = "torch.distributed.checkpoint"
+
+
+def _is_native(directory: Path) -> bool:
+    """Whether ``directory`` holds torch's own DCP layout (not zerockpt.dcp's)."""
+    if (directory / METADATA_FILE).exists():
+        return False
+    if (directory / _NATIVE_METADATA).exists():
+        return True
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False  # reading it as a zerockpt.dcp checkpoint reports the problem
+    return any(name.endswith(_NATIVE_SUFFIX) for name in names)
+
+
+def _read_native_metadata(directory: Path, trusted: bool) -> Metadata:
+    """The unpickled ``.metadata`` of a native checkpoint, its structure checked.
+
+    FormatError if the checkpoint is incomplete, ``trusted`` is false (the pickle is not
+    read then), the metadata is not DCP's, or :func:`_check_native` fails.
+    """
+    path = directory / _NATIVE_METADATA
+    if not path.exists():
+        raise _C.FormatError(
+            f"{directory}: {_NATIVE_SUFFIX} files without {_NATIVE_METADATA}: not a complete "
+            "torch DCP checkpoint (the save did not finish)"
+        )
+    if not trusted:
+        raise _C.FormatError(
+            f"{directory}: a checkpoint in torch's native DCP format ({_NATIVE_METADATA} and "
+            f"{_NATIVE_SUFFIX} files, written by torch.distributed.checkpoint's "
+            f"FileSystemWriter); its metadata is a pickle, which can run arbitrary code when "
+            "read: pass --trust (trusted=True in Python) to read it, only if you trust its "
+            "source"
+        )
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise _C.FormatError(f"{path}: not a regular file")
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except OSError:
+        raise
+    except Exception as e:  # unpickling fails in many ways: truncated, unknown classes...
+        raise _C.FormatError(
+            f"{path}: not torch DCP metadata ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from e
+    if (
+        not isinstance(metadata, Metadata)
+        or not isinstance(metadata.state_dict_metadata, dict)
+        or not isinstance(metadata.storage_data, dict)
+    ):
+        raise _C.FormatError(f"{path}: not torch DCP metadata (a {type(metadata).__name__})")
+    _check_native(directory, metadata)
+    return metadata
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_native(directory: Path, metadata: Metadata) -> None:
+    """Every item's bytes lie in an existing file, and every tensor's chunks tile it.
+
+    A tensor chunk stored without transforms (compression) has at least its own bytes, so
+    no tensor takes more memory than its files hold. FormatError naming the file and item,
+    or the tensor, otherwise; FileNotFoundError naming a missing file.
+    """
+    where = directory / _NATIVE_METADATA
+    storage = metadata.storage_data
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", index)
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(name, str) or not _int(offset) or not _int(length):
+            raise _C.FormatError(f"{where}: the storage entry of {fqn!r} is malformed: {info!r}")
+        assert isinstance(offset, int) and isinstance(length, int)
+        if name not in sizes:
+            file = _rank_file(directory, name)
+            mode = os.stat(file)  # FileNotFoundError names a missing file
+            if not stat.S_ISREG(mode.st_mode):
+                raise _C.FormatError(f"{file}: not a regular file")
+            sizes[name] = mode.st_size
+        if offset + length > sizes[name]:
+            raise _C.FormatError(
+                f"{directory / name}: {sizes[name]} bytes, but the metadata stores {fqn!r} at "
+                f"bytes {offset} to {offset + length} (the file is truncated)"
+            )
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            if MetadataIndex(fqn) not in storage:
+                raise _C.FormatError(f"{where}: no stored data for {fqn!r}")
+            continue
+        if not isinstance(md, TensorStorageMetadata) or not isinstance(
+            md.properties.dtype, torch.dtype
+        ):
+            raise _C.FormatError(f"{where}: the entry of {fqn!r} is malformed: {md!r:.200}")
+        tensor = f"{where}: tensor {fqn!r}"
+        _check_boxes(
+            tensor, tuple(md.size), [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+        )
+        element_size = torch.empty((), dtype=md.properties.dtype).element_size()
+        for chunk in md.chunks:
+            info = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if info is None:
+                raise _C.FormatError(
+                    f"{tensor}: no stored data for its chunk at {list(chunk.offsets)}"
+                )
+            needed = math.prod(chunk.sizes) * element_size
+            if not getattr(info, "transform_descriptors", None) and info.length < needed:
+                raise _C.FormatError(
+                    f"{directory / info.relative_path}: {info.length} bytes stored for the chunk "
+                    f"of {fqn!r} at {list(chunk.offsets)}, which needs {needed}"
+                )
+
+
+class _NativeReader(FileSystemReader):
+    """torch's reader, one item at a time: a failure names the file, the item and its bytes."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            try:
+                super().read_data(dataclasses.replace(plan, items=[item]), planner).wait()
+            except OSError:
+                raise
+            except Exception as e:  # torch.load and the planner fail in many ways
+                file = Path(self.path) / info.relative_path
+                raise _C.FormatError(
+                    f"{file}: cannot read {item.storage_index.fqn!r} (bytes {info.offset} to "
+                    f"{info.offset + info.length}): {type(e).__name__}: {_torch_load_error(e)}"
+                ) from e
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+
+def _load_native(directory: Path, metadata: Metadata) -> Any:
+    """The full state of a native checkpoint, as torch's ``dcp_to_torch_save`` loads it.
+
+    torch's planner rebuilds the nested state from the metadata and its reader fills it; the
+    steps ``dcp.load`` takes, without a process group.
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    state: dict[str, Any] = {}
+    planner = _EmptyStateDictLoadPlanner()  # type: ignore[no-untyped-call]
+    reader = _NativeReader(str(directory))
+    planner.set_up_planner(state, metadata, True)
+    reader.set_up_storage_reader(metadata, True)
+    plan = reader.prepare_local_plan(planner.create_local_plan())
+    plan = reader.prepare_global_plan(planner.create_global_plan([plan]))[0]
+    reader.read_data(planner.finish_plan(plan), planner).wait()
+    return state
+
+
+def _describe_native(root: str, metadata: Metadata) -> dict[str, Any]:
+    """:func:`describe` of a native checkpoint whose metadata :func:`_check_native` passed."""
+    directory = Path(root)
+    by_fqn: dict[str, list[Any]] = defaultdict(list)
+    for index, info in metadata.storage_data.items():
+        by_fqn[index.fqn].append(info)
+    files = sorted({info.relative_path for info in metadata.storage_data.values()})
+    tensors: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    total = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        where = by_fqn[fqn]
+        if isinstance(md, BytesStorageMetadata):
+            info = where[0]
+            item: dict[str, Any] = {"name": fqn, "nbytes": info.length, "file": info.relative_path}
+            if info.length <= _ITEM_VALUE_MAX_BYTES and not getattr(
+                info, "transform_descriptors", None
+            ):
+                with open(directory / info.relative_path, "rb") as f:
+                    f.seek(info.offset)
+                    item.update(_decoded_item(f.read(info.length)))
+            items.append(item)
+            continue
+        dtype = md.properties.dtype
+        nbytes = math.prod(md.size) * torch.empty((), dtype=dtype).element_size()
+        total += nbytes
+        tensors.append(
+            {
+                "name": fqn,
+                "dtype": _dtype_name(dtype),
+                "shape": list(md.size),
+                "nbytes": nbytes,
+                "chunks": len(md.chunks),
+                "files": sorted({info.relative_path for info in where}),
+            }
+        )
+    storage_meta = metadata.storage_meta
+    return {
+        "path": root,
+        "kind": "dcp",
+        "format": NATIVE_FORMAT,
+        "files": [os.path.join(root, name) for name in files],
+        "file_bytes": sum(os.path.getsize(os.path.join(root, name)) for name in files),
+        "tensors": tensors,
+        "total_bytes": total,
+        "metadata": {},
+        "zerockpt": {
+            "dcp_version": metadata.version,
+            "save_id": None if storage_meta is None else storage_meta.save_id,
+            "rank_files": len(files),
+        },
+        "items": items,
+        "checksums": {"stored": False, "verified": None, "failed": []},
+    }

@@ -334,7 +334,7 @@ def load(
             progress=progress,
             staging_bytes=staging,
         )
-        return _state.rebuild(loaded, own, name)
+        return _state.rebuild(loaded, own, name)  # type: ignore[no-any-return]
     target = sharded.resolve(_args.fspath(path))
     where: str
     if isinstance(target, sharded.ShardIndex):
