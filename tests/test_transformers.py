@@ -322,3 +322,18 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     names = set(os.listdir(tmp_path / "run" / "checkpoint-2"))
     assert zt.OPTIMIZER_NAME in names and not names & STOCK_PICKLES
     assert namespace["trainer"].state.global_step == 4  # type: ignore[attr-defined]
+
+
+def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
+    t = trainer(tmp_path)
+    t.create_optimizer_and_scheduler(num_training_steps=6)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    zerockpt.save({"x": torch.ones(1)}, folder / zt.RNG_STATE_NAME)
+    with pytest.raises(ValueError, match=r"rng_state\.safetensors has no 'python'"):
+        t._load_rng_state(str(folder))
+    t._save_optimizer_and_scheduler(str(folder))
+    data = (folder / zt.OPTIMIZER_NAME).read_bytes()
+    (folder / zt.OPTIMIZER_NAME).write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(zerockpt.FormatError, match=r"optimizer\.safetensors"):
+        t._load_optimizer_and_scheduler(str(folder))

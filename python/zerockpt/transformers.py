@@ -287,7 +287,7 @@ class ZerockptTrainerMixin:
         if checkpoint is None:
             return
         path = os.path.join(checkpoint, self._zerockpt_rng_name())
-        if not os.path.isfile(path) or not self._zerockpt_writes_rng():
+        if not os.path.isfile(path):  # a stock folder (rng_state.pth), or none at all
             super()._load_rng_state(checkpoint)  # type: ignore[misc]
             return
         states: Any = zerockpt.load(path, mmap=False)
