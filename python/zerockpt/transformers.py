@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import logging
 import os
 import random
 import tempfile
@@ -47,6 +46,7 @@ import torch
 import zerockpt
 
 __all__ = [
+    "HOOKED_METHODS",
     "OPTIMIZER_NAME",
     "RNG_STATE_NAME",
     "SCALER_NAME",
@@ -55,9 +55,8 @@ __all__ = [
     "TRANSFORMERS_REQUIREMENT",
     "ZerockptTrainer",  # noqa: F822  (made by __getattr__ on first use)
     "ZerockptTrainerMixin",
+    "check_trainer",
 ]
-
-logger = logging.getLogger(__name__)
 
 # The transformers versions this module is tested with (the ``transformers`` extra).
 TRANSFORMERS_REQUIREMENT = "transformers>=5,<6"
