@@ -59,7 +59,7 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that ``import zerockpt`` stays free of torch.distributed.checkpoint:
 # ``zerockpt.dcp.Writer`` works without ``import zerockpt.dcp``.
-_LAZY_SUBMODULES = ("dcp", "distributed", "lightning", "safetensors")
+_LAZY_SUBMODULES = ("accelerate", "dcp", "distributed", "lightning", "safetensors", "transformers")
 
 
 def __getattr__(name: str) -> Any:
