@@ -51,10 +51,6 @@ EXCLUDED: dict[str, str] = {
     "test_pt_model.py::TorchModelTestCase::test_save": _LAYOUT
     + " (it compares the bytes after offset 192, which is inside zerockpt's header)",
     # Not about layout:
-    "test_pt_comparison.py::TorchTestCase::test_odd_dtype_fp4": (
-        "float4_e2m1fn_x2 (F4) is not yet in zerockpt's dtype table (being added separately); "
-        "remove this entry once it is"
-    ),
     "test_simple.py::ReadmeTestCase::test_numpy_slice": (
         "framework='np' slices: safetensors' numpy slicer refuses out-of-range slice bounds, "
         "None and index lists with its own messages (and fails on negative bounds with "
