@@ -9,6 +9,8 @@ import multiprocessing.forkserver
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -246,3 +248,10 @@ def filled(net: Net, seed: int) -> Net:
         for t in net.state_dict().values():
             t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) * 10)
     return net
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``code`` in a fresh interpreter (nothing imported), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )

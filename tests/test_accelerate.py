@@ -10,8 +10,6 @@ import copy
 import os
 import random
 import re
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zerockpt
+from conftest import run_python
 from torch import nn
 
 accelerate = pytest.importorskip("accelerate")
@@ -299,12 +298,6 @@ def test_unstorable_custom_state_names_it(tmp_path: Path) -> None:
 def test_not_an_accelerator(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"needs an accelerate\.Accelerator"):
         za.save_state(object(), tmp_path)
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 def test_module_does_not_shadow_the_real_accelerate() -> None:

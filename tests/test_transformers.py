@@ -11,8 +11,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zerockpt
+from conftest import run_python
 
 transformers = pytest.importorskip("transformers")
 import zerockpt.transformers as zt  # noqa: E402
@@ -291,12 +290,6 @@ def test_check_refuses_a_trainer_without_the_hooks() -> None:
 
         class Alone(zt.ZerockptTrainerMixin):
             pass
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 def test_module_does_not_shadow_the_real_transformers() -> None:
