@@ -12,7 +12,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -255,3 +255,24 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+@pytest.fixture(scope="module")
+def hide_the_test_accelerator() -> Iterator[None]:
+    """Shows the libraries this machine's accelerators only, not tests/accel's "zpu".
+
+    An earlier test in this process may have registered zpu (PrivateUse1): accelerate would
+    take it for the machine's accelerator (``torch.accelerator.current_accelerator()``), and
+    its allocator, a test fake, fails ``torch.accelerator.empty_cache()``.
+    """
+    if torch._C._get_privateuse1_backend_name() == "privateuseone":  # not registered
+        yield
+        return
+
+    def current(check_available: bool = False) -> torch.device | None:
+        return torch.device("cuda") if torch.cuda.is_available() else None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.accelerator, "current_accelerator", current)
+        patch.setattr(torch.accelerator, "is_available", torch.cuda.is_available)
+        yield

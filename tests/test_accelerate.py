@@ -11,7 +11,6 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,7 @@ import zerockpt.accelerate as za  # noqa: E402
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hide_the_test_accelerator() -> Iterator[None]:
-    """Shows the libraries this machine's accelerators only, not tests/accel's "zpu".
-
-    An earlier test in this process may have registered zpu (PrivateUse1): accelerate would
-    take it for the machine's accelerator (``torch.accelerator.current_accelerator()``), and
-    its allocator, a test fake, fails ``torch.accelerator.empty_cache()``.
-    """
-    if torch._C._get_privateuse1_backend_name() == "privateuseone":  # not registered
-        yield
-        return
-
-    def current(check_available: bool = False) -> torch.device | None:
-        return torch.device("cuda") if torch.cuda.is_available() else None
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.accelerator, "current_accelerator", current)
-        patch.setattr(torch.accelerator, "is_available", torch.cuda.is_available)
-        yield
+pytestmark = pytest.mark.usefixtures("hide_the_test_accelerator")
 
 
 class Counter:
