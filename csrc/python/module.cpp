@@ -17,6 +17,7 @@
 #include "python/errors.h"
 #include "python/interrupt.h"
 #include "python/load_state_dict.h"
+#include "python/module_stream.h"
 #include "python/state_dict.h"
 #include "torch/async_save.h"
 #include "torch/device_staging.h"
@@ -138,15 +139,27 @@ void bind_options(py::module_& m) {
 
 // The arguments of save and save_async as C++ values. Requires GIL.
 struct SaveArgs {
-  NamedTensors entries;
+  // What module_tensors read from a module (kept alive by the caller's reference, immutable),
+  // or else the converted dict.
+  std::shared_ptr<const ModuleTensors> module;
+  NamedTensors converted;
   Metadata own;
   WriteOptions options;
+  const NamedTensors& entries() const { return module ? module->entries : converted; }
 };
 
-SaveArgs save_args(py::dict tensors, const SaveOptions& options, py::object own_metadata,
+// `tensors`: a dict of str to tensors, or a _ModuleTensors (module_stream.h).
+SaveArgs save_args(py::handle tensors, const SaveOptions& options, py::object own_metadata,
                    Progress* progress = nullptr) {
   SaveArgs args;
-  args.entries = named_tensors_from_dict(tensors);
+  args.module = module_tensors_of(tensors);
+  if (!args.module) {
+    if (!PyDict_Check(tensors.ptr())) {
+      throw py::type_error("tensors must be a dict of str to tensors, got " +
+                           std::string(Py_TYPE(tensors.ptr())->tp_name));
+    }
+    args.converted = named_tensors_from_dict(py::reinterpret_borrow<py::dict>(tensors));
+  }
   args.own = metadata_from_dict(own_metadata);
   for (const auto& [key, value] : args.own) {
     if (key.rfind(kReservedPrefix, 0) != 0) throw py::value_error("not a reserved key: " + key);
@@ -159,17 +172,17 @@ SaveArgs save_args(py::dict tensors, const SaveOptions& options, py::object own_
 // for Ctrl-C. `own` holds zerockpt's reserved metadata entries (each key must start with
 // kReservedPrefix).
 // `options` is a copy: another thread may change the Python object while the GIL is released.
-void save_binding(py::dict tensors, const std::string& path, SaveOptions options,
+void save_binding(py::object tensors, const std::string& path, SaveOptions options,
                   py::object own_metadata, std::shared_ptr<Progress> progress) {
   interruptible(std::move(progress), [&](Progress* counter) {
     SaveArgs args = save_args(tensors, options, own_metadata, counter);
-    for (const auto& [name, t] : args.entries) {
+    for (const auto& [name, t] : args.entries()) {
       if (!t.device().is_cpu()) init_device(t.device());
     }
     // Safe without the GIL: entries hold references to the tensors, and nothing below touches
     // Python objects.
     py::gil_scoped_release no_gil;
-    save_tensors(args.entries, path, options.metadata, args.options, args.own);
+    save_tensors(args.entries(), path, options.metadata, args.options, args.own);
   });
 }
 
@@ -178,7 +191,7 @@ void save_binding(py::dict tensors, const std::string& path, SaveOptions options
 // counter would count are written; no staging_bytes: the snapshot is one buffer of the whole
 // state, not a bounded pool of chunks.
 std::shared_ptr<PendingSave> save_async_binding(
-    py::dict tensors, const std::string& path, SaveOptions options, py::object own_metadata,
+    py::object tensors, const std::string& path, SaveOptions options, py::object own_metadata,
     std::vector<std::pair<std::string, std::string>> write_files,
     std::vector<std::string> remove_files) {
   SaveArgs args = save_args(tensors, options, own_metadata);
@@ -186,7 +199,7 @@ std::shared_ptr<PendingSave> save_async_binding(
   AfterCommit after{any_steps ? path : "", std::move(write_files), std::move(remove_files)};
   // Safe without the GIL: as in save(); the background thread only reads the snapshot.
   py::gil_scoped_release no_gil;
-  return save_tensors_async(args.entries, path, options.metadata, args.options, args.own,
+  return save_tensors_async(args.entries(), path, options.metadata, args.options, args.own,
                             std::move(after));
 }
 
@@ -380,20 +393,20 @@ class PythonSink : public WriteSink {
 // save() into a sink rather than a file; returns the bytes written. `make_sink(size)` is called
 // with the GIL held once the plan (and so the size) is known. Releases GIL as save() does.
 template <typename MakeSink>
-uint64_t save_to_sink(py::dict tensors, const std::string& name, const SaveOptions& options,
+uint64_t save_to_sink(py::object tensors, const std::string& name, const SaveOptions& options,
                       py::object own_metadata, std::shared_ptr<Progress> progress,
                       MakeSink make_sink) {
   uint64_t size = 0;
   interruptible(std::move(progress), [&](Progress* counter) {
     SaveArgs args = save_args(tensors, options, own_metadata, counter);
-    for (const auto& [entry, t] : args.entries) {
+    for (const auto& [entry, t] : args.entries()) {
       if (!t.device().is_cpu()) init_device(t.device());
     }
     SavePlan plan;
     {
       // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only.
       py::gil_scoped_release no_gil;
-      plan = plan_save(args.entries, name, options.metadata, args.options, args.own);
+      plan = plan_save(args.entries(), name, options.metadata, args.options, args.own);
     }
     std::unique_ptr<WriteSink> sink = make_sink(plan.layout.file_size());
     {
@@ -408,7 +421,7 @@ uint64_t save_to_sink(py::dict tensors, const std::string& name, const SaveOptio
 // Saves at offset `base` of the open file `fd` (pwrite; no fsync, no rename). Releases GIL.
 // Only options' metadata, threads, checksums and staging_bytes apply (durability is the
 // caller's).
-uint64_t save_fd(py::dict tensors, int fd, uint64_t base, const std::string& name,
+uint64_t save_fd(py::object tensors, int fd, uint64_t base, const std::string& name,
                  SaveOptions options, py::object own_metadata, std::shared_ptr<Progress> progress) {
   options.durable = false;
   options.direct_io = false;
@@ -431,7 +444,7 @@ class ChecksumSink : public WriteSink {
 // (which seeks back) completes the header at the end; without it (None: the object cannot
 // seek back) a first pass over the tensors computes them, and the header goes out complete.
 // Releases GIL but for the calls of `write` and `rewrite_prefix`.
-uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_prefix,
+uint64_t save_stream(py::object tensors, py::object write, py::object rewrite_prefix,
                      const std::string& name, SaveOptions options, py::object own_metadata,
                      std::shared_ptr<Progress> progress) {
   uint64_t size = 0;
@@ -440,7 +453,7 @@ uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_pref
   options.threads = 0;
   interruptible(std::move(progress), [&](Progress* counter) {
     SaveArgs args = save_args(tensors, options, own_metadata, counter);
-    for (const auto& [entry, t] : args.entries) {
+    for (const auto& [entry, t] : args.entries()) {
       if (!t.device().is_cpu()) init_device(t.device());
     }
     PythonSink sink(write, rewrite_prefix, name);
@@ -449,7 +462,7 @@ uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_pref
       // Safe without the GIL: entries hold references to the tensors; C++ and ATen work only,
       // and the sink takes the GIL for its own calls.
       py::gil_scoped_release no_gil;
-      SavePlan plan = plan_save(args.entries, name, options.metadata, args.options, args.own);
+      SavePlan plan = plan_save(args.entries(), name, options.metadata, args.options, args.own);
       if (first_pass) {
         ChecksumSink first;
         save_tensors_to(plan, first, name, args.options);
@@ -465,7 +478,7 @@ uint64_t save_stream(py::dict tensors, py::object write, py::object rewrite_pref
 
 // The file as a new bytes object, written into it without the GIL (nothing else refers to it
 // yet). Releases GIL as save() does.
-py::bytes save_bytes(py::dict tensors, SaveOptions options, py::object own_metadata,
+py::bytes save_bytes(py::object tensors, SaveOptions options, py::object own_metadata,
                      std::shared_ptr<Progress> progress) {
   py::object out;
   options.durable = false;
@@ -710,6 +723,7 @@ PYBIND11_MODULE(_C, m) {
   bind_tensor_facts(m);
   bind_staging(m);
   bind_async(m);
+  bind_module_stream(m);
   m.def("save", &save_binding, py::arg("tensors"), py::arg("path"), py::arg("options"),
         py::arg("own_metadata") = py::none(), py::arg("progress") = nullptr);
   m.def("load", &load_binding, py::arg("path"), py::arg("options"), py::arg("progress") = nullptr);

@@ -38,7 +38,7 @@ class LoadOptions:
     def __init__(self) -> None: ...
 
 def save(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | _ModuleTensors,
     path: str,
     options: SaveOptions,
     own_metadata: dict[str, str] | None = None,
@@ -48,7 +48,7 @@ def check_savable(tensors: dict[str, torch.Tensor]) -> None: ...
 def check_destination(path: str) -> str: ...
 def replace_file(staged: str, path: str) -> None: ...
 def save_async(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | _ModuleTensors,
     path: str,
     options: SaveOptions,
     own_metadata: dict[str, str] | None = None,
@@ -91,6 +91,17 @@ def load_state_dict_message(
 def memory_sharing(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]: ...
 def state_dict(module: torch.nn.Module, destination: Any, prefix: str, keep_vars: bool) -> Any: ...
 def _state_dict_floor(module: torch.nn.Module, keep_vars: bool) -> Any: ...
+
+class _ModuleTensors:
+    """What save(module) stores, read from the registries (module_stream.h)."""
+
+    def __len__(self) -> int: ...
+    @property
+    def metadata(self) -> str: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+def module_tensors(module: torch.nn.Module) -> _ModuleTensors | None: ...
+def _count_tensor_objects(fn: Callable[[], Any]) -> tuple[Any, int]: ...
 def load_state_dict(
     module: torch.nn.Module,
     source: Mapping[str, Any] | None,
@@ -154,7 +165,7 @@ def load_fd(
     progress: Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], bool, int]: ...
 def save_fd(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | _ModuleTensors,
     fd: int,
     base: int,
     name: str,
@@ -163,7 +174,7 @@ def save_fd(
     progress: Progress | None = None,
 ) -> int: ...
 def save_stream(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | _ModuleTensors,
     write: Callable[[memoryview], int | None],
     rewrite_prefix: Callable[[bytes], None] | None,
     name: str,
@@ -172,7 +183,7 @@ def save_stream(
     progress: Progress | None = None,
 ) -> int: ...
 def save_bytes(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | _ModuleTensors,
     options: SaveOptions,
     own_metadata: dict[str, str] | None = None,
     progress: Progress | None = None,

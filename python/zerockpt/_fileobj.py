@@ -101,7 +101,7 @@ def _appending(f: Any, fd: int) -> bool:
 
 
 def save(
-    flat: dict[str, torch.Tensor],
+    flat: _state.Flat,
     metadata: Mapping[str, str] | None,
     own: dict[str, str],
     f: Any,
@@ -165,7 +165,7 @@ def save(
 
 
 def save_bytes(
-    flat: dict[str, torch.Tensor],
+    flat: _state.Flat,
     metadata: Mapping[str, str] | None,
     own: dict[str, str],
     *,

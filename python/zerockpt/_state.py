@@ -29,6 +29,9 @@ from zerockpt.structure import (
 
 # What save() and save_async() take.
 SaveInput = Mapping[str, torch.Tensor] | nn.Module | dict[Any, Any] | list[Any] | tuple[Any, ...]
+# The tensors to store, as the C++ save functions take them: a flat dict, or what
+# _C.module_tensors read from a module's registries (no Python object per tensor).
+Flat = dict[str, torch.Tensor] | _C._ModuleTensors
 
 
 def module_state_dict(module: nn.Module) -> OrderedDict[str, Any]:
@@ -73,15 +76,24 @@ def decode_state_dict_metadata(text: str, path: str) -> OrderedDict[str, dict[st
 
 def prepare_save(
     obj: SaveInput, metadata: Mapping[str, str] | None
-) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, dict[str, str]]:
-    """What to store for ``obj``: the flat tensors, the user's metadata, zerockpt's own."""
-    if isinstance(obj, nn.Module):
+) -> tuple[Flat, dict[str, str] | None, dict[str, str]]:
+    """What to store for ``obj``: the flat tensors, the user's metadata, zerockpt's own.
+
+    A module whose tree torch's ``state_dict()`` would not hand to Python code is read straight
+    from its registries (csrc/python/module_stream.cpp): the same file, without a state dict.
+    """
+    streamed = _C.module_tensors(obj) if isinstance(obj, nn.Module) else None
+    if isinstance(obj, nn.Module) and streamed is None:
         obj = module_state_dict(obj)
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata)}")
         metadata = dict(metadata)
     own: dict[str, str] = {}
+    if streamed is not None:  # its names are valid UTF-8, and its _metadata JSON
+        own[_C.STATE_DICT_METADATA_KEY] = streamed.metadata
+        _check_metadata_utf8(metadata)
+        return streamed, metadata, own
     if is_flat_state_dict(obj):
         flat = obj if type(obj) is dict else dict(mapping_items(obj))  # type: ignore[arg-type]
         state_dict_metadata = encode_state_dict_metadata(obj)  # type: ignore[arg-type]
@@ -98,11 +110,20 @@ def prepare_save(
     # The header is UTF-8 JSON: a str holding a lone surrogate has no UTF-8 form.
     for name in flat:
         _check_utf8(name, "tensor name")
+    _check_metadata_utf8(metadata)
+    return flat, metadata, own
+
+
+def flat_dict(flat: Flat) -> dict[str, torch.Tensor]:
+    """``flat`` as the dict ``prepare_save`` gives for a state dict (for Python consumers)."""
+    return flat if isinstance(flat, dict) else flat.state_dict()
+
+
+def _check_metadata_utf8(metadata: Mapping[str, str] | None) -> None:
     for key, value in (metadata or {}).items():
         if isinstance(key, str) and isinstance(value, str):  # other types: the C++ side says
             _check_utf8(key, "metadata key")
             _check_utf8(value, f"metadata value for {key!r}")
-    return flat, metadata, own
 
 
 def _check_utf8(text: str, what: str) -> None:

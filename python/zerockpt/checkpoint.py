@@ -164,7 +164,7 @@ def _track(pending: PendingSave) -> PendingSave:
 
 
 def _start(
-    flat: dict[str, Any],
+    flat: _state.Flat,
     path: str,
     options: _C.SaveOptions,
     own: dict[str, str],

@@ -119,11 +119,12 @@ def save(
     )
     description = _progress.label("Saving", where)
     if limit is not None:
+        tensors = _state.flat_dict(flat)
         _progress.run(
             progress,
             description,
-            lambda counter: sharded.save_sharded(flat, where, limit, own, options, counter),
-            total=_progress.unique_nbytes(flat.values()),
+            lambda counter: sharded.save_sharded(tensors, where, limit, own, options, counter),
+            total=_progress.unique_nbytes(tensors.values()),
         )
         return
     _destination.make_parent(where, makedirs=bool(makedirs), durable=bool(durable))
