@@ -54,6 +54,28 @@ void append_hex4(std::string& out, uint32_t unit) {
   for (int shift = 12; shift >= 0; shift -= 4) out += kHex[(unit >> shift) & 0xf];
 }
 
+// The two-character JSON escape of `c`, or nullptr.
+const char* short_escape(unsigned char c) {
+  switch (c) {
+    case '"':
+      return "\\\"";
+    case '\\':
+      return "\\\\";
+    case '\b':
+      return "\\b";
+    case '\f':
+      return "\\f";
+    case '\n':
+      return "\\n";
+    case '\r':
+      return "\\r";
+    case '\t':
+      return "\\t";
+    default:
+      return nullptr;
+  }
+}
+
 // `text` (valid UTF-8) as a JSON string, as Python's json.dumps writes it (ensure_ascii):
 // printable ASCII but '"' and '\\' as is, the usual two-character escapes, and everything else
 // as \uXXXX of its UTF-16 code units.
@@ -67,15 +89,10 @@ void append_json_string(std::string& out, std::string_view text) {
       ++i;
       continue;
     }
-    switch (c) {
-      case '"': out += "\\\""; ++i; continue;
-      case '\\': out += "\\\\"; ++i; continue;
-      case '\b': out += "\\b"; ++i; continue;
-      case '\f': out += "\\f"; ++i; continue;
-      case '\n': out += "\\n"; ++i; continue;
-      case '\r': out += "\\r"; ++i; continue;
-      case '\t': out += "\\t"; ++i; continue;
-      default: break;
+    if (const char* escape = short_escape(c)) {
+      out += escape;
+      ++i;
+      continue;
     }
     uint32_t cp = c;
     size_t len = 1;
@@ -193,8 +210,7 @@ class ModuleStream {
     const at::Tensor& t = THPVariable_Unpack(value);
     // Other kinds of tensors (sparse, nested, wrappers) are detached by the dispatcher on the
     // state-dict path: they take it.
-    if (typeid(*t.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
-        t.layout() != at::kStrided) {
+    if (typeid(*t.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) || t.layout() != at::kStrided) {
       return false;
     }
     std::string key;

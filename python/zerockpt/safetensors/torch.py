@@ -192,7 +192,7 @@ def _check_savable(tensors: Any, copy_shared: bool = False) -> dict[str, torch.T
 
 def _prepare(
     tensors: Any, metadata: Mapping[str, str] | None, copy_shared: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, dict[str, str]]:
+) -> tuple[_state.Flat, dict[str, str] | None, dict[str, str]]:
     """The checked tensors in safetensors' file order, the metadata, zerockpt's own entries."""
     tensors = _check_savable(tensors, copy_shared)
     # safetensors' layout: larger elements first (alignment), then by name; so the bytes do
