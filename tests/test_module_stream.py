@@ -20,19 +20,13 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
+from test_traversal import ZOO, Case, build, zoo_params
 from torch import nn
+from torch.nn.utils import parametrizations, spectral_norm
 from torch.utils._python_dispatch import TorchDispatchMode
 from zerockpt import _C
 
 ModuleFactory = Callable[[], nn.Module]
-
-
-def _seeded(make: ModuleFactory) -> ModuleFactory:
-    def build() -> nn.Module:
-        torch.manual_seed(0)
-        return make()
-
-    return build
 
 
 def _tied() -> nn.Module:
@@ -131,7 +125,19 @@ STREAMING: dict[str, ModuleFactory] = {
     "names": _names,
     "odd tensors": _odd_tensors,
     "load hooks only": lambda: _with_load_hooks(nn.Linear(2, 2)),
+    "parametrized": lambda: nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(3, 3)), parametrizations.orthogonal(nn.Linear(3, 3))
+    ),
+    "forward hooks": lambda: _forward_hooked(),
+    "fx graph module": lambda: torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU())),
 }
+
+
+def _forward_hooked() -> nn.Module:
+    m = nn.Linear(2, 2)
+    m.register_forward_pre_hook(lambda *args: None)
+    m.register_forward_hook(lambda *args: None)
+    return nn.Sequential(m)
 
 
 def _with_load_hooks(m: nn.Module) -> nn.Module:
@@ -147,7 +153,7 @@ def oracle_bytes(m: nn.Module, **kwargs: Any) -> bytes:
 
 @pytest.mark.parametrize("kind", list(STREAMING))
 def test_streamed_save_is_the_state_dict_file(kind: str) -> None:
-    m = _seeded(STREAMING[kind])()
+    m = build(STREAMING[kind], seed=0)
     assert _C.module_tensors(m) is not None, "this tree should stream"
     expected = oracle_bytes(m)
     assert zerockpt.save_bytes(m) == expected
@@ -156,6 +162,19 @@ def test_streamed_save_is_the_state_dict_file(kind: str) -> None:
         m, metadata={"step": "7", "ünï": "cödé"}
     )
     assert zerockpt.save_bytes(m, checksums=False) == oracle_bytes(m, checksums=False)
+
+
+@pytest.mark.parametrize("case", zoo_params(ZOO))
+def test_the_traversal_zoo_saves_as_its_state_dict(case: Case) -> None:
+    """Every model of the state_dict oracle tests: streamed or not, the same file (or error)."""
+    m = build(case.make, seed=0)
+    try:
+        expected: object = oracle_bytes(m)
+    except Exception as e:  # unsavable state (meta, overlapping views): the same error
+        expected = (type(e), str(e))
+        assert _error_of(lambda: zerockpt.save_bytes(m)) == expected
+        return
+    assert zerockpt.save_bytes(m) == expected
 
 
 def test_streamed_metadata_is_json_dumps_of_the_state_dict_metadata() -> None:
@@ -381,12 +400,15 @@ FALLBACK: dict[str, ModuleFactory] = {
     "root __metadata__": _metadata_name,
     "str subclass name": _str_subclass_name,
     "deep tree": lambda: _deep(300),
+    "spectral norm (state_dict hook)": lambda: _nested(spectral_norm(nn.Linear(3, 3))),
+    "scripted": lambda: torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))),
+    "lazy (uninitialized parameter)": lambda: _nested(nn.LazyLinear(3)),
 }
 
 
 @pytest.mark.parametrize("kind", list(FALLBACK))
 def test_trees_with_python_customisation_save_their_state_dict(kind: str) -> None:
-    m = _seeded(FALLBACK[kind])()
+    m = build(FALLBACK[kind], seed=0)
     assert _C.module_tensors(m) is None, "this tree must take the state-dict path"
     assert zerockpt.save_bytes(m) == oracle_bytes(m)
 
