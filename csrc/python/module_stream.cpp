@@ -54,6 +54,9 @@ void append_hex4(std::string& out, uint32_t unit) {
   for (int shift = 12; shift >= 0; shift -= 4) out += kHex[(unit >> shift) & 0xf];
 }
 
+// Printable ASCII that json.dumps writes as is.
+bool plain_json_char(unsigned char c) { return c >= 0x20 && c < 0x7f && c != '"' && c != '\\'; }
+
 // The two-character JSON escape of `c`, or nullptr.
 const char* short_escape(unsigned char c) {
   switch (c) {
@@ -83,12 +86,12 @@ void append_json_string(std::string& out, std::string_view text) {
   out += '"';
   size_t i = 0;
   while (i < text.size()) {
+    size_t run = i;
+    while (run < text.size() && plain_json_char(static_cast<unsigned char>(text[run]))) ++run;
+    out.append(text.data() + i, run - i);
+    i = run;
+    if (i == text.size()) break;
     auto c = static_cast<unsigned char>(text[i]);
-    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
-      out += static_cast<char>(c);
-      ++i;
-      continue;
-    }
     if (const char* escape = short_escape(c)) {
       out += escape;
       ++i;
@@ -121,6 +124,9 @@ void append_json_string(std::string& out, std::string_view text) {
   out += '"';
 }
 
+// An empty dict (hook registries: anything else takes the state-dict path).
+bool empty_dict(PyObject* obj) { return obj && PyDict_Check(obj) && PyDict_GET_SIZE(obj) == 0; }
+
 class ModuleStream {
  public:
   // Adds `module` (reached as `prefix`, "" or "<path>.") and its subtree; false to give up.
@@ -130,9 +136,16 @@ class ModuleStream {
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
     if (traits.custom_state_dict || traits.custom_save || traits.extra_state_getter) return false;
     ModuleView view;
-    if (!read_module(module, view) || view.instance_attr(n.state_dict) ||
-        view.instance_attr(n.save_to_state_dict) || view.hook_count(n.state_dict_pre_hooks) != 0 ||
-        view.hook_count(n.state_dict_hooks) != 0) {
+    if (!read_module(module, view)) return false;
+    PyObject* pre_hooks = view.instance_attr(n.state_dict_pre_hooks);
+    PyObject* post_hooks = view.instance_attr(n.state_dict_hooks);
+    // Each registry is an object of its own, on a large model most likely not in the cache:
+    // ask for all of them at once rather than one after another.
+    for (PyObject* obj : {pre_hooks, post_hooks, view.parameters, view.buffers, view.modules}) {
+      if (obj) __builtin_prefetch(obj);
+    }
+    if (view.instance_attr(n.state_dict) || view.instance_attr(n.save_to_state_dict) ||
+        !empty_dict(pre_hooks) || !empty_dict(post_hooks)) {
       return false;
     }
     if (!add_metadata(module, view, prefix)) return false;
