@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
+from conftest import run_python
 from test_traversal import ZOO, Case, build, zoo_params
 from torch import nn
 from torch.nn.utils import parametrizations, spectral_norm
@@ -454,6 +455,49 @@ def test_non_str_names_raise_what_torch_raises() -> None:
     m._parameters[3] = nn.Parameter(torch.ones(1))  # type: ignore[index]
     assert _C.module_tensors(m) is None
     assert _error_of(lambda: zerockpt.save_bytes(m)) == _error_of(m.state_dict)
+
+
+_CYCLE = """
+import torch, zerockpt
+from torch import nn
+m = nn.Sequential(nn.Linear(1, 1))
+m[0].add_module("loop", m)  # a cycle: torch's recursion ends in RecursionError
+for name, call in [
+    ("torch state_dict", m.state_dict),
+    ("torch load_state_dict", lambda: m.load_state_dict({})),
+    ("state_dict", lambda: zerockpt.state_dict(m)),
+    ("save", lambda: zerockpt.save_bytes(m)),
+    ("load_state_dict", lambda: zerockpt.load_state_dict(m, {})),
+]:
+    try:
+        call()
+    except RecursionError as e:
+        print(name, e)
+"""
+
+
+def test_cyclic_modules_raise_recursion_error_as_torch_does() -> None:
+    result = run_python(_CYCLE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(" maximum")[0] for line in lines] == [
+        "torch state_dict",
+        "torch load_state_dict",
+        "state_dict",
+        "save",
+        "load_state_dict",
+    ]
+    assert len({line.split(" maximum")[1] for line in lines}) == 1  # the same message
+
+
+def test_deep_trees_below_the_recursion_limit(tmp_path: Path) -> None:
+    m = _deep(500)
+    assert _C.module_tensors(m) is None  # deeper than the walk streams
+    assert zerockpt.save_bytes(m) == oracle_bytes(m)
+    zerockpt.save(m, tmp_path / "m.safetensors")
+    target = _deep(500)
+    zerockpt.load_state_dict(target, tmp_path / "m.safetensors")
+    assert zerockpt.save_bytes(target) == oracle_bytes(m)
 
 
 class _Recording(TorchDispatchMode):

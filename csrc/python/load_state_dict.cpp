@@ -248,6 +248,7 @@ class LoadWalk {
 
   void load(PyObject* module, Entries entries, PyObject* prefix, PyObject* metadata_key,
             bool root) {
+    RecursionGuard depth;
     const ModuleNames& n = module_names();
     py::object hold_module = borrow(module);
     py::object local_metadata = metadata_for(metadata_key);

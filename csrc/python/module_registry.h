@@ -126,6 +126,20 @@ void for_each_item(PyObject* dict, Fn&& fn) {
   }
 }
 
+// One level of a recursive module walk, counted as Python counts calls: a tree deeper than the
+// recursion limit (a cyclic one) raises torch's RecursionError instead of overflowing the stack.
+class RecursionGuard {
+ public:
+  RecursionGuard() {
+    if (Py_EnterRecursiveCall(" while calling a Python object") != 0) {
+      throw pybind11::error_already_set();
+    }
+  }
+  ~RecursionGuard() { Py_LeaveRecursiveCall(); }
+  RecursionGuard(const RecursionGuard&) = delete;
+  RecursionGuard& operator=(const RecursionGuard&) = delete;
+};
+
 // True for objects whose exact type is torch.Tensor or nn.Parameter.
 bool is_plain_tensor(PyObject* obj);
 

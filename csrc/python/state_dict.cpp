@@ -39,6 +39,7 @@ class StateDictWalk {
   // `metadata_key` is prefix[:-1] (passed down: a child's is its parent's prefix + name).
   py::object walk(PyObject* module, py::object destination, PyObject* prefix,
                   PyObject* metadata_key) {
+    RecursionGuard depth;
     const ModuleNames& n = module_names();
     ModuleView view;
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
