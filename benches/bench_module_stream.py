@@ -7,7 +7,8 @@ Every method runs once per round, the rounds interleaved, so that all see the sa
 ratios come from each method's fastest round:
 
 - save: ``save(module)`` beside ``save(state_dict)`` and ``zerockpt.state_dict`` alone; the goal
-  is ``save(module) <= save(state_dict) - state_dict`` (a ratio >= 1 below).
+  (on the MoE) is ``save(module) <= save(state_dict) - state_dict`` (a ratio >= 1 below). Saves
+  are durable, as by default: each round includes an fsync, the same in both.
 - load: ``zerockpt.load_state_dict(module, path)`` beside ``torch.load(mmap=True)`` and
   safetensors' ``load_file``, each followed by ``module.load_state_dict``; the goal is 3x torch.
 """
@@ -30,7 +31,9 @@ from torch import nn
 from zerockpt import _C
 from zerockpt.benchtools import unique_tensors
 
-ROUNDS = 2 if SMOKE else 7
+SAVE_ROUNDS = 2 if SMOKE else 15  # the MoE's saves differ by tens of ms: many rounds
+LOAD_ROUNDS = 2 if SMOKE else 5  # torch.load of the MoE takes seconds
+GOAL_MODEL = "b2: MoE 48x208 experts"  # issue 23 states the save goal for the MoE
 
 MODELS: dict[str, Callable[[], nn.Module]] = (
     {
@@ -43,7 +46,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = (
 
 
 def _interleaved(
-    benchmark: BenchmarkFixture, calls: dict[str, Callable[[], object]]
+    benchmark: BenchmarkFixture, calls: dict[str, Callable[[], object]], rounds: int
 ) -> dict[str, float]:
     """Runs every call once per round (pytest-benchmark times the whole round); returns each
     call's fastest round in seconds, also kept in ``extra_info`` (ms)."""
@@ -58,7 +61,7 @@ def _interleaved(
     one_round()  # warm-up, not counted
     for ts in times.values():
         ts.clear()
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     best = {name: min(ts) for name, ts in times.items()}
     for name, ts in times.items():
         benchmark.extra_info[f"{name} min ms"] = round(best[name] * 1e3, 2)
@@ -82,6 +85,7 @@ def test_save_module(benchmark: BenchmarkFixture, model: str, bench_dir: Path) -
             "save(state_dict)": lambda: zerockpt.save(sd, from_dict),
             "state_dict": lambda: zerockpt.state_dict(m),
         },
+        SAVE_ROUNDS,
     )
     assert streamed.read_bytes() == from_dict.read_bytes()
     goal = best["save(state_dict)"] - best["state_dict"]
@@ -89,7 +93,7 @@ def test_save_module(benchmark: BenchmarkFixture, model: str, bench_dir: Path) -
     report_ratio(
         f"{model}: (save(state_dict) - state_dict) / save(module)",
         goal / best["save(module)"],
-        "goal >= 1",
+        "goal >= 1" if model == GOAL_MODEL else "",
     )
     report_ratio(
         f"{model}: save(state_dict) / save(module)",
@@ -139,6 +143,7 @@ def test_load_module_file(benchmark: BenchmarkFixture, model: str, bench_dir: Pa
             "torch.load(mmap=True) + load_state_dict": from_torch,
             "safetensors.load_file + load_state_dict": from_safetensors,
         },
+        LOAD_ROUNDS,
     )
     _same_state(target, source)
     zerockpt_s = best["zerockpt.load_state_dict(module, path)"]
