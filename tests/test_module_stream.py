@@ -369,6 +369,26 @@ def _str_subclass_name() -> nn.Module:
     return m
 
 
+def _ordered_registry() -> nn.Module:
+    m = nn.Linear(2, 2)
+    m._parameters = OrderedDict(m._parameters)
+    m._parameters.move_to_end("weight")  # the dict's own order stays weight, bias
+    return _nested(m)
+
+
+class _SetWithoutScratch(set):  # type: ignore[type-arg]
+    def __contains__(self, name: object) -> bool:
+        return name != "scratch" and super().__contains__(name)
+
+
+def _set_subclass() -> nn.Module:
+    m = nn.Linear(2, 2)
+    m.register_buffer("scratch", torch.ones(2), persistent=False)
+    m.register_buffer("other", torch.zeros(2), persistent=False)
+    m._non_persistent_buffers_set = _SetWithoutScratch(m._non_persistent_buffers_set)
+    return _nested(m)
+
+
 def _nested_buffer() -> nn.Module:
     m = nn.Linear(2, 2)
     with warnings.catch_warnings():
@@ -401,6 +421,8 @@ FALLBACK: dict[str, ModuleFactory] = {
     "root __metadata__": _metadata_name,
     "str subclass name": _str_subclass_name,
     "deep tree": lambda: _deep(300),
+    "OrderedDict registry": _ordered_registry,
+    "set subclass registry": _set_subclass,
     "spectral norm (state_dict hook)": lambda: _nested(spectral_norm(nn.Linear(3, 3))),
     "scripted": lambda: torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))),
     "lazy (uninitialized parameter)": lambda: _nested(nn.LazyLinear(3)),
@@ -685,3 +707,15 @@ def test_load_state_dict_from_a_file_makes_no_tensor_object_per_entry(
     for key, value in m.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     assert _count(lambda: zerockpt.load_state_dict(target, zerockpt.load(path))) >= n
+
+
+@pytest.mark.parametrize("make", [_ordered_registry, _set_subclass], ids=["OrderedDict", "set"])
+def test_registries_of_other_types_load_as_torch_loads(make: ModuleFactory) -> None:
+    """Registries are read through their own methods (items(), `in`), as torch reads them."""
+    source = build(make, seed=1).state_dict()
+    source["1.1.scratch"] = torch.full((2,), 7.0)
+    ours, theirs = build(make, seed=0), build(make, seed=0)
+    got = zerockpt.load_state_dict(ours, source, strict=False)
+    expected = theirs.load_state_dict(source, strict=False)
+    assert got == expected
+    assert zerockpt.save_bytes(ours) == oracle_bytes(theirs)

@@ -155,9 +155,12 @@ bool read_module(PyObject* module, ModuleView& view) {
   view.buffers = view.instance_attr(n.buffers);
   view.modules = view.instance_attr(n.modules);
   view.non_persistent = view.instance_attr(n.non_persistent);
-  return view.parameters && PyDict_Check(view.parameters) && view.buffers &&
-         PyDict_Check(view.buffers) && view.modules && PyDict_Check(view.modules) &&
-         view.non_persistent && PyAnySet_Check(view.non_persistent);
+  // Exact types only: torch reads registries through their methods (items(), `in`), which an
+  // OrderedDict (move_to_end) or a subclass may answer otherwise than PyDict_Next/PySet_Contains.
+  return view.parameters && PyDict_CheckExact(view.parameters) && view.buffers &&
+         PyDict_CheckExact(view.buffers) && view.modules && PyDict_CheckExact(view.modules) &&
+         view.non_persistent &&
+         (PySet_CheckExact(view.non_persistent) || PyFrozenSet_CheckExact(view.non_persistent));
 }
 
 PyObject* metadata_key(PyObject* prefix) {

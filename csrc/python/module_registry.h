@@ -94,7 +94,8 @@ struct ModuleView {
 };
 
 // Fills `view` from `module`; false if the module lacks torch's registries in the expected
-// form (dicts and a set), in which case callers hand it to torch. Raises on Python errors.
+// form (exact dicts and an exact set), in which case callers hand it to torch. Raises on Python
+// errors.
 bool read_module(PyObject* module, ModuleView& view);
 
 // prefix[:-1] as torch computes it (drops the last code point, "" stays ""). New reference.
