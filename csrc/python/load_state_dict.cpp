@@ -636,8 +636,7 @@ class LoadWalk {
         (src.is_complex() && !dst.is_complex()) || !default_dispatch_state() ||
         typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
         typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
-        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned() ||
-        !sound) {
+        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned() || !sound) {
       return false;
     }
     // A host target (only when host staging is on) may not overlap the source: chunks of it
