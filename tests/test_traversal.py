@@ -935,13 +935,37 @@ def test_state_dict_leaves_the_gc_as_it_found_it_and_on_for_python_code() -> Non
             seen.append(gc.isenabled())
             super().__setitem__(key, value)
 
-    model = nn.Sequential(nn.Linear(2, 2), Extra())
+    class Saver(nn.Linear):
+        def _save_to_state_dict(self, *args: Any) -> None:
+            seen.append(gc.isenabled())
+            super()._save_to_state_dict(*args)
+
+    class Described(nn.Linear):
+        @property
+        def _version(self) -> int:  # type: ignore[override]
+            seen.append(gc.isenabled())
+            return 3
+
+    class Sub(torch.Tensor):
+        def detach(self) -> torch.Tensor:
+            seen.append(gc.isenabled())
+            return super().detach()
+
+    def post_hook(*args: Any) -> None:
+        seen.append(gc.isenabled())
+
+    model = nn.Sequential(nn.Linear(2, 2), Extra(), Saver(2, 2), Described(2, 2), nn.Linear(2, 2))
+    model[4].register_buffer("sub", torch.zeros(2).as_subclass(Sub))
     model[0].register_state_dict_pre_hook(lambda *args: seen.append(gc.isenabled()))
+    model[4].register_state_dict_post_hook(post_hook)
     for enabled in (True, False):
         (gc.enable if enabled else gc.disable)()
         try:
             seen.clear()
             assert list(zerockpt.state_dict(model)) == list(model.state_dict())
+            # zerockpt's walk and torch's each ran all six: pre-hook, get_extra_state,
+            # _save_to_state_dict, _version, the subclass's detach, post-hook.
+            assert len(seen) == 12
             assert list(zerockpt.state_dict(model, destination=Dest())) == list(model.state_dict())
             assert gc.isenabled() is enabled
             assert seen and all(s is enabled for s in seen)

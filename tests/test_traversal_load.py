@@ -523,6 +523,43 @@ def test_load_surrogate_key(strict: bool) -> None:
     compare_dict_load(nested, source, strict=strict)
 
 
+class _Name(str):
+    """A str subclass used as a registry key: dict membership goes by its hash and __eq__."""
+
+    __slots__ = ()
+
+
+def _children_with_odd_keys(key_kind: str) -> nn.Module:
+    model = nn.Module()
+    model.a = nn.Linear(2, 2)
+    model.b = nn.Linear(2, 2)
+    model.c = None  # a child registered as None still counts as a child name
+    if key_kind == "subclass":
+        model._modules[_Name("sub")] = nn.Linear(2, 1)
+    return model
+
+
+@STRICT
+@pytest.mark.parametrize("key_kind", ["str", "subclass"])
+def test_load_unexpected_keys_under_children_names(strict: bool, key_kind: str) -> None:
+    """Keys under a name decide "unexpected" by `name in _modules`, as torch does, whatever
+    the registry's keys are (exact strs, or a str subclass)."""
+    source = OrderedDict(
+        [
+            ("a.weight", torch.ones(2, 2)),
+            ("a.bias", torch.ones(2)),
+            ("b.weight", torch.ones(2, 2)),
+            ("b.bias", torch.ones(2)),
+            ("c.weight", torch.ones(2)),
+            ("d.weight", torch.ones(2)),
+            ("sub.weight", torch.ones(1, 2)),
+            ("sub.bias", torch.ones(1)),
+            ("a.x.y", torch.ones(1)),
+        ]
+    )
+    compare_dict_load(lambda: _children_with_odd_keys(key_kind), source, strict=strict)
+
+
 @STRICT
 def test_load_parameters_into_buffers(strict: bool) -> None:
     """assign=True with Parameters for buffers: torch's setattr turns them into parameters."""

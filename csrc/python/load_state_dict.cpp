@@ -119,11 +119,13 @@ class TorchWarnings : public c10::WarningHandler {
 // Refuses, naming `key`, what torch's own load would crash on or fail inside with "Internal
 // error": a nested tensor (torch cannot even report its sizes) or a view larger than its storage
 // (copy_ would read or write past it). Other kinds (zero tensors, subclasses, meta) are left to
-// copy_, which loads from zero tensors and reports the rest as torch does.
-void check_loadable(std::string_view key, const at::Tensor& t, const char* role) {
-  if (!t.defined() || t.is_meta()) return;
+// copy_, which loads from zero tensors and reports the rest as torch does. Returns whether `t`
+// has no memory_problem at all (its bytes can be read or written in place).
+bool check_loadable(std::string_view key, const at::Tensor& t, const char* role) {
+  if (!t.defined() || t.is_meta()) return false;
   auto problem = memory_problem(t);
-  if (!problem || (problem->type_error && !t.is_nested())) return;
+  if (!problem) return true;
+  if (problem->type_error && !t.is_nested()) return false;
   std::string what = std::string(role) + " for key " + quote(std::string(key));
   if (problem->type_error) throw DtypeError(what + " " + problem->why);
   throw UsageError(what + " " + problem->why);
@@ -145,11 +147,11 @@ struct Partition {
   std::vector<std::pair<std::string_view, Entries>> groups;  // rest is "<child>.<...>"
   // Entries in order with their local index (>= 0) or ~group index (< 0).
   std::vector<std::pair<Entry*, long>> order;
+  SeededMap<std::string_view, size_t> group_index;  // child name -> index in groups
 };
 
 Partition partition(const Entries& entries, std::string_view prefix) {
   Partition p;
-  SeededMap<std::string_view, size_t> group_index;
   p.order.reserve(entries.size());
   for (Entry* e : entries) {
     if (e->name.size() < prefix.size() || e->name.compare(0, prefix.size(), prefix) != 0) {
@@ -163,7 +165,7 @@ Partition partition(const Entries& entries, std::string_view prefix) {
       continue;
     }
     std::string_view child = rest.substr(0, dot);
-    auto [it, inserted] = group_index.emplace(child, p.groups.size());
+    auto [it, inserted] = p.group_index.emplace(child, p.groups.size());
     if (inserted) p.groups.emplace_back(child, Entries{});
     p.groups[it->second].second.push_back(e);
     p.order.emplace_back(e, ~static_cast<long>(it->second));
@@ -283,15 +285,14 @@ class LoadWalk {
     }
 
     // Children, each with the entries under "<prefix><name>." (grouped once, above).
-    SeededMap<std::string_view, const Entries*> groups;
-    for (const auto& [name, es] : parts.groups) groups.emplace(name, &es);
     const Entries none;
     for_each_child(module, readable ? view.modules : nullptr, [&](PyObject* name, PyObject* child) {
       py::object child_key = steal(concat(prefix, name));
       py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
-      auto it = groups.find(key_text(name));
-      load(child, it == groups.end() ? none : *it->second, child_prefix.ptr(), child_key.ptr(),
-           false);
+      // Copied: a hook of this child may add or remove keys of another (entries_of).
+      auto it = parts.group_index.find(key_text(name));
+      Entries group = it == parts.group_index.end() ? none : parts.groups[it->second].second;
+      load(child, std::move(group), child_prefix.ptr(), child_key.ptr(), false);
     });
 
     if (!readable || view.hook_count(n.load_post_hooks) != 0) run_post_hooks(module);
@@ -457,11 +458,22 @@ class LoadWalk {
     // Unexpected: local names that are not parameters or persistent buffers, and keys under a
     // name that is not a child (a child registered as None counts as one).
     std::vector<bool> group_is_child(parts.groups.size(), false);
-    for (size_t g = 0; g < parts.groups.size(); ++g) {
-      py::object child = make_str(parts.groups[g].first);
-      int has = PyDict_Contains(view.modules, child.ptr());
-      if (has < 0) throw py::error_already_set();
-      group_is_child[g] = has == 1;
+    if (!parts.groups.empty() && exact_str_keys(view.modules)) {
+      // `name in _modules`, by the names' text (exact strs compare by value and nothing else).
+      PyObject* name;
+      PyObject* child;
+      Py_ssize_t pos = 0;
+      while (PyDict_Next(view.modules, &pos, &name, &child)) {
+        auto it = parts.group_index.find(key_text(name));
+        if (it != parts.group_index.end()) group_is_child[it->second] = true;
+      }
+    } else {
+      for (size_t g = 0; g < parts.groups.size(); ++g) {
+        py::object child = make_str(parts.groups[g].first);
+        int has = PyDict_Contains(view.modules, child.ptr());
+        if (has < 0) throw py::error_already_set();
+        group_is_child[g] = has == 1;
+      }
     }
     for (const auto& [e, where] : parts.order) {
       if (where >= 0) {
@@ -474,6 +486,16 @@ class LoadWalk {
         append(unexpected_keys, e->key);
       }
     }
+  }
+
+  static bool exact_str_keys(PyObject* dict) {
+    PyObject* key;
+    PyObject* value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+      if (!PyUnicode_CheckExact(key)) return false;
+    }
+    return true;
   }
 
   bool assign_requested(const py::object& local_metadata) {
@@ -496,7 +518,9 @@ class LoadWalk {
   // One parameter or buffer: the body of torch's loop over local_state.
   void load_tensor(PyObject* module, const LocalTensor& t, Entry& e, bool assign) {
     const at::Tensor& param = THPVariable_Unpack(t.value);
-    check_loadable(e.name, param, "the model's tensor");
+    // Whether param and input have memory of their own (memory_problem), computed once here.
+    bool param_sound = check_loadable(e.name, param, "the model's tensor");
+    bool input_sound = false;
     const bool from_file = e.record && !e.value;
     std::vector<int64_t> file_shape;
     at::Tensor input;
@@ -508,10 +532,11 @@ class LoadWalk {
     } else {
       input_obj = e.value;
       input = THPVariable_Unpack(input_obj.ptr());
-      check_loadable(e.name, input, "the value");
+      input_sound = check_loadable(e.name, input, "the value");
       if (param.dim() == 0 && input.dim() == 1 && input.size(0) == 1) {
         input = input.select(0, 0);  // input_param[0]
         input_obj = steal(THPVariable_Wrap(input));
+        input_sound = !memory_problem(input);
       }
     }
     c10::IntArrayRef input_shape = from_file ? c10::IntArrayRef(file_shape) : input.sizes();
@@ -528,9 +553,12 @@ class LoadWalk {
                         "corresponding key in the module instead of copying them in place?)";
       if (warnings_) warnings_->flush();  // earlier warnings first, as torch emits them
       warn_as_torch(msg, /*deprecation=*/false, meta_site_);
+      // A warnings filter is Python code, which may have changed the tensors.
+      param_sound = !memory_problem(param);
+      input_sound = input.defined() && !memory_problem(input);
     }
     if (from_file && !assign && !param.is_inference() && !converts_complex(*e.record, param) &&
-        (param.is_meta() || !memory_problem(param)) &&
+        (param.is_meta() || param_sound) &&
         at::has_internal_overlap(param) != at::MemOverlap::Yes) {
       if (plan_->conflicts(param)) flush();
       plan_->add(param, *e.record);
@@ -545,11 +573,12 @@ class LoadWalk {
         input = input.select(0, 0);
         input_obj = steal(THPVariable_Wrap(input));
       }
+      input_sound = !memory_problem(input);
     }
     if (assign) {
       assign_tensor(module, t, e, input_obj);
     } else {
-      copy_tensor(t, e, param, input, input_obj);
+      copy_tensor(t, e, param, input, input_obj, param_sound, input_sound);
     }
   }
 
@@ -560,21 +589,24 @@ class LoadWalk {
     return stored && at::isComplexType(*stored) && !param.is_complex();
   }
 
+  // `param_sound`, `input_sound`: neither has a memory_problem.
   void copy_tensor(const LocalTensor& t, const Entry& e, const at::Tensor& param,
-                   const at::Tensor& input, const py::object& input_obj) {
+                   const at::Tensor& input, const py::object& input_obj, bool param_sound,
+                   bool input_sound) {
     if (plan_ && !plan_->empty() && plan_->conflicts(param)) flush();
     if (progress_) progress_->check("loading a state dict");
     try {
       c10::AutoGradMode no_grad(false);
       if (progress_) progress_->add(static_cast<uint64_t>(input.numel()) * input.element_size());
-      if (stages_copy(param, input)) {
+      const bool sound = param_sound && input_sound;
+      if (stages_copy(param, input, sound)) {
         {
           // Safe without the GIL: both tensors are held by C++ references.
           py::gil_scoped_release no_gil;
           copy_host_to_device(param, input, threads_, staging_bytes_);
         }
         param.unsafeGetTensorImpl()->bump_version();  // once, as copy_ does
-      } else if (!copy_plain(param, input)) {
+      } else if (!copy_plain(param, input, sound)) {
         uint64_t nbytes = static_cast<uint64_t>(param.numel()) * param.element_size();
         if (nbytes >= kReleaseGilBytes) {
           // Safe without the GIL: both tensors are held by C++ references.
@@ -598,14 +630,14 @@ class LoadWalk {
   // Device parameters take dense host tensors (a file's mapped tensors, from a sharded
   // checkpoint or a loaded dict) through the pinned staging pool, not copy_'s transfer from
   // pageable memory. Plain tensors of equal shape only; copy_ keeps every other case.
-  static bool stages_copy(const at::Tensor& dst, const at::Tensor& src) {
+  // `sound`: neither dst nor src has a memory_problem.
+  static bool stages_copy(const at::Tensor& dst, const at::Tensor& src, bool sound) {
     if (!is_staged(dst) || !src.is_cpu() || src.numel() == 0 || dst.sizes() != src.sizes() ||
         !src.is_contiguous() || src.is_conj() || src.is_neg() || dst.is_inference() ||
         (src.is_complex() && !dst.is_complex()) || !default_dispatch_state() ||
         typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
         typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
-        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned() ||
-        memory_problem(dst) || memory_problem(src)) {
+        at::has_internal_overlap(dst) == at::MemOverlap::Yes || src.is_pinned() || !sound) {
       return false;
     }
     // A host target (only when host staging is on) may not overlap the source: chunks of it
@@ -614,13 +646,12 @@ class LoadWalk {
   }
 
   // memcpy for same-dtype contiguous CPU tensors, which is what copy_ does for them.
-  static bool copy_plain(const at::Tensor& dst, const at::Tensor& src) {
+  static bool copy_plain(const at::Tensor& dst, const at::Tensor& src, bool sound) {
     if (!dst.is_cpu() || !src.is_cpu() || dst.scalar_type() != src.scalar_type() ||
         !dst.is_contiguous() || !src.is_contiguous() || dst.is_conj() || src.is_conj() ||
         dst.is_neg() || src.is_neg() || dst.is_inference() || !default_dispatch_state() ||
         typeid(*dst.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) ||
-        typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) || memory_problem(dst) ||
-        memory_problem(src)) {
+        typeid(*src.unsafeGetTensorImpl()) != typeid(c10::TensorImpl) || !sound) {
       return false;
     }
     size_t nbytes = static_cast<size_t>(dst.numel()) * dst.element_size();

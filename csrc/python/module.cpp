@@ -759,6 +759,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("module"), py::arg("destination"), py::arg("prefix"), py::arg("keep_vars"));
   m.def("_state_dict_floor", &state_dict_floor, py::arg("module"), py::arg("keep_vars"),
         "Benchmark aid: only the irreducible work of state_dict() for plain modules.");
+  m.def("_state_dict_gc_pause", &set_gc_pause, py::arg("on"),
+        "Benchmark aid: whether state_dict() pauses the cyclic GC while only C++ allocates "
+        "(default True); returns the previous setting.");
   // `options`: threads and staging_bytes (a file is read straight into the parameters).
   m.def(
       "load_state_dict",

@@ -17,6 +17,8 @@ namespace py = pybind11;
 namespace zerockpt {
 namespace {
 
+bool pause_gc = true;  // set_gc_pause: benchmarks measure the walk with the GC running
+
 py::object steal(PyObject* obj) {
   if (!obj) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(obj);
@@ -148,7 +150,7 @@ class StateDictWalk {
   // on, as the caller had it, whenever Python code runs (hooks, overrides, subclasses'
   // detach, a destination that is not a dict), and when the walk ends.
   struct GcPause {
-    explicit GcPause(bool want) : paused(want && PyGC_Disable() == 1) {}
+    explicit GcPause(bool want) : paused(want && pause_gc && PyGC_Disable() == 1) {}
     ~GcPause() {
       if (paused) PyGC_Enable();
     }
@@ -273,6 +275,12 @@ class StateDictWalk {
 };
 
 }  // namespace
+
+bool set_gc_pause(bool on) {
+  bool was = pause_gc;
+  pause_gc = on;
+  return was;
+}
 
 py::object state_dict(py::handle module, py::object destination, py::str prefix,
                       py::object keep_vars) {
