@@ -13,6 +13,7 @@ import builtins
 import dataclasses
 import doctest
 import importlib
+import importlib.util
 import inspect
 import re
 import types
@@ -31,7 +32,16 @@ PACKAGE_DIR = Path(zerockpt.__file__).resolve().parent
 PUBLIC_MODULES: dict[str, types.ModuleType] = {
     "zerockpt": zerockpt,
     "zerockpt.dcp": zerockpt.dcp,
+    "zerockpt.distributed": importlib.import_module("zerockpt.distributed"),
 }
+# The integrations, where their library (an optional extra) is installed.
+for _name, _library in (
+    ("zerockpt.lightning", "lightning"),
+    ("zerockpt.transformers", "transformers"),
+    ("zerockpt.accelerate", "accelerate"),
+):
+    if importlib.util.find_spec(_library) is not None:
+        PUBLIC_MODULES[_name] = importlib.import_module(_name)
 # Public functions that raise nothing of their own, so have no Raises: section (and must not).
 RAISES_NOTHING = {
     # Waits for the save in flight and frees memory; that save's error stays with its
