@@ -326,6 +326,9 @@ def test_class_documented_and_typed(where: str, cls: type) -> None:
     _check_summary(doc, where)
     init = vars(cls).get("__init__")
     params = _param_names(cls, method=False)
+    constructor = next(k for k in cls.__mro__ if "__init__" in vars(k))
+    if constructor.__module__.partition(".")[0] != "zerockpt":
+        params = []  # another library's constructor (transformers.Trainer's), documented there
     if init is not None:
         _check_annotations(init, f"{where}.__init__", method=True)
     if dataclasses.is_dataclass(cls):
@@ -503,8 +506,14 @@ EXAMPLE_OBJECTS = [
 
 @pytest.mark.parametrize(("where", "obj"), EXAMPLE_OBJECTS, ids=[n for n, _ in EXAMPLE_OBJECTS])
 def test_docstring_example_runs(
-    where: str, obj: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: str,
+    obj: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if where.startswith(("zerockpt.transformers", "zerockpt.accelerate")):
+        request.getfixturevalue("hide_the_test_accelerator")
     if isinstance(obj, classmethod | staticmethod):
         obj = obj.__func__
     doc = _own_doc(obj) if not isinstance(obj, types.ModuleType) else (obj.__doc__ or "")
