@@ -7,10 +7,10 @@ scheduler state).
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -240,31 +240,6 @@ def test_pytorch_lightning_trainer_accepts_the_plugins(tmp_path: Path) -> None:
         assert torch.equal(loaded["state_dict"][name], value)
 
 
-def test_missing_lightning_names_the_extra() -> None:
-    code = (
-        "import sys\n"
-        "sys.modules.update({'lightning': None, 'lightning_fabric': None})\n"
-        "import zerockpt.lightning\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode != 0
-    assert "ImportError" in result.stderr
-    assert "pip install zerockpt[lightning]" in result.stderr
-
-
-def test_plain_import_zerockpt_does_not_import_lightning() -> None:
-    code = (
-        "import sys, zerockpt\n"
-        "print('lightning' in sys.modules, 'pytorch_lightning' in sys.modules)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.split() == ["False", "False"]
-
-
 @pytest.mark.parametrize("plugin_class", PLUGINS, ids=lambda c: c.__name__)
 def test_save_load_roundtrip_with_hyperparameters(plugin_class: type, tmp_path: Path) -> None:
     plugin = plugin_class()
@@ -431,3 +406,237 @@ def test_async_remove_of_another_file_does_not_wait(tmp_path: Path) -> None:
     plugin.load_checkpoint(tmp_path / "link.ckpt")  # a link to the file being written
     assert waits == [None, str(old), str(new)]
     plugin.teardown()
+
+
+# --- loading a module from a checkpoint, hyperparameters, Trainer.save_checkpoint options -------
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A Tiny fitted for 2 steps, saved by zerockpt's plugin and by Lightning's own."""
+    root = tmp_path_factory.mktemp("fitted")
+    pl.seed_everything(0, verbose=False)
+    model = Tiny(lr=0.01, hidden=8, cfg={"note": "x", "sizes": [1, 2]})
+    trainer = make_trainer(root, 2, plugins=[AsyncZerockptCheckpointIO()])
+    trainer.fit(model, loader())
+    paths = {"zerockpt": root / "z.ckpt", "torch": root / "t.ckpt"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.save_checkpoint(paths["zerockpt"])
+        trainer.strategy.checkpoint_io.teardown()
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    torch.save(checkpoint, paths["torch"])  # what Lightning's TorchCheckpointIO writes
+    return {"model": model, "trainer": trainer, **paths}
+
+
+def test_load_from_checkpoint_matches_lightnings_own(fitted: dict[str, Any]) -> None:
+    from zerockpt.lightning import load_from_checkpoint
+
+    ours = load_from_checkpoint(Tiny, fitted["zerockpt"])
+    theirs = Tiny.load_from_checkpoint(fitted["torch"], weights_only=False)
+    assert type(ours) is Tiny
+    assert (
+        dict(ours.hparams)
+        == dict(theirs.hparams)
+        == {
+            "lr": 0.01,
+            "hidden": 8,
+            "cfg": {"note": "x", "sizes": [1, 2]},
+        }
+    )
+    assert_bitwise_equal(dict(ours.state_dict()), dict(theirs.state_dict()))
+    assert_bitwise_equal(dict(ours.state_dict()), _clone(dict(fitted["model"].state_dict())))
+    # Keyword arguments override the stored hyperparameters, as in Lightning.
+    overridden = load_from_checkpoint(Tiny, fitted["zerockpt"], lr=0.5, map_location="cpu")
+    assert overridden.hparams.lr == 0.5 and overridden.hparams.hidden == 8
+    # strict: a module of another shape does not load.
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_from_checkpoint(Tiny, fitted["zerockpt"], hidden=4)
+
+
+def test_load_from_checkpoint_errors(fitted: dict[str, Any], tmp_path: Path) -> None:
+    from zerockpt.lightning import load_from_checkpoint
+
+    with pytest.raises(zerockpt.FormatError):
+        load_from_checkpoint(Tiny, fitted["torch"])  # a torch.save file: Lightning's own reads it
+    with pytest.raises(FileNotFoundError):
+        load_from_checkpoint(Tiny, tmp_path / "missing.ckpt")
+    with pytest.raises(TypeError, match="LightningModule or LightningDataModule"):
+        load_from_checkpoint(torch.nn.Linear, fitted["zerockpt"])
+
+
+def test_load_from_checkpoint_datamodule_and_pytorch_lightning(tmp_path: Path) -> None:
+    from zerockpt.lightning import load_from_checkpoint
+
+    class Data(pl.LightningDataModule):
+        def __init__(self, batch_size: int = 4) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    path = tmp_path / "d.ckpt"
+    ZerockptCheckpointIO().save_checkpoint(
+        {
+            "pytorch-lightning_version": pl.__version__,
+            "state_dict": {},
+            "datamodule_hyper_parameters": {"batch_size": 16},
+            "hyper_parameters": {"batch_size": 16},
+        },
+        path,
+    )
+    data = load_from_checkpoint(Data, path)
+    assert isinstance(data, Data) and data.hparams.batch_size == 16
+
+    ptl = pytest.importorskip("pytorch_lightning")
+    model_class = module_class(ptl.LightningModule)
+    model = model_class(hidden=4)
+    ZerockptCheckpointIO().save_checkpoint(
+        {
+            "pytorch-lightning_version": ptl.__version__,
+            "state_dict": dict(model.state_dict()),
+            "hyper_parameters": dict(model.hparams),
+        },
+        path,
+    )
+    loaded = load_from_checkpoint(model_class, path)
+    assert isinstance(loaded, model_class) and loaded.hparams.hidden == 4
+    assert_bitwise_equal(dict(loaded.state_dict()), _clone(dict(model.state_dict())))
+
+
+@pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
+def test_lightning_internals_used_by_load_from_checkpoint_exist(package: str) -> None:
+    saving = pytest.importorskip(f"{package}.core.saving")
+    assert callable(saving._load_state) and callable(saving._pl_migrate_checkpoint)
+    assert list(inspect.signature(saving._load_state).parameters)[:3] == [
+        "cls",
+        "checkpoint",
+        "strict",
+    ]
+
+
+def test_weights_only_and_storage_options_through_the_trainer(
+    fitted: dict[str, Any], tmp_path: Path
+) -> None:
+    trainer = fitted["trainer"]
+    path = tmp_path / "w.ckpt"
+    trainer.save_checkpoint(path, weights_only=True, storage_options={"checksums": False})
+    trainer.strategy.checkpoint_io.teardown()
+    saved = zerockpt.load(path)
+    expected = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+    assert sorted(saved) == sorted(expected)  # the keys Lightning's own plugin would write
+    assert "optimizer_states" not in saved
+    assert not zerockpt.verify(path).has_checksums
+    with pytest.raises(TypeError, match=r"unknown option.*bogus"):
+        trainer.save_checkpoint(path, storage_options={"bogus": True})
+
+
+@pytest.mark.parametrize("plugin_class", PLUGINS, ids=lambda c: c.__name__)
+def test_remove_missing_checkpoint_and_tmpfs(plugin_class: type, tmp_path: Path) -> None:
+    plugin = plugin_class()
+    plugin.remove_checkpoint(tmp_path / "never-written.ckpt")
+    plugin.remove_checkpoint(tmp_path / "no" / "such" / "dir" / "x.ckpt")
+    # A file system that refuses O_DIRECT (tmpfs): the write falls back to buffered I/O.
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        where = shm / f"zerockpt-test-{os.getpid()}-{plugin_class.__name__}.ckpt"
+        try:
+            plugin.save_checkpoint({"w": torch.arange(5000.0)}, where)
+            assert torch.equal(plugin.load_checkpoint(where)["w"], torch.arange(5000.0))
+            plugin.remove_checkpoint(where)
+            assert not where.exists()
+        finally:
+            plugin.teardown()
+            where.unlink(missing_ok=True)
+
+
+needs_omegaconf = pytest.mark.skipif(
+    importlib.util.find_spec("omegaconf") is None, reason="omegaconf is not installed"
+)
+
+
+@needs_omegaconf
+@pytest.mark.parametrize("plugin_class", PLUGINS, ids=lambda c: c.__name__)
+def test_omegaconf_hyperparameters_round_trip(plugin_class: type, tmp_path: Path) -> None:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    cfg = OmegaConf.create({"lr": 0.05, "hidden": 16, "alias": "${hidden}", "n": {"x": [1, 2]}})
+    checkpoint = {
+        "state_dict": {"w": torch.ones(2)},
+        "hyper_parameters": cfg,
+        "hparams_type": DictConfig,
+        "hparams_name": "cfg",
+        "datamodule_hyper_parameters": AttributeDict(
+            inner=OmegaConf.create([1, {"a": "b"}]), plain=[OmegaConf.create({"k": 1})]
+        ),
+    }
+    path = tmp_path / "c.ckpt"
+    plugin = plugin_class()
+    plugin.save_checkpoint(checkpoint, path)
+    assert isinstance(checkpoint["hyper_parameters"], DictConfig)  # the caller's is unchanged
+    loaded = plugin.load_checkpoint(path)
+    plugin.teardown()
+    hparams = loaded["hyper_parameters"]
+    assert isinstance(hparams, DictConfig) and loaded["hparams_type"] is DictConfig
+    assert OmegaConf.to_container(hparams) == OmegaConf.to_container(cfg)
+    assert hparams.alias == 16  # the interpolation is kept, and resolves
+    assert OmegaConf.to_container(hparams, resolve=False)["alias"] == "${hidden}"
+    data = loaded["datamodule_hyper_parameters"]
+    assert isinstance(data, AttributeDict)
+    assert isinstance(data.inner, ListConfig) and data.inner[1].a == "b"
+    assert isinstance(data.plain[0], DictConfig) and data.plain[0].k == 1
+    # Without pickle: the file holds the values as JSON, the type by name.
+    raw = zerockpt.load(path)
+    assert raw["hparams_type"] == "DictConfig" and type(raw["hyper_parameters"]) is dict
+
+
+@needs_omegaconf
+def test_omegaconf_module_through_trainer_and_load_from_checkpoint(
+    fitted: dict[str, Any], tmp_path: Path
+) -> None:
+    from omegaconf import DictConfig, OmegaConf
+    from zerockpt.lightning import load_from_checkpoint
+
+    class Configured(pl.LightningModule):
+        def __init__(self, cfg: Any) -> None:
+            super().__init__()
+            self.save_hyperparameters(cfg)
+            self.net = torch.nn.Linear(8, self.hparams.out)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    cfg = OmegaConf.create({"lr": 0.1, "out": 2, "name": "run-${out}"})
+    dirpath = tmp_path / "ckpts"
+    trainer = make_trainer(
+        tmp_path,
+        2,
+        plugins=[ZerockptCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=dirpath, filename="c")],
+    )
+    model = Configured(cfg)
+    trainer.fit(model, loader())
+    torch_path = tmp_path / "t.ckpt"
+    torch.save(trainer._checkpoint_connector.dump_checkpoint(), torch_path)
+    ours = load_from_checkpoint(Configured, dirpath / "c.ckpt")
+    theirs = Configured.load_from_checkpoint(torch_path, weights_only=False)
+    assert isinstance(ours.hparams, DictConfig) and isinstance(theirs.hparams, DictConfig)
+    assert OmegaConf.to_container(ours.hparams) == OmegaConf.to_container(theirs.hparams)
+    assert ours.hparams.name == "run-2"
+    assert_bitwise_equal(dict(ours.state_dict()), _clone(dict(model.state_dict())))
+
+
+@needs_omegaconf
+def test_omegaconf_unstorable_value_names_the_key(tmp_path: Path) -> None:
+    import enum
+
+    from omegaconf import OmegaConf
+
+    class Mode(enum.Enum):
+        FAST = 1
+
+    checkpoint = {"hyper_parameters": {"cfg": OmegaConf.create({"mode": Mode.FAST})}}
+    with pytest.raises(TypeError, match=r"hyper_parameters.*cfg.*mode"):
+        ZerockptCheckpointIO().save_checkpoint(checkpoint, tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()

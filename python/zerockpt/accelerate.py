@@ -28,6 +28,16 @@ This module reads Accelerator attributes that are not public API (``_models``,
 ``_optimizers``, ``_schedulers``, ``_dataloaders``, ``_custom_objects`` and the hook
 registries); :data:`ACCELERATE_REQUIREMENT` is the range tested, and every call checks that
 they exist. Install with ``pip install zerockpt[accelerate]``.
+
+Example:
+    >>> from accelerate import Accelerator
+    >>> import zerockpt.accelerate
+    >>> accelerator = Accelerator(cpu=True)
+    >>> model = accelerator.prepare(torch.nn.Linear(2, 1))
+    >>> folder = zerockpt.accelerate.save_state(accelerator, "ckpt")
+    >>> import os
+    >>> sorted(os.listdir(folder))
+    ['model.safetensors', 'random_states_0.safetensors']
 """
 
 from __future__ import annotations
@@ -188,6 +198,19 @@ def save_state(accelerator: Any, output_dir: str | os.PathLike[str]) -> str:
             state: tensors, numbers, strings, containers...); the message names its path.
         ValueError: A DeepSpeed, FSDP, Megatron-LM or XLA setup (use ``accelerator.save_state``).
         ImportError: accelerate is not installed (``pip install zerockpt[accelerate]``).
+
+    Example:
+        >>> from accelerate import Accelerator
+        >>> import zerockpt.accelerate
+        >>> accelerator = Accelerator(cpu=True)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> model, optimizer = accelerator.prepare(model, optimizer)
+        >>> zerockpt.accelerate.save_state(accelerator, "ckpt")
+        'ckpt'
+        >>> import os
+        >>> sorted(os.listdir("ckpt"))
+        ['model.safetensors', 'optimizer.safetensors', 'random_states_0.safetensors']
     """
     _check(accelerator, "save_state")
     output_dir = os.fspath(output_dir)
@@ -275,6 +298,17 @@ def load_state(accelerator: Any, input_dir: str | os.PathLike[str], *, strict: b
         RuntimeError: A model's keys or shapes do not match its file (``load_state_dict``).
         zerockpt.FormatError: A file is not a valid zerockpt / safetensors file.
         ImportError: accelerate is not installed (``pip install zerockpt[accelerate]``).
+
+    Example:
+        >>> from accelerate import Accelerator
+        >>> import zerockpt.accelerate
+        >>> accelerator = Accelerator(cpu=True)
+        >>> model = accelerator.prepare(torch.nn.Linear(2, 1))
+        >>> _ = zerockpt.accelerate.save_state(accelerator, "ckpt")
+        >>> _ = model.weight.data.zero_()
+        >>> zerockpt.accelerate.load_state(accelerator, "ckpt")
+        >>> bool(model.weight.abs().sum() > 0)
+        True
     """
     _check(accelerator, "load_state")
     input_dir = os.fspath(os.path.expanduser(input_dir))

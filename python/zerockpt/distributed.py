@@ -1,4 +1,16 @@
-"""Step-numbered DCP checkpoints for multi-process training: DistributedCheckpointer."""
+"""Step-numbered DCP checkpoints for multi-process training: DistributedCheckpointer.
+
+Every rank calls the same methods in the same order (run under ``torchrun``, or in one process
+without a process group, as here); ``latest`` names the newest step every rank committed.
+
+Example:
+    >>> from zerockpt.distributed import DistributedCheckpointer
+    >>> with DistributedCheckpointer("checkpoints", keep_last=1) as ckpt:
+    ...     ckpt.save(1, {"w": torch.ones(2)})
+    ...     ckpt.save(2, {"w": torch.full((2,), 2.0)})
+    ...     ckpt.steps()
+    [2]
+"""
 
 from __future__ import annotations
 

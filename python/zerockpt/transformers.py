@@ -29,6 +29,12 @@ This module hooks Trainer methods that are not public API (``_save_optimizer_and
 ``_load_rng_state`` and ``_save``); :data:`TRANSFORMERS_REQUIREMENT` is the range tested, and
 :class:`ZerockptTrainer` checks that the hooked methods exist with the expected parameters.
 Install with ``pip install zerockpt[transformers]``.
+
+Example:
+    >>> import transformers
+    >>> from zerockpt.transformers import OPTIMIZER_NAME, ZerockptTrainer
+    >>> issubclass(ZerockptTrainer, transformers.Trainer), OPTIMIZER_NAME
+    (True, 'optimizer.safetensors')
 """
 
 from __future__ import annotations
@@ -109,6 +115,18 @@ def check_trainer(trainer_class: type) -> None:
     changed its parameters would otherwise bring back ``torch.save`` files, or break resuming.
     For a class with :class:`ZerockptTrainerMixin` among its bases, the methods checked are
     those after the mixin (the ones its overrides call).
+
+    Args:
+        trainer_class: ``transformers.Trainer`` or a subclass.
+
+    Raises:
+        ImportError: A hooked method is missing or takes other parameters (the message names
+            it and the transformers version), or transformers is not installed.
+
+    Example:
+        >>> import transformers
+        >>> from zerockpt.transformers import check_trainer
+        >>> check_trainer(transformers.Trainer)  # None: every hooked method is there
     """
     for name, expected in HOOKED_METHODS.items():
         method = _hooked_method(trainer_class, name)
@@ -147,7 +165,16 @@ class ZerockptTrainerMixin:
 
     ``class MyTrainer(ZerockptTrainerMixin, SFTTrainer): ...``. :class:`ZerockptTrainer` is
     ``ZerockptTrainerMixin`` on ``transformers.Trainer``. See the module's documentation for the
-    files and the setups that keep the stock ones.
+    files and the setups that keep the stock ones. Making the class checks the hooked methods
+    (:func:`check_trainer`).
+
+    Example:
+        >>> import transformers
+        >>> from zerockpt.transformers import ZerockptTrainerMixin
+        >>> class MyTrainer(ZerockptTrainerMixin, transformers.Trainer):
+        ...     pass
+        >>> MyTrainer._save_rng_state is ZerockptTrainerMixin._save_rng_state
+        True
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -309,6 +336,33 @@ def _distributed(trainer: Any) -> bool:
 
 
 _trainer_class: type | None = None
+_TRAINER_DOC = """``transformers.Trainer`` whose checkpoints zerockpt writes.
+
+    It takes ``transformers.Trainer``'s arguments; see :mod:`zerockpt.transformers` for the files.
+
+    Example:
+        >>> import transformers
+        >>> from zerockpt.transformers import ZerockptTrainer
+        >>> config = transformers.GPT2Config(
+        ...     vocab_size=16, n_positions=4, n_embd=8, n_layer=1, n_head=2
+        ... )
+        >>> sample = {"input_ids": torch.arange(4), "labels": torch.arange(4)}
+        >>> args = transformers.TrainingArguments(
+        ...     "run", max_steps=1, save_steps=1, per_device_train_batch_size=2, use_cpu=True,
+        ...     report_to=[], logging_strategy="no", disable_tqdm=True
+        ... )
+        >>> model = transformers.GPT2LMHeadModel(config)
+        >>> trainer = ZerockptTrainer(model=model, args=args, train_dataset=[sample] * 2)
+        >>> _ = trainer.train()
+        {...}
+        >>> import os
+        >>> names = set(os.listdir("run/checkpoint-1"))
+        >>> sorted(n for n in names if n.endswith(".safetensors"))
+        ['model.safetensors', 'optimizer.safetensors', 'rng_state.safetensors',
+         'scheduler.safetensors']
+        >>> "training_args.json" in names, "optimizer.pt" in names
+        (True, False)
+    """
 
 
 def __getattr__(name: str) -> Any:
@@ -323,8 +377,7 @@ def __getattr__(name: str) -> Any:
                 {
                     "__module__": __name__,
                     "__qualname__": "ZerockptTrainer",
-                    "__doc__": "``transformers.Trainer`` whose checkpoints zerockpt writes "
-                    "(see :mod:`zerockpt.transformers`).",
+                    "__doc__": _TRAINER_DOC,
                 },
             )
         return _trainer_class
