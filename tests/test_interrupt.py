@@ -354,9 +354,7 @@ else:
 
 def _start_child(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        # 0.6 s per chunk, ~1.8 s for the save's 6 chunks on 2 threads: at 0.25 s the save
-        # once ended before a parent on a loaded machine had sent its first signal.
-        [sys.executable, "-c", _CHILD % {"delay": DELAY * 12}, *args],
+        [sys.executable, "-c", _CHILD % {"delay": DELAY * 5}, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
