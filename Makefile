@@ -14,7 +14,7 @@ BUILD_DIR   := build/py
 BUILD_STAMP := build/.installed
 SOURCES     := $(shell find csrc python cmake tools -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
-.PHONY: all build demo test test-long test-fast cpp-test fuzz fuzz-optional fuzz-build-optional bench lint format \
+.PHONY: all build demo test bench-smoke test-long test-fast cpp-test fuzz fuzz-optional fuzz-build-optional bench lint format \
         compat gpu-check clean distclean
 
 all: build
@@ -45,18 +45,25 @@ demo: build
 
 # The checks that precede pytest run side by side on the 2 cores: lint, the C++ tests, the
 # test accelerator's build and the fuzzer's build (where clang can be had). Then pytest, so its
-# results are never hidden behind the fuzzer; the fuzz run comes last, and is skipped with one
+# results are never hidden behind the fuzzer. Last, side by side: the benchmarks' smoke run
+# (tiny inputs, mostly waiting on fsync) and the fuzz run (one core), which is skipped with one
 # line where clang with libFuzzer cannot be had (no root, no apt-get).
 test: build
 	@$(MAKE) --no-print-directory -j2 --output-sync=target lint cpp-test test-accel fuzz-build-optional
 	$(PY) -m pytest tests $(PYTEST_ARGS)
-	ZEROCKPT_BENCH_SMOKE=1 $(PY) -m pytest benches -q --benchmark-disable -p no:cacheprovider
-	@$(MAKE) --no-print-directory fuzz-optional
+	@$(MAKE) --no-print-directory -j2 --output-sync=target bench-smoke fuzz-optional
 
-# The long trial counts: 200 SIGKILLs of save, 50 of the Checkpointer, 10 minutes of fuzzing.
+# Every benchmark once on tiny inputs, untimed: checks that each one runs and checks its results.
+bench-smoke: build
+	ZEROCKPT_BENCH_SMOKE=1 $(PY) -m pytest benches -q --benchmark-disable -p no:cacheprovider
+
+# The long trial counts: 200 SIGKILLs of save, 50 of the Checkpointer, the upstream safetensors
+# test that writes 4 x 200 MB (ZEROCKPT_TEST_LONG), 10 minutes of fuzzing.
 test-long: build
-	ZEROCKPT_CRASH_TRIALS=200 ZEROCKPT_CHECKPOINTER_CRASH_TRIALS=50 $(PY) -m pytest tests $(PYTEST_ARGS)
+	ZEROCKPT_TEST_LONG=1 ZEROCKPT_CRASH_TRIALS=200 ZEROCKPT_CHECKPOINTER_CRASH_TRIALS=50 \
+	  $(PY) -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=600
+
 
 # The C++ API, linked against the same static libraries as the extension (no recompilation):
 # the core's unit tests in the build tree, then the find_package(zerockpt) consumer in

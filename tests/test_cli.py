@@ -40,18 +40,6 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int,
     return status, out, err
 
 
-def run_module(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m zerockpt ARGV`` in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "zerockpt", *[str(a) for a in argv]],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def training_state(seed: int = 0) -> dict[str, Any]:
     """A model's state dict, its Adam state after one step, and plain training values."""
     torch.manual_seed(seed)
@@ -129,8 +117,44 @@ def flat() -> dict[str, torch.Tensor]:
 # The entry point
 
 
-def test_python_m_zerockpt_help(tmp_path: Path) -> None:
-    proc = run_module("--help", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def shells(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The real-process runs of `python -m zerockpt` that the tests below check, started all at
+    once so that their interpreters' start-ups (importing torch) overlap."""
+    tmp = tmp_path_factory.mktemp("shells")
+    missing = tmp / "missing.safetensors"
+    flipped = tmp / "m.safetensors"
+    zerockpt.save({"a": torch.arange(6.0), "b": torch.ones(3, dtype=torch.int32)}, flipped)
+    flip_data_byte(flipped, "b")
+    commands = {
+        "help": ["--help"],
+        "missing": ["verify", missing],
+        "missing-debug": ["--debug", "verify", missing],
+        "flipped": ["verify", flipped],
+    }
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "zerockpt", *[str(a) for a in argv]],
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, argv in commands.items()
+    }
+    runs: dict[str, Any] = {"missing-path": missing}
+    for name, proc in started.items():
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        runs[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return runs
+
+
+def test_python_m_zerockpt_help(shells: dict[str, Any]) -> None:
+    proc = shells["help"]
     assert proc.returncode == 0, proc.stderr
     for command in ("inspect", "convert", "verify", "bench"):
         assert command in proc.stdout
@@ -804,24 +828,21 @@ def test_a_user_mistake_is_one_line_not_a_bug_report(
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_errors_from_a_shell(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.safetensors"
-    proc = run_module("verify", missing, cwd=tmp_path)
+def test_errors_from_a_shell(shells: dict[str, Any]) -> None:
+    missing = shells["missing-path"]
+    proc = shells["missing"]
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == f"zerockpt: error: {missing}: No such file or directory\n"
 
-    proc = run_module("--debug", "verify", missing, cwd=tmp_path)
+    proc = shells["missing-debug"]
     assert proc.returncode == 1
     assert proc.stderr.startswith("Traceback (most recent call last):")
     assert "FileNotFoundError" in proc.stderr
 
 
-def test_verify_exit_status_from_a_shell(tmp_path: Path) -> None:
-    path = tmp_path / "m.safetensors"
-    zerockpt.save({"a": torch.arange(6.0), "b": torch.ones(3, dtype=torch.int32)}, path)
-    flip_data_byte(path, "b")
-    proc = run_module("verify", path, cwd=tmp_path)
+def test_verify_exit_status_from_a_shell(shells: dict[str, Any]) -> None:
+    proc = shells["flipped"]
     assert proc.returncode == 1 and "  b\n" in proc.stdout and proc.stderr == ""
 
 

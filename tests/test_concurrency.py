@@ -64,6 +64,34 @@ def test_gil_released_during_io(tmp_path: Path, tensors: dict, kind: str) -> Non
     assert pause < 0.5 * duration, f"main thread stalled {pause:.3f}s of a {duration:.3f}s call"
 
 
+def test_serialize_file_releases_the_gil(tmp_path: Path, tensors: dict) -> None:
+    """zerockpt.safetensors.serialize_file (raw-pointer specs, safetensors' API): two threads
+    write at once while this one keeps ticking, and each file holds the whole tensors. The
+    smaller, always-on form of safetensors' own test_threadable (make test-long runs that one)."""
+    from zerockpt.safetensors import TensorSpec, serialize_file
+
+    chosen = {name: tensors[name] for name in ("w0", "w1")}  # 64 MiB, written twice at once
+    specs = {
+        name: TensorSpec(
+            dtype="float32", shape=list(t.shape), data_ptr=t.data_ptr(), data_len=t.nbytes
+        )
+        for name, t in chosen.items()
+    }
+    paths = [tmp_path / f"s{i}.safetensors" for i in range(2)]
+
+    def both() -> None:
+        writers = [threading.Thread(target=serialize_file, args=(specs, p)) for p in paths]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+
+    duration, pause = longest_pause_while(both)
+    assert pause < 0.5 * duration, f"main thread stalled {pause:.3f}s of a {duration:.3f}s call"
+    for path in paths:
+        assert_dicts_bitwise_equal(zerockpt.load(path), chosen)
+
+
 def test_threads_save_and_load_different_files_at_once(tmp_path: Path) -> None:
     results: dict[int, bool] = {}
 

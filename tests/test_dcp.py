@@ -12,6 +12,7 @@ whole files.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -134,10 +135,15 @@ def expected_local(full: torch.Tensor, placement: str, rank: int, world_size: in
 # --- process groups --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (bound at the same time, so the kernel cannot hand one out twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)
+        ]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _placements(name: str) -> list[Any]:
@@ -270,20 +276,24 @@ def _worker(rank: int, world_size: int, port: int, phase: str, root: str, out: s
         dist.destroy_process_group()
 
 
-def run_group(
-    phase: str, world_size: int, root: Path, out: Path, timeout: float = 120
-) -> list[dict[str, Any]]:
-    """Runs `phase` on `world_size` processes (gloo on 127.0.0.1); their reports. They fork
-    from a server that has imported torch and zerockpt already: a rank starts in milliseconds
-    instead of the seconds that a spawned interpreter takes to import them."""
+def start_group(phase: str, world_size: int, root: Path, out: Path, port: int) -> Any:
+    """Starts `phase` on `world_size` processes (gloo on 127.0.0.1). They fork from a server
+    that has imported torch and zerockpt already: a rank starts in milliseconds instead of the
+    seconds that a spawned interpreter takes to import them."""
     forkserver_context("test_dcp")
-    ctx = mp.start_processes(
+    return mp.start_processes(
         _worker,
-        args=(world_size, _free_port(), phase, str(root), str(out)),
+        args=(world_size, port, phase, str(root), str(out)),
         nprocs=world_size,
         join=False,
         start_method="forkserver",
     )
+
+
+def finish_group(
+    ctx: Any, phase: str, world_size: int, out: Path, timeout: float = 120
+) -> list[dict[str, Any]]:
+    """Waits for a group from start_group; its ranks' reports."""
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -293,16 +303,28 @@ def run_group(
     return [torch.load(out / f"{phase}-{r}.pt", weights_only=False) for r in range(world_size)]
 
 
+def run_group(phase: str, world_size: int, root: Path, out: Path) -> list[dict[str, Any]]:
+    """Runs `phase` on `world_size` processes; their reports."""
+    (port,) = _free_ports(1)
+    return finish_group(start_group(phase, world_size, root, out, port), phase, world_size, out)
+
+
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """World size 2 saves (and loads back); then world sizes 1 and 3 load."""
+    """World size 2 saves (and loads back); then world sizes 1 and 3 load, at the same time
+    (each group its own process group and port; they only read the checkpoints)."""
     root = tmp_path_factory.mktemp("dcp")
     out = tmp_path_factory.mktemp("reports")
+    save2 = run_group("save2", 2, root, out)
+    groups, ports = (("load1", 1), ("load3", 3)), _free_ports(2)
+    loads = {
+        (name, n): start_group(name, n, root, out, port)
+        for (name, n), port in zip(groups, ports, strict=True)
+    }
     return {
         "root": root,
-        "save2": run_group("save2", 2, root, out),
-        "load1": run_group("load1", 1, root, out),
-        "load3": run_group("load3", 3, root, out),
+        "save2": save2,
+        **{name: finish_group(ctx, name, n, out) for (name, n), ctx in loads.items()},
     }
 
 

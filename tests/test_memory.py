@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -61,17 +62,13 @@ SAVE_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    ("durable", "direct"), [("0", "0"), ("1", "1")], ids=["buffered", "direct"]
-)
-def test_save_peak_extra_memory_is_bounded(tmp_path: Path, durable: str, direct: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SAVE_CHILD, str(tmp_path / "m.safetensors"), durable, direct],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+SAVE_MODES = {"buffered": ("0", "0"), "direct": ("1", "1")}  # (durable, direct)
+
+
+@pytest.mark.parametrize("mode", list(SAVE_MODES))
+def test_save_peak_extra_memory_is_bounded(children: dict[str, Child], mode: str) -> None:
+    out = children[f"save-{mode}"]
+    assert out.returncode == 0, out.stderr[-2000:]
     extra = int(out.stdout.strip())
     assert extra <= 64 * MiB, f"save used {extra / MiB:.1f} MiB beyond the tensors"
 
@@ -118,16 +115,57 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"], ids=["same-dtype", "converting"])
+LOAD_DTYPES = {"same-dtype": "float32", "converting": "bfloat16"}
+
+
+@dataclass
+class Child:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def children(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Child]:
+    """Every child above, started at once: each measures its own peak RSS (ru_maxrss, VmHWM),
+    which the others do not change, and their interpreters' start-ups overlap."""
+    tmp = tmp_path_factory.mktemp("children")
+    commands = {
+        **{
+            f"save-{mode}": [SAVE_CHILD, str(tmp / f"{mode}.safetensors"), durable, direct]
+            for mode, (durable, direct) in SAVE_MODES.items()
+        },
+        **{
+            f"load-{name}": [LOAD_STATE_DICT_CHILD, str(model_file), dtype]
+            for name, dtype in LOAD_DTYPES.items()
+        },
+    }
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, argv in commands.items()
+    }
+    done = {}
+    for name, proc in started.items():
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err += "\n(killed after 300 s)"
+        done[name] = Child(proc.returncode, out, err)
+    return done
+
+
+@pytest.mark.parametrize("dtype", list(LOAD_DTYPES))
 def test_load_state_dict_from_file_peak_extra_memory_is_bounded(
-    model_file: Path, dtype: str
+    children: dict[str, Child], dtype: str
 ) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_STATE_DICT_CHILD, str(model_file), dtype],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = children[f"load-{dtype}"]
     assert out.returncode == 0, out.stderr[-2000:]
     extra = int(out.stdout.strip())
     assert extra <= 64 * MiB, f"load_state_dict used {extra / MiB:.1f} MiB beyond the model"
