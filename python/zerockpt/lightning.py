@@ -61,7 +61,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -165,12 +165,12 @@ def _attribute_dict_paths(checkpoint: Mapping[str, Any]) -> list[list[str | int]
     return found
 
 
-def _restore_attribute_dicts(checkpoint: dict[str, Any], paths: object) -> None:
-    """Turns the plain dicts at ``paths`` (from :func:`_attribute_dict_paths`) back into
-    AttributeDicts, innermost first; paths that do not lead to a dict are left alone."""
-    if not _ATTRIBUTE_DICTS or not isinstance(paths, list):
-        return
-    attribute_dict = _ATTRIBUTE_DICTS[0]
+def _replace_at_paths(
+    checkpoint: dict[str, Any], paths: list[Any], convert: Callable[[Any], Any]
+) -> None:
+    """Replaces the value at each of ``paths`` (lists of keys and indices into ``checkpoint``)
+    by ``convert(value)`` unless that is None, innermost first; paths that do not lead to a
+    value in a dict or list are left alone (a tuple cannot be changed in place)."""
     for path in sorted((p for p in paths if isinstance(p, list) and p), key=len, reverse=True):
         parent: Any = checkpoint
         for key in path[:-1]:
@@ -180,13 +180,23 @@ def _restore_attribute_dicts(checkpoint: dict[str, Any], paths: object) -> None:
                 parent = None
                 break
         if not isinstance(parent, dict | list):
-            continue  # a tuple cannot be changed in place: its dicts stay plain
+            continue
         try:
             value = parent[path[-1]]
         except (KeyError, IndexError, TypeError):
             continue
-        if type(value) is dict:
-            parent[path[-1]] = attribute_dict(value)
+        replacement = convert(value)
+        if replacement is not None:
+            parent[path[-1]] = replacement
+
+
+def _restore_attribute_dicts(checkpoint: dict[str, Any], paths: object) -> None:
+    """Turns the plain dicts at ``paths`` (from :func:`_attribute_dict_paths`) back into
+    AttributeDicts, innermost first; paths that do not lead to a dict are left alone."""
+    if not _ATTRIBUTE_DICTS or not isinstance(paths, list):
+        return
+    attribute_dict = _ATTRIBUTE_DICTS[0]
+    _replace_at_paths(checkpoint, paths, lambda v: attribute_dict(v) if type(v) is dict else None)
 
 
 def _omegaconf_container() -> type | None:
@@ -265,22 +275,11 @@ def _restore_omegaconf(checkpoint: dict[str, Any], entry: Any, where: str) -> No
     paths = entry.get("paths")
     if not isinstance(paths, list):
         return
-    for path in sorted((p for p in paths if isinstance(p, list) and p), key=len, reverse=True):
-        parent: Any = checkpoint
-        for key in path[:-1]:
-            try:
-                parent = parent[key]
-            except (KeyError, IndexError, TypeError):
-                parent = None
-                break
-        if not isinstance(parent, dict | list):
-            continue  # a tuple cannot be changed in place: its containers stay plain
-        try:
-            value = parent[path[-1]]
-        except (KeyError, IndexError, TypeError):
-            continue
-        if type(value) in (dict, list):
-            parent[path[-1]] = omegaconf.OmegaConf.create(value)
+    _replace_at_paths(
+        checkpoint,
+        paths,
+        lambda v: omegaconf.OmegaConf.create(v) if type(v) in (dict, list) else None,
+    )
 
 
 def _explain_hparams(error: TypeError) -> TypeError:
