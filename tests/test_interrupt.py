@@ -35,6 +35,7 @@ from zerockpt._args import save_options
 
 DELAY = 0.05  # seconds per chunk
 CHUNKS = 6  # of 8 MiB in each call's data: the signal comes after the first
+CHILD_DELAY = 0.5  # seconds per chunk in the child processes (they start under load)
 
 
 class _Interrupted(Exception):
@@ -323,7 +324,8 @@ def test_sigint_interrupts_a_wait_for_save_async_and_the_save_goes_on(
 # A child process: slows chunks, waits for a line on stdin, then runs the command given as
 # argv[1:] (a save, or the CLI) with Python's default SIGINT handler, printing "flowing" once
 # a call is under way (its bytes expected, not all done: whatever the number of threads, the
-# slowed chunks leave the parent time to send its signals).
+# slowed chunks leave the parent time to send its signals: CHILD_DELAY per chunk, seconds of
+# work in all, of which an interrupted call only finishes the chunks in flight).
 _CHILD = """
 import sys, threading, time
 import torch, zerockpt
@@ -344,7 +346,7 @@ threading.Thread(target=watch, daemon=True).start()
 _C._delay_chunks(%(delay)r)
 sys.stdin.readline()  # the parent's go
 if sys.argv[1] == "save":
-    data = {"w": torch.full((5 << 21,), 1.0), "b": torch.arange(1 << 20)}
+    data = {"w": torch.full((11 << 21,), 1.0), "b": torch.arange(1 << 20)}  # 12 chunks
     zerockpt.save(data, sys.argv[2], threads=2, progress=True)
 else:
     from zerockpt import cli
@@ -354,7 +356,7 @@ else:
 
 def _start_child(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD % {"delay": DELAY * 5}, *args],
+        [sys.executable, "-c", _CHILD % {"delay": CHILD_DELAY}, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -141,37 +141,85 @@ struct Entry {
 
 using Entries = std::vector<Entry*>;
 
-// A module's entries split by what follows its prefix: a local name, or a child's name.
-struct Partition {
-  std::vector<std::pair<std::string_view, Entry*>> local;    // rest has no '.'
-  std::vector<std::pair<std::string_view, Entries>> groups;  // rest is "<child>.<...>"
+// A module's entries split by what follows its prefix: a local name, or a child's name. One
+// per depth of the walk, reused module after module (clear() keeps the vectors' memory).
+class Partition {
+ public:
+  std::vector<std::pair<std::string_view, Entry*>> local;  // rest has no '.'
   // Entries in order with their local index (>= 0) or ~group index (< 0).
   std::vector<std::pair<Entry*, long>> order;
-  SeededMap<std::string_view, size_t> group_index;  // child name -> index in groups
-};
 
-Partition partition(const Entries& entries, std::string_view prefix) {
-  Partition p;
-  p.order.reserve(entries.size());
-  for (Entry* e : entries) {
-    if (e->name.size() < prefix.size() || e->name.compare(0, prefix.size(), prefix) != 0) {
-      continue;
-    }
-    std::string_view rest = e->name.substr(prefix.size());
-    size_t dot = rest.find('.');
-    if (dot == std::string_view::npos) {
-      p.order.emplace_back(e, static_cast<long>(p.local.size()));
-      p.local.emplace_back(rest, e);
-      continue;
-    }
-    std::string_view child = rest.substr(0, dot);
-    auto [it, inserted] = p.group_index.emplace(child, p.groups.size());
-    if (inserted) p.groups.emplace_back(child, Entries{});
-    p.groups[it->second].second.push_back(e);
-    p.order.emplace_back(e, ~static_cast<long>(it->second));
+  void clear() {
+    local.clear();
+    order.clear();
+    for (size_t g = 0; g < used_; ++g) groups_[g].second.clear();
+    used_ = 0;
+    group_index_.clear();
   }
-  return p;
-}
+
+  // Adds the entries under `prefix` (after clear()). `all_under`: every entry's name is known
+  // to start with prefix (a parent's group), so only what follows it is read.
+  void fill(const Entries& entries, std::string_view prefix, bool all_under) {
+    order.reserve(entries.size());
+    for (Entry* e : entries) {
+      if (!all_under &&
+          (e->name.size() < prefix.size() || e->name.compare(0, prefix.size(), prefix) != 0)) {
+        continue;
+      }
+      std::string_view rest = e->name.substr(prefix.size());
+      size_t dot = rest.find('.');
+      if (dot == std::string_view::npos) {
+        order.emplace_back(e, static_cast<long>(local.size()));
+        local.emplace_back(rest, e);
+        continue;
+      }
+      size_t g = group_of(rest.substr(0, dot));
+      groups_[g].second.push_back(e);
+      order.emplace_back(e, ~static_cast<long>(g));
+    }
+  }
+
+  // Groups: the entries under "<child>.", per child name, in order of first appearance.
+  size_t group_count() const { return used_; }
+  std::string_view group_name(size_t g) const { return groups_[g].first; }
+  const Entries& group(size_t g) const { return groups_[g].second; }
+
+  // Index of the group of the child named `child`, if it has entries. A module has few
+  // children as a rule: a linear search, with a hash index only past kLinearGroups.
+  std::optional<size_t> find_group(std::string_view child) const {
+    if (used_ <= kLinearGroups) {
+      for (size_t g = 0; g < used_; ++g) {
+        if (groups_[g].first == child) return g;
+      }
+      return std::nullopt;
+    }
+    auto it = group_index_.find(child);
+    if (it == group_index_.end()) return std::nullopt;
+    return it->second;
+  }
+
+ private:
+  // Index of the group of `child`, a new group if it has none yet.
+  size_t group_of(std::string_view child) {
+    // Keys of one child come one after another as a rule: the last group first.
+    if (used_ != 0 && groups_[used_ - 1].first == child) return used_ - 1;
+    if (auto g = find_group(child)) return *g;
+    if (used_ == groups_.size()) groups_.emplace_back();
+    groups_[used_].first = child;
+    ++used_;
+    if (used_ == kLinearGroups + 1) {
+      for (size_t g = 0; g < used_; ++g) group_index_.emplace(groups_[g].first, g);
+    } else if (used_ > kLinearGroups + 1) {
+      group_index_.emplace(child, used_ - 1);
+    }
+    return used_ - 1;
+  }
+
+  static constexpr size_t kLinearGroups = 16;
+  std::vector<std::pair<std::string_view, Entries>> groups_;  // [0, used_) in use
+  size_t used_ = 0;
+  SeededMap<std::string_view, size_t> group_index_;  // child name -> group, past kLinearGroups
+};
 
 // Name -> entry lookups over a partition's local entries (linear when few).
 class LocalIndex {
@@ -217,6 +265,18 @@ struct LocalTensor {
   py::object hold_value;
 };
 
+// ++depth for its lifetime.
+class Deeper {
+ public:
+  explicit Deeper(size_t& depth) : depth_(depth) { ++depth_; }
+  ~Deeper() { --depth_; }
+  Deeper(const Deeper&) = delete;
+  Deeper& operator=(const Deeper&) = delete;
+
+ private:
+  size_t& depth_;
+};
+
 class LoadWalk {
  public:
   // `assign` is stored into each module's local metadata as given, as torch does.
@@ -248,7 +308,8 @@ class LoadWalk {
                                static_cast<size_t>(PyBytes_GET_SIZE(bytes.ptr())));
   }
 
-  void load(PyObject* module, Entries entries, PyObject* prefix, PyObject* metadata_key,
+  // `given`: the entries under `prefix` (the caller's; read only).
+  void load(PyObject* module, const Entries& given, PyObject* prefix, PyObject* metadata_key,
             bool root) {
     RecursionGuard depth;
     const ModuleNames& n = module_names();
@@ -265,19 +326,30 @@ class LoadWalk {
         traits.custom_load && !(traits.versioned_norm_load && current_version(local_metadata));
     bool delegate = !readable || custom_load || view.instance_attr(n.load_from_state_dict) ||
                     view.hook_count(n.load_pre_hooks) != 0;
-    std::vector<LocalTensor> local_state;
+    if (depth_ == partitions_.size()) {
+      partitions_.emplace_back();
+      local_states_.emplace_back();
+    }
+    Partition& parts = partitions_[depth_];
+    std::vector<LocalTensor>& local_state = local_states_[depth_];
+    Deeper deeper(depth_);
+    parts.clear();
+    local_state.clear();
     if (!delegate) delegate = !collect_local_state(view, local_state);
-    Partition parts;
+    const Entries* entries = &given;
+    Entries edited;  // what torch's loader (its hooks) left in the dict, when delegated
     if (!delegate) {
-      parts = partition(entries, prefix_utf8);
+      parts.fill(*entries, prefix_utf8, /*all_under=*/!root);
       for (const auto& [name, e] : parts.local) {
         if (!e->record && !is_plain_tensor(e->value.ptr())) delegate = true;
       }
     }
     if (delegate) {
-      check_delegated(readable ? &view : nullptr, entries, prefix_utf8);
-      entries = call_torch_loader(module, entries, prefix, local_metadata, root);
-      parts = partition(entries, prefix_utf8);
+      check_delegated(readable ? &view : nullptr, *entries, prefix_utf8);
+      edited = call_torch_loader(module, *entries, prefix, local_metadata, root);
+      entries = &edited;
+      parts.clear();
+      parts.fill(*entries, prefix_utf8, /*all_under=*/false);
     } else {
       // Through a norm layer's override, torch's meta warning comes from its super() call.
       meta_site_ = traits.custom_load ? "norm_meta" : "meta";
@@ -289,10 +361,10 @@ class LoadWalk {
     for_each_child(module, readable ? view.modules : nullptr, [&](PyObject* name, PyObject* child) {
       py::object child_key = steal(concat(prefix, name));
       py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
-      // Copied: a hook of this child may add or remove keys of another (entries_of).
-      auto it = parts.group_index.find(key_text(name));
-      Entries group = it == parts.group_index.end() ? none : parts.groups[it->second].second;
-      load(child, std::move(group), child_prefix.ptr(), child_key.ptr(), false);
+      // Each child reads its own group: what its hooks edit is a dict of its own
+      // (call_torch_loader), as torch gives each child a filtered copy.
+      auto g = parts.find_group(key_text(name));
+      load(child, g ? parts.group(*g) : none, child_prefix.ptr(), child_key.ptr(), false);
     });
 
     if (!readable || view.hook_count(n.load_post_hooks) != 0) run_post_hooks(module);
@@ -457,24 +529,8 @@ class LoadWalk {
 
     // Unexpected: local names that are not parameters or persistent buffers, and keys under a
     // name that is not a child (a child registered as None counts as one).
-    std::vector<bool> group_is_child(parts.groups.size(), false);
-    if (!parts.groups.empty() && exact_str_keys(view.modules)) {
-      // `name in _modules`, by the names' text (exact strs compare by value and nothing else).
-      PyObject* name;
-      PyObject* child;
-      Py_ssize_t pos = 0;
-      while (PyDict_Next(view.modules, &pos, &name, &child)) {
-        auto it = parts.group_index.find(key_text(name));
-        if (it != parts.group_index.end()) group_is_child[it->second] = true;
-      }
-    } else {
-      for (size_t g = 0; g < parts.groups.size(); ++g) {
-        py::object child = make_str(parts.groups[g].first);
-        int has = PyDict_Contains(view.modules, child.ptr());
-        if (has < 0) throw py::error_already_set();
-        group_is_child[g] = has == 1;
-      }
-    }
+    std::vector<bool> group_is_child(parts.group_count(), false);
+    if (parts.group_count() != 0) mark_children(view.modules, parts, group_is_child);
     for (const auto& [e, where] : parts.order) {
       if (where >= 0) {
         std::string_view name = parts.local[static_cast<size_t>(where)].first;
@@ -488,14 +544,25 @@ class LoadWalk {
     }
   }
 
-  static bool exact_str_keys(PyObject* dict) {
-    PyObject* key;
-    PyObject* value;
+  // is_child[g] = `name in modules` for each group's child name.
+  void mark_children(PyObject* modules, const Partition& parts, std::vector<bool>& is_child) {
+    // By the names' text while every key is an exact str (which compares by value and nothing
+    // else); otherwise dict membership, as torch tests it.
+    PyObject* name;
+    PyObject* child;
     Py_ssize_t pos = 0;
-    while (PyDict_Next(dict, &pos, &key, &value)) {
-      if (!PyUnicode_CheckExact(key)) return false;
+    while (PyDict_Next(modules, &pos, &name, &child)) {
+      if (!PyUnicode_CheckExact(name)) {
+        for (size_t g = 0; g < parts.group_count(); ++g) {
+          py::object key = make_str(parts.group_name(g));
+          int has = PyDict_Contains(modules, key.ptr());
+          if (has < 0) throw py::error_already_set();
+          is_child[g] = has == 1;
+        }
+        return;
+      }
+      if (auto g = parts.find_group(key_text(name))) is_child[*g] = true;
     }
-    return true;
   }
 
   bool assign_requested(const py::object& local_metadata) {
@@ -594,7 +661,8 @@ class LoadWalk {
                    const at::Tensor& input, const py::object& input_obj, bool param_sound,
                    bool input_sound) {
     if (plan_ && !plan_->empty() && plan_->conflicts(param)) flush();
-    if (progress_) progress_->check("loading a state dict");
+    static const std::string kWhat = "loading a state dict";
+    if (progress_) progress_->check(kWhat);
     try {
       c10::AutoGradMode no_grad(false);
       if (progress_) progress_->add(static_cast<uint64_t>(input.numel()) * input.element_size());
@@ -817,6 +885,10 @@ class LoadWalk {
   const char* meta_site_ = "meta";
   std::deque<Entry> arena_;
   std::deque<std::string> texts_;
+  // Per depth of the walk (a deque: references stay valid as it grows).
+  size_t depth_ = 0;
+  std::deque<Partition> partitions_;
+  std::deque<std::vector<LocalTensor>> local_states_;
   std::unordered_map<const TensorRecord*, py::object> materialised_;
   TorchWarnings* warnings_ = nullptr;
 };
