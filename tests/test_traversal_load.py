@@ -560,6 +560,53 @@ def test_load_unexpected_keys_under_children_names(strict: bool, key_kind: str) 
     compare_dict_load(lambda: _children_with_odd_keys(key_kind), source, strict=strict)
 
 
+def _wide_tree(children: int) -> nn.Module:
+    """A root with `children` children (two levels), the widest with a parameter of its own."""
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.scale = nn.Parameter(torch.ones(2))
+    for i in range(children):
+        block = nn.Module()
+        block.lin = nn.Linear(2, 2)
+        block.norm = nn.LayerNorm(2)
+        root.add_module(f"b{i}", block)
+    return root
+
+
+def _reordered(source: Mapping[str, Any], order: str) -> OrderedDict[str, Any]:
+    items = list(source.items())
+    if order == "reversed":
+        items.reverse()
+    elif order == "shuffled":
+        items = [
+            items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(1))
+        ]
+    elif order == "interleaved":  # the children's keys alternate: no child's keys in one run
+        half = (len(items) + 1) // 2
+        first, second = items[:half], items[half:]
+        items = [first[i // 2] if i % 2 == 0 else second[i // 2] for i in range(len(items))]
+    out = OrderedDict(items)
+    out._metadata = getattr(source, "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
+@STRICT
+@pytest.mark.parametrize("children", [1, 16, 17, 40])  # 16/17: either side of the hash index
+@pytest.mark.parametrize("order", ["same", "reversed", "shuffled", "interleaved"])
+@pytest.mark.parametrize("extra", [False, True], ids=["exact", "extra_and_missing"])
+def test_load_key_order_and_width(children: int, order: str, extra: bool, strict: bool) -> None:
+    """Keys in any order and modules of any width group under their children as torch's
+    per-child filtering does: same values loaded, same missing and unexpected keys in the
+    same order, the same errors."""
+    source = _wide_tree(children).state_dict()
+    if extra:
+        del source[f"b{children - 1}.lin.bias"]  # missing
+        source["b0.lin.other"] = torch.ones(1)  # unexpected, local to a child's child
+        source[f"b{children}.lin.weight"] = torch.ones(2, 2)  # under a name that is no child
+        source["b0.norm.weight"] = torch.ones(3)  # size mismatch
+    compare_dict_load(lambda: _wide_tree(children), _reordered(source, order), strict=strict)
+
+
 @STRICT
 def test_load_parameters_into_buffers(strict: bool) -> None:
     """assign=True with Parameters for buffers: torch's setattr turns them into parameters."""

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 import zerockpt
+from zerockpt import _extras
 
 __all__ = ["ACCELERATE_REQUIREMENT", "load_state", "save_state"]
 
@@ -76,14 +77,10 @@ ACCELERATOR_ATTRIBUTES = (
 
 
 def _import(name: str) -> Any:
-    """The real library ``name`` (never a zerockpt module), or an ImportError naming the extra."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise ImportError(
-            f"zerockpt.accelerate needs {ACCELERATE_REQUIREMENT!r} ({e}); install it with "
-            "`pip install zerockpt[accelerate]`"
-        ) from e
+    """The real library ``name``, or an ImportError naming the extra."""
+    return _extras.import_extra(
+        name, user="zerockpt.accelerate", requirement=ACCELERATE_REQUIREMENT, extra="accelerate"
+    )
 
 
 def _indexed(stem: str, i: int) -> str:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 import zerockpt
+from zerockpt import _extras
 
 __all__ = [
     "HOOKED_METHODS",
@@ -88,14 +89,13 @@ HOOKED_METHODS: dict[str, tuple[str, ...]] = {
 
 
 def _import(name: str) -> Any:
-    """The real library ``name`` (never this module), or an ImportError naming the extra."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise ImportError(
-            f"zerockpt.transformers needs {TRANSFORMERS_REQUIREMENT!r} ({e}); install it with "
-            "`pip install zerockpt[transformers]`"
-        ) from e
+    """The real library ``name``, or an ImportError naming the extra."""
+    return _extras.import_extra(
+        name,
+        user="zerockpt.transformers",
+        requirement=TRANSFORMERS_REQUIREMENT,
+        extra="transformers",
+    )
 
 
 def _hooked_method(trainer_class: type, name: str) -> Any:
