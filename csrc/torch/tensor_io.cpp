@@ -164,7 +164,7 @@ SavePlan plan_save(const NamedTensors& tensors, const std::string& path, const M
     }
     specs.push_back(std::move(spec));
     sources.push_back(std::move(source));
-    plan.tensors.push_back(t.detach());
+    plan.tensors.push_back(detach_shared(t));  // held for the write, outside autograd
   }
 
   Metadata all = metadata;
