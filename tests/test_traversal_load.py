@@ -523,6 +523,41 @@ def test_load_surrogate_key(strict: bool) -> None:
     compare_dict_load(nested, source, strict=strict)
 
 
+def _odd_names_tree() -> nn.Module:
+    """Children at depth 1 to 3 named with non-ASCII text, lone surrogates and a surrogate
+    pair written as two code points; BatchNorms below them (versioned loading)."""
+    torch.manual_seed(0)
+    root = nn.Module()
+    for name in ["é", "\ud800", "\ud83d\ude00", "\U0001f600", "plain"]:
+        mid = nn.Module()
+        mid.add_module("\udc80x", nn.Linear(2, 2))
+        leaf = nn.Module()
+        leaf.add_module("ñ", nn.BatchNorm1d(2))
+        mid.add_module("深", leaf)
+        root.add_module(name, mid)
+    return root
+
+
+@STRICT
+@pytest.mark.parametrize("edit", ["none", "missing", "old_versions", "no_metadata"])
+def test_load_odd_child_names(edit: str, strict: bool) -> None:
+    """Keys, missing keys and `_metadata` lookups under children whose names are not ASCII or
+    not UTF-8 encodable are torch's, at every depth."""
+    source = _odd_names_tree().state_dict()
+    if edit == "missing":
+        for key in [k for k in source if k.endswith(".bias")]:
+            del source[key]
+    elif edit == "old_versions":  # torch's BatchNorm migration runs with the module's prefix
+        for key, entry in source._metadata.items():  # type: ignore[attr-defined]
+            if key.endswith("ñ"):
+                entry["version"] = 1
+        for key in [k for k in source if k.endswith("num_batches_tracked")]:
+            del source[key]
+    elif edit == "no_metadata":
+        del source._metadata  # type: ignore[attr-defined]
+    compare_dict_load(_odd_names_tree, source, strict=strict)
+
+
 class _Name(str):
     """A str subclass used as a registry key: dict membership goes by its hash and __eq__."""
 

@@ -265,6 +265,23 @@ struct LocalTensor {
   py::object hold_value;
 };
 
+// A module's prefix as a str, made on first use: "" for the root, else its key + ".".
+class LazyPrefix {
+ public:
+  LazyPrefix(PyObject* key, bool root) : key_(key), root_(root) {}
+  PyObject* get() {
+    if (!str_) {
+      str_ = root_ ? borrow(module_names().empty) : steal(concat(key_, module_names().dot));
+    }
+    return str_.ptr();
+  }
+
+ private:
+  PyObject* key_;
+  bool root_;
+  py::object str_;
+};
+
 // ++depth for its lifetime.
 class Deeper {
  public:
@@ -276,6 +293,33 @@ class Deeper {
  private:
   size_t& depth_;
 };
+
+bool g_prefetch = true;
+
+// The objects a module's load reads first, fetched into the cache while other work goes on
+// (each is a likely cache miss of its own: the walk is bound by memory latency).
+void prefetch_module(const ModuleView& view) {
+  const ModuleNames& n = module_names();
+  for (PyObject* hooks : {view.instance_attr(n.load_pre_hooks), view.instance_attr(n.load_post_hooks)}) {
+    if (hooks) __builtin_prefetch(hooks);
+  }
+  __builtin_prefetch(view.parameters);
+  __builtin_prefetch(view.buffers);
+  __builtin_prefetch(view.modules);
+  __builtin_prefetch(view.non_persistent);
+}
+
+// The first children's object headers and the managed-dict pointers before them (no more: a
+// wide module's later children would be evicted again before their turn).
+void prefetch_children(PyObject* modules) {
+  PyObject* name;
+  PyObject* child;
+  Py_ssize_t pos = 0;
+  for (int k = 0; k < 8 && PyDict_Next(modules, &pos, &name, &child); ++k) {
+    __builtin_prefetch(child);
+    __builtin_prefetch(reinterpret_cast<char*>(child) - 3 * sizeof(void*));
+  }
+}
 
 class LoadWalk {
  public:
@@ -308,9 +352,9 @@ class LoadWalk {
                                static_cast<size_t>(PyBytes_GET_SIZE(bytes.ptr())));
   }
 
-  // `given`: the entries under `prefix` (the caller's; read only).
-  void load(PyObject* module, const Entries& given, PyObject* prefix, PyObject* metadata_key,
-            bool root) {
+  // Loads `module`, whose prefix is in path_ (its text, as key_text gives it: "" for the
+  // root, else "<metadata_key>."). `given`: the entries under it (the caller's; read only).
+  void load(PyObject* module, const Entries& given, PyObject* metadata_key, bool root) {
     RecursionGuard depth;
     const ModuleNames& n = module_names();
     py::object hold_module = borrow(module);
@@ -319,8 +363,12 @@ class LoadWalk {
     // Modules without torch's registries in their instance dict (TorchScript modules keep
     // wrappers there) go through torch's code and generic attribute access throughout.
     const bool readable = read_module(module, view);
+    if (readable && g_prefetch) prefetch_module(view);
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
-    std::string_view prefix_utf8 = key_text(prefix);
+    // The prefix as a str, made only for what needs one (torch's loader, missing keys).
+    LazyPrefix prefix{metadata_key, root};
+    const size_t prefix_size = path_.size();
+    std::string_view prefix_utf8(path_);  // valid until the children extend path_
 
     const bool custom_load =
         traits.custom_load && !(traits.versioned_norm_load && current_version(local_metadata));
@@ -346,7 +394,7 @@ class LoadWalk {
     }
     if (delegate) {
       check_delegated(readable ? &view : nullptr, *entries, prefix_utf8);
-      edited = call_torch_loader(module, *entries, prefix, local_metadata, root);
+      edited = call_torch_loader(module, *entries, prefix.get(), local_metadata, root);
       entries = &edited;
       parts.clear();
       parts.fill(*entries, prefix_utf8, /*all_under=*/false);
@@ -358,14 +406,21 @@ class LoadWalk {
 
     // Children, each with the entries under "<prefix><name>." (grouped once, above).
     const Entries none;
+    if (readable && g_prefetch) prefetch_children(view.modules);
     for_each_child(module, readable ? view.modules : nullptr, [&](PyObject* name, PyObject* child) {
-      py::object child_key = steal(concat(prefix, name));
-      py::object child_prefix = steal(concat(child_key.ptr(), n.dot));
+      std::string_view name_utf8 = key_text(name);
+      path_.resize(prefix_size);
+      path_.append(name_utf8);
+      // The child's key: the name itself under the root, else decoded from its text (what
+      // concatenating the strs gives: key_text encodes code point by code point).
+      py::object child_key = root ? borrow(name) : make_str(path_);
+      path_.push_back('.');
       // Each child reads its own group: what its hooks edit is a dict of its own
       // (call_torch_loader), as torch gives each child a filtered copy.
-      auto g = parts.find_group(key_text(name));
-      load(child, g ? parts.group(*g) : none, child_prefix.ptr(), child_key.ptr(), false);
+      auto g = parts.find_group(name_utf8);
+      load(child, g ? parts.group(*g) : none, child_key.ptr(), false);
     });
+    path_.resize(prefix_size);
 
     if (!readable || view.hook_count(n.load_post_hooks) != 0) run_post_hooks(module);
   }
@@ -500,14 +555,14 @@ class LoadWalk {
   // Module._load_from_state_dict for a module without Python customisation.
   void load_local(PyObject* module, const ModuleView& view, const ClassTraits& traits,
                   const Partition& parts, const std::vector<LocalTensor>& local_state,
-                  PyObject* prefix, const py::object& local_metadata) {
+                  LazyPrefix& prefix, const py::object& local_metadata) {
     const ModuleNames& n = module_names();
     bool assign = assign_requested(local_metadata);
     LocalIndex index(parts);
     for (const LocalTensor& t : local_state) {
       Entry* e = index.find(t.name_utf8);
       if (!e) {
-        append(missing_keys, steal(concat(prefix, t.name)));
+        append(missing_keys, steal(concat(prefix.get(), t.name)));
         continue;
       }
       load_tensor(module, t, *e, assign);
@@ -521,7 +576,7 @@ class LoadWalk {
         py::object value = materialise(*extra_entry);
         steal(PyObject_CallMethodObjArgs(module, n.set_extra_state, value.ptr(), nullptr));
       } else {
-        append(missing_keys, steal(concat(prefix, n.extra_state_suffix)));
+        append(missing_keys, steal(concat(prefix.get(), n.extra_state_suffix)));
       }
     } else if (extra_entry) {
       append(unexpected_keys, extra_entry->key);
@@ -885,6 +940,7 @@ class LoadWalk {
   const char* meta_site_ = "meta";
   std::deque<Entry> arena_;
   std::deque<std::string> texts_;
+  std::string path_;  // the prefix of the module being loaded, as key_text gives it
   // Per depth of the walk (a deque: references stay valid as it grows).
   size_t depth_ = 0;
   std::deque<Partition> partitions_;
@@ -929,14 +985,15 @@ py::object walk_into(py::handle module, const py::object& source, py::object met
     }
     if (PyErr_Occurred()) throw py::error_already_set();
   }
-  walk.load(module.ptr(), std::move(entries), module_names().empty, module_names().empty,
-            /*root=*/true);
+  walk.load(module.ptr(), entries, module_names().empty, /*root=*/true);
   walk.flush();
   warnings->flush();
   return py::make_tuple(walk.missing_keys, walk.unexpected_keys, walk.error_msgs);
 }
 
 }  // namespace
+
+void set_load_prefetch(bool on) { g_prefetch = on; }
 
 py::object load_state_dict(py::handle module, py::object source, py::object metadata,
                            py::object assign, std::shared_ptr<CheckpointFile> file,
