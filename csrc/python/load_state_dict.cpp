@@ -294,33 +294,6 @@ class Deeper {
   size_t& depth_;
 };
 
-bool g_prefetch = true;
-
-// The objects a module's load reads first, fetched into the cache while other work goes on
-// (each is a likely cache miss of its own: the walk is bound by memory latency).
-void prefetch_module(const ModuleView& view) {
-  const ModuleNames& n = module_names();
-  for (PyObject* hooks : {view.instance_attr(n.load_pre_hooks), view.instance_attr(n.load_post_hooks)}) {
-    if (hooks) __builtin_prefetch(hooks);
-  }
-  __builtin_prefetch(view.parameters);
-  __builtin_prefetch(view.buffers);
-  __builtin_prefetch(view.modules);
-  __builtin_prefetch(view.non_persistent);
-}
-
-// The first children's object headers and the managed-dict pointers before them (no more: a
-// wide module's later children would be evicted again before their turn).
-void prefetch_children(PyObject* modules) {
-  PyObject* name;
-  PyObject* child;
-  Py_ssize_t pos = 0;
-  for (int k = 0; k < 8 && PyDict_Next(modules, &pos, &name, &child); ++k) {
-    __builtin_prefetch(child);
-    __builtin_prefetch(reinterpret_cast<char*>(child) - 3 * sizeof(void*));
-  }
-}
-
 class LoadWalk {
  public:
   // `assign` is stored into each module's local metadata as given, as torch does.
@@ -363,7 +336,6 @@ class LoadWalk {
     // Modules without torch's registries in their instance dict (TorchScript modules keep
     // wrappers there) go through torch's code and generic attribute access throughout.
     const bool readable = read_module(module, view);
-    if (readable && g_prefetch) prefetch_module(view);
     const ClassTraits& traits = traits_.get(Py_TYPE(module));
     // The prefix as a str, made only for what needs one (torch's loader, missing keys).
     LazyPrefix prefix{metadata_key, root};
@@ -406,7 +378,6 @@ class LoadWalk {
 
     // Children, each with the entries under "<prefix><name>." (grouped once, above).
     const Entries none;
-    if (readable && g_prefetch) prefetch_children(view.modules);
     for_each_child(module, readable ? view.modules : nullptr, [&](PyObject* name, PyObject* child) {
       std::string_view name_utf8 = key_text(name);
       path_.resize(prefix_size);
@@ -992,8 +963,6 @@ py::object walk_into(py::handle module, const py::object& source, py::object met
 }
 
 }  // namespace
-
-void set_load_prefetch(bool on) { g_prefetch = on; }
 
 py::object load_state_dict(py::handle module, py::object source, py::object metadata,
                            py::object assign, std::shared_ptr<CheckpointFile> file,

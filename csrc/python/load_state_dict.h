@@ -22,6 +22,4 @@ pybind11::object load_state_dict(pybind11::handle module, pybind11::object sourc
                                  std::shared_ptr<Progress> progress = nullptr,
                                  uint64_t staging_bytes = 0);
 
-void set_load_prefetch(bool on);
-
 }  // namespace zerockpt

@@ -674,7 +674,6 @@ void bind_testing_aids(py::module_& m) {
       "Makes system calls of kind `op` (write, read, fsync, rename, fallocate) fail with `errno` "
       "after the first `after` of them, until _clear_faults(). Testing aid.");
   m.def("_clear_faults", &clear_faults);
-  m.def("_load_prefetch", &set_load_prefetch);
   m.def("_delay_chunks", &set_chunk_delay, py::arg("seconds"),
         "Makes every chunk of work (and every Ctrl-C check), save_async's background writes "
         "included, wait `seconds` first (0: off), so that a test can interrupt a call mid-way. "
