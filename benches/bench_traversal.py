@@ -13,6 +13,7 @@ straight into an existing model beside torch.load / safetensors + load_state_dic
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 import safetensors.torch
 import torch
 import zerockpt
-from conftest import GPT2_SCALE, SMOKE
+from conftest import GPT2_SCALE, SMOKE, report_ratio
 from models import (
     NormStack,
     TinyMoE,
@@ -127,6 +128,63 @@ def test_load_state_dict(
     result = benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     assert result.missing_keys == [] and result.unexpected_keys == []
     _same_state_dict(target.state_dict(), source)
+
+
+INTERLEAVED_ROUNDS = 1 if SMOKE else 7
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_interleaved_ratios(
+    benchmark: BenchmarkFixture, traversal_models: dict[str, nn.Module], model: str
+) -> None:
+    """The issue's ratios, robust to a machine whose speed drifts: in each round every method
+    runs in turn (torch, zerockpt and the floor for both keep_vars; torch's and zerockpt's
+    load_state_dict from a dict), each timed by the CPU time of this thread; the minima of
+    INTERLEAVED_ROUNDS rounds are compared (the rows above run each method's rounds back to
+    back, on wall-clock time)."""
+    m = traversal_models[model]
+    source = m.state_dict()
+    target = MODELS[model]()
+    methods: dict[str, Callable[[], Any]] = {}
+    for keep in (False, True):
+        for name in ("torch", "zerockpt", "floor"):
+            run = STATE_DICT_METHODS[name]
+            methods[f"{name} {keep}"] = lambda run=run, keep=keep: run(m, keep)
+    methods["torch load"] = lambda: target.load_state_dict(source)
+    methods["zerockpt load"] = lambda: zerockpt.load_state_dict(target, source)
+    best = {name: float("inf") for name in methods}
+    calls = 1 if model.startswith("b") else 3
+
+    def rounds() -> None:
+        for _ in range(INTERLEAVED_ROUNDS):
+            for name, fn in methods.items():
+                for _ in range(calls):
+                    start = time.thread_time()
+                    out = fn()
+                    best[name] = min(best[name], time.thread_time() - start)
+                    del out
+
+    benchmark.group = "interleaved ratios"
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    _same_state_dict(target.state_dict(), source)
+    for name, seconds in best.items():
+        benchmark.extra_info[f"{name}: CPU s (min)"] = seconds
+    if not benchmark.enabled:
+        return
+    load = f"load average (1 min) {os.getloadavg()[0]:.2f}"
+    for keep in (False, True):
+        kind = "keep_vars" if keep else "detached"
+        torch_s, z_s, floor_s = (best[f"{n} {keep}"] for n in ("torch", "zerockpt", "floor"))
+        report_ratio(f"{model}: state_dict ({kind}) torch / zerockpt", torch_s / z_s, "target >= 5")
+        report_ratio(
+            f"{model}: state_dict ({kind}) zerockpt / floor", z_s / floor_s, "target <= 1.5"
+        )
+        report_ratio(f"{model}: state_dict ({kind}) torch / floor", torch_s / floor_s, load)
+    report_ratio(
+        f"{model}: load_state_dict from a dict, torch / zerockpt",
+        best["torch load"] / best["zerockpt load"],
+        f"target >= 10; {load}",
+    )
 
 
 # --- (c) a file into an existing model --------------------------------------------------------
