@@ -49,13 +49,14 @@ demo: build
 # The build and the checks that precede pytest run side by side on the 2 cores, each starting
 # as soon as what it needs is there: the fuzzer's build (where clang can be had) beside the
 # dependency installs; lint and the test accelerator's build (they need only the installed
-# dependencies) beside the extension's build; the C++ tests after it. Then pytest, so its
-# results are never hidden behind the fuzzer. Last, side by side: the benchmarks' smoke run
-# (tiny inputs, mostly waiting on fsync) and the fuzz run (one core), which is skipped with one
-# line where clang with libFuzzer cannot be had (no root, no apt-get).
+# dependencies) beside the extension's build; the C++ tests after it. Then pytest on both cores
+# (pytest-xdist: a second worker fills the gaps its tests' child processes and fsyncs leave),
+# so its results are never hidden behind the fuzzer. Last, side by side: the benchmarks' smoke
+# run (tiny inputs, mostly waiting on fsync) and the fuzz run (one core), which is skipped with
+# one line where clang with libFuzzer cannot be had (no root, no apt-get).
 test:
 	@$(MAKE) --no-print-directory -j2 --output-sync=target build lint cpp-test test-accel fuzz-build-optional
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory -j2 --output-sync=target bench-smoke fuzz-optional
 
 # Every benchmark once on tiny inputs, untimed: checks that each one runs and checks its results.
