@@ -24,12 +24,11 @@ import pytest
 import safetensors.torch
 import torch
 import zerockpt
-from conftest import SMOKE, report_ratio
+from conftest import SMOKE, report_ratio, save_each_format
 from models import NormStack, WideMoE, count_modules_and_tensors
 from pytest_benchmark.fixture import BenchmarkFixture
 from torch import nn
 from zerockpt import _C
-from zerockpt.benchtools import unique_tensors
 
 SAVE_ROUNDS = 2 if SMOKE else 15  # the MoE's saves differ by tens of ms: many rounds
 LOAD_ROUNDS = 2 if SMOKE else 5  # torch.load of the MoE takes seconds
@@ -114,15 +113,7 @@ def test_load_module_file(benchmark: BenchmarkFixture, model: str, bench_dir: Pa
     then module.load_state_dict, in interleaved rounds (warm page cache)."""
     torch.manual_seed(0)
     source = MODELS[model]()
-    sd = source.state_dict()
-    files = {
-        "zerockpt": bench_dir / "m.safetensors",
-        "torch": bench_dir / "m.pt",
-        "safetensors": bench_dir / "m.st.safetensors",
-    }
-    zerockpt.save(source, files["zerockpt"], durable=False)
-    torch.save(sd, files["torch"])
-    safetensors.torch.save_file(unique_tensors(sd), files["safetensors"])
+    files = save_each_format(source, bench_dir, "m")
     torch.manual_seed(1)
     target = MODELS[model]()
     benchmark.group = f"load_state_dict(module, path) {model}: one round of each"

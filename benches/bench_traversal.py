@@ -22,7 +22,7 @@ import pytest
 import safetensors.torch
 import torch
 import zerockpt
-from conftest import GPT2_SCALE, SMOKE, report_ratio
+from conftest import GPT2_SCALE, SMOKE, report_ratio, save_each_format
 from models import (
     NormStack,
     TinyMoE,
@@ -34,7 +34,7 @@ from models import (
 from pytest_benchmark.fixture import BenchmarkFixture
 from torch import nn
 from zerockpt import _C
-from zerockpt.benchtools import fsync_file, total_nbytes, unique_tensors
+from zerockpt.benchtools import fsync_file, total_nbytes
 
 ROUNDS = 5
 FILE_ROUNDS = 5
@@ -194,15 +194,7 @@ def test_interleaved_ratios(
 def gpt2_files(module_bench_dir: Path) -> tuple[nn.Module, dict[str, Path]]:
     """The source model and its file in each format (read through once: warm page cache)."""
     model = gpt2_small_module(GPT2_SCALE)
-    sd = model.state_dict()
-    files = {
-        "zerockpt": module_bench_dir / "gpt2.zerockpt.safetensors",
-        "torch": module_bench_dir / "gpt2.pt",
-        "safetensors": module_bench_dir / "gpt2.safetensors",
-    }
-    zerockpt.save(model, files["zerockpt"], durable=False)
-    torch.save(sd, files["torch"])
-    safetensors.torch.save_file(unique_tensors(sd), files["safetensors"])
+    files = save_each_format(model, module_bench_dir, "gpt2")
     os.sync()
     for path in files.values():
         path.read_bytes()

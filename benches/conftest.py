@@ -97,3 +97,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("same-run ratios")
         for line in _RATIOS:
             terminalreporter.write_line(line)
+
+
+def save_each_format(model: torch.nn.Module, directory: Path, stem: str) -> dict[str, Path]:
+    """``model`` saved by zerockpt (straight from the module), torch.save and safetensors
+    (its state dict, tied tensors stored once), as files named ``stem`` in ``directory``."""
+    import safetensors.torch
+    import zerockpt
+    from zerockpt.benchtools import unique_tensors
+
+    sd = model.state_dict()
+    files = {
+        "zerockpt": directory / f"{stem}.zerockpt.safetensors",
+        "torch": directory / f"{stem}.pt",
+        "safetensors": directory / f"{stem}.safetensors",
+    }
+    zerockpt.save(model, files["zerockpt"], durable=False)
+    torch.save(sd, files["torch"])
+    safetensors.torch.save_file(unique_tensors(sd), files["safetensors"])
+    return files

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Every dtype zerockpt stores, with its safetensors name.
 DTYPES: dict[torch.dtype, str] = {
@@ -276,3 +277,15 @@ def hide_the_test_accelerator() -> Iterator[None]:
         patch.setattr(torch.accelerator, "current_accelerator", current)
         patch.setattr(torch.accelerator, "is_available", torch.cuda.is_available)
         yield
+
+
+class DispatchLog(TorchDispatchMode):
+    """Records the ATen ops that reach it (only those run on the thread that entered it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -20,11 +20,10 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
-from conftest import run_python
+from conftest import DispatchLog, run_python
 from test_traversal import ZOO, Case, build, zoo_params
 from torch import nn
 from torch.nn.utils import parametrizations, spectral_norm
-from torch.utils._python_dispatch import TorchDispatchMode
 from zerockpt import _C
 
 ModuleFactory = Callable[[], nn.Module]
@@ -522,23 +521,13 @@ def test_deep_trees_below_the_recursion_limit(tmp_path: Path) -> None:
     assert zerockpt.save_bytes(target) == oracle_bytes(m)
 
 
-class _Recording(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_modes_take_the_state_dict_path() -> None:
     m = _shared()
     expected = oracle_bytes(m)
     with torch.inference_mode():
         assert _C.module_tensors(m) is None
         assert zerockpt.save_bytes(m) == expected
-    with _Recording() as mode:
+    with DispatchLog() as mode:
         assert _C.module_tensors(m) is None
         zerockpt.state_dict(m)
         seen = list(mode.ops)

@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 import torch
 import zerockpt
-from conftest import assert_bitwise_equal, random_tensor, temp_leftovers
+from conftest import DispatchLog, assert_bitwise_equal, random_tensor, temp_leftovers
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from zerockpt import _C, _progress
 from zerockpt._args import load_options, save_options
 
@@ -244,18 +243,6 @@ def test_the_work_runs_on_the_callers_thread_while_a_helper_draws(
     assert not [t for t in threading.enumerate() if t.name == "zerockpt-progress"]
 
 
-class _DispatchLog(TorchDispatchMode):
-    """Records the ATen ops that reach it (only those run on the thread that entered it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 class _FunctionLog(TorchFunctionMode):
     """Records the torch functions that reach it (only those called on its thread)."""
 
@@ -308,7 +295,7 @@ def test_a_bar_changes_nothing_under_dispatch_and_function_modes(
     zerockpt.save(_model(), tmp_path / "m.safetensors")
     observed = []
     for progress in (False, True):
-        with torch.no_grad(), _DispatchLog() as dispatch, _FunctionLog() as functions:
+        with torch.no_grad(), DispatchLog() as dispatch, _FunctionLog() as functions:
             result = _OPERATIONS[operation](tmp_path, progress)
         observed.append((dispatch.ops, functions.functions, result))
     (ops, functions, result), (bar_ops, bar_functions, bar_result) = observed

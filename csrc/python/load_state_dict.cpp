@@ -141,6 +141,44 @@ struct Entry {
 
 using Entries = std::vector<Entry*>;
 
+// Positions of names appended in order (the first of equal names wins, as in a dict). A module
+// has few children and tensors as a rule: a linear search, with a hash index past kLinear.
+class NameIndex {
+ public:
+  void clear() {
+    names_.clear();
+    map_.clear();
+  }
+  size_t size() const { return names_.size(); }
+  std::string_view name(size_t i) const { return names_[i]; }
+
+  void push_back(std::string_view name) {
+    names_.push_back(name);
+    if (names_.size() == kLinear + 1) {
+      for (size_t i = 0; i < names_.size(); ++i) map_.emplace(names_[i], i);
+    } else if (names_.size() > kLinear + 1) {
+      map_.emplace(name, names_.size() - 1);
+    }
+  }
+
+  std::optional<size_t> find(std::string_view name) const {
+    if (names_.size() <= kLinear) {
+      for (size_t i = 0; i < names_.size(); ++i) {
+        if (names_[i] == name) return i;
+      }
+      return std::nullopt;
+    }
+    auto it = map_.find(name);
+    if (it == map_.end()) return std::nullopt;
+    return it->second;
+  }
+
+ private:
+  static constexpr size_t kLinear = 16;
+  std::vector<std::string_view> names_;
+  SeededMap<std::string_view, size_t> map_;  // past kLinear names
+};
+
 // A module's entries split by what follows its prefix: a local name, or a child's name. One
 // per depth of the walk, reused module after module (clear() keeps the vectors' memory).
 class Partition {
@@ -151,10 +189,10 @@ class Partition {
 
   void clear() {
     local.clear();
+    local_names_.clear();
     order.clear();
-    for (size_t g = 0; g < used_; ++g) groups_[g].second.clear();
-    used_ = 0;
-    group_index_.clear();
+    for (size_t g = 0; g < group_names_.size(); ++g) groups_[g].clear();
+    group_names_.clear();
   }
 
   // Adds the entries under `prefix` (after clear()). `all_under`: every entry's name is known
@@ -171,78 +209,45 @@ class Partition {
       if (dot == std::string_view::npos) {
         order.emplace_back(e, static_cast<long>(local.size()));
         local.emplace_back(rest, e);
+        local_names_.push_back(rest);
         continue;
       }
       size_t g = group_of(rest.substr(0, dot));
-      groups_[g].second.push_back(e);
+      groups_[g].push_back(e);
       order.emplace_back(e, ~static_cast<long>(g));
     }
   }
 
+  // The local entry named `name`, or nullptr.
+  Entry* find_local(std::string_view name) const {
+    auto i = local_names_.find(name);
+    return i ? local[*i].second : nullptr;
+  }
+
   // Groups: the entries under "<child>.", per child name, in order of first appearance.
-  size_t group_count() const { return used_; }
-  std::string_view group_name(size_t g) const { return groups_[g].first; }
-  const Entries& group(size_t g) const { return groups_[g].second; }
-
-  // Index of the group of the child named `child`, if it has entries. A module has few
-  // children as a rule: a linear search, with a hash index only past kLinearGroups.
+  size_t group_count() const { return group_names_.size(); }
+  std::string_view group_name(size_t g) const { return group_names_.name(g); }
+  const Entries& group(size_t g) const { return groups_[g]; }
+  // The group of the child named `child`, if it has entries.
   std::optional<size_t> find_group(std::string_view child) const {
-    if (used_ <= kLinearGroups) {
-      for (size_t g = 0; g < used_; ++g) {
-        if (groups_[g].first == child) return g;
-      }
-      return std::nullopt;
-    }
-    auto it = group_index_.find(child);
-    if (it == group_index_.end()) return std::nullopt;
-    return it->second;
+    return group_names_.find(child);
   }
 
  private:
-  // Index of the group of `child`, a new group if it has none yet.
+  // The group of `child`, a new one if it has none yet.
   size_t group_of(std::string_view child) {
+    size_t count = group_names_.size();
     // Keys of one child come one after another as a rule: the last group first.
-    if (used_ != 0 && groups_[used_ - 1].first == child) return used_ - 1;
-    if (auto g = find_group(child)) return *g;
-    if (used_ == groups_.size()) groups_.emplace_back();
-    groups_[used_].first = child;
-    ++used_;
-    if (used_ == kLinearGroups + 1) {
-      for (size_t g = 0; g < used_; ++g) group_index_.emplace(groups_[g].first, g);
-    } else if (used_ > kLinearGroups + 1) {
-      group_index_.emplace(child, used_ - 1);
-    }
-    return used_ - 1;
+    if (count != 0 && group_names_.name(count - 1) == child) return count - 1;
+    if (auto g = group_names_.find(child)) return *g;
+    group_names_.push_back(child);
+    if (groups_.size() == count) groups_.emplace_back();
+    return count;
   }
 
-  static constexpr size_t kLinearGroups = 16;
-  std::vector<std::pair<std::string_view, Entries>> groups_;  // [0, used_) in use
-  size_t used_ = 0;
-  SeededMap<std::string_view, size_t> group_index_;  // child name -> group, past kLinearGroups
-};
-
-// Name -> entry lookups over a partition's local entries (linear when few).
-class LocalIndex {
- public:
-  explicit LocalIndex(const Partition& p) : local_(p.local) {
-    if (local_.size() > 16) {
-      for (const auto& [name, e] : local_) map_.emplace(name, e);  // first wins, as in a dict
-    }
-  }
-  Entry* find(std::string_view name) const {
-    if (!map_.empty()) {
-      auto it = map_.find(name);
-      return it == map_.end() ? nullptr : it->second;
-    }
-    for (const auto& [n, e] : local_) {
-      if (n == name) return e;
-    }
-    return nullptr;
-  }
-
- private:
-  const std::vector<std::pair<std::string_view, Entry*>>& local_;
-  SeededMap<std::string_view, Entry*> map_;
+  NameIndex local_names_;  // of `local`
+  NameIndex group_names_;
+  std::vector<Entries> groups_;  // [0, group_count()) in use; the rest keep their memory
 };
 
 // Holds its name and value, as torch's local_state dict does: hooks, assign and set_extra_state
@@ -529,9 +534,8 @@ class LoadWalk {
                   LazyPrefix& prefix, const py::object& local_metadata) {
     const ModuleNames& n = module_names();
     bool assign = assign_requested(local_metadata);
-    LocalIndex index(parts);
     for (const LocalTensor& t : local_state) {
-      Entry* e = index.find(t.name_utf8);
+      Entry* e = parts.find_local(t.name_utf8);
       if (!e) {
         append(missing_keys, steal(concat(prefix.get(), t.name)));
         continue;
@@ -540,7 +544,7 @@ class LoadWalk {
     }
 
     std::string_view extra = "_extra_state";
-    Entry* extra_entry = index.find(extra);
+    Entry* extra_entry = parts.find_local(extra);
     if (traits.extra_state_setter) {
       if (extra_entry) {
         flush();
